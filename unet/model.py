@@ -1,0 +1,273 @@
+"""The improved-DDPM U-Net (Nichol & Dhariwal, 2021), with the original module and
+parameter names so that checkpoints of openai/improved-diffusion load strictly."""
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from einops import rearrange
+from torch.utils.checkpoint import checkpoint
+
+from .init import apply_init
+from .nn import avg_pool_nd, conv_nd, normalization, timestep_embedding
+
+NORMS = ("group", "none")
+
+
+def attention_downsample_factors(image_size, resolutions):
+    """Turn attention resolutions in pixels ("16,8" or [16, 8]) into the downsample
+    factors ``UNetModel`` takes, as the original training script does."""
+    if isinstance(resolutions, str):
+        resolutions = [int(r) for r in resolutions.split(",") if r.strip()]
+    return tuple(image_size // int(r) for r in resolutions)
+
+
+class TimestepEmbedSequential(nn.Sequential):
+    """A sequential container that passes the timestep embedding to the blocks that take it."""
+
+    def forward(self, x, emb):
+        for layer in self:
+            x = layer(x, emb) if isinstance(layer, ResBlock) else layer(x)
+        return x
+
+
+class Upsample(nn.Module):
+    """Nearest-neighbour x2 upsampling (the inner two dims for 3-D data), optionally followed by a 3x3 conv."""
+
+    def __init__(self, channels, use_conv, dims=2):
+        super().__init__()
+        self.channels, self.use_conv, self.dims = channels, use_conv, dims
+        if use_conv:
+            self.conv = conv_nd(dims, channels, channels, 3, padding=1)
+
+    def forward(self, x):
+        if self.dims == 3:
+            x = F.interpolate(x, (x.shape[2], x.shape[3] * 2, x.shape[4] * 2), mode="nearest")
+        else:
+            x = F.interpolate(x, scale_factor=2, mode="nearest")
+        return self.conv(x) if self.use_conv else x
+
+
+class Downsample(nn.Module):
+    """x2 downsampling by a strided 3x3 conv (``op``) or by average pooling."""
+
+    def __init__(self, channels, use_conv, dims=2):
+        super().__init__()
+        stride = (1, 2, 2) if dims == 3 else 2
+        if use_conv:
+            self.op = conv_nd(dims, channels, channels, 3, stride=stride, padding=1)
+        else:
+            self.op = avg_pool_nd(dims, kernel_size=stride, stride=stride)
+
+    def forward(self, x):
+        return self.op(x)
+
+
+class ResBlock(nn.Module):
+    """
+    A residual block ``skip(x) + out_layers(in_layers(x) + emb)``; its last conv
+    (``out_layers[-1]``) is the one improved-DDPM wraps in ``zero_module``.
+
+    :param channels: input channels.
+    :param emb_channels: timestep-embedding channels.
+    :param dropout: dropout rate before the last conv.
+    :param out_channels: output channels (default: ``channels``).
+    :param use_conv: with a channel change, a 3x3 rather than 1x1 skip conv.
+    :param use_scale_shift_norm: the embedding gives a scale and shift applied after
+        the second norm (FiLM) instead of being added before it.
+    :param dims: 1, 2 or 3 for the data's spatial dimensions.
+    :param use_checkpoint: recompute activations in the backward pass to save memory.
+    :param norm: "group" or "none".
+    :param fixup: add Fixup's scalar biases and branch multiplier (Zhang et al., 2019).
+    """
+
+    def __init__(self, channels, emb_channels, dropout, out_channels=None, use_conv=False,
+                 use_scale_shift_norm=False, dims=2, use_checkpoint=False, norm="group", fixup=False):
+        super().__init__()
+        out_channels = out_channels or channels
+        self.use_scale_shift_norm, self.use_checkpoint = use_scale_shift_norm, use_checkpoint
+        self.in_layers = nn.Sequential(normalization(channels, norm), nn.SiLU(),
+                                       conv_nd(dims, channels, out_channels, 3, padding=1))
+        self.emb_layers = nn.Sequential(nn.SiLU(), nn.Linear(emb_channels, 2 * out_channels if use_scale_shift_norm else out_channels))
+        self.out_layers = nn.Sequential(normalization(out_channels, norm), nn.SiLU(), nn.Dropout(p=dropout),
+                                        conv_nd(dims, out_channels, out_channels, 3, padding=1))
+        if out_channels == channels:
+            self.skip_connection = nn.Identity()
+        else:
+            self.skip_connection = conv_nd(dims, channels, out_channels, 3 if use_conv else 1, padding=1 if use_conv else 0)
+        # Fixup's scalars exist only under that scheme, so other schemes keep the original keys.
+        self.fixup = fixup
+        if fixup:
+            self.fixup_bias = nn.Parameter(torch.zeros(5))
+            self.fixup_scale = nn.Parameter(torch.ones(1))
+
+    def _bias(self, h, i):
+        return h + self.fixup_bias[i] if self.fixup else h
+
+    def branch(self, x, emb):
+        """The residual branch alone (``f`` in ``x + f(x)``); diagnostics measure it."""
+        norm1, act1, conv1 = self.in_layers
+        h = conv1(self._bias(act1(self._bias(norm1(x), 0)), 1))
+        emb_out = self.emb_layers(emb).type(h.dtype)
+        emb_out = emb_out.reshape(*emb_out.shape, *([1] * (h.ndim - 2)))
+        norm2, act2, drop, conv2 = self.out_layers
+        if self.use_scale_shift_norm:
+            scale, shift = emb_out.chunk(2, dim=1)
+            h = norm2(h) * (1 + scale) + shift
+        else:
+            h = norm2(h + emb_out)
+        h = conv2(self._bias(drop(act2(self._bias(h, 2))), 3))
+        return h * self.fixup_scale + self.fixup_bias[4] if self.fixup else h
+
+    def _forward(self, x, emb):
+        return self.skip_connection(x) + self.branch(x, emb)
+
+    def forward(self, x, emb):
+        if self.use_checkpoint and self.training:
+            return checkpoint(self._forward, x, emb, use_reentrant=False)
+        return self._forward(x, emb)
+
+
+class AttentionBlock(nn.Module):
+    """
+    Multi-head self-attention over all spatial positions, ``x + proj_out(attn(qkv(norm(x))))``.
+    ``qkv`` keeps the original per-head ``[q_h; k_h; v_h]`` channel layout; the attention
+    itself runs in ``scaled_dot_product_attention``, whose default 1/sqrt(d) scale equals the
+    original's 1/d^(1/4) applied to both q and k.
+
+    :param channels: channels in and out.
+    :param num_heads: attention heads; ``channels`` must divide evenly.
+    """
+
+    def __init__(self, channels, num_heads=1, use_checkpoint=False, norm="group", fixup=False):
+        super().__init__()
+        if channels % num_heads:
+            raise ValueError(f"attention channels {channels} not divisible by num_heads {num_heads}")
+        self.num_heads, self.use_checkpoint = num_heads, use_checkpoint
+        self.norm = normalization(channels, norm)
+        self.qkv = conv_nd(1, channels, channels * 3, 1)
+        self.proj_out = conv_nd(1, channels, channels, 1)
+        self.fixup = fixup
+        if fixup:
+            self.fixup_bias = nn.Parameter(torch.zeros(3))
+            self.fixup_scale = nn.Parameter(torch.ones(1))
+
+    def branch(self, x):
+        """The residual branch on flattened positions (B, C, T)."""
+        h = self.norm(x)
+        if self.fixup:
+            h = h + self.fixup_bias[0]
+        q, k, v = rearrange(self.qkv(h), "b (h three d) t -> three b h t d", h=self.num_heads, three=3)
+        h = rearrange(F.scaled_dot_product_attention(q, k, v), "b h t d -> b (h d) t")
+        if self.fixup:
+            return self.proj_out(h + self.fixup_bias[1]) * self.fixup_scale + self.fixup_bias[2]
+        return self.proj_out(h)
+
+    def _forward(self, x):
+        b, c, *spatial = x.shape
+        x = x.reshape(b, c, -1)
+        return (x + self.branch(x)).reshape(b, c, *spatial)
+
+    def forward(self, x):
+        if self.use_checkpoint and self.training:
+            return checkpoint(self._forward, x, use_reentrant=False)
+        return self._forward(x)
+
+
+class UNetModel(nn.Module):
+    """
+    The improved-DDPM U-Net with attention and timestep embedding.
+
+    :param in_channels: channels of the input image.
+    :param model_channels: base channel count.
+    :param out_channels: output channels (2x ``in_channels`` when the variance is learned).
+    :param num_res_blocks: residual blocks per resolution.
+    :param attention_resolutions: downsample factors (1, 2, 4, ...) at which to add attention.
+    :param dropout: dropout rate inside the residual blocks.
+    :param channel_mult: channel multiplier per resolution.
+    :param conv_resample: learned 3x3 convs for up/downsampling (else nearest/avg-pool).
+    :param dims: 1, 2 or 3 spatial dimensions.
+    :param num_classes: if set, the model is class-conditional with that many classes.
+    :param use_checkpoint: gradient checkpointing to save memory.
+    :param num_heads: attention heads in the encoder and middle.
+    :param num_heads_upsample: attention heads in the decoder (-1: ``num_heads``).
+    :param use_scale_shift_norm: FiLM-like conditioning in the residual blocks.
+    :param init: the init scheme (see ``unet.init.INIT_SCHEMES``); "zero" is improved-DDPM's.
+    :param norm: "group" (GroupNorm, the original) or "none" (identity, for the ablation).
+    """
+
+    def __init__(self, in_channels, model_channels, out_channels, num_res_blocks, attention_resolutions,
+                 dropout=0, channel_mult=(1, 2, 4, 8), conv_resample=True, dims=2, num_classes=None,
+                 use_checkpoint=False, num_heads=1, num_heads_upsample=-1, use_scale_shift_norm=False,
+                 init="zero", norm="group"):
+        super().__init__()
+        if norm not in NORMS:
+            raise ValueError(f"unknown norm {norm!r}; valid: {', '.join(NORMS)}")
+        num_heads_upsample = num_heads if num_heads_upsample == -1 else num_heads_upsample
+        self.in_channels, self.model_channels, self.out_channels = in_channels, model_channels, out_channels
+        self.num_classes, self.init_scheme, self.norm = num_classes, init, norm
+        fixup = init == "fixup"
+        emb_dim = model_channels * 4
+        self.time_embed = nn.Sequential(nn.Linear(model_channels, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
+        if num_classes is not None:
+            self.label_emb = nn.Embedding(num_classes, emb_dim)
+
+        def res(ch_in, ch_out):
+            return ResBlock(ch_in, emb_dim, dropout, out_channels=ch_out, dims=dims, use_checkpoint=use_checkpoint,
+                            use_scale_shift_norm=use_scale_shift_norm, norm=norm, fixup=fixup)
+
+        def attn(ch, heads):
+            return AttentionBlock(ch, num_heads=heads, use_checkpoint=use_checkpoint, norm=norm, fixup=fixup)
+
+        self.input_blocks = nn.ModuleList([TimestepEmbedSequential(conv_nd(dims, in_channels, model_channels, 3, padding=1))])
+        skip_chans, ch, ds = [model_channels], model_channels, 1
+        for level, mult in enumerate(channel_mult):
+            for _ in range(num_res_blocks):
+                layers = [res(ch, mult * model_channels)]
+                ch = mult * model_channels
+                if ds in attention_resolutions:
+                    layers.append(attn(ch, num_heads))
+                self.input_blocks.append(TimestepEmbedSequential(*layers))
+                skip_chans.append(ch)
+            if level != len(channel_mult) - 1:
+                self.input_blocks.append(TimestepEmbedSequential(Downsample(ch, conv_resample, dims)))
+                skip_chans.append(ch)
+                ds *= 2
+        self.middle_block = TimestepEmbedSequential(res(ch, ch), attn(ch, num_heads), res(ch, ch))
+        self.output_blocks = nn.ModuleList([])
+        for level, mult in list(enumerate(channel_mult))[::-1]:
+            for i in range(num_res_blocks + 1):
+                layers = [res(ch + skip_chans.pop(), model_channels * mult)]
+                ch = model_channels * mult
+                if ds in attention_resolutions:
+                    layers.append(attn(ch, num_heads_upsample))
+                if level and i == num_res_blocks:
+                    layers.append(Upsample(ch, conv_resample, dims))
+                    ds //= 2
+                self.output_blocks.append(TimestepEmbedSequential(*layers))
+        self.out = nn.Sequential(normalization(ch, norm), nn.SiLU(), conv_nd(dims, model_channels, out_channels, 3, padding=1))
+        apply_init(self, init)
+
+    def forward(self, x, timesteps, y=None):
+        """
+        :param x: an [N x C x ...] batch of inputs.
+        :param timesteps: a 1-D batch of timesteps.
+        :param y: an [N] batch of labels, if class-conditional.
+        :return: an [N x out_channels x ...] tensor.
+        """
+        if (y is not None) != (self.num_classes is not None):
+            raise ValueError("pass y if and only if the model is class-conditional")
+        emb = self.time_embed(timestep_embedding(timesteps, self.model_channels))
+        if self.num_classes is not None:
+            emb = emb + self.label_emb(y)
+        hs, h = [], x
+        for module in self.input_blocks:
+            h = module(h, emb)
+            hs.append(h)
+        h = self.middle_block(h, emb)
+        for module in self.output_blocks:
+            h = module(torch.cat([h, hs.pop()], dim=1), emb)
+        return self.out(h)
+
+    def res_blocks(self):
+        """(name, ResBlock) pairs in forward order: encoder, middle, decoder."""
+        return [(n, m) for n, m in self.named_modules() if isinstance(m, ResBlock)]

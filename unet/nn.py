@@ -1,0 +1,71 @@
+"""Small building blocks of the improved-DDPM U-Net: layers by dimension, the fp32
+GroupNorm, ``zero_module`` and the sinusoidal timestep embedding."""
+
+import math
+
+import torch
+import torch.nn as nn
+
+
+class GroupNorm32(nn.GroupNorm):
+    """GroupNorm computed in float32 whatever the input dtype: fp16 statistics over
+    large groups lose precision, which the original guards against the same way."""
+
+    def forward(self, x):
+        return super().forward(x.float()).type(x.dtype)
+
+
+def normalization(channels, norm="group"):
+    """
+    The normalisation layer used throughout the U-Net.
+
+    :param channels: number of channels.
+    :param norm: "group" for GroupNorm(32 groups) in fp32, "none" for the identity,
+        which lets each init scheme be studied without normalisation.
+    """
+    if norm == "group":
+        return GroupNorm32(32, channels)
+    if norm == "none":
+        return nn.Identity()
+    raise ValueError(f"unknown norm {norm!r}; valid: 'group', 'none'")
+
+
+def conv_nd(dims, *args, **kwargs):
+    """A 1D, 2D or 3D convolution."""
+    return {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}[dims](*args, **kwargs)
+
+
+def avg_pool_nd(dims, *args, **kwargs):
+    """A 1D, 2D or 3D average pooling."""
+    return {1: nn.AvgPool1d, 2: nn.AvgPool2d, 3: nn.AvgPool3d}[dims](*args, **kwargs)
+
+
+def zero_module(module):
+    """Zero every parameter of ``module`` and return it (the Fixup rule: the last layer
+    of each residual branch starts at zero, so the branch starts as the identity)."""
+    for p in module.parameters():
+        p.detach().zero_()
+    return module
+
+
+def timestep_embedding(timesteps, dim, max_period=10000):
+    """
+    Sinusoidal embedding of (possibly fractional) timesteps, as in the Transformer and
+    DDPM: ``[cos(t * f_i), sin(t * f_i)]`` with ``f_i = max_period^(-i / (dim/2))``.
+
+    :param timesteps: a 1-D tensor of N timesteps, one per batch element.
+    :param dim: the embedding width.
+    :return: an [N x dim] float tensor.
+    """
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=timesteps.device) / half)
+    args = timesteps[:, None].float() * freqs[None]
+    emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+    if dim % 2:
+        emb = torch.cat([emb, torch.zeros_like(emb[:, :1])], dim=-1)
+    return emb
+
+
+def mean_flat(x):
+    """Mean over every dimension but the batch one."""
+    return x.mean(dim=tuple(range(1, x.ndim)))
