@@ -1,0 +1,324 @@
+"""The training configuration: one typed dataclass, YAML files under ``configs/``,
+every key overridable on the command line as ``--key value`` (nanoGPT's configurator,
+with types and checks). Nothing here imports torch, so a bad flag fails in a second."""
+
+import dataclasses
+import difflib
+import os
+import typing
+from dataclasses import dataclass, field
+
+import yaml
+
+INIT_SCHEMES = ("zero", "standard", "kaiming", "fixup", "all-zero")  # mirrors unet.init.INIT_SCHEMES
+NORMS = ("group", "none")  # mirrors unet.model.NORMS
+CHOICES = {
+    "init": INIT_SCHEMES,
+    "norm": NORMS,
+    "mixed_precision": ("no", "fp16", "bf16"),
+    "report_to": ("wandb", "tensorboard", "none"),
+    "noise_schedule": ("linear", "cosine"),
+    "schedule_sampler": ("uniform", "loss-second-moment"),
+}
+
+
+class ConfigError(ValueError):
+    """A bad key or value; its message is the one line the user sees."""
+
+
+@dataclass
+class TrainConfig:
+    """Every setting of a training run. The defaults are ``configs/digits.yaml``: a small
+    class-conditional U-Net on scikit-learn's bundled handwritten digits, sized for a CPU."""
+
+    # --- run ---
+    output_dir: str = "outputs/digits"
+    max_steps: int = 3000
+    batch_size: int = 64  # global: split over processes and accumulation steps
+    grad_accum: int = 1
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    warmup_steps: int = 100
+    grad_clip: float = 1.0  # max global grad norm; 0 = no clipping (the norm is logged either way)
+    seed: int = 0  # model init, dropout
+    data_seed: int = -1  # data order, t, noise, flips; -1 = same as seed
+    ema_rates: typing.List[float] = field(default_factory=lambda: [0.999])
+    mixed_precision: str = "no"
+    checkpoint_every: int = 500
+    keep_checkpoints: int = 2
+    resume: str = ""  # "", "latest" or a checkpoint directory
+    max_nan_steps: int = 10  # stop after this many non-finite losses in a row
+    divergence_factor: float = 0.0  # stop when loss > factor * initial loss; 0 = never
+    # --- logging and samples ---
+    report_to: str = "wandb"
+    project: str = "unet"
+    run_name: str = ""
+    group: str = ""
+    tags: typing.List[str] = field(default_factory=list)
+    log_every: int = 10
+    diagnostics_every: int = 250  # residual ratios and activation RMS (extra forward passes)
+    eval_every: int = 500  # loss on a fixed held-out batch with fixed t and noise; 0 = off
+    eval_batch_size: int = 256
+    sample_every: int = 1000  # EMA sample grid every N steps and at the end; 0 = only at the end; -1 = never
+    num_samples: int = 100
+    sample_steps: int = 100  # respaced ancestral steps for the grid
+    progress: bool = True
+    # --- data ---
+    dataset: str = "digits"  # "digits", "imagefolder" (needs data_dir) or a Hugging Face hub name
+    data_dir: str = ""
+    image_size: int = 16
+    channels: int = 1
+    random_flip: bool = False
+    eval_fraction: float = 0.1
+    num_workers: int = 0
+    # --- model ---
+    model_channels: int = 32
+    num_res_blocks: int = 2
+    attention_resolutions: typing.List[int] = field(default_factory=lambda: [8])  # in pixels
+    channel_mult: typing.List[int] = field(default_factory=lambda: [1, 2, 2])
+    dropout: float = 0.0
+    num_heads: int = 1
+    num_heads_upsample: int = -1
+    use_scale_shift_norm: bool = True
+    use_checkpoint: bool = False
+    class_cond: bool = True
+    num_classes: int = 10
+    init: str = "zero"
+    norm: str = "group"
+    # --- diffusion ---
+    diffusion_steps: int = 1000
+    noise_schedule: str = "cosine"
+    learn_sigma: bool = True
+    sigma_small: bool = False
+    use_kl: bool = False
+    predict_xstart: bool = False
+    rescale_timesteps: bool = False
+    rescale_learned_sigmas: bool = True
+    timestep_respacing: str = ""
+    schedule_sampler: str = "uniform"
+
+    def __post_init__(self):
+        validate(self)
+
+    def model_kwargs(self):
+        """Keyword arguments for ``unet.model.UNetModel``; attention resolutions in pixels
+        become the downsample factors the model takes."""
+        return dict(
+            in_channels=self.channels,
+            model_channels=self.model_channels,
+            out_channels=self.channels * (2 if self.learn_sigma else 1),
+            num_res_blocks=self.num_res_blocks,
+            attention_resolutions=tuple(self.image_size // r for r in self.attention_resolutions),
+            dropout=self.dropout,
+            channel_mult=tuple(self.channel_mult),
+            num_classes=self.num_classes if self.class_cond else None,
+            use_checkpoint=self.use_checkpoint,
+            num_heads=self.num_heads,
+            num_heads_upsample=self.num_heads_upsample,
+            use_scale_shift_norm=self.use_scale_shift_norm,
+            init=self.init,
+            norm=self.norm,
+        )
+
+    def diffusion_kwargs(self):
+        """Keyword arguments for ``unet.diffusion.create_diffusion``."""
+        return dict(
+            steps=self.diffusion_steps,
+            learn_sigma=self.learn_sigma,
+            sigma_small=self.sigma_small,
+            noise_schedule=self.noise_schedule,
+            use_kl=self.use_kl,
+            predict_xstart=self.predict_xstart,
+            rescale_timesteps=self.rescale_timesteps,
+            rescale_learned_sigmas=self.rescale_learned_sigmas,
+            timestep_respacing=self.timestep_respacing,
+        )
+
+    def to_dict(self):
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d):
+        """Build a config from a flat mapping, parsing strings and checking every key."""
+        return cls(**_parse_mapping(d))
+
+    def replace(self, **overrides):
+        """A copy with some keys changed (checked like the command line)."""
+        return TrainConfig.from_dict({**self.to_dict(), **overrides})
+
+    def save(self, path):
+        with open(path, "w") as f:
+            yaml.safe_dump(self.to_dict(), f, sort_keys=False)
+
+    @classmethod
+    def load(cls, path):
+        return cls.from_dict(_read_yaml(path))
+
+
+FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
+TYPES = typing.get_type_hints(TrainConfig)
+
+
+def _parse_bool(key, v):
+    if isinstance(v, bool):
+        return v
+    s = str(v).strip().lower()
+    if s in ("1", "true", "yes", "on"):
+        return True
+    if s in ("0", "false", "no", "off"):
+        return False
+    raise ConfigError(f"config key '{key}': expected true or false, got {v!r}")
+
+
+def _parse_scalar(key, typ, v):
+    if typ is bool:
+        return _parse_bool(key, v)
+    if typ is str:
+        if isinstance(v, (dict, list)):
+            raise ConfigError(f"config key '{key}': expected a string, got {v!r}")
+        return "" if v is None else str(v)
+    try:
+        if typ is int:
+            if isinstance(v, bool) or (isinstance(v, float) and not v.is_integer()):
+                raise ValueError
+            return int(float(v)) if isinstance(v, str) and "e" in v.lower() else int(v)
+        if typ is float:
+            if isinstance(v, bool):
+                raise ValueError
+            return float(v)
+    except (TypeError, ValueError):
+        raise ConfigError(f"config key '{key}': expected {typ.__name__}, got {v!r}") from None
+    raise AssertionError(typ)
+
+
+def _parse_value(key, v):
+    typ = TYPES[key]
+    if typing.get_origin(typ) in (list, typing.List):
+        (inner,) = typing.get_args(typ)
+        if isinstance(v, str):
+            v = [s for s in v.replace(" ", "").split(",") if s]
+        elif not isinstance(v, (list, tuple)):
+            v = [v]
+        return [_parse_scalar(key, inner, x) for x in v]
+    return _parse_scalar(key, typ, v)
+
+
+def _unknown_key(key):
+    close = difflib.get_close_matches(key, FIELDS, n=1)
+    hint = f" (did you mean '{close[0]}'?)" if close else ""
+    return ConfigError(f"unknown config key '{key}'{hint}; allowed keys: {', '.join(FIELDS)}")
+
+
+def _parse_mapping(d):
+    out = {}
+    for k, v in d.items():
+        if k not in FIELDS:
+            raise _unknown_key(k)
+        out[k] = _parse_value(k, v)
+    return out
+
+
+def _read_yaml(path):
+    if not os.path.isfile(path):
+        raise ConfigError(f"config file '{path}' does not exist")
+    try:
+        with open(path) as f:
+            d = yaml.safe_load(f) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config file '{path}' is not valid YAML: {str(e).splitlines()[0]}") from None
+    if not isinstance(d, dict):
+        raise ConfigError(f"config file '{path}' must be a mapping of key: value")
+    return d
+
+
+def _require(cond, key, allowed, value):
+    if not cond:
+        raise ConfigError(f"config key '{key}': got {value!r}, allowed: {allowed}")
+
+
+def validate(cfg):
+    """Check every value and the ones that depend on each other; raise ConfigError."""
+    for key, allowed in CHOICES.items():
+        v = getattr(cfg, key)
+        _require(v in allowed, key, "|".join(allowed), v)
+    for key in ("max_steps", "batch_size", "grad_accum", "checkpoint_every", "keep_checkpoints",
+                "log_every", "num_samples", "sample_steps", "image_size", "channels", "model_channels",
+                "num_res_blocks", "diffusion_steps", "max_nan_steps", "num_heads", "eval_batch_size"):
+        _require(getattr(cfg, key) >= 1, key, "an integer >= 1", getattr(cfg, key))
+    for key in ("warmup_steps", "num_workers", "diagnostics_every", "eval_every"):
+        _require(getattr(cfg, key) >= 0, key, "an integer >= 0", getattr(cfg, key))
+    _require(cfg.sample_every >= -1, "sample_every", "-1 (never), 0 (at the end) or a step interval",
+             cfg.sample_every)
+    _require(cfg.lr > 0, "lr", "a number > 0", cfg.lr)
+    for key in ("weight_decay", "grad_clip", "dropout", "divergence_factor"):
+        _require(getattr(cfg, key) >= 0, key, "a number >= 0", getattr(cfg, key))
+    _require(cfg.dropout < 1, "dropout", "a number in [0, 1)", cfg.dropout)
+    _require(0 <= cfg.eval_fraction < 1, "eval_fraction", "a number in [0, 1)", cfg.eval_fraction)
+    _require(len(cfg.ema_rates) >= 1 and all(0 < r < 1 for r in cfg.ema_rates), "ema_rates",
+             "one or more rates in (0, 1), e.g. 0.9999,0.999", cfg.ema_rates)
+    _require(cfg.batch_size % cfg.grad_accum == 0, "batch_size",
+             f"a multiple of grad_accum={cfg.grad_accum}", cfg.batch_size)
+    _require(len(cfg.channel_mult) >= 1 and all(m >= 1 for m in cfg.channel_mult), "channel_mult",
+             "a list of integers >= 1, e.g. 1,2,2", cfg.channel_mult)
+    levels = 2 ** (len(cfg.channel_mult) - 1)
+    _require(cfg.image_size % levels == 0, "image_size",
+             f"a multiple of {levels} (2^(len(channel_mult)-1))", cfg.image_size)
+    sizes = [cfg.image_size // 2 ** i for i in range(len(cfg.channel_mult))]
+    _require(all(r in sizes for r in cfg.attention_resolutions), "attention_resolutions",
+             f"resolutions in pixels the U-Net has: a subset of {sizes}", cfg.attention_resolutions)
+    if cfg.norm == "group":
+        # GroupNorm32 uses 32 groups, as the original does.
+        _require(cfg.model_channels % 32 == 0, "model_channels", "a multiple of 32 with norm=group",
+                 cfg.model_channels)
+    if cfg.class_cond:
+        _require(cfg.num_classes >= 1, "num_classes", "an integer >= 1 when class_cond is true", cfg.num_classes)
+    if cfg.dataset == "imagefolder":
+        _require(bool(cfg.data_dir), "data_dir", "a folder of images when dataset=imagefolder", cfg.data_dir)
+
+
+def parse_args(argv):
+    """Split ``argv`` into the config file (``--config FILE``) and ``--key value`` overrides
+    (``--key=value`` and a bare ``--flag`` for a boolean also work)."""
+    config_file, overrides, i = None, {}, 0
+    while i < len(argv):
+        arg = argv[i]
+        if not arg.startswith("--") or len(arg) == 2:
+            raise ConfigError(f"unexpected argument {arg!r}; use --key value (see --help)")
+        key, eq, value = arg[2:].partition("=")
+        key = key.replace("-", "_")
+        if not eq:
+            nxt = argv[i + 1] if i + 1 < len(argv) else None
+            if key in FIELDS and TYPES[key] is bool and (nxt is None or nxt.startswith("--")):
+                value = "true"
+            elif nxt is None:
+                raise ConfigError(f"config key '{key}' needs a value: --{key} VALUE")
+            else:
+                value, i = nxt, i + 1
+        if key == "config":
+            config_file = value
+        elif key not in FIELDS:
+            raise _unknown_key(key)
+        else:
+            overrides[key] = value
+        i += 1
+    return config_file, overrides
+
+
+def load_config(argv):
+    """The run's config from ``--config FILE`` (default: the dataclass defaults, i.e. digits)
+    and ``--key value`` overrides. Raises ConfigError with a one-line message."""
+    config_file, overrides = parse_args(list(argv))
+    base = _read_yaml(config_file) if config_file else {}
+    for k in base:
+        if k not in FIELDS:
+            raise ConfigError(f"in '{config_file}': {_unknown_key(k)}")
+    return TrainConfig(**{**_parse_mapping(base), **_parse_mapping(overrides)})
+
+
+def help_text():
+    """``train.py --help``: every key with its default."""
+    lines = ["usage: accelerate launch train.py [--config FILE] [--key value ...]", "", "keys (default):"]
+    for f in dataclasses.fields(TrainConfig):
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        lines.append(f"  --{f.name} ({default!r})")
+    return "\n".join(lines)

@@ -1,0 +1,239 @@
+"""Images through Hugging Face ``datasets``: scikit-learn's bundled handwritten digits (the
+default; nothing to download), a local folder of images (``imagefolder``), or a hub dataset.
+
+The order in which training sees examples is a pure function of (data seed, step), not of
+an iterator's state: resuming at step s replays exactly the batches a straight run would
+have seen, and every init arm of the ablation sees the same data for the same seed."""
+
+import io
+import os
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+
+
+class DataError(ValueError):
+    """Missing, empty or unusable data; its message is the one line the user sees."""
+
+
+@dataclass
+class ImageData:
+    """
+    :param train: a ``datasets.Dataset`` whose rows are {"image": [C,H,W] float in [-1, 1], "label": int}.
+    :param eval: the held-out split in the same format, or None.
+    :param num_classes: classes of the label column (0 when there is none).
+    :param skipped: corrupt image files left out.
+    """
+
+    train: object
+    eval: object
+    num_classes: int
+    skipped: int
+
+
+def digits_dataset():
+    """scikit-learn's copy of the UCI handwritten digits (1,797 8x8 images, 17 grey levels,
+    10 classes) as a ``datasets.Dataset`` of greyscale PIL images."""
+    import datasets
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    pixels = np.round(d.images * (255.0 / 16.0)).astype(np.uint8)
+    features = datasets.Features({"image": datasets.Image(),
+                                  "label": datasets.ClassLabel(names=[str(i) for i in range(10)])})
+    return datasets.Dataset.from_dict({"image": [Image.fromarray(p, mode="L") for p in pixels],
+                                       "label": d.target.tolist()}, features=features)
+
+
+def center_crop_resize(img, size):
+    """Resize the shorter side to ``size`` and crop the centre square (as improved-diffusion
+    does, with a box filter first for large reductions to avoid aliasing)."""
+    while min(img.size) >= 2 * size:
+        img = img.resize(tuple(x // 2 for x in img.size), resample=Image.BOX)
+    return ImageOps.fit(img, (size, size), method=Image.BICUBIC)
+
+
+def to_tensor(img, size, channels):
+    """A PIL image -> [C, size, size] float32 in [-1, 1]."""
+    img = center_crop_resize(img.convert("L" if channels == 1 else "RGB"), size)
+    arr = np.asarray(img, dtype=np.float32).reshape(size, size, channels) / 127.5 - 1.0
+    return torch.from_numpy(arr).permute(2, 0, 1).contiguous()
+
+
+def _open(value):
+    """Decode an image column value stored undecoded ({"bytes", "path"} or a PIL image)."""
+    if isinstance(value, Image.Image):
+        return value
+    if value.get("bytes") is not None:
+        return Image.open(io.BytesIO(value["bytes"]))
+    return Image.open(value["path"])
+
+
+def _decodes(example, column):
+    try:
+        _open(example[column]).load()
+        return True
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError):
+        return False
+
+
+def _columns(ds):
+    """The image column and the label column (or None) from the dataset's features."""
+    import datasets
+
+    image = next((k for k, f in ds.features.items() if isinstance(f, datasets.Image)), None)
+    if image is None:
+        raise DataError(f"the dataset has no image column (columns: {', '.join(ds.column_names)})")
+    label = next((k for k, f in ds.features.items() if isinstance(f, datasets.ClassLabel)), None)
+    return image, label
+
+
+def _load_raw(cfg):
+    """A ``DatasetDict`` for cfg.dataset: "digits", "imagefolder" (cfg.data_dir) or a hub name."""
+    import datasets
+
+    if cfg.dataset == "digits":
+        return datasets.DatasetDict(train=digits_dataset())
+    if cfg.dataset == "imagefolder":
+        if not os.path.isdir(cfg.data_dir):
+            raise DataError(f"data_dir '{cfg.data_dir}' does not exist or is not a folder")
+        if not any(f.lower().endswith(IMAGE_EXTENSIONS) for _, _, fs in os.walk(cfg.data_dir) for f in fs):
+            raise DataError(f"data_dir '{cfg.data_dir}' contains no image files ({', '.join(IMAGE_EXTENSIONS)})")
+        loader = dict(path="imagefolder", data_dir=cfg.data_dir)
+    else:
+        loader = dict(path=cfg.dataset, data_dir=cfg.data_dir or None)
+    try:
+        ds = datasets.load_dataset(**loader)
+    except Exception as e:  # offline, unknown name, unreadable folder: one line, not a traceback
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise DataError(f"dataset '{cfg.dataset}' could not be loaded: {msg}") from None
+    if not isinstance(ds, datasets.DatasetDict):
+        ds = datasets.DatasetDict(train=ds)
+    return ds
+
+
+def load_image_data(cfg, log=print):
+    """
+    The train and held-out splits of cfg.dataset, decoded and resized on access.
+
+    :param cfg: a ``TrainConfig`` (dataset, data_dir, image_size, channels, class_cond,
+        num_classes, eval_fraction).
+    :param log: where to report skipped files.
+    :return: an ``ImageData``.
+    """
+    import datasets
+
+    raw = _load_raw(cfg)
+    split = "train" if "train" in raw else next(iter(raw))
+    ds = raw[split]
+    image_col, label_col = _columns(ds)
+    held = next((raw[s] for s in ("test", "validation") if s in raw and s != split), None)
+    splits = {"train": ds} if held is None else {"train": ds, "eval": held}
+
+    # Corrupt files are listed like good ones and fail only when decoded: find them once,
+    # up front, so that every step's batch has the same size and the count can be reported.
+    skipped = 0
+    for name, part in splits.items():
+        part = part.cast_column(image_col, datasets.Image(decode=False))
+        good = part.filter(_decodes, fn_kwargs={"column": image_col}, num_proc=None)
+        skipped += len(part) - len(good)
+        splits[name] = good
+    if skipped:
+        log(f"skipped {skipped} corrupt image file(s) in dataset '{cfg.dataset}'")
+    if len(splits["train"]) == 0:
+        raise DataError(f"dataset '{cfg.dataset}' has no readable images")
+
+    num_classes = ds.features[label_col].num_classes if label_col else 0
+    if cfg.class_cond and not label_col:
+        raise DataError(f"class_cond is true but dataset '{cfg.dataset}' has no class labels; set --class_cond false")
+    if cfg.class_cond and num_classes != cfg.num_classes:
+        raise DataError(f"config key 'num_classes' is {cfg.num_classes} but dataset '{cfg.dataset}' "
+                        f"has {num_classes} classes")
+    if "eval" not in splits and cfg.eval_fraction > 0:
+        # A fixed split seed: the held-out set does not change with the run's seed.
+        parts = splits["train"].train_test_split(test_size=cfg.eval_fraction, seed=0)
+        splits = {"train": parts["train"], "eval": parts["test"]}
+
+    def transform(batch):
+        out = {"image": [to_tensor(_open(v), cfg.image_size, cfg.channels) for v in batch[image_col]]}
+        n = len(out["image"])
+        out["label"] = list(batch[label_col]) if label_col else [0] * n
+        return out
+
+    for part in splits.values():
+        part.set_transform(transform)
+    return ImageData(splits["train"], splits.get("eval"), num_classes, skipped)
+
+
+def step_positions(step, count, offset=0, global_batch=None):
+    """Positions in the endless example stream used by ``step``: the global batch of step s
+    covers positions [s * B, (s + 1) * B); a process or micro-batch takes a slice of it."""
+    start = step * global_batch + offset
+    return torch.arange(start, start + count)
+
+
+def positions_to_indices(positions, n, seed):
+    """Map stream positions to example indices: epoch e = pos // n is a fresh permutation of
+    the n examples drawn from a generator seeded by (seed, e)."""
+    out = torch.empty_like(positions)
+    epochs = positions // n
+    for e in torch.unique(epochs).tolist():
+        g = torch.Generator().manual_seed(int(seed) * 1_000_003 + int(e))
+        perm = torch.randperm(n, generator=g)
+        mask = epochs == e
+        out[mask] = perm[positions[mask] % n]
+    return out
+
+
+def batch_indices(step, micro, rank, n, seed, global_batch, grad_accum, world_size):
+    """The dataset indices of one process's micro-batch: the global batch of ``step`` split
+    into ``grad_accum`` micro-batches, each split over ``world_size`` processes. The union
+    over processes and micro-batches does not depend on how many processes there are."""
+    per = global_batch // (grad_accum * world_size)
+    offset = micro * (global_batch // grad_accum) + rank * per
+    return positions_to_indices(step_positions(step, per, offset, global_batch), n, seed)
+
+
+class StepBatches(torch.utils.data.Sampler):
+    """Batch sampler yielding this process's micro-batches from ``start_step`` on."""
+
+    def __init__(self, start_step, max_steps, n, seed, global_batch, grad_accum, rank, world_size):
+        self.args = start_step, max_steps, n, seed, global_batch, grad_accum, rank, world_size
+
+    def __len__(self):
+        start, stop, *_, grad_accum, _, _ = self.args
+        return (stop - start) * grad_accum
+
+    def __iter__(self):
+        start, stop, n, seed, gb, ga, rank, world = self.args
+        for step in range(start, stop):
+            for micro in range(ga):
+                yield batch_indices(step, micro, rank, n, seed, gb, ga, world).tolist()
+
+
+def _collate(rows):
+    return torch.stack([r["image"] for r in rows]), torch.tensor([r["label"] for r in rows])
+
+
+def train_loader(data, cfg, start_step, rank, world_size, seed):
+    """A DataLoader over the training split yielding (images, labels) micro-batches for
+    steps ``start_step .. cfg.max_steps - 1`` on process ``rank``. (Not passed through
+    ``accelerator.prepare``: the sharding above is already per process and step-indexed,
+    which is what makes resume exact.)"""
+    if cfg.batch_size % (cfg.grad_accum * world_size):
+        raise DataError(f"config key 'batch_size' ({cfg.batch_size}) must be a multiple of "
+                        f"grad_accum x processes = {cfg.grad_accum * world_size}")
+    sampler = StepBatches(start_step, cfg.max_steps, len(data.train), seed, cfg.batch_size,
+                          cfg.grad_accum, rank, world_size)
+    return torch.utils.data.DataLoader(data.train, batch_sampler=sampler, num_workers=cfg.num_workers,
+                                       collate_fn=_collate, persistent_workers=False)
+
+
+def fixed_batch(split, count):
+    """The first ``count`` examples of a split (e.g. the held-out batch for eval loss)."""
+    rows = [split[i] for i in range(min(count, len(split)))]
+    return _collate(rows)
