@@ -161,7 +161,7 @@ class GaussianDiffusion:
         self.rescale_timesteps = rescale_timesteps
         self.betas = betas = np.asarray(betas, dtype=np.float64)
         if not ((betas > 0).all() and (betas <= 1).all()):
-            raise ValueError("betas must lie in (0, 1]")
+            raise ValueError(f"betas must lie in (0, 1], got {betas.min():.3g}..{betas.max():.3g} (a linear schedule needs T >= 20)")
         self.num_timesteps = len(betas)
         self.original_num_steps = original_num_steps or self.num_timesteps
         self.timestep_map = torch.as_tensor(timestep_map if timestep_map is not None else range(self.num_timesteps), dtype=torch.long)
