@@ -1,0 +1,72 @@
+"""The stability measures shared by training and the ablation."""
+
+import math
+
+import pytest
+import torch
+
+from unet.diagnostics import (SpikeDetector, block_stats, channel_distinctness, grad_norm, is_diverged,
+                              loss_by_quartile, snapshot, update_to_weight_ratio, zeroed_layer_distinctness)
+from unet.model import UNetModel
+
+
+def model_for(init, norm="group"):
+    torch.manual_seed(0)
+    return UNetModel(1, 32, 2, 1, (2,), channel_mult=(1, 2), init=init, norm=norm)
+
+
+def inputs():
+    g = torch.Generator().manual_seed(0)
+    return torch.randn(4, 1, 8, 8, generator=g), torch.randint(0, 1000, (4,), generator=g)
+
+
+def test_block_stats_zero_vs_standard():
+    zero = block_stats(model_for("zero"), *inputs())
+    standard = block_stats(model_for("standard"), *inputs())
+    assert [s["name"] for s in zero] == [n for n, _ in model_for("zero").res_blocks()]
+    assert all(s["branch_skip_ratio"] == 0 for s in zero)
+    assert all(s["branch_skip_ratio"] > 0.01 for s in standard)
+    # the first block's output under zero init is its input: the input conv's output
+    m = model_for("zero")
+    x, t = inputs()
+    h = m.input_blocks[0](x, None)
+    assert zero[0]["rms"] == pytest.approx(h.pow(2).mean().sqrt().item(), rel=1e-6)
+
+
+def test_grad_norm_and_update_ratio():
+    m = torch.nn.Linear(3, 2, bias=False)
+    with torch.no_grad():
+        m.weight.fill_(1.0)
+    m.weight.grad = torch.full((2, 3), 2.0)
+    assert grad_norm(m) == pytest.approx(math.sqrt(6 * 4))
+    before = snapshot(m)
+    with torch.no_grad():
+        m.weight.add_(0.1)
+    assert update_to_weight_ratio(before, m) == pytest.approx(0.1)
+
+
+def test_channel_distinctness():
+    assert channel_distinctness(torch.ones(4, 3, 3, 3)) == 0
+    assert channel_distinctness(torch.zeros(4, 3)) == 0
+    w = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    assert channel_distinctness(w) == pytest.approx(math.sqrt(2))
+    d = zeroed_layer_distinctness(model_for("standard"))
+    assert len(d) == 8 + 4 + 1 and all(v > 0.5 for v in d.values())  # ResBlocks, attention, output conv
+    assert set(zeroed_layer_distinctness(model_for("zero")).values()) == {0.0}
+
+
+def test_spike_detector_and_divergence():
+    s = SpikeDetector(window=50, factor=2.0)
+    flags = [s.update(v) for v in [1.0] * 20 + [2.5, 1.0, 1.9, 5.0]]
+    assert flags[20] and flags[-1] and s.count == 2 and not flags[22]
+    s2 = SpikeDetector()
+    s2.load_state_dict(s.state_dict())
+    assert s2.count == 2 and s2.update(3.0)
+    assert is_diverged(float("nan"), 1.0) and is_diverged(float("inf"), 1.0) and is_diverged(10.5, 1.0)
+    assert not is_diverged(9.5, 1.0)
+
+
+def test_loss_by_quartile():
+    t = torch.tensor([0, 10, 30, 60, 99])
+    losses = torch.tensor([1.0, 3.0, 5.0, 7.0, 9.0])
+    assert loss_by_quartile(t, losses, 100) == {"q0": 2.0, "q1": 5.0, "q2": 7.0, "q3": 9.0}
