@@ -1,0 +1,48 @@
+"""U-Net behaviour beyond the fixture: gradient checkpointing, other dims, argument errors."""
+
+import pytest
+import torch
+
+from unet.model import UNetModel, attention_downsample_factors
+
+
+def make(**kw):
+    torch.manual_seed(0)
+    args = dict(in_channels=3, model_channels=32, out_channels=3, num_res_blocks=1, attention_resolutions=(2,),
+                channel_mult=(1, 2), num_heads=2, use_scale_shift_norm=True, init="standard", dropout=0.0)
+    return UNetModel(**{**args, **kw})
+
+
+def test_gradient_checkpointing_gives_the_same_gradients():
+    x, t = torch.randn(2, 3, 16, 16), torch.tensor([3, 700])
+    grads = []
+    for use_checkpoint in (False, True):
+        m = make(use_checkpoint=use_checkpoint)
+        m(x, t).square().mean().backward()
+        grads.append(torch.cat([p.grad.flatten() for p in m.parameters()]))
+    assert torch.allclose(grads[0], grads[1], rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("dims,shape", [(1, (2, 3, 16)), (3, (2, 3, 2, 8, 8))])
+def test_other_dims(dims, shape):
+    m = make(dims=dims)
+    out = m(torch.randn(*shape), torch.tensor([1, 2]))
+    assert out.shape == shape
+
+
+def test_attention_resolutions_and_heads():
+    assert attention_downsample_factors(32, "16,8") == (2, 4)
+    assert attention_downsample_factors(64, [32, 16, 8]) == (2, 4, 8)
+    m = make(num_heads=4, num_heads_upsample=2)
+    assert m.middle_block[1].num_heads == 4 and m.output_blocks[0][1].num_heads == 2
+    with pytest.raises(ValueError, match="not divisible by num_heads 3"):
+        make(num_heads=3)
+
+
+def test_class_conditioning():
+    m = make(num_classes=10)
+    x, t = torch.randn(2, 3, 16, 16), torch.tensor([5, 5])
+    a, b = m(x, t, torch.tensor([0, 0])), m(x, t, torch.tensor([0, 1]))
+    assert torch.equal(a[0], b[0]) and not torch.allclose(a[1], b[1])
+    with pytest.raises(ValueError, match="class-conditional"):
+        m(x, t)
