@@ -194,9 +194,9 @@ def load_model(path, ema=True, device="cpu"):
 
     if not os.path.isdir(path):
         raise CheckpointError(f"checkpoint '{path}' does not exist")
-    ckpt = path if os.path.isfile(os.path.join(path, "config.yaml")) else latest_checkpoint(path)
+    ckpt = path if os.path.isfile(os.path.join(path, "train_state.json")) else latest_checkpoint(path)
     if ckpt is None:
-        raise CheckpointError(f"no checkpoint in '{path}' (expected config.yaml or checkpoints/checkpoint_*/)")
+        raise CheckpointError(f"no checkpoint in '{path}' (expected a checkpoint folder or checkpoints/checkpoint_*/)")
     try:
         cfg = TrainConfig.load(os.path.join(ckpt, "config.yaml"))
     except ConfigError as e:

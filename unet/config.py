@@ -66,7 +66,7 @@ class TrainConfig:
     # --- data ---
     dataset: str = "digits"  # "digits", "imagefolder" (needs data_dir) or a Hugging Face hub name
     data_dir: str = ""
-    image_size: int = 16
+    image_size: int = 8
     channels: int = 1
     random_flip: bool = False
     eval_fraction: float = 0.1
@@ -74,8 +74,8 @@ class TrainConfig:
     # --- model ---
     model_channels: int = 32
     num_res_blocks: int = 2
-    attention_resolutions: typing.List[int] = field(default_factory=lambda: [8])  # in pixels
-    channel_mult: typing.List[int] = field(default_factory=lambda: [1, 2, 2])
+    attention_resolutions: typing.List[int] = field(default_factory=lambda: [4])  # in pixels
+    channel_mult: typing.List[int] = field(default_factory=lambda: [1, 2])
     dropout: float = 0.0
     num_heads: int = 1
     num_heads_upsample: int = -1

@@ -139,7 +139,7 @@ def load_image_data(cfg, log=print):
     skipped = 0
     for name, part in splits.items():
         part = part.cast_column(image_col, datasets.Image(decode=False))
-        good = part.filter(_decodes, fn_kwargs={"column": image_col}, num_proc=None)
+        good = part.filter(_decodes, fn_kwargs={"column": image_col}, desc="checking image files")
         skipped += len(part) - len(good)
         splits[name] = good
     if skipped:

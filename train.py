@@ -1,0 +1,45 @@
+"""Train an improved-DDPM U-Net.
+
+    accelerate launch train.py                                # digits on this machine, offline
+    accelerate launch train.py --config configs/cifar10.yaml  # the paper's CIFAR-10 setup
+    accelerate launch train.py --resume latest --max_steps 6000
+
+Every config key can be given as --key value (see --help). Exit codes: 0 done, 2 bad
+configuration, 1 data/checkpoint/setup error, 3 stopped on non-finite or diverging loss."""
+
+import sys
+
+from unet.config import ConfigError, help_text, load_config
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if "-h" in argv or "--help" in argv:
+        print(help_text())
+        return 0
+    try:
+        cfg = load_config(argv)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    # Imported only now so that a bad flag is reported without loading torch.
+    from unet.checkpoint import CheckpointError
+    from unet.data import DataError
+    from unet.training import TrainingError, train
+
+    try:
+        summary = train(cfg)
+    except (TrainingError, DataError, CheckpointError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    if summary["diverged"]:
+        why = (f"{cfg.max_nan_steps} non-finite losses in a row" if summary["stop_reason"] == "nan"
+               else f"loss above {cfg.divergence_factor:g}x the initial loss")
+        print(f"error: training stopped at step {summary['steps']}: {why}; "
+              f"last good checkpoint: {summary['checkpoint'] or 'none'}", file=sys.stderr)
+        return 3
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
