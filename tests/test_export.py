@@ -1,0 +1,132 @@
+"""Export to a stock diffusers pipeline: the converted UNet2DModel computes what ours does,
+the pipeline runs where this package cannot be imported and samples what sample.py samples,
+and models UNet2DModel cannot express are refused in one line."""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from unet.config import TrainConfig
+from unet.export import ExportError, main, max_output_difference, to_unet2d
+from unet.model import UNetModel
+from unet.sampling import Loaded, generate, sample_generators
+
+FIXTURE = Path(__file__).parent / "fixtures" / "iddpm_reference.pt"
+
+
+def loaded(seed=0, image_size=16, steps=1000, **overrides):
+    kw = dict(in_channels=1, model_channels=32, out_channels=2, num_res_blocks=1, attention_resolutions=(2,),
+              channel_mult=(1, 2, 2), num_classes=10, num_heads=2, use_scale_shift_norm=True, init="standard")
+    kw.update(overrides)
+    torch.manual_seed(seed)
+    return Loaded(UNetModel(**kw).eval(), kw, dict(steps=steps, learn_sigma=kw["out_channels"] == 2 * kw["in_channels"]),
+                  image_size)
+
+
+@pytest.mark.parametrize("overrides", [
+    dict(),  # class-conditional, scale-shift, learned sigma, attention at one level + middle
+    dict(use_scale_shift_norm=False, num_classes=None, num_res_blocks=2),
+    dict(in_channels=3, out_channels=3, attention_resolutions=(2, 4), channel_mult=(1, 2, 2), num_heads=2),
+    dict(attention_resolutions=(), num_heads=1, channel_mult=(1, 2), dropout=0.1),  # attention in the middle only
+], ids=["cond-scale-shift", "uncond-additive", "rgb-two-attention-levels", "mid-attention-only"])
+def test_unet2d_output_equals_ours(overrides):
+    ld = loaded(**overrides)
+    unet = to_unet2d(ld)
+    with torch.no_grad():
+        x = torch.randn(2, ld.model.in_channels, 16, 16)
+        typical = ld.model(x, torch.tensor([10, 900]), **({"y": torch.tensor([1, 2])} if ld.model.num_classes else {}))
+    assert typical.abs().mean() > 0.1  # a random-weight model whose output is far from zero
+    assert max_output_difference(ld, unet, batch=3) < 1e-5
+
+
+def test_improved_diffusion_weights_convert():
+    """The fixture's model (weights from openai/improved-diffusion's layout) converts exactly;
+    its diffusion rescales timesteps (T=100), which a DDPMPipeline cannot, so export refuses it."""
+    d = torch.load(FIXTURE, weights_only=True)
+    case = json.loads(d["case"])
+    model = UNetModel(**case["model"])
+    model.load_state_dict(d["state_dict"])
+    ld = Loaded(model.eval(), case["model"], {**case["diffusion"], "rescale_timesteps": False}, case["image_size"])
+    assert max_output_difference(ld, to_unet2d(ld), batch=4) < 1e-5
+    with pytest.raises(ExportError, match="rescale_timesteps"):
+        to_unet2d(Loaded(model, case["model"], case["diffusion"], case["image_size"]))
+
+
+@pytest.mark.parametrize("overrides,message", [
+    (dict(attention_resolutions=(1, 2), channel_mult=(1, 2), num_heads=1), r"one attention head width .* 32 .* 64"),
+    (dict(num_heads_upsample=4), r"one attention head width"),
+    (dict(norm="none", init="standard"), "GroupNorm"),
+    (dict(norm="none", init="fixup"), "norm='none'"),
+    (dict(conv_resample=False), "conv_resample=False"),
+])
+def test_unexpressible_models_are_refused(overrides, message):
+    with pytest.raises(ExportError, match=message):
+        to_unet2d(loaded(**overrides))
+
+
+def write_checkpoint(root, cfg, model):
+    path = Path(root) / "checkpoints" / "checkpoint_00000010"
+    path.mkdir(parents=True)
+    cfg.save(path / "config.yaml")
+    state = {k: v.contiguous() for k, v in model.state_dict().items()}
+    save_file(state, path / "model.safetensors")
+    save_file(state, path / f"ema_{cfg.ema_rates[0]:g}.safetensors")
+    return path
+
+
+PIPELINE_SCRIPT = textwrap.dedent("""
+    import sys, json
+    sys.modules["unet"] = None  # this package must not be needed, even if it is installed
+    try:
+        import unet
+        raise SystemExit("unet is importable")
+    except ImportError:
+        pass
+    import numpy as np, torch
+    from diffusers import DDPMPipeline
+    pipe = DDPMPipeline.from_pretrained(sys.argv[1])
+    g = torch.Generator().manual_seed(int(sys.argv[2]))
+    img = pipe(batch_size=1, generator=g, num_inference_steps=int(sys.argv[3]), output_type="np").images
+    np.save(sys.argv[4], img)
+    print(json.dumps(dict(variance_type=pipe.scheduler.config.variance_type, shape=list(img.shape))))
+""")
+
+
+def test_export_cli_pipeline_runs_without_this_package(tmp_path):
+    """``python -m unet.export`` on a training checkpoint; stock ``DDPMPipeline`` loads the
+    result in a process where ``unet`` cannot be imported, and samples the same image as
+    ``sample.py``'s ddpm sampler for the same noise."""
+    cfg = TrainConfig(image_size=8, channel_mult=[1, 2], attention_resolutions=[4], num_res_blocks=1, num_heads=2,
+                      diffusion_steps=50, class_cond=False, init="standard", report_to="none")
+    torch.manual_seed(0)
+    model = UNetModel(**cfg.model_kwargs()).eval()
+    write_checkpoint(tmp_path / "run", cfg, model)
+    main([str(tmp_path / "run"), str(tmp_path / "pipe")])
+    assert (tmp_path / "pipe" / "model_index.json").exists()
+
+    seed, steps = 5, 4
+    g_seed = sample_generators(seed, [0])[0].initial_seed()  # sample 0's generator in sample.py
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    r = subprocess.run([sys.executable, "-c", PIPELINE_SCRIPT, str(tmp_path / "pipe"), str(g_seed), str(steps),
+                        str(tmp_path / "img.npy")], capture_output=True, text=True, cwd=tmp_path, env=env, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    info = json.loads(r.stdout.strip().splitlines()[-1])
+    assert info == dict(variance_type="learned_range", shape=[1, 8, 8, 1])
+    theirs = np.load(tmp_path / "img.npy")[0] * 255
+    ours, _ = generate(model, cfg.diffusion_kwargs(), 8, 1, "ddpm", steps, seed=seed, progress=False)
+    assert np.abs(theirs - ours[0].astype(np.float64)).max() <= 1.0  # rounding to uint8 at most
+
+
+def test_export_cli_errors_are_one_line(tmp_path):
+    with pytest.raises(SystemExit) as e:
+        main([str(tmp_path / "missing"), str(tmp_path / "out")])
+    assert str(e.value) == f"error: checkpoint not found: {tmp_path / 'missing'}"
+    assert not (tmp_path / "out").exists()

@@ -1,0 +1,206 @@
+"""
+Export a trained model as a stock diffusers pipeline (``UNet2DModel`` + ``DDPMScheduler``)
+that loads and runs without this package:
+
+    python -m unet.export outputs/digits exported/digits
+    python -c "from diffusers import DDPMPipeline; DDPMPipeline.from_pretrained('exported/digits')(num_inference_steps=100)"
+
+The improved-DDPM U-Net maps exactly onto ``UNet2DModel`` with scale-shift time
+conditioning, flipped sinusoids, 32-group norms (the mid-block attention's included) and
+one attention head width for the whole model; a model outside that gets a one-line error.
+"""
+
+import argparse
+import os
+
+import torch
+from diffusers import DDPMPipeline, UNet2DModel
+
+from .model import AttentionBlock, Downsample, ResBlock, Upsample
+from .sampling import Loaded, load_checkpoint, make_scheduler
+
+
+class ExportError(ValueError):
+    """A model ``UNet2DModel`` cannot express; the message is one line."""
+
+
+# --- what UNet2DModel can express ----------------------------------------------------
+
+def head_width(model):
+    """The one attention head width of ``model``; ``UNet2DModel`` has a single
+    ``attention_head_dim``, so several widths (e.g. a fixed head count at levels of
+    different widths) cannot be exported."""
+    widths = {}
+    for name, m in model.named_modules():
+        if isinstance(m, AttentionBlock):
+            widths.setdefault(m.qkv.in_channels // m.num_heads, name)
+    if len(widths) != 1:
+        found = ", ".join(f"{w} (at {n})" for w, n in sorted(widths.items()))
+        raise ExportError(f"UNet2DModel needs one attention head width for the whole model; this one has {found}: "
+                          "retrain with num_heads chosen so that channels / num_heads is the same at every attention level")
+    return next(iter(widths))
+
+
+def check_expressible(model, diffusion_kwargs):
+    """Raise ``ExportError`` naming the first feature ``UNet2DModel``/``DDPMPipeline`` lacks."""
+    if model.norm != "group":
+        raise ExportError(f"UNet2DModel always has GroupNorm; this model has norm={model.norm!r}")
+    if any(getattr(m, "fixup", False) for m in model.modules()):
+        raise ExportError("UNet2DModel has no Fixup scalar biases and multipliers; models with init=fixup cannot be exported")
+    if not isinstance(model.input_blocks[0][0], torch.nn.Conv2d):
+        raise ExportError("UNet2DModel is 2-D; this model has dims != 2")
+    for m in model.modules():
+        if (isinstance(m, Downsample) and not isinstance(m.op, torch.nn.Conv2d)) or (isinstance(m, Upsample) and not m.use_conv):
+            raise ExportError("UNet2DModel resamples with convolutions; this model has conv_resample=False")
+        if isinstance(m, ResBlock) and isinstance(m.skip_connection, torch.nn.Conv2d) and m.skip_connection.kernel_size != (1, 1):
+            raise ExportError("UNet2DModel's residual shortcut is a 1x1 conv; this model uses 3x3 skip convs")
+    steps = diffusion_kwargs.get("steps", 1000)
+    if diffusion_kwargs.get("rescale_timesteps") and steps != 1000:
+        raise ExportError(f"this model sees timesteps scaled by 1000/{steps} (rescale_timesteps), which DDPMPipeline "
+                          "cannot do: it calls the U-Net with the raw step index")
+    head_width(model)
+
+
+def unet2d_config(model_kwargs, image_size, model):
+    """``UNet2DModel`` arguments equivalent to our ``UNetModel(**model_kwargs)``."""
+    mc, mult = model_kwargs["model_channels"], tuple(model_kwargs.get("channel_mult", (1, 2, 4, 8)))
+    attn = set(model_kwargs.get("attention_resolutions", ()))
+    attn_level = [2 ** level in attn for level in range(len(mult))]
+    return dict(
+        sample_size=image_size, in_channels=model_kwargs["in_channels"], out_channels=model_kwargs["out_channels"],
+        block_out_channels=tuple(mc * m for m in mult), layers_per_block=model_kwargs["num_res_blocks"],
+        down_block_types=tuple("AttnDownBlock2D" if a else "DownBlock2D" for a in attn_level),
+        up_block_types=tuple("AttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attn_level)),
+        # improved-DDPM's embedding is [cos, sin] of t * 10000^(-i/half): flipped, no shift.
+        flip_sin_to_cos=True, freq_shift=0, time_embedding_type="positional",
+        resnet_time_scale_shift="scale_shift" if model_kwargs.get("use_scale_shift_norm") else "default",
+        attention_head_dim=head_width(model), norm_num_groups=32, attn_norm_num_groups=32, norm_eps=1e-5,
+        dropout=float(model_kwargs.get("dropout", 0.0)), act_fn="silu", downsample_padding=1,
+        num_class_embeds=model_kwargs.get("num_classes"),
+    )
+
+
+# --- weights -------------------------------------------------------------------------
+
+def _res(ours, theirs):
+    names = {"in_layers.0": "norm1", "in_layers.2": "conv1", "emb_layers.1": "time_emb_proj",
+             "out_layers.0": "norm2", "out_layers.3": "conv2", "skip_connection": "conv_shortcut"}
+    return {f"{ours}.{a}": f"{theirs}.{b}" for a, b in names.items()}
+
+
+def module_map(model):
+    """Our module prefixes -> ``UNet2DModel``'s, walking the blocks in order (a level
+    ends at its Downsample / Upsample), and the attention blocks kept apart for ``qkv``."""
+    pairs = {"time_embed.0": "time_embedding.linear_1", "time_embed.2": "time_embedding.linear_2",
+             "label_emb": "class_embedding", "input_blocks.0.0": "conv_in", "out.0": "conv_norm_out",
+             "out.2": "conv_out"}
+    attention = {}
+
+    def walk(blocks, prefix, side, start=0):
+        level, i = 0, 0
+        for b, block in enumerate(blocks, start):
+            for j, m in enumerate(block):
+                ours = f"{prefix}.{b}.{j}"
+                if isinstance(m, ResBlock):
+                    pairs.update(_res(ours, f"{side}.{level}.resnets.{i}"))
+                elif isinstance(m, AttentionBlock):
+                    attention[ours] = f"{side}.{level}.attentions.{i}"
+                elif isinstance(m, Downsample):
+                    pairs[f"{ours}.op"] = f"{side}.{level}.downsamplers.0.conv"
+                elif isinstance(m, Upsample):
+                    pairs[f"{ours}.conv"] = f"{side}.{level}.upsamplers.0.conv"
+            if any(isinstance(m, (Downsample, Upsample)) for m in block):
+                level, i = level + 1, 0
+            else:
+                i += 1
+
+    walk(model.input_blocks[1:], "input_blocks", "down_blocks", start=1)  # [0] is conv_in
+    walk(model.output_blocks, "output_blocks", "up_blocks")
+    pairs.update(_res("middle_block.0", "mid_block.resnets.0"))
+    pairs.update(_res("middle_block.2", "mid_block.resnets.1"))
+    attention["middle_block.1"] = "mid_block.attentions.0"
+    return pairs, attention
+
+
+def to_diffusers_state_dict(model):
+    """Our state dict under ``UNet2DModel``'s names. ``qkv`` holds per head [q_h; k_h; v_h]
+    (not [q; k; v]), so it is split as (heads, 3, head_dim, C)."""
+    sd = model.state_dict()
+    pairs, attention = module_map(model)
+    out = {}
+    for key, value in sd.items():
+        prefix, _, param = key.rpartition(".")
+        if prefix in pairs:
+            out[f"{pairs[prefix]}.{param}"] = value
+    for ours, theirs in attention.items():
+        block = model.get_submodule(ours)
+        c, h = block.qkv.in_channels, block.num_heads
+        w = sd[f"{ours}.qkv.weight"].reshape(h, 3, c // h, c)
+        b = sd[f"{ours}.qkv.bias"].reshape(h, 3, c // h)
+        for k, name in enumerate(("to_q", "to_k", "to_v")):
+            out[f"{theirs}.{name}.weight"] = w[:, k].reshape(c, c)
+            out[f"{theirs}.{name}.bias"] = b[:, k].reshape(c)
+        out[f"{theirs}.to_out.0.weight"] = sd[f"{ours}.proj_out.weight"].squeeze(-1)
+        out[f"{theirs}.to_out.0.bias"] = sd[f"{ours}.proj_out.bias"]
+        out[f"{theirs}.group_norm.weight"] = sd[f"{ours}.norm.weight"]
+        out[f"{theirs}.group_norm.bias"] = sd[f"{ours}.norm.bias"]
+    return out
+
+
+def to_unet2d(loaded):
+    """A ``UNet2DModel`` with the same function as ``loaded.model``."""
+    check_expressible(loaded.model, loaded.diffusion_kwargs)
+    unet = UNet2DModel(**unet2d_config(loaded.model_kwargs, loaded.image_size, loaded.model))
+    unet.load_state_dict(to_diffusers_state_dict(loaded.model), strict=True)
+    return unet.eval()
+
+
+@torch.no_grad()
+def max_output_difference(loaded, unet, batch=2, seed=0):
+    """Largest |ours - theirs| over random inputs at random steps (labels if conditional)."""
+    g = torch.Generator().manual_seed(seed)
+    c, s = loaded.model.in_channels, loaded.image_size
+    x = torch.randn(batch, c, s, s, generator=g)
+    t = torch.randint(loaded.diffusion_kwargs.get("steps", 1000), (batch,), generator=g)
+    y = None if loaded.model.num_classes is None else torch.randint(loaded.model.num_classes, (batch,), generator=g)
+    ours = loaded.model(x, t, **({} if y is None else {"y": y}))
+    theirs = unet(x, t, class_labels=y).sample
+    return (ours - theirs).abs().max().item()
+
+
+def export_pipeline(loaded, out_dir, tolerance=1e-4):
+    """
+    Write ``out_dir`` as a ``DDPMPipeline`` (``model_index.json``, ``unet/``, ``scheduler/``),
+    after checking that the converted U-Net computes what ours does.
+
+    :return: the measured largest output difference.
+    """
+    unet = to_unet2d(loaded)
+    diff = max_output_difference(loaded, unet)
+    if not diff <= tolerance:
+        raise ExportError(f"the converted U-Net differs from ours by {diff:.3g} (> {tolerance:g}); nothing written")
+    DDPMPipeline(unet=unet, scheduler=make_scheduler("ddpm", loaded.diffusion_kwargs)).save_pretrained(out_dir)
+    return diff
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description="Export a checkpoint as a stock diffusers DDPMPipeline.")
+    p.add_argument("checkpoint", help="checkpoint dir, training output dir, or improved-diffusion .pt")
+    p.add_argument("out", help="output directory for the pipeline")
+    p.add_argument("--config", help="for a .pt checkpoint: its improved-diffusion flags (YAML or '--flag value' string)")
+    p.add_argument("--raw", action="store_true", help="export the trained weights, not the EMA")
+    p.add_argument("--ema_rate", type=float, default=None)
+    args = p.parse_args(argv)
+    try:
+        loaded = load_checkpoint(args.checkpoint, raw=args.raw, ema_rate=args.ema_rate, config=args.config)
+        diff = export_pipeline(loaded, args.out)
+    except (FileNotFoundError, ValueError) as e:
+        raise SystemExit(f"error: {e}")
+    print(f"wrote {args.out} (UNet2DModel + DDPMScheduler; max output difference to ours {diff:.2g})")
+    if loaded.model.num_classes is not None:
+        print("note: the model is class-conditional; DDPMPipeline passes no labels, so call "
+              "pipeline.unet(x, t, class_labels=y) in your own loop with pipeline.scheduler")
+
+
+if __name__ == "__main__":
+    main()
