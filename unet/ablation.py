@@ -1,0 +1,593 @@
+"""
+The zero-init ablation: one command trains a grid of runs that differ only where the grid
+says (init scheme, norm, depth, learning rate, ...), S seeds each, and writes a report.
+
+    python -m unet.ablation --config configs/ablation/digits.yaml --output_dir DIR
+
+A *cell* is one combination of the grid's keys other than ``init``; its *arms* are the init
+schemes. Every run is a fresh ``unet.training.train(cfg)``. Training draws data order,
+timesteps and noise from generators seeded by (seed, step), apart from the model's RNG, so
+with the same seed every arm of every cell sees the same batches, t and noise; the held-out
+loss is measured on one fixed batch with fixed t and noise, the same for every run.
+
+Each finished run leaves ``DIR/runs/<id>/result.json``; running the command again skips
+those, so an interrupted ablation continues where it stopped. Under
+``accelerate launch --num_processes N -m unet.ablation ...`` each process takes every N-th
+run on its own GPU (the runs are independent, not data-parallel) and process 0 writes the
+report once every run is done.
+"""
+
+import itertools
+import json
+import math
+import os
+import shutil
+import statistics
+import sys
+import time
+import typing
+from dataclasses import asdict, dataclass, field
+
+import yaml
+
+from .config import FIELDS, TYPES, ConfigError, TrainConfig, _parse_mapping, _read_yaml, _unknown_key
+from .report import finite, steps_to_threshold, write_report
+
+KEYS = ("name", "group", "seeds", "threshold", "smooth", "comparisons", "symmetry", "base_config", "base", "grid")
+# What the runner decides for every run: the grid is the only thing that differs between runs.
+SYMMETRY_ARMS = ("zero", "all-zero", "standard")  # standard: random rows from the start, for scale
+RUNNER_KEYS = ("output_dir", "seed", "data_seed", "group", "tags", "run_name", "resume", "progress",
+               "eval_every", "diagnostics_every", "checkpoint_every", "keep_checkpoints")
+
+
+@dataclass
+class Ablation:
+    """
+    An ablation grid, read from YAML (see ``configs/ablation/digits.yaml``).
+
+    :param name: names the wandb group (with a timestamp) and the report.
+    :param base: ``TrainConfig`` keys shared by every run.
+    :param grid: sub-grids, each {key: [values]} with an ``init`` list; every combination
+        of a sub-grid's values is a cell x arm, run once per seed.
+    :param seeds: the seeds; the same for every arm.
+    :param threshold: a training loss; "steps to threshold" is the first step at which the
+        running mean of the last ``smooth`` losses is at or below it.
+    :param comparisons: (A, B) pairs of arms compared by seed-paired differences A - B.
+    :param symmetry: {steps: N, and TrainConfig keys}: N-step runs of ``zero``, ``all-zero``
+        and ``standard`` that record how distinct the zeroed layers' output channels become.
+    """
+
+    name: str
+    base: dict
+    grid: list
+    seeds: list = field(default_factory=lambda: [0, 1, 2])
+    threshold: float = 0.3
+    smooth: int = 10
+    comparisons: list = field(default_factory=lambda: [["zero", "standard"]])
+    symmetry: dict = field(default_factory=lambda: {"steps": 10})
+    group: str = ""
+
+
+@dataclass
+class RunSpec:
+    """One run of the grid: its cell (the grid's non-init keys), arm, seed and full config."""
+
+    run_id: str
+    cell_id: str
+    cell: dict
+    arm: str
+    seed: int
+    cfg: TrainConfig
+
+
+def _fail(path, msg):
+    raise ConfigError(f"ablation config '{path}': {msg}")
+
+
+def _seeds(value, path):
+    if isinstance(value, int) and not isinstance(value, bool):
+        seeds = list(range(value))
+    elif isinstance(value, str):
+        seeds = list(range(int(value))) if value.strip().isdigit() else [int(s) for s in value.split(",") if s.strip()]
+    elif isinstance(value, list) and all(isinstance(s, int) for s in value):
+        seeds = list(value)
+    else:
+        _fail(path, f"'seeds' must be a count or a list of integers, got {value!r}")
+    if not seeds or len(set(seeds)) != len(seeds) or min(seeds) < 0:
+        _fail(path, f"'seeds' must give at least one distinct seed >= 0, got {value!r}")
+    return seeds
+
+
+def _grid(value, path):
+    if isinstance(value, dict):
+        value = [value]
+    if not isinstance(value, list) or not value:
+        _fail(path, "'grid' must be a list of sub-grids, each a mapping of key: [values]")
+    grid = []
+    for i, sub in enumerate(value):
+        if not isinstance(sub, dict) or "init" not in sub:
+            _fail(path, f"grid entry {i} must be a mapping of key: [values] with an 'init' list")
+        parsed = {}
+        for k, vals in sub.items():
+            if k in RUNNER_KEYS:
+                _fail(path, f"grid key '{k}' is set by the ablation runner for every run")
+            if k not in FIELDS:
+                raise _unknown_key(k)
+            # A list-valued key (channel_mult, ...) takes a list of lists; a bare list is one value.
+            many = isinstance(vals, list) and (not _is_list_key(k) or (vals and isinstance(vals[0], list)))
+            parsed[k] = [_parse_mapping({k: v})[k] for v in (vals if many else [vals])]
+            if not parsed[k]:
+                _fail(path, f"grid key '{k}' lists no values")
+        grid.append(parsed)
+    return grid
+
+
+def _is_list_key(key):
+    return typing.get_origin(TYPES[key]) in (list, typing.List)
+
+
+def load_ablation(path, overrides=None):
+    """
+    Read an ablation YAML and apply command-line overrides.
+
+    :param path: the YAML file.
+    :param overrides: {key: value}; ablation keys (seeds, threshold, smooth, group, name) or
+        ``TrainConfig`` keys, which change ``base`` for every run (not a key the grid varies).
+    :return: an ``Ablation``. Raises ``ConfigError`` with a one-line message.
+    """
+    raw = _read_yaml(path)
+    for k in raw:
+        if k not in KEYS:
+            _fail(path, f"unknown key '{k}'; allowed: {', '.join(KEYS)}")
+    if "grid" not in raw:
+        _fail(path, "missing 'grid'")
+    base = {}
+    if raw.get("base_config"):
+        base_path = os.path.join(os.path.dirname(path), raw["base_config"])
+        base_path = base_path if os.path.isfile(base_path) else raw["base_config"]
+        base.update(_parse_mapping(_read_yaml(base_path)))
+    if not isinstance(raw.get("base", {}) or {}, dict):
+        _fail(path, "'base' must be a mapping of training config keys")
+    try:
+        base.update(_parse_mapping(raw.get("base") or {}))
+    except ConfigError as e:
+        _fail(path, f"in 'base': {e}")
+    try:
+        grid = _grid(raw["grid"], path)
+    except ConfigError as e:
+        if str(e).startswith("ablation config"):
+            raise
+        _fail(path, f"in 'grid': {e}")
+    ab = Ablation(name=str(raw.get("name") or os.path.splitext(os.path.basename(path))[0]), base=base, grid=grid)
+    overrides = dict(overrides or {})
+    for k in ("seeds", "threshold", "smooth", "comparisons", "symmetry", "group"):
+        if k in raw and k not in overrides:
+            overrides[k] = raw[k]
+    for k, v in overrides.items():
+        if k == "seeds":
+            ab.seeds = _seeds(v, path)
+        elif k in ("threshold", "smooth"):
+            try:
+                setattr(ab, k, float(v) if k == "threshold" else int(v))
+            except (TypeError, ValueError):
+                _fail(path, f"'{k}' must be a number, got {v!r}")
+        elif k == "comparisons":
+            if not (isinstance(v, list) and all(isinstance(c, list) and len(c) == 2 for c in v)):
+                _fail(path, f"'comparisons' must be a list of [A, B] init pairs, got {v!r}")
+            ab.comparisons = [[str(a), str(b)] for a, b in v]
+        elif k == "symmetry":
+            ab.symmetry = _symmetry(v, path)
+        elif k in ("group", "name"):
+            setattr(ab, k, str(v))
+        elif k in FIELDS:
+            if any(k in sub for sub in grid):
+                _fail(path, f"'{k}' is a key the grid varies; edit the grid instead of overriding it")
+            ab.base.update(_parse_mapping({k: v}))
+        else:
+            raise ConfigError(f"unknown option '--{k}': use an ablation key ({', '.join(KEYS[:5])}) "
+                              f"or a training config key")
+    if ab.smooth < 1:
+        _fail(path, f"'smooth' must be >= 1, got {ab.smooth}")
+    expand(ab, "unused")  # every run's config is checked now, not after an hour of runs
+    if ab.symmetry.get("steps", 0):
+        try:
+            symmetry_config(ab, "unused", "zero")
+        except ConfigError as e:
+            _fail(path, f"in 'symmetry': {e}")
+    return ab
+
+
+def _symmetry(v, path):
+    if v in (None, False, 0):
+        return {"steps": 0}
+    if not isinstance(v, dict):
+        _fail(path, f"'symmetry' must be a mapping (steps: N and training keys), got {v!r}")
+    steps = v.get("steps", 10)
+    if not isinstance(steps, int) or steps < 0:
+        _fail(path, f"'symmetry.steps' must be an integer >= 0, got {steps!r}")
+    try:
+        keys = _parse_mapping({k: x for k, x in v.items() if k != "steps"})
+    except ConfigError as e:
+        _fail(path, f"in 'symmetry': {e}")
+    return {"steps": steps, **keys}
+
+
+def _fmt(v):
+    return ",".join(map(str, v)) if isinstance(v, list) else f"{v:g}" if isinstance(v, float) else str(v)
+
+
+def cell_label(cell):
+    """'norm=group, num_res_blocks=2, lr=0.001'."""
+    return ", ".join(f"{k}={_fmt(v)}" for k, v in cell.items()) or "base"
+
+
+def run_config(ab, out_dir, overrides, seed, run_id, tags):
+    """The ``TrainConfig`` of one run: base, then the grid's values, then what the runner fixes."""
+    steps = overrides.get("max_steps", ab.base.get("max_steps", FIELDS["max_steps"].default))
+    fixed = dict(output_dir=os.path.join(out_dir, "runs", run_id), seed=seed, data_seed=-1, resume="",
+                 progress=False, group=ab.group, tags=tags, run_name=run_id,
+                 # measured once at init (step 0) and once at the end, on the fixed held-out batch
+                 diagnostics_every=steps, eval_every=steps, checkpoint_every=steps, keep_checkpoints=1)
+    defaults = dict(divergence_factor=10.0, sample_every=-1)
+    return TrainConfig.from_dict({**defaults, **ab.base, **overrides, **fixed})
+
+
+def expand(ab, out_dir):
+    """Every run of the grid, cell by cell and seed by seed (so an interrupted ablation has
+    whole seeds), as ``RunSpec``s. Raises ``ConfigError`` naming the bad cell."""
+    runs, cells = [], {}
+    for sub in ab.grid:
+        keys = [k for k in sub if k != "init"]
+        for values in itertools.product(*(sub[k] for k in keys)):
+            cell = dict(zip(keys, values))
+            cell_id = cells.setdefault(cell_label(cell), f"c{len(cells):02d}")
+            for seed in ab.seeds:
+                for arm in sub["init"]:
+                    run_id = f"{cell_id}_{arm}_s{seed}"
+                    tags = [f"cell:{cell_id}", f"init:{arm}", f"seed:{seed}"] + [f"{k}:{_fmt(v)}" for k, v in cell.items()]
+                    try:
+                        cfg = run_config(ab, out_dir, {**cell, "init": arm}, seed, run_id, [t[:64] for t in tags])
+                    except ConfigError as e:
+                        raise ConfigError(f"grid cell {cell_label(cell)}, init={arm}: {e}") from None
+                    runs.append(RunSpec(run_id, cell_id, cell, arm, seed, cfg))
+    if len({r.run_id for r in runs}) != len(runs):
+        raise ConfigError("the grid lists the same cell, init and seed twice")
+    return runs
+
+
+def init_model(cfg):
+    """The model exactly as ``train(cfg)`` initialises it (seeded, then built): the weights
+    before the first update."""
+    from accelerate.utils import set_seed
+
+    from .model import UNetModel
+
+    set_seed(cfg.seed)
+    return UNetModel(**cfg.model_kwargs())
+
+
+def run_one(spec, threshold, smooth=10):
+    """
+    Train one run and reduce it to the ablation's measures.
+
+    :param spec: a ``RunSpec``.
+    :return: dict with the run's identity, ``measures``, per-step ``curves`` (loss,
+        grad_norm, update_ratio) and the ``init`` activation statistics.
+    """
+    from . import diagnostics
+    from .training import train
+
+    before = diagnostics.snapshot(init_model(spec.cfg))
+    ratios = []
+
+    def update_ratio(step, record, model):
+        nonlocal before
+        ratios.append(float("nan") if record.get("skipped") else diagnostics.update_to_weight_ratio(before, model))
+        before = diagnostics.snapshot(model)
+
+    def non_finite(step, record, model):
+        # training stops on a loss above 10x the initial one; a non-finite loss or gradient
+        # (even at step 1, before there is an initial loss) is divergence too
+        return not all(math.isfinite(record.get(k, 0.0)) for k in ("loss", "grad_norm"))
+
+    t0 = time.perf_counter()
+    out = train(spec.cfg, hooks=(update_ratio, non_finite))
+    seconds = time.perf_counter() - t0
+    hist = out["history"]
+    losses = [r.get("loss", float("nan")) for r in hist]
+    grads = [r.get("grad_norm", float("nan")) for r in hist]
+    last = hist[-1] if hist else {}
+    reason = {"nan": "non-finite loss", "diverged": "loss above 10x the initial loss"}.get(out["stop_reason"])
+    if out["stop_reason"] == "hook":
+        reason = "non-finite loss or gradient"
+    elif reason is None and not math.isfinite(last.get("eval_loss", 0.0)):
+        reason = "non-finite held-out loss"
+    diverged = reason is not None
+    g, u = finite(grads), finite(ratios)
+    measures = dict(
+        initial_loss=losses[0] if losses and math.isfinite(losses[0]) else None,
+        steps_to_threshold=None if diverged else steps_to_threshold(losses, threshold, smooth),
+        final_eval_loss=None if diverged else last.get("eval_loss"),
+        final_eval_mse=None if diverged else last.get("eval_mse"),
+        max_grad_norm=max(g) if g else None,
+        median_grad_norm=statistics.median(g) if g else None,
+        median_update_ratio=statistics.median(u) if u else None,
+        max_update_ratio=max(u) if u else None,
+        spike_count=out["spike_count"],
+        diverged=diverged,
+    )
+    first = hist[0] if hist else {}
+    return dict(run_id=spec.run_id, cell_id=spec.cell_id, cell=spec.cell, arm=spec.arm, seed=spec.seed,
+                measures=measures, stop_reason=reason or out["stop_reason"], steps=len(hist), nan_skipped=out["nan_skipped"],
+                seconds=seconds, curves=dict(loss=losses, grad_norm=grads, update_ratio=ratios),
+                init=dict(activation_rms=first.get("activation_rms", []), residual_ratios=first.get("residual_ratios", {})),
+                model_key=_model_key(spec.cfg), config=spec.cfg.to_dict())
+
+
+def _model_key(cfg):
+    """What the init depends on (the model's arguments and seed-independent shape), as a label."""
+    kw = {k: v for k, v in cfg.model_kwargs().items() if k != "init"}
+    return json.dumps(kw, sort_keys=True, default=list)
+
+
+def symmetry_config(ab, out_dir, arm):
+    """The config of the symmetry run of ``arm``: the symmetry cell, the first seed, no stopping."""
+    opts = {k: v for k, v in ab.symmetry.items() if k != "steps"}
+    cfg = run_config(ab, out_dir, {"init": arm, **opts, "max_steps": ab.symmetry["steps"], "divergence_factor": 0.0},
+                     ab.seeds[0], f"symmetry_{arm}", ["symmetry", f"init:{arm}"])
+    return cfg.replace(output_dir=os.path.join(out_dir, "symmetry", arm), diagnostics_every=0, eval_every=0)
+
+
+def symmetry_run(cfg):
+    """
+    A short run recording, after every step, how distinct the output channels of each zeroed
+    layer are (``diagnostics.zeroed_layer_distinctness``: 0 = all channels identical) and the
+    fraction of parameter tensors that have moved from their initial value.
+    """
+    from . import diagnostics
+    from .training import train
+
+    model = init_model(cfg)
+    init = diagnostics.snapshot(model)
+    layers = {name: [v] for name, v in diagnostics.zeroed_layer_distinctness(model).items()}
+    moved, losses = [0.0], []
+
+    def record(step, rec, model):
+        for name, v in diagnostics.zeroed_layer_distinctness(model).items():
+            layers[name].append(v)
+        params = list(model.named_parameters())
+        moved.append(sum(not bool(p.detach().eq(init[n]).all()) for n, p in params) / len(params))
+        losses.append(rec.get("loss", float("nan")))
+
+    train(cfg, hooks=(record,))
+    return dict(arm=cfg.init, steps=list(range(len(moved))), layers=layers, moved_fraction=moved, loss=losses,
+                first_distinct=_first_distinct(layers), config=cfg.to_dict())
+
+
+def _first_distinct(layers):
+    """{layer: the first step after which its output channels differ, or None}."""
+    return {n: next((s for s, v in enumerate(vals) if v > 0), None) for n, vals in layers.items()}
+
+
+def _claim_process():
+    """This process's (rank, world size). Under ``accelerate launch``/torchrun each process
+    runs whole runs of its own, so the launcher's distributed variables are removed (each
+    run's Accelerator is then a single-process one) and the process keeps to one GPU."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return 0, 1
+    rank = int(os.environ.get("RANK", "0"))
+    local = int(os.environ.get("LOCAL_RANK", str(rank)))
+    visible = [d for d in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if d.strip()]
+    os.environ["CUDA_VISIBLE_DEVICES"] = visible[local % len(visible)] if visible else str(local)
+    for k in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "GROUP_WORLD_SIZE",
+              "ROLE_RANK", "ROLE_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        os.environ.pop(k, None)
+    return rank, world
+
+
+def _write_json(path, obj):
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(_clean(obj), f)
+    os.replace(tmp, path)  # a run's result appears whole or not at all
+
+
+def _clean(obj):
+    """JSON without NaN/inf (which ``json`` would write but JSON does not allow)."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {str(k): _clean(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_clean(v) for v in obj]
+    return obj
+
+
+def _load_result(cfg):
+    """The saved result of a finished run with this config, or None if there is none yet."""
+    path = os.path.join(cfg.output_dir, "result.json")
+    if not os.path.isfile(path):
+        return None
+    try:
+        with open(path) as f:
+            res = json.load(f)
+    except (OSError, ValueError):
+        return None  # a damaged result: the run is done again
+    ignore = ("group", "tags", "progress", "report_to", "project")
+    same = {k: v for k, v in res.get("config", {}).items() if k not in ignore} == \
+        {k: v for k, v in _clean(cfg.to_dict()).items() if k not in ignore}
+    if not same:
+        raise ConfigError(f"'{path}' holds a run with a different config; use a new --output_dir "
+                          f"(or delete that folder) to run this grid")
+    return res
+
+
+def _fresh(cfg):
+    if os.path.isdir(cfg.output_dir):
+        shutil.rmtree(cfg.output_dir)  # an interrupted run starts over; finished ones are kept
+
+
+def run_ablation(ab, out_dir, log=print, command=None):
+    """
+    Run (or finish) every run of the grid and the symmetry runs, then write ``results.json``,
+    ``report.md`` and the plots into ``out_dir``.
+
+    :return: the results dict (also in ``results.json``), or None on a process other than 0.
+    """
+    rank, world = _claim_process()
+    os.makedirs(out_dir, exist_ok=True)
+    meta_path = os.path.join(out_dir, "ablation.yaml")
+    if os.path.isfile(meta_path):  # continuing: keep the first invocation's wandb group
+        with open(meta_path) as f:
+            ab.group = ab.group or (yaml.safe_load(f) or {}).get("group", "")
+    ab.group = ab.group or f"{ab.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    runs = expand(ab, out_dir)
+    if rank == 0:
+        with open(meta_path, "w") as f:
+            yaml.safe_dump(_clean(asdict(ab)), f, sort_keys=False)
+    t_start = time.perf_counter()
+    done = {}
+    for i, spec in enumerate(runs):
+        res = _load_result(spec.cfg)
+        if res is not None:
+            done[spec.run_id] = res
+            continue
+        if i % world != rank:
+            continue
+        _fresh(spec.cfg)
+        res = run_one(spec, ab.threshold, ab.smooth)
+        _write_json(os.path.join(spec.cfg.output_dir, "result.json"), res)
+        done[spec.run_id] = res
+        m = res["measures"]
+        status = f"DIVERGED at step {res['steps']}: {res['stop_reason']}" if m["diverged"] else (
+            f"held-out loss {m['final_eval_loss']:.4f}, steps to {ab.threshold:g}: {m['steps_to_threshold'] or 'not reached'}")
+        log(f"[{i + 1}/{len(runs)}] {cell_label(spec.cell)} init={spec.arm} seed={spec.seed}: {status}, "
+            f"max grad norm {m['max_grad_norm'] or float('nan'):.3g}, spikes {m['spike_count']}, {res['seconds']:.1f}s",
+            flush=True)
+    if rank != 0:
+        return None
+    symmetry = []
+    if ab.symmetry.get("steps", 0) > 0:
+        for arm in SYMMETRY_ARMS:
+            cfg = symmetry_config(ab, out_dir, arm)
+            res = _load_result(cfg)
+            if res is None:
+                _fresh(cfg)
+                res = symmetry_run(cfg)
+                _write_json(os.path.join(cfg.output_dir, "result.json"), res)
+                log(f"symmetry run init={arm}: {ab.symmetry['steps']} steps", flush=True)
+            symmetry.append(res)
+    while len(done) < len(runs):  # other processes' runs
+        time.sleep(5)
+        for spec in runs:
+            if spec.run_id not in done:
+                res = _load_result(spec.cfg)
+                if res is not None:
+                    done[spec.run_id] = res
+    results = dict(name=ab.name, group=ab.group, command=command or f"unet.ablation.run_ablation(..., {out_dir!r})",
+                   ablation=asdict(ab), runs=[done[s.run_id] for s in runs], symmetry=symmetry,
+                   seconds=time.perf_counter() - t_start, run_seconds=sum(done[s.run_id]["seconds"] for s in runs))
+    results = _clean(results)
+    files = write_report(results, out_dir)
+    results["summary"] = _clean(files.pop("summary"))
+    _write_json(os.path.join(out_dir, "results.json"), results)
+    _log_report(ab, out_dir, files, results)
+    log(f"report: {os.path.join(out_dir, 'report.md')}")
+    return results
+
+
+def _log_report(ab, out_dir, files, results):
+    """The plots and the main numbers as one more run in the wandb group, through accelerate."""
+    report_to = ab.base.get("report_to", FIELDS["report_to"].default)
+    if report_to != "wandb":
+        return
+    from accelerate import Accelerator
+
+    from .training import _wandb_offline_setup
+
+    _wandb_offline_setup()
+    import wandb
+
+    acc = Accelerator(log_with="wandb", project_dir=out_dir)
+    acc.init_trackers(ab.base.get("project", FIELDS["project"].default), config={"ablation": ab.name},
+                      init_kwargs={"wandb": {"dir": out_dir, "name": "report", "group": ab.group,
+                                             "tags": ["report"], "job_type": "report"}})
+    run = acc.get_tracker("wandb", unwrap=True)
+    run.log({os.path.splitext(os.path.basename(p))[0]: wandb.Image(p) for p in files["plots"]})
+    rows = [[r["cell_id"], json.dumps(r["cell"]), r["arm"], r["seed"], *[r["measures"][k] for k in sorted(r["measures"])]]
+            for r in results["runs"]]
+    cols = ["cell_id", "cell", "init", "seed", *sorted(results["runs"][0]["measures"])] if rows else []
+    if rows:
+        run.log({"runs": wandb.Table(columns=cols, data=rows)})
+    acc.end_training()
+
+
+USAGE = """usage: python -m unet.ablation --config configs/ablation/NAME.yaml --output_dir DIR [--key value ...]
+
+  --config FILE        the grid (see configs/ablation/digits.yaml)
+  --output_dir DIR     runs, results.json, report.md and plots; run again to continue
+  --report_only        rebuild report.md and plots from DIR/results.json
+  --seeds N|a,b,c      --threshold X  --smooth N  --group NAME  --name NAME
+  --KEY VALUE          any training config key not varied by the grid, for every run"""
+
+
+def main(argv=None):
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "-h" in argv or "--help" in argv:
+        print(USAGE)
+        return 0
+    try:
+        opts, i = {}, 0
+        while i < len(argv):
+            key = argv[i]
+            if not key.startswith("--"):
+                raise ConfigError(f"unexpected argument {key!r}; use --key value")
+            key, eq, value = key[2:].partition("=")
+            key = key.replace("-", "_")
+            if key == "report_only":
+                opts[key], i = True, i + 1
+                continue
+            if not eq:
+                if i + 1 >= len(argv):
+                    raise ConfigError(f"option '--{key}' needs a value")
+                value, i = argv[i + 1], i + 1
+            opts[key], i = value, i + 1
+        out_dir = opts.pop("output_dir", None)
+        if not out_dir:
+            raise ConfigError("--output_dir DIR is required")
+        if opts.pop("report_only", False):
+            path = os.path.join(out_dir, "results.json")
+            if not os.path.isfile(path):
+                raise ConfigError(f"'{path}' does not exist: run the ablation first")
+            with open(path) as f:
+                results = json.load(f)
+            results["summary"] = write_report(results, out_dir)["summary"]
+            _write_json(path, results)
+            print(f"report: {os.path.join(out_dir, 'report.md')}")
+            return 0
+        config = opts.pop("config", None)
+        if not config:
+            raise ConfigError("--config FILE is required (e.g. configs/ablation/digits.yaml)")
+        ab = load_ablation(config, opts)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    import datasets
+
+    datasets.disable_progress_bars()
+    try:
+        run_ablation(ab, out_dir, command=" ".join(["python -m unet.ablation", *argv]))
+    except Exception as e:  # a run that cannot start (missing data, bad checkpoint): one line
+        from .data import DataError
+        from .training import TrainingError
+
+        if isinstance(e, (ConfigError, DataError, TrainingError)):
+            print(f"error: {e}", file=sys.stderr)
+            return 1
+        raise
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
