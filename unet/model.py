@@ -152,20 +152,27 @@ class AttentionBlock(nn.Module):
             self.fixup_scale = nn.Parameter(torch.ones(1))
 
     def branch(self, x):
-        """The residual branch on flattened positions (B, C, T)."""
+        """The residual branch on (B, C, ...) positions, any spatial shape; returns that shape."""
         h = self.norm(x)
         if self.fixup:
             h = h + self.fixup_bias[0]
-        q, k, v = rearrange(self.qkv(h), "b (h three d) t -> three b h t d", h=self.num_heads, three=3)
-        h = rearrange(F.scaled_dot_product_attention(q, k, v), "b h t d -> b (h d) t")
+        # Positions first, (B, T, C), a free view of a channels-last input: q, k and v then
+        # come out with a unit-stride head dim, which SDPA's fused kernels need; from the
+        # (B, C, T) layout SDPA silently falls back to its math path (explicit bmm's, the
+        # T x T matrix kept for backward), ~1.5x slower to train. The 1x1 convs run as the
+        # linear layers they are (same weights, kernel dim dropped).
+        qkv = F.linear(h.flatten(2).transpose(1, 2), self.qkv.weight.squeeze(-1), self.qkv.bias)
+        q, k, v = rearrange(qkv, "b t (h three d) -> three b h t d", h=self.num_heads, three=3)
+        h = rearrange(F.scaled_dot_product_attention(q, k, v), "b h t d -> b t (h d)")
         if self.fixup:
-            return self.proj_out(h + self.fixup_bias[1]) * self.fixup_scale + self.fixup_bias[2]
-        return self.proj_out(h)
+            h = h + self.fixup_bias[1]
+        h = F.linear(h, self.proj_out.weight.squeeze(-1), self.proj_out.bias)
+        if self.fixup:
+            h = h * self.fixup_scale + self.fixup_bias[2]
+        return h.transpose(1, 2).unflatten(2, x.shape[2:])
 
     def _forward(self, x):
-        b, c, *spatial = x.shape
-        x = x.reshape(b, c, -1)
-        return (x + self.branch(x)).reshape(b, c, *spatial)
+        return x + self.branch(x)
 
     def forward(self, x):
         if self.use_checkpoint and self.training:
@@ -259,14 +266,17 @@ class UNetModel(nn.Module):
         emb = self.time_embed(timestep_embedding(timesteps, self.model_channels))
         if self.num_classes is not None:
             emb = emb + self.label_emb(y)
-        hs, h = [], x
+        # Channels-last inside: oneDNN's convolutions run on it without reordering to and from
+        # their blocked layout (1x1 convs train ~2.5x faster, 3x3 ~10%), and the attention
+        # reads (B, T, C) from it as a free view. Measured in docs/performance.md.
+        hs, h = [], x.contiguous(memory_format=torch.channels_last) if x.ndim == 4 else x
         for module in self.input_blocks:
             h = module(h, emb)
             hs.append(h)
         h = self.middle_block(h, emb)
         for module in self.output_blocks:
             h = module(torch.cat([h, hs.pop()], dim=1), emb)
-        return self.out(h)
+        return self.out(h).contiguous()
 
     def res_blocks(self):
         """(name, ResBlock) pairs in forward order: encoder, middle, decoder."""

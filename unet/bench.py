@@ -1,0 +1,449 @@
+"""
+Throughput of our U-Net against diffusers' ``UNet2DModel`` built with the same architecture,
+measured side by side in one process: full training steps (forward, hybrid loss, backward,
+AdamW step) and sampling steps (one forward pass), the FLOPs of each, and how close the
+achieved FLOP/s come to the machine's own fp32 matmul peak.
+
+    python -m unet.bench --preset cifar-small --json bench.json
+    python -m unet.bench --preset cifar10 --device cuda --dtype bf16 --compile
+
+The two models alternate within every repeat (their order flips each repeat) after a warm-up,
+so a slow drift of the machine (thermal, another process) hits both alike; the medians over
+repeats are reported. Peak memory is measured per model in a fresh subprocess on CPU (peak
+RSS minus the RSS before the model is built) and with ``torch.cuda.max_memory_allocated`` on
+CUDA. Speed is only ever measured here, never in tests.
+"""
+
+import argparse
+import contextlib
+import json
+import multiprocessing as mp
+import platform
+import statistics
+import sys
+import time
+
+import torch
+import torch.nn as nn
+from torch.utils import flop_counter
+from torch.utils.flop_counter import FlopCounterMode
+
+from .config import TrainConfig
+from .diffusion import create_diffusion
+from .model import AttentionBlock, Downsample, ResBlock, UNetModel, Upsample, attention_downsample_factors
+
+aten = torch.ops.aten
+
+# torch.utils.flop_counter knows the CUDA attention kernels but not the CPU flash kernel that
+# scaled_dot_product_attention runs on CPU; without these two entries a model whose attention
+# takes that path would look cheaper than one whose attention falls back to bmm.
+if aten._scaled_dot_product_flash_attention_for_cpu not in flop_counter.flop_registry:
+    @flop_counter.register_flop_formula(aten._scaled_dot_product_flash_attention_for_cpu)
+    def _cpu_sdpa_flop(q, k, v, *args, out_shape=None, **kwargs):
+        return flop_counter.sdpa_flop_count(q, k, v)
+
+    @flop_counter.register_flop_formula(aten._scaled_dot_product_flash_attention_for_cpu_backward)
+    def _cpu_sdpa_backward_flop(grad_out, q, k, v, *args, out_shape=None, **kwargs):
+        return flop_counter.sdpa_backward_flop_count(grad_out, q, k, v)
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def _cifar(model_channels, num_res_blocks, dropout, batch):
+    """An improved-DDPM CIFAR-10 model (32x32, mult 1,2,2,2, attention at 16 and 8 px,
+    4 heads, scale-shift norm, learned sigma, cosine schedule over 4000 steps)."""
+    return dict(
+        image_size=32, batch_size=batch,
+        model=dict(in_channels=3, model_channels=model_channels, out_channels=6, num_res_blocks=num_res_blocks,
+                   attention_resolutions=attention_downsample_factors(32, "16,8"), dropout=dropout,
+                   channel_mult=(1, 2, 2, 2), num_heads=4, use_scale_shift_norm=True),
+        diffusion=dict(steps=4000, learn_sigma=True, noise_schedule="cosine", rescale_learned_sigmas=True),
+    )
+
+
+def _digits():
+    """The default training config (``configs/digits.yaml``)."""
+    cfg = TrainConfig()
+    return dict(image_size=cfg.image_size, batch_size=cfg.batch_size, model=cfg.model_kwargs(),
+                diffusion=cfg.diffusion_kwargs())
+
+
+def _tiny():
+    """A model small enough for a smoke test: 8x8, two levels, attention at the second."""
+    return dict(image_size=8, batch_size=4,
+                model=dict(in_channels=3, model_channels=32, out_channels=6, num_res_blocks=1,
+                           attention_resolutions=(2,), channel_mult=(1, 2), num_heads=2,
+                           use_scale_shift_norm=True, num_classes=3),
+                diffusion=dict(steps=100, learn_sigma=True, noise_schedule="cosine"))
+
+
+PRESETS = {
+    "tiny": _tiny,
+    "digits": _digits,
+    "cifar-small": lambda: _cifar(64, 2, 0.0, 16),
+    "cifar10": lambda: _cifar(128, 3, 0.3, 8),  # the paper's CIFAR-10 model (its batch is 128)
+}
+
+
+# --- the two models ---------------------------------------------------------------------
+
+def peer_config(model_kwargs, image_size):
+    """
+    ``UNet2DModel`` keyword arguments for the same architecture as ``UNetModel(**model_kwargs)``
+    (the mapping in DESIGN.md). Raises ValueError for what diffusers cannot express.
+    """
+    k = {**dict(dropout=0, channel_mult=(1, 2, 4, 8), conv_resample=True, dims=2, num_classes=None,
+                num_heads=1, num_heads_upsample=-1, use_scale_shift_norm=False, norm="group"), **model_kwargs}
+    if k["dims"] != 2 or not k["conv_resample"] or k["norm"] != "group":
+        raise ValueError("diffusers' UNet2DModel needs dims=2, conv_resample=True and norm='group'")
+    if k["num_heads_upsample"] not in (-1, k["num_heads"]):
+        raise ValueError("diffusers' UNet2DModel has one head count for encoder and decoder")
+    chans = [m * k["model_channels"] for m in k["channel_mult"]]
+    attn = [2 ** i in k["attention_resolutions"] for i in range(len(chans))]
+    # diffusers fixes the head *width*, the original the head *count*: they agree only when
+    # every attention layer (including the middle one) has the same width.
+    widths = {c // k["num_heads"] for c, a in zip(chans + [chans[-1]], attn + [True]) if a}
+    if len(widths) != 1:
+        raise ValueError(f"attention head widths {sorted(widths)} differ across levels; diffusers needs one")
+    return dict(
+        sample_size=image_size, in_channels=k["in_channels"], out_channels=k["out_channels"],
+        block_out_channels=tuple(chans), layers_per_block=k["num_res_blocks"],
+        down_block_types=tuple("AttnDownBlock2D" if a else "DownBlock2D" for a in attn),
+        up_block_types=tuple("AttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attn)),
+        attention_head_dim=widths.pop(), attn_norm_num_groups=32, norm_num_groups=32,
+        resnet_time_scale_shift="scale_shift" if k["use_scale_shift_norm"] else "default",
+        flip_sin_to_cos=True, freq_shift=0, downsample_padding=1, dropout=k["dropout"],
+        num_class_embeds=k["num_classes"],
+    )
+
+
+class PeerAdapter(nn.Module):
+    """diffusers' ``UNet2DModel`` behind our ``forward(x, timesteps, y=None)``, so that the
+    same diffusion code drives both models."""
+
+    def __init__(self, unet):
+        super().__init__()
+        self.unet = unet
+
+    def forward(self, x, timesteps, y=None):
+        return self.unet(x, timesteps, class_labels=y, return_dict=False)[0]
+
+
+def peer_state_dict(model):
+    """
+    Our ``UNetModel``'s weights under ``UNet2DModel``'s names, so that a test can check that the
+    two networks compute the same function (not only that they count the same parameters).
+    The qkv conv's rows are laid out per head as [q_h; k_h; v_h] and split accordingly.
+    """
+    sd, out = model.state_dict(), {}
+
+    def key(*parts):
+        return ".".join(p for p in parts if p)
+
+    def copy(ours, theirs, names):
+        for o, t in names.items():
+            for p in ("weight", "bias"):
+                if key(ours, o, p) in sd:
+                    out[key(theirs, t, p)] = sd[key(ours, o, p)]
+
+    def attn(ours, theirs, layer):
+        copy(ours, theirs, {"norm": "group_norm"})
+        out[f"{theirs}.to_out.0.weight"] = sd[f"{ours}.proj_out.weight"].squeeze(-1)
+        out[f"{theirs}.to_out.0.bias"] = sd[f"{ours}.proj_out.bias"]
+        c, heads = layer.proj_out.weight.shape[0], layer.num_heads
+        w = sd[f"{ours}.qkv.weight"].reshape(heads, 3, c // heads, c)
+        b = sd[f"{ours}.qkv.bias"].reshape(heads, 3, c // heads)
+        for i, name in enumerate(("to_q", "to_k", "to_v")):
+            out[f"{theirs}.{name}.weight"] = w[:, i].reshape(c, c)
+            out[f"{theirs}.{name}.bias"] = b[:, i].reshape(c)
+
+    def blocks(ours, theirs, modules, level_ends_with):
+        """Map a list of TimestepEmbedSequential onto diffusers' blocks; a new block (level)
+        starts after each module holding a ``level_ends_with`` resampler."""
+        level, n_res, n_attn = 0, 0, 0
+        for i, module in enumerate(modules):
+            for j, layer in enumerate(module):
+                src, dst = f"{ours}.{i}.{j}", f"{theirs}.{level}"
+                if isinstance(layer, ResBlock):
+                    copy(src, f"{dst}.resnets.{n_res}", RES_NAMES)
+                    n_res += 1
+                elif isinstance(layer, AttentionBlock):
+                    attn(src, f"{dst}.attentions.{n_attn}", layer)
+                    n_attn += 1
+                elif isinstance(layer, Downsample):
+                    copy(src, f"{dst}.downsamplers.0", {"op": "conv"})
+                elif isinstance(layer, Upsample):
+                    copy(src, f"{dst}.upsamplers.0", {"conv": "conv"})
+            if any(isinstance(layer, level_ends_with) for layer in module):
+                level, n_res, n_attn = level + 1, 0, 0
+
+    copy("", "", {"time_embed.0": "time_embedding.linear_1", "time_embed.2": "time_embedding.linear_2",
+                  "label_emb": "class_embedding", "input_blocks.0.0": "conv_in",
+                  "out.0": "conv_norm_out", "out.2": "conv_out"})
+    blocks("input_blocks", "down_blocks", list(model.input_blocks)[1:], Downsample)
+    # Shift the encoder's indices: input_blocks.0 is conv_in, so module i above is input_blocks.{i+1}.
+    out = {k: v for k, v in out.items()}
+    copy("middle_block.0", "mid_block.resnets.0", RES_NAMES)
+    attn("middle_block.1", "mid_block.attentions.0", model.middle_block[1])
+    copy("middle_block.2", "mid_block.resnets.1", RES_NAMES)
+    blocks("output_blocks", "up_blocks", list(model.output_blocks), Upsample)
+    return out
+
+
+RES_NAMES = {"in_layers.0": "norm1", "in_layers.2": "conv1", "emb_layers.1": "time_emb_proj",
+             "out_layers.0": "norm2", "out_layers.3": "conv2", "skip_connection": "conv_shortcut"}
+
+
+def build(which, preset):
+    """Our ``UNetModel`` ("ours") or diffusers' ``UNet2DModel`` ("peer") for a preset."""
+    if which == "ours":
+        return UNetModel(**preset["model"])
+    from diffusers import UNet2DModel
+
+    return PeerAdapter(UNet2DModel(**peer_config(preset["model"], preset["image_size"])))
+
+
+def build_models(preset):
+    """(ours, peer) for a preset dict; raises if their parameter counts differ."""
+    ours, peer = build("ours", preset), build("peer", preset)
+    n_ours, n_peer = count_params(ours), count_params(peer)
+    if n_ours != n_peer:
+        raise RuntimeError(f"parameter counts differ: ours {n_ours:,}, diffusers {n_peer:,}")
+    return ours, peer
+
+
+def count_params(model):
+    return sum(p.numel() for p in model.parameters())
+
+
+# --- one step of each kind ----------------------------------------------------------------
+
+def make_batch(preset, device, seed=0):
+    """A fixed batch: images in [-1, 1], timesteps, noise and (if conditional) labels."""
+    g = torch.Generator().manual_seed(seed)
+    b, c, s = preset["batch_size"], preset["model"]["in_channels"], preset["image_size"]
+    diffusion = create_diffusion(**preset["diffusion"])
+    batch = dict(x=torch.rand(b, c, s, s, generator=g) * 2 - 1, noise=torch.randn(b, c, s, s, generator=g),
+                 t=torch.randint(0, diffusion.num_timesteps, (b,), generator=g))
+    if preset["model"].get("num_classes") is not None:
+        batch["y"] = torch.randint(0, preset["model"]["num_classes"], (b,), generator=g)
+    return diffusion, {k: v.to(device) for k, v in batch.items()}
+
+
+class Runner:
+    """Holds one model, its optimizer and the batch, and runs timed steps of either kind."""
+
+    def __init__(self, model, diffusion, batch, device, dtype, compile=False):
+        self.model = model.to(device)
+        self.diffusion, self.batch, self.device = diffusion, batch, torch.device(device)
+        self.fn = torch.compile(self.model) if compile else self.model
+        # The same optimizer for both models: the comparison is between the networks.
+        self.opt = torch.optim.AdamW(self.model.parameters(), lr=1e-4)
+        self.kwargs = {"y": batch["y"]} if "y" in batch else {}
+        self.autocast = (torch.autocast(self.device.type, dtype=dtype) if dtype != torch.float32
+                         else contextlib.nullcontext())
+
+    def train_step(self):
+        self.model.train()
+        self.opt.zero_grad(set_to_none=True)
+        with self.autocast:
+            b = self.batch
+            loss = self.diffusion.training_losses(self.fn, b["x"], b["t"], self.kwargs, b["noise"])["loss"].mean()
+        loss.backward()
+        self.opt.step()
+        return loss
+
+    @torch.no_grad()
+    def sample_step(self):
+        self.model.eval()
+        with self.autocast:
+            b = self.batch
+            return self.fn(b["x"], self.diffusion.model_timesteps(b["t"]), **self.kwargs)
+
+    def sync(self):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+
+    def time_steps(self, kind, n):
+        """Seconds per step, averaged over ``n`` steps."""
+        step = self.train_step if kind == "train" else self.sample_step
+        self.sync()
+        start = time.perf_counter()
+        for _ in range(n):
+            step()
+        self.sync()
+        return (time.perf_counter() - start) / n
+
+    def flops(self, kind):
+        """FLOPs of one step as ``torch.utils.flop_counter`` counts them (forward and backward
+        for training; the optimizer's elementwise work is not counted)."""
+        counter = FlopCounterMode(display=False)
+        with counter:
+            if kind == "train":
+                # Eager model: the counter sees the aten ops, not a compiled graph.
+                self.model.train()
+                with self.autocast:
+                    b = self.batch
+                    loss = self.diffusion.training_losses(self.model, b["x"], b["t"], self.kwargs, b["noise"])["loss"].mean()
+                loss.backward()
+            else:
+                fn, self.fn = self.fn, self.model
+                try:
+                    self.sample_step()
+                finally:
+                    self.fn = fn
+        self.opt.zero_grad(set_to_none=True)
+        return counter.get_total_flops()
+
+
+# --- the machine's limit and memory ---------------------------------------------------------
+
+def matmul_peak(device, dtype, n=2048, reps=10):
+    """FLOP/s of the best of ``reps`` square ``n x n`` matmuls: the practical peak the
+    achieved FLOP/s are compared with (the hardware's nominal peak is higher)."""
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    sync = torch.cuda.synchronize if torch.device(device).type == "cuda" else (lambda: None)
+    for _ in range(2):
+        a @ b
+    best = float("inf")
+    for _ in range(reps):
+        sync()
+        start = time.perf_counter()
+        a @ b
+        sync()
+        best = min(best, time.perf_counter() - start)
+    return 2 * n ** 3 / best
+
+
+def _status_bytes(field):
+    """A memory figure of this process from /proc/self/status (VmRSS, VmHWM), in bytes."""
+    with open("/proc/self/status") as f:
+        line = next(line for line in f if line.startswith(field + ":"))
+    return int(line.split()[1]) * 1024
+
+
+def _peak_memory_child(preset, which, steps, threads, queue):
+    import diffusers  # noqa: F401  imported before the baseline whichever model runs
+
+    torch.set_num_threads(threads)
+    diffusion, batch = make_batch(preset, "cpu")
+    # Reset the peak RSS to the current RSS (Linux >= 4.0); ru_maxrss cannot be reset
+    # and a spawned child starts with its parent's.
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    before = _status_bytes("VmRSS")
+    runner = Runner(build(which, preset), diffusion, batch, "cpu", torch.float32)
+    for _ in range(steps):
+        runner.train_step()
+    queue.put(_status_bytes("VmHWM") - before)
+
+
+def peak_train_memory(preset, which, steps=2):
+    """Peak memory of training ``which`` on CPU, in bytes: the peak RSS of a fresh process
+    running ``steps`` training steps, minus its RSS just before the model is built (so
+    parameters, gradients, AdamW state and activations count; the interpreter does not)."""
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    proc = ctx.Process(target=_peak_memory_child, args=(preset, which, steps, torch.get_num_threads(), queue))
+    proc.start()
+    result = queue.get()
+    proc.join()
+    return result
+
+
+# --- the benchmark ---------------------------------------------------------------------------
+
+def run(preset_name, device="cpu", dtype="fp32", compile=False, warmup=2, repeats=5, steps=3,
+        memory=True, batch_size=None, log=print):
+    """
+    Benchmark one preset and return every figure as a JSON-ready dict.
+
+    :param warmup: untimed steps of each kind per model before timing.
+    :param repeats: timed repeats; each times ``steps`` steps of ours and of the peer,
+        in an order that flips every repeat.
+    :param memory: also measure peak training memory.
+    :param batch_size: override the preset's batch size.
+    """
+    preset = PRESETS[preset_name]()
+    if batch_size:
+        preset["batch_size"] = batch_size
+    torch.manual_seed(0)
+    diffusion, batch = make_batch(preset, device)
+    models = dict(zip(("ours", "peer"), build_models(preset)))
+    runners = {k: Runner(m, diffusion, batch, device, DTYPES[dtype], compile) for k, m in models.items()}
+    result = dict(
+        preset=preset_name, config={k: v for k, v in preset.items()}, device=device,
+        device_name=torch.cuda.get_device_name() if device.startswith("cuda") else platform.processor() or platform.machine(),
+        dtype=dtype, compile=compile, threads=torch.get_num_threads(), torch=torch.__version__,
+        warmup=warmup, repeats=repeats, steps_per_repeat=steps,
+        params={k: count_params(m) for k, m in models.items()},
+    )
+    log(f"{preset_name}: {result['params']['ours']:,} parameters in each model, batch {preset['batch_size']}, "
+        f"{dtype} on {device}{' compiled' if compile else ''}")
+    result["flops"] = {kind: {k: r.flops(kind) for k, r in runners.items()} for kind in ("train", "sample")}
+    result["matmul_peak_flops"] = matmul_peak(device, DTYPES[dtype])
+    for kind in ("train", "sample"):
+        for r in runners.values():
+            r.time_steps(kind, warmup)
+        times = {"ours": [], "peer": []}
+        for i in range(repeats):
+            for k in (("ours", "peer") if i % 2 == 0 else ("peer", "ours")):
+                times[k].append(runners[k].time_steps(kind, steps))
+        med = {k: statistics.median(v) for k, v in times.items()}
+        result[kind] = dict(
+            seconds_per_step=times,
+            median_seconds={k: med[k] for k in med},
+            images_per_second={k: preset["batch_size"] / med[k] for k in med},
+            ratio=med["peer"] / med["ours"],
+            achieved_flops={k: result["flops"][kind][k] / med[k] for k in med},
+            fraction_of_matmul_peak={k: result["flops"][kind][k] / med[k] / result["matmul_peak_flops"] for k in med},
+        )
+        log(f"  {kind:6s} ours {result[kind]['images_per_second']['ours']:8.1f} img/s  "
+            f"diffusers {result[kind]['images_per_second']['peer']:8.1f} img/s  ratio {result[kind]['ratio']:.3f}  "
+            f"({result[kind]['fraction_of_matmul_peak']['ours']:.0%} / "
+            f"{result[kind]['fraction_of_matmul_peak']['peer']:.0%} of matmul peak)")
+    if memory:
+        if device.startswith("cuda"):
+            result["peak_memory_method"] = "torch.cuda.max_memory_allocated over warm training steps"
+            result["peak_train_memory_bytes"] = {}
+            for k, r in runners.items():
+                torch.cuda.empty_cache()
+                torch.cuda.reset_peak_memory_stats()
+                r.time_steps("train", 2)
+                result["peak_train_memory_bytes"][k] = torch.cuda.max_memory_allocated()
+        else:
+            result["peak_memory_method"] = "peak RSS (VmHWM) of a fresh process over 2 training steps minus its RSS before the model"
+            result["peak_train_memory_bytes"] = {k: peak_train_memory(preset, k) for k in ("ours", "peer")}
+        m = result["peak_train_memory_bytes"]
+        log(f"  memory ours {m['ours'] / 2**20:.0f} MiB  diffusers {m['peer'] / 2**20:.0f} MiB")
+    log(f"  FLOPs per training step {result['flops']['train']['ours'] / 1e9:.2f} G (ours), "
+        f"{result['flops']['train']['peer'] / 1e9:.2f} G (diffusers); matmul peak "
+        f"{result['matmul_peak_flops'] / 1e9:.1f} GFLOP/s")
+    return result
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description="Training and sampling throughput of our U-Net vs diffusers' UNet2DModel.")
+    p.add_argument("--preset", default="digits", choices=sorted(PRESETS))
+    p.add_argument("--json", default="", help="write every figure to this file")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default="fp32", choices=sorted(DTYPES), help="autocast dtype (fp32: none)")
+    p.add_argument("--compile", action="store_true", help="torch.compile both models")
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--steps", type=int, default=3, help="steps per model per repeat")
+    p.add_argument("--batch-size", type=int, default=0, help="override the preset's batch size")
+    p.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
+    args = p.parse_args(argv)
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        sys.exit("error: --device cuda given but no CUDA device is available")
+    result = run(args.preset, args.device, args.dtype, args.compile, args.warmup, args.repeats, args.steps,
+                 not args.no_memory, args.batch_size or None)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
