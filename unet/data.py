@@ -137,7 +137,7 @@ def load_image_data(cfg, log=print):
     # Corrupt files are listed like good ones and fail only when decoded: find them once,
     # up front, so that every step's batch has the same size and the count can be reported.
     skipped = 0
-    for name, part in splits.items():
+    for name, part in (splits.items() if cfg.dataset != "digits" else ()):  # digits are built in memory
         part = part.cast_column(image_col, datasets.Image(decode=False))
         good = part.filter(_decodes, fn_kwargs={"column": image_col}, desc="checking image files")
         skipped += len(part) - len(good)
@@ -229,8 +229,10 @@ def train_loader(data, cfg, start_step, rank, world_size, seed):
                         f"grad_accum x processes = {cfg.grad_accum * world_size}")
     sampler = StepBatches(start_step, cfg.max_steps, len(data.train), seed, cfg.batch_size,
                           cfg.grad_accum, rank, world_size)
+    # Its own generator: starting an iterator draws a seed, which must not come from the
+    # global RNG (dropout's), or a resumed run would see different dropout masks.
     return torch.utils.data.DataLoader(data.train, batch_sampler=sampler, num_workers=cfg.num_workers,
-                                       collate_fn=_collate, persistent_workers=False)
+                                       collate_fn=_collate, generator=torch.Generator().manual_seed(seed))
 
 
 def fixed_batch(split, count):

@@ -93,6 +93,12 @@ def _wandb_offline_setup():
     os.environ.setdefault("WANDB_SILENT", "true")
 
 
+def _finite_mean(values):
+    """Mean of the finite values (skipped steps log NaN), NaN if there are none."""
+    v = [x for x in values if x is not None and math.isfinite(x)]
+    return sum(v) / len(v) if v else float("nan")
+
+
 def _make_accelerator(cfg):
     log_with = None if cfg.report_to == "none" else cfg.report_to
     if cfg.report_to == "wandb":
@@ -102,13 +108,23 @@ def _make_accelerator(cfg):
             import tensorboard  # noqa: F401
         except ImportError:
             raise TrainingError("report_to=tensorboard needs the tensorboard package: pip install tensorboard") from None
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    # On a machine with no GPU, `accelerate launch --multi_gpu --num_processes N` starts N
+    # processes, but accelerate 1.15 makes each one a separate single-process run unless told
+    # to use the CPU: ask for gloo DDP on the CPU explicitly.
+    cpu = world > 1 and not torch.accelerator.is_available()
     try:
         # The lr schedule is per optimizer step; accelerate's default would step it once per process.
-        return Accelerator(mixed_precision=cfg.mixed_precision, gradient_accumulation_steps=cfg.grad_accum,
-                           log_with=log_with, project_dir=cfg.output_dir, step_scheduler_with_optimizer=False)
+        accelerator = Accelerator(mixed_precision=cfg.mixed_precision, gradient_accumulation_steps=cfg.grad_accum,
+                                  log_with=log_with, project_dir=cfg.output_dir, step_scheduler_with_optimizer=False,
+                                  cpu=cpu)
     except (ValueError, RuntimeError) as e:
         raise TrainingError(f"accelerate could not start (mixed_precision={cfg.mixed_precision}): "
                             f"{str(e).strip().splitlines()[0]}") from None
+    if accelerator.num_processes != world:
+        raise TrainingError(f"{world} processes were launched but accelerate sees {accelerator.num_processes}; "
+                            "each would train alone and overwrite the others' files")
+    return accelerator
 
 
 def _init_trackers(accelerator, cfg):
@@ -317,7 +333,7 @@ def train(cfg, hooks=()):
         if done % cfg.log_every == 0 or done == cfg.max_steps:
             ips = window_imgs / max(window_time, 1e-9)
             recent = history[-min(len(history), cfg.log_every):]
-            logged = {f"train/{k}": float(np.nanmean([r.get(k, np.nan) for r in recent]))
+            logged = {f"train/{k}": _finite_mean([r.get(k) for r in recent])
                       for k in record if k.startswith(("loss", "mse", "vb"))}
             if "update_to_weight" in record:
                 logged["stability/update_to_weight"] = record["update_to_weight"]

@@ -61,8 +61,22 @@ def iter_payloads(data):
             raise ValueError(f"corrupt wandb run file: record type {kind} at byte {pos}")
 
 
-def _item_key(item):
-    return item.key if item.key else ".".join(item.nested_key)
+def _put(target, item, value):
+    """Store an item under its key; wandb splits nested values (an image's metadata, a
+    dict) into a ``nested_key`` path, which becomes nested dicts here."""
+    path = [item.key] if item.key else list(item.nested_key)
+    for k in path[:-1]:
+        target = target.setdefault(k, {})
+    target[path[-1]] = value
+
+
+def _items(items, target, unwrap=False):
+    for i in items:
+        value = json.loads(i.value_json)
+        if unwrap and isinstance(value, dict) and "value" in value:  # config: {"value": v, "desc": ...}
+            value = value["value"]
+        _put(target, i, value)
+    return target
 
 
 def read_run(path):
@@ -88,20 +102,14 @@ def read_run(path):
         rec.ParseFromString(payload)
         kind = rec.WhichOneof("record_type")
         if kind == "history":
-            run.history.append({_item_key(i): json.loads(i.value_json) for i in rec.history.item})
+            run.history.append(_items(rec.history.item, {}))
         elif kind == "config":
-            for i in rec.config.update:
-                value = json.loads(i.value_json)
-                # wandb stores each config value as {"value": v, "desc": ...}
-                run.config[_item_key(i)] = value.get("value", value) if isinstance(value, dict) else value
+            _items(rec.config.update, run.config, unwrap=True)
         elif kind == "summary":
-            for i in rec.summary.update:
-                run.summary[_item_key(i)] = json.loads(i.value_json)
+            _items(rec.summary.update, run.summary)
         elif kind == "run":
             run.name = rec.run.display_name or rec.run.run_id
             run.group = rec.run.run_group
             run.tags = list(rec.run.tags)
-            for i in rec.run.config.update:
-                value = json.loads(i.value_json)
-                run.config[_item_key(i)] = value.get("value", value) if isinstance(value, dict) else value
+            _items(rec.run.config.update, run.config, unwrap=True)
     return run

@@ -1,0 +1,103 @@
+"""The config schema: shipped files, command-line overrides, and one-line errors."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from unet.config import ConfigError, TrainConfig, load_config
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def cfg_path(name):
+    return os.path.join(ROOT, "configs", name)
+
+
+def test_defaults_are_digits_yaml():
+    # `accelerate launch train.py` with no arguments must run what configs/digits.yaml says.
+    assert load_config([]) == load_config(["--config", cfg_path("digits.yaml")]) == TrainConfig()
+    assert TrainConfig().dataset == "digits"
+
+
+def test_cifar10_is_the_papers_setup():
+    cfg = load_config(["--config", cfg_path("cifar10.yaml")])
+    assert (cfg.image_size, cfg.model_channels, cfg.num_res_blocks, cfg.dropout) == (32, 128, 3, 0.3)
+    assert cfg.learn_sigma and not cfg.use_kl and cfg.rescale_learned_sigmas  # L_hybrid
+    assert (cfg.noise_schedule, cfg.diffusion_steps, cfg.lr, cfg.batch_size) == ("cosine", 4000, 1e-4, 128)
+    assert cfg.ema_rates == [0.9999]
+    kw = cfg.model_kwargs()
+    # attention at 16 and 8 pixels of a 32-pixel image are downsample factors 2 and 4
+    assert kw["attention_resolutions"] == (2, 4) and kw["out_channels"] == 6
+    assert cfg.diffusion_kwargs() == dict(steps=4000, learn_sigma=True, sigma_small=False, noise_schedule="cosine",
+                                          use_kl=False, predict_xstart=False, rescale_timesteps=True,
+                                          rescale_learned_sigmas=True, timestep_respacing="")
+
+
+def test_imagenet64_loads():
+    cfg = load_config(["--config", cfg_path("imagenet64.yaml")])
+    assert cfg.model_kwargs()["attention_resolutions"] == (4, 8)
+    assert cfg.channel_mult == [1, 2, 3, 4]
+
+
+def test_overrides_are_typed():
+    cfg = load_config(["--config", cfg_path("cifar10.yaml"), "--lr", "2e-4", "--ema_rates", "0.9999,0.999",
+                       "--class_cond", "false", "--max_steps=7", "--random_flip", "--tags", "a,b",
+                       "--attention_resolutions", "8"])
+    assert cfg.lr == 2e-4 and cfg.ema_rates == [0.9999, 0.999] and cfg.class_cond is False
+    assert cfg.max_steps == 7 and cfg.random_flip is True and cfg.tags == ["a", "b"]
+    assert cfg.model_kwargs()["attention_resolutions"] == (4,) and cfg.model_kwargs()["num_classes"] is None
+    assert cfg.image_size == 32  # untouched keys keep the file's value
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["--lrr", "1"], ["'lrr'", "did you mean 'lr'", "allowed keys"]),
+    (["--init", "he"], ["'init'", "zero|standard|kaiming|fixup|all-zero"]),
+    (["--norm", "batch"], ["'norm'", "group|none"]),
+    (["--mixed_precision", "fp8"], ["'mixed_precision'", "no|fp16|bf16"]),
+    (["--report_to", "mlflow"], ["'report_to'", "wandb|tensorboard|none"]),
+    (["--lr", "fast"], ["'lr'", "float"]),
+    (["--max_steps", "0"], ["'max_steps'", ">= 1"]),
+    (["--max_steps", "1.5"], ["'max_steps'", "int"]),
+    (["--class_cond", "maybe"], ["'class_cond'", "true or false"]),
+    (["--batch_size", "10", "--grad_accum", "4"], ["'batch_size'", "multiple of grad_accum"]),
+    (["--attention_resolutions", "3"], ["'attention_resolutions'", "[8, 4]"]),
+    (["--model_channels", "48"], ["'model_channels'", "multiple of 32"]),
+    (["--ema_rates", "1.5"], ["'ema_rates'", "(0, 1)"]),
+    (["--dataset", "imagefolder"], ["'data_dir'"]),
+    (["--config", "no/such.yaml"], ["no/such.yaml", "does not exist"]),
+    (["--lr"], ["'lr'", "needs a value"]),
+])
+def test_bad_input_is_one_line_naming_the_key(argv, words):
+    with pytest.raises(ConfigError) as e:
+        load_config(argv)
+    msg = str(e.value)
+    assert "\n" not in msg
+    for w in words:
+        assert w in msg
+
+
+def test_unknown_key_in_file(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("lr: 0.1\nbatchsize: 3\n")
+    with pytest.raises(ConfigError, match=r"c.yaml.*'batchsize'.*did you mean 'batch_size'"):
+        load_config(["--config", str(p)])
+
+
+def test_dict_and_yaml_round_trip(tmp_path):
+    cfg = load_config(["--config", cfg_path("cifar10.yaml"), "--tags", "x"])
+    assert TrainConfig.from_dict(cfg.to_dict()) == cfg
+    cfg.save(tmp_path / "c.yaml")
+    assert TrainConfig.load(str(tmp_path / "c.yaml")) == cfg
+    assert load_config(["--config", str(tmp_path / "c.yaml")]) == cfg
+
+
+def test_cli_rejects_before_anything_starts(tmp_path):
+    out = tmp_path / "run"
+    r = subprocess.run([sys.executable, "train.py", "--output_dir", str(out), "--init", "nope"], cwd=ROOT,
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and "'init'" in lines[0] and "zero|standard" in lines[0]
+    assert not out.exists()

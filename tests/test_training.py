@@ -1,0 +1,249 @@
+"""The training loop: exact resume, atomic checkpoints, NaN handling, what wandb recorded,
+the default command shortened, and real 2-process DDP on the CPU."""
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import train as train_script
+from unet import checkpoint as ckpt_mod
+from unet.checkpoint import latest_checkpoint, list_checkpoints, load_model
+from unet.config import TrainConfig
+from unet.training import train
+from unet.wandb_offline import read_run
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def tiny(out, **kw):
+    """A seconds-long run: 8x8 digits, a one-block U-Net, 20 diffusion steps."""
+    base = dict(output_dir=str(out), max_steps=6, batch_size=8, num_res_blocks=1, diffusion_steps=20,
+                report_to="none", progress=False, checkpoint_every=2, keep_checkpoints=2, log_every=1,
+                diagnostics_every=0, eval_every=0, sample_every=-1, warmup_steps=2, dropout=0.1)
+    return TrainConfig(**{**base, **kw})
+
+
+def files_equal(a, b, name):
+    fa, fb = load_file(os.path.join(a, name)), load_file(os.path.join(b, name))
+    return fa.keys() == fb.keys() and all(torch.equal(fa[k], fb[k]) for k in fa)
+
+
+def subprocess_env(**extra):
+    """No wandb key or mode: the run must go offline by itself."""
+    env = {k: v for k, v in os.environ.items() if k not in ("WANDB_API_KEY", "WANDB_MODE")}
+    env.update(HF_DATASETS_OFFLINE="1", PYTHONPATH=ROOT, **extra)
+    return env
+
+
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory):
+    """6 steps in one go; loss-second-moment over 4 diffusion steps warms up within them,
+    so resuming must also restore the importance sampler's history."""
+    cfg = tiny(tmp_path_factory.mktemp("straight"), schedule_sampler="loss-second-moment", diffusion_steps=4,
+               batch_size=16)
+    return cfg, train(cfg)
+
+
+def test_resume_is_bit_identical(straight, tmp_path):
+    cfg, full = straight
+    half = cfg.replace(output_dir=str(tmp_path), max_steps=3)
+    train(half)
+    resumed = train(half.replace(max_steps=6, resume="latest"))
+    a, b = latest_checkpoint(cfg.output_dir), latest_checkpoint(str(tmp_path))
+    assert a.endswith("checkpoint_00000006") and b.endswith("checkpoint_00000006")
+    assert files_equal(a, b, "model.safetensors") and files_equal(a, b, "ema_0.999.safetensors")
+    assert [r["loss"] for r in resumed["history"]] == [r["loss"] for r in full["history"][3:]]
+    # the straight run kept only its last two checkpoints
+    assert [os.path.basename(p) for p in list_checkpoints(cfg.output_dir)] == ["checkpoint_00000004",
+                                                                                "checkpoint_00000006"]
+
+
+def test_load_model_reads_ema_and_never_unpickles(straight, monkeypatch, tmp_path):
+    cfg, _ = straight
+    calls = []
+    real_load = torch.load
+    monkeypatch.setattr(torch, "load", lambda *a, **k: calls.append(k.get("weights_only")) or real_load(*a, **k))
+    model, diffusion, loaded_cfg = load_model(cfg.output_dir)
+    assert loaded_cfg == cfg and diffusion.num_timesteps == 4
+    ema = load_file(os.path.join(latest_checkpoint(cfg.output_dir), "ema_0.999.safetensors"))
+    raw = load_file(os.path.join(latest_checkpoint(cfg.output_dir), "model.safetensors"))
+    state = model.state_dict()
+    assert all(torch.equal(state[k], ema[k]) for k in ema) and not all(torch.equal(ema[k], raw[k]) for k in ema)
+    shutil.copytree(cfg.output_dir, tmp_path / "copy")  # leave the shared run as it is
+    train(cfg.replace(max_steps=7, resume="latest", output_dir=str(tmp_path / "copy")))
+    assert calls and all(w is True for w in calls)  # accelerate's optimizer/RNG files, weights_only
+    with pytest.raises(ckpt_mod.CheckpointError, match="no EMA rate 0.5"):
+        load_model(cfg.output_dir, ema=0.5)
+
+
+KILLER = textwrap.dedent("""
+    import os, signal, sys
+    import unet.checkpoint as c
+    from unet.config import TrainConfig
+    from unet.training import train
+    real = c._commit
+    def commit(tmp, final):  # die while the step-4 checkpoint is still a temporary folder
+        if final.endswith("checkpoint_00000004"):
+            os.kill(os.getpid(), signal.SIGKILL)
+        real(tmp, final)
+    c._commit = commit
+    train(TrainConfig.load(sys.argv[1]))
+""")
+
+
+def test_kill_during_save_keeps_previous_checkpoint_and_resumes_exactly(straight, tmp_path):
+    cfg, _ = straight
+    run = cfg.replace(output_dir=str(tmp_path / "run"), max_steps=4)
+    run.save(tmp_path / "c.yaml")
+    (tmp_path / "killer.py").write_text(KILLER)
+    r = subprocess.run([sys.executable, str(tmp_path / "killer.py"), str(tmp_path / "c.yaml")], cwd=ROOT,
+                       env=subprocess_env(), capture_output=True, text=True, timeout=300)
+    assert r.returncode == -signal.SIGKILL, r.stderr[-2000:]
+    root = tmp_path / "run" / "checkpoints"
+    assert any(n.startswith(".tmp-") for n in os.listdir(root))  # the interrupted save
+    assert latest_checkpoint(run.output_dir).endswith("checkpoint_00000002")
+    load_model(run.output_dir)  # still loadable
+    train(run.replace(resume="latest"))
+    done = latest_checkpoint(run.output_dir)
+    assert done.endswith("checkpoint_00000004") and not any(n.startswith(".tmp-") for n in os.listdir(root))
+    straight4 = os.path.join(cfg.output_dir, "checkpoints", "checkpoint_00000004")
+    assert files_equal(done, straight4, "model.safetensors") and files_equal(done, straight4, "ema_0.999.safetensors")
+
+
+class NaNAfter:
+    """A diffusion whose training loss turns NaN for calls in ``bad`` (1-based)."""
+
+    def __init__(self, inner, bad):
+        self.inner, self.bad, self.calls = inner, bad, 0
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    def training_losses(self, *a, **k):
+        terms = self.inner.training_losses(*a, **k)
+        self.calls += 1
+        if self.calls in self.bad:
+            terms["loss"] = terms["loss"] * float("nan")
+        return terms
+
+
+def nan_diffusion(monkeypatch, bad):
+    import unet.training as tr
+
+    real = tr.create_diffusion
+    monkeypatch.setattr(tr, "create_diffusion", lambda **kw: NaNAfter(real(**kw), bad))
+
+
+def test_single_nan_step_is_skipped(monkeypatch, tmp_path):
+    nan_diffusion(monkeypatch, {3})
+    s = train(tiny(tmp_path, max_steps=5))
+    assert s["nan_skipped"] == 1 and not s["diverged"] and s["steps"] == 5
+    assert s["history"][2]["skipped"] and all(not r.get("skipped") for i, r in enumerate(s["history"]) if i != 2)
+    model, _, _ = load_model(tmp_path, ema=False)
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_nan_streak_stops_with_message_and_keeps_last_checkpoint(monkeypatch, tmp_path, capsys):
+    nan_diffusion(monkeypatch, set(range(4, 100)))
+    cfg = tiny(tmp_path, max_steps=20, max_nan_steps=3)
+    cfg.save(tmp_path / "c.yaml")
+    rc = train_script.main(["--config", str(tmp_path / "c.yaml")])
+    err = capsys.readouterr().err
+    assert rc == 3 and "3 non-finite losses in a row" in err and "checkpoint_00000004" in err
+    assert len([ln for ln in err.splitlines() if "error" in ln]) == 1
+    # steps 4-6 were skipped; the step-4 checkpoint holds the step-3 weights, all finite
+    assert latest_checkpoint(str(tmp_path)).endswith("checkpoint_00000004")
+    model, _, _ = load_model(str(tmp_path), ema=False)
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_default_command_shortened_logs_to_offline_wandb(tmp_path):
+    out = tmp_path / "digits"
+    r = subprocess.run(["accelerate", "launch", "--num_processes", "1", "--num_machines", "1",
+                        "--mixed_precision", "no", "--dynamo_backend", "no", "train.py",
+                        "--output_dir", str(out), "--max_steps", "20", "--log_every", "10", "--sample_every", "10",
+                        "--checkpoint_every", "10", "--diagnostics_every", "10"],
+                       cwd=ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    offline = [ln for ln in r.stdout.splitlines() if ln.startswith("wandb offline")]
+    assert len(offline) == 1 and "wandb sync" in offline[0]
+    assert sorted(os.listdir(out / "samples")) == ["samples_00000010.png", "samples_00000020.png"]
+    assert [os.path.basename(p) for p in list_checkpoints(str(out))] == ["checkpoint_00000010",
+                                                                          "checkpoint_00000020"]
+    run = read_run(str(out / "wandb"))
+    assert run.config["lr"] == 1e-3 and run.config["init"] == "zero" and run.config["dataset"] == "digits"
+    steps = [h for h in run.history if "train/loss" in h]
+    assert [h["_step"] for h in steps] == [10, 20]
+    last = steps[-1]
+    for key in ("train/mse", "train/vb", "train/loss_q0", "train/loss_q3", "train/grad_norm", "train/lr",
+                "train/images_per_sec", "stability/spike_count", "eval/loss"):
+        assert key in last, key
+    assert any(k.startswith("stability/residual_ratio/") for k in steps[0])
+    assert any(k.startswith("stability/activation_rms/") for k in steps[0])
+    images = [h for h in run.history if "samples" in h]
+    assert [h["_step"] for h in images] == [10, 20]
+    assert images[0]["samples"]["_type"] == "image-file" and images[0]["samples"]["width"] == 10 * 9  # 10 x (8+1)
+    assert 0 < last["train/mse"] < steps[0]["train/mse"] < 1.1  # it learns (the vb term is noisy this early)
+
+
+DDP_WORKER = textwrap.dedent("""
+    import json, sys
+    from accelerate import PartialState
+    from safetensors.torch import save_file
+    from unet.config import load_config
+    from unet.training import train
+    cfg = load_config(sys.argv[1:])
+    seen = {}
+    summary = train(cfg, hooks=[lambda step, rec, model: seen.update(model=model)])
+    state = PartialState()
+    assert state.num_processes == 2, state.num_processes
+    sd = {k: v.detach().contiguous() for k, v in seen["model"].state_dict().items()}
+    save_file(sd, f"{cfg.output_dir}/rank{state.process_index}.safetensors")
+    json.dump({"world": state.num_processes, "losses": [r["loss"] for r in summary["history"]]},
+              open(f"{cfg.output_dir}/rank{state.process_index}.json", "w"))
+""")
+
+
+def test_two_process_ddp_matches_one_process(tmp_path):
+    import json
+
+    (tmp_path / "worker.py").write_text(DDP_WORKER)
+    out = tmp_path / "ddp"
+    args = ["--output_dir", str(out), "--max_steps", "4", "--batch_size", "8", "--num_res_blocks", "1",
+            "--diffusion_steps", "20", "--dropout", "0", "--report_to", "wandb", "--log_every", "2",
+            "--checkpoint_every", "2", "--sample_every", "-1", "--eval_every", "0", "--diagnostics_every", "0",
+            "--progress", "false", "--warmup_steps", "2"]
+    r = subprocess.run(["accelerate", "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+                        "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()),
+                        str(tmp_path / "worker.py"), *args],
+                       cwd=ROOT, env=subprocess_env(OMP_NUM_THREADS="1"), capture_output=True, text=True,
+                       timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    ranks = [json.load(open(out / f"rank{i}.json")) for i in range(2)]
+    assert ranks[0]["world"] == ranks[1]["world"] == 2
+    assert ranks[0]["losses"] == ranks[1]["losses"]  # each rank logs the all-gathered loss
+    p0, p1 = load_file(out / "rank0.safetensors"), load_file(out / "rank1.safetensors")
+    assert all(torch.equal(p0[k], p1[k]) for k in p0)
+    steps = [h["_step"] for h in read_run(str(out / "wandb")).history if "train/loss" in h]
+    assert steps == [2, 4]  # logged once, by the main process
+    # Gradients averaged over 2 x 4 images equal one process's over the same 8 images.
+    from unet.config import load_config
+
+    single = train(load_config([*args, "--output_dir", str(tmp_path / "one"), "--report_to", "none"]))
+    one = load_file(os.path.join(single["checkpoint"], "model.safetensors"))
+    assert max((one[k] - p0[k]).abs().max().item() for k in one) < 1e-5
+    assert [round(v, 4) for v in ranks[0]["losses"]] == [round(r["loss"], 4) for r in single["history"]]
