@@ -157,11 +157,11 @@ def peer_state_dict(model):
             out[f"{theirs}.{name}.weight"] = w[:, i].reshape(c, c)
             out[f"{theirs}.{name}.bias"] = b[:, i].reshape(c)
 
-    def blocks(ours, theirs, modules, level_ends_with):
-        """Map a list of TimestepEmbedSequential onto diffusers' blocks; a new block (level)
-        starts after each module holding a ``level_ends_with`` resampler."""
+    def blocks(ours, theirs, modules, level_ends_with, start=0):
+        """Map ``modules[start:]`` (TimestepEmbedSequentials) onto diffusers' blocks; a new
+        block (level) starts after each module holding a ``level_ends_with`` resampler."""
         level, n_res, n_attn = 0, 0, 0
-        for i, module in enumerate(modules):
+        for i, module in list(enumerate(modules))[start:]:
             for j, layer in enumerate(module):
                 src, dst = f"{ours}.{i}.{j}", f"{theirs}.{level}"
                 if isinstance(layer, ResBlock):
@@ -180,13 +180,11 @@ def peer_state_dict(model):
     copy("", "", {"time_embed.0": "time_embedding.linear_1", "time_embed.2": "time_embedding.linear_2",
                   "label_emb": "class_embedding", "input_blocks.0.0": "conv_in",
                   "out.0": "conv_norm_out", "out.2": "conv_out"})
-    blocks("input_blocks", "down_blocks", list(model.input_blocks)[1:], Downsample)
-    # Shift the encoder's indices: input_blocks.0 is conv_in, so module i above is input_blocks.{i+1}.
-    out = {k: v for k, v in out.items()}
+    blocks("input_blocks", "down_blocks", model.input_blocks, Downsample, start=1)  # 0 is conv_in
     copy("middle_block.0", "mid_block.resnets.0", RES_NAMES)
     attn("middle_block.1", "mid_block.attentions.0", model.middle_block[1])
     copy("middle_block.2", "mid_block.resnets.1", RES_NAMES)
-    blocks("output_blocks", "up_blocks", list(model.output_blocks), Upsample)
+    blocks("output_blocks", "up_blocks", model.output_blocks, Upsample)
     return out
 
 
@@ -385,7 +383,8 @@ def run(preset_name, device="cpu", dtype="fp32", compile=False, warmup=2, repeat
     result["matmul_peak_flops"] = matmul_peak(device, DTYPES[dtype])
     for kind in ("train", "sample"):
         for r in runners.values():
-            r.time_steps(kind, warmup)
+            for _ in range(warmup):
+                r.train_step() if kind == "train" else r.sample_step()
         times = {"ours": [], "peer": []}
         for i in range(repeats):
             for k in (("ours", "peer") if i % 2 == 0 else ("peer", "ours")):

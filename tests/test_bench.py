@@ -1,0 +1,92 @@
+"""The benchmark's plumbing (never its speed): both models are the same network, every
+figure lands in the JSON, and the FLOP counts match hand counts."""
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.utils.flop_counter import FlopCounterMode
+
+from unet import bench
+
+
+def test_cli_writes_every_figure(tmp_path):
+    out = tmp_path / "bench.json"
+    bench.main(["--preset", "tiny", "--json", str(out), "--warmup", "0", "--repeats", "2", "--steps", "1", "--no-memory"])
+    r = json.loads(out.read_text())
+    assert r["params"]["ours"] == r["params"]["peer"] > 0
+    # The same network does the same matmul and conv work, whoever wrote it.
+    assert r["flops"]["train"]["ours"] == r["flops"]["train"]["peer"]
+    assert r["flops"]["sample"]["ours"] == r["flops"]["sample"]["peer"]
+    assert r["flops"]["train"]["ours"] > 2 * r["flops"]["sample"]["ours"] > 0  # backward ~2x forward
+    assert r["matmul_peak_flops"] > 0
+    for kind in ("train", "sample"):
+        for who in ("ours", "peer"):
+            assert len(r[kind]["seconds_per_step"][who]) == 2
+            assert r[kind]["images_per_second"][who] == pytest.approx(4 / r[kind]["median_seconds"][who])
+            assert r[kind]["fraction_of_matmul_peak"][who] > 0
+        assert r[kind]["ratio"] == pytest.approx(r[kind]["median_seconds"]["peer"] / r[kind]["median_seconds"]["ours"])
+
+
+def test_peak_memory_is_measured():
+    preset = bench.PRESETS["tiny"]()
+    mem = bench.peak_train_memory(preset, "ours", steps=1)
+    # At least the parameters, their gradients and AdamW's two moments (fp32).
+    assert mem >= 4 * 4 * bench.count_params(bench.build("ours", preset))
+
+
+def test_conv_flops_match_a_hand_count():
+    conv = torch.nn.Conv2d(8, 16, 3, padding=1)
+    x = torch.randn(2, 8, 10, 10)
+    with FlopCounterMode(display=False) as counter:
+        conv(x)
+    assert counter.get_total_flops() == 2 * 2 * 16 * 10 * 10 * 8 * 3 * 3
+
+
+def test_cpu_attention_flops_are_counted():
+    """The CPU flash kernel is registered with the counter: QK^T and AV forward (2 matmuls),
+    recomputed QK^T plus 4 gradient matmuls backward, each 2*B*H*T*T*D."""
+    b, h, t, d = 2, 3, 16, 8
+    q, k, v = (torch.randn(b, h, t, d, requires_grad=True) for _ in range(3))
+    with FlopCounterMode(display=False) as counter:
+        out = F.scaled_dot_product_attention(q, k, v)
+    assert counter.get_total_flops() == 2 * (2 * b * h * t * t * d)
+    with FlopCounterMode(display=False) as counter:
+        out.sum().backward()
+    assert counter.get_total_flops() == 5 * (2 * b * h * t * t * d)
+
+
+def test_our_attention_takes_the_fused_kernel():
+    """A (B, C, T) layout sends SDPA to its math path (bmm's): the counter would see them."""
+    preset = bench.PRESETS["tiny"]()
+    diffusion, batch = bench.make_batch(preset, "cpu")
+    runner = bench.Runner(bench.build("ours", preset), diffusion, batch, "cpu", torch.float32)
+    with FlopCounterMode(display=False) as counter:
+        runner.train_step()
+    ops = {str(op) for op in counter.get_flop_counts()["Global"]}
+    assert "aten._scaled_dot_product_flash_attention_for_cpu_backward" in ops
+    assert "aten.bmm" not in ops
+
+
+def test_peer_config_refuses_what_diffusers_cannot_express():
+    kwargs = dict(bench.PRESETS["tiny"]()["model"], channel_mult=(1, 2, 4), attention_resolutions=(1, 2))
+    with pytest.raises(ValueError, match="head widths"):
+        bench.peer_config(kwargs, 8)
+    with pytest.raises(ValueError, match="one head count"):
+        bench.peer_config(dict(kwargs, num_heads_upsample=1), 8)
+
+
+def test_peer_is_the_same_network():
+    """Our weights loaded into diffusers' model (strictly) give our outputs: the benchmark
+    times two implementations of one function."""
+    preset = bench.PRESETS["tiny"]()
+    ours, peer = bench.build_models(preset)
+    torch.manual_seed(0)
+    for p in ours.parameters():  # no zero layers, so that every weight matters
+        p.data.normal_(0, 0.2)
+    peer.unet.load_state_dict(bench.peer_state_dict(ours), strict=True)
+    x, t, y = torch.randn(4, 3, 8, 8), torch.tensor([0, 10, 50, 99]), torch.tensor([0, 1, 2, 1])
+    with torch.no_grad():
+        a, b = ours(x, t, y), peer(x, t, y)
+    assert ((a - b).abs().max() / b.abs().max()).item() < 1e-5
