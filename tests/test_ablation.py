@@ -27,6 +27,7 @@ TINY = {
     "threshold": 2.0,
     "smooth": 2,
     "symmetry": {"steps": 3},
+    "save_models": False,
     "base": dict(dataset="digits", image_size=8, model_channels=32, channel_mult=[1, 2], attention_resolutions=[4],
                  num_res_blocks=1, batch_size=8, max_steps=4, diffusion_steps=20, eval_batch_size=16, lr=1e-3,
                  warmup_steps=0, grad_clip=0.0, report_to="wandb", log_every=2),
@@ -91,7 +92,7 @@ def test_report_has_every_section_and_results_json_is_valid(tiny_ablation):
     for heading in ("## Main result", "## Conclusions", "## Training loss", "## Gradient norm",
                     "## Activation RMS by depth at init", "## Per-cell tables", "## Symmetry"):
         assert heading in report, heading
-    for png in ("loss_curves.png", "grad_norm.png", "update_ratio.png", "activation_rms_init.png", "symmetry.png"):
+    for png in ("loss_curves.png", "loss_difference.png", "grad_norm.png", "update_ratio.png", "activation_rms_init.png", "symmetry.png"):
         assert f"]({png})" in report
         with Image.open(os.path.join(out, png)) as im:
             assert im.format == "PNG" and im.width > 300
@@ -102,6 +103,9 @@ def test_report_has_every_section_and_results_json_is_valid(tiny_ablation):
     covers = d["mean"] - d["ci"] <= 0 <= d["mean"] + d["ci"]
     assert (d["verdict"] == "indistinguishable") == covers
     assert f"| base | zero vs standard |" in report and d["verdict"] in report
+    # save_models: false keeps each run's measures and logs, not its checkpoint
+    assert os.path.isfile(os.path.join(out, "runs", "c00_zero_s0", "result.json"))
+    assert not os.path.exists(os.path.join(out, "runs", "c00_zero_s0", "checkpoints"))
     # one progress line per run
     assert sum(line.startswith("[") for line in tiny_ablation["lines"]) == 6
 
@@ -182,6 +186,10 @@ def test_running_again_continues_without_redoing_runs(tiny_ablation, monkeypatch
     again = run_ablation(load_ablation(tiny_ablation["config"]), tiny_ablation["out"], log=lambda *a, **k: None)
     assert again["group"] == tiny_ablation["results"]["group"]
     assert again["summary"] == json.loads(json.dumps(tiny_ablation["results"]["summary"]))
+    # the report can be rebuilt from results.json alone
+    os.remove(os.path.join(tiny_ablation["out"], "report.md"))
+    assert main(["--output_dir", tiny_ablation["out"], "--report_only"]) == 0
+    assert "## Main result" in open(os.path.join(tiny_ablation["out"], "report.md")).read()
     # a changed grid in the same folder is refused rather than mixed in
     changed = dict(TINY, base={**TINY["base"], "batch_size": 16})
     path = write_grid(os.path.join(os.path.dirname(tiny_ablation["config"]), "changed.yaml"), changed)

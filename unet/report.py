@@ -95,20 +95,48 @@ def steps_to_threshold(losses, threshold, window=10):
     return None
 
 
-def curve_band(curves, window=1, length=None):
-    """Per step: the mean over runs of their ``window``-smoothed curves and its 95% t-band
-    (runs that stopped early drop out). :return: (mean, low, high) arrays."""
-    length = length or max((len(c) for c in curves), default=0)
+def _smoothed_rows(curves, window, length):
     rows = np.full((len(curves), length), np.nan)
     for i, c in enumerate(curves):
-        rows[i, :len(c)] = running_mean(c, window)[:length]
-    mean, low, high = (np.full(length, np.nan) for _ in range(3))
-    for j in range(length):
+        rows[i, :min(len(c), length)] = running_mean(c, window)[:length]
+    return rows
+
+
+def _band(rows):
+    mean, low, high = (np.full(rows.shape[1], np.nan) for _ in range(3))
+    for j in range(rows.shape[1]):
         m, h, n = t_interval(rows[:, j])
         mean[j] = m
         if n >= 2:
             low[j], high[j] = m - h, m + h
     return mean, low, high
+
+
+def curve_band(curves, window=1, length=None, log=False):
+    """
+    Per step: the mean over runs of their ``window``-smoothed curves and its 95% t-band (runs
+    that stopped early drop out). With ``log`` the mean and band are taken of log values
+    (a geometric mean), so a band around a positive curve stays positive on a log axis.
+
+    :return: (mean, low, high) arrays.
+    """
+    length = length or max((len(c) for c in curves), default=0)
+    rows = _smoothed_rows(curves, window, length)
+    if not log:
+        return _band(rows)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        rows = np.where(rows > 0, np.log(np.where(rows > 0, rows, 1.0)), np.nan)
+    return tuple(np.exp(x) for x in _band(rows))
+
+
+def paired_curve_difference(curves_a, curves_b, window=1):
+    """Per step: mean and 95% t-band of the seed-paired difference of two arms' smoothed curves
+    (``curves_a`` and ``curves_b`` map seed -> curve). :return: (mean, low, high) arrays."""
+    seeds = [s for s in curves_a if s in curves_b]
+    length = max((min(len(curves_a[s]), len(curves_b[s])) for s in seeds), default=0)
+    a = _smoothed_rows([curves_a[s] for s in seeds], window, length)
+    b = _smoothed_rows([curves_b[s] for s in seeds], window, length)
+    return _band(a - b)
 
 
 def fisher_p(k_a, n_a, k_b, n_b):
@@ -147,14 +175,15 @@ def summarize(results):
             rs = [r for r in runs if r["arm"] == arm]
             arms[arm] = {"n": len(rs), "diverged": sum(bool(r["measures"]["diverged"]) for r in rs),
                          "diverged_at": [r["steps"] for r in rs if r["measures"]["diverged"]]}
-            for key, _, _ in MEASURES:
-                m, h, n = t_interval([r["measures"].get(key) for r in rs])
+            for key, _, _ in MEASURES:  # over finished runs: a run stopped at step 1 has no comparable measures
+                m, h, n = t_interval([r["measures"].get(key) for r in rs if not r["measures"]["diverged"]])
                 arms[arm][key] = {"mean": m, "ci": h, "n": n}
         comps = []
         for a, b in comparisons:
             if a not in arms or b not in arms:
                 continue
-            by = {arm: {r["seed"]: r["measures"] for r in runs if r["arm"] == arm} for arm in (a, b)}
+            by = {arm: {r["seed"]: r["measures"] for r in runs if r["arm"] == arm and not r["measures"]["diverged"]}
+                  for arm in (a, b)}
             da, db = arms[a], arms[b]
             comp = {"a": a, "b": b, "diverged": {"a": da["diverged"], "n_a": da["n"], "b": db["diverged"], "n_b": db["n"],
                                                  "p": fisher_p(da["diverged"], da["n"], db["diverged"], db["n"])}}
@@ -220,6 +249,10 @@ def conclusions(summary, results):
               "indistinguishable" if v == "indistinguishable" else "too few"] += 1
     overall = []
     for (a, b), t in tally.items():
+        if t["too few"] == t["cells"]:
+            overall.append(f"In the {t['cells']} cell(s) that have both {a} and {b}, too few runs of both finished "
+                           f"to compare their final losses (see the divergence counts).")
+            continue
         s = (f"Over the {t['cells']} cell(s) that have both {a} and {b}, {a} reached a lower final held-out loss "
              f"than {b} in {t['better']}, a higher one in {t['worse']}, and the two were indistinguishable "
              f"(95% CI of the seed-paired difference covers 0) in {t['indistinguishable']}")
@@ -251,7 +284,7 @@ def plot_curves(results, key, path, ylabel, window=1, log=True):
         rs = [r for r in runs if r["cell_id"] == cid]
         for arm in _arms(rs):
             curves = [r["curves"][key] for r in rs if r["arm"] == arm]
-            mean, low, high = curve_band(curves, window)
+            mean, low, high = curve_band(curves, window, log=log)
             steps = np.arange(1, len(mean) + 1)
             k = sum(bool(r["measures"]["diverged"]) for r in rs if r["arm"] == arm)
             label = f"{arm} ({k}/{len(curves)} diverged)" if k else arm
@@ -266,6 +299,36 @@ def plot_curves(results, key, path, ylabel, window=1, log=True):
         ax.set_ylabel(ylabel)
         if log:
             ax.set_yscale("log")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_paired_difference(results, path, key="loss", window=1):
+    """One panel per cell: for each comparison A vs B, the seed-paired difference A - B of the
+    smoothed training curves with its 95% band; below the zero line A is lower."""
+    runs = results["runs"]
+    comparisons = results["ablation"].get("comparisons", [["zero", "standard"]])
+    cells = [c for c in _cells(runs) if any({a, b} <= set(_arms([r for r in runs if r["cell_id"] == c]))
+                                            for a, b in comparisons)]
+    fig, axes = _subplots(max(1, len(cells)))
+    for ax, cid in zip(axes, cells):
+        rs = [r for r in runs if r["cell_id"] == cid]
+        for i, (a, b) in enumerate(comparisons):
+            ca = {r["seed"]: r["curves"][key] for r in rs if r["arm"] == a and not r["measures"]["diverged"]}
+            cb = {r["seed"]: r["curves"][key] for r in rs if r["arm"] == b and not r["measures"]["diverged"]}
+            mean, low, high = paired_curve_difference(ca, cb, window)
+            if not len(mean) or not np.isfinite(mean).any():
+                continue
+            steps = np.arange(1, len(mean) + 1)
+            ax.plot(steps, mean, color=f"C{i}", lw=1.2, label=f"{a} − {b} ({len(set(ca) & set(cb))} seeds)")
+            ax.fill_between(steps, low, high, color=f"C{i}", alpha=0.25, lw=0)
+        ax.axhline(0, color="k", lw=0.8)
+        ax.set_title(_label(rs[0]["cell"]), fontsize=8)
+        ax.set_xlabel("step")
+        ax.set_ylabel(f"difference in training {key} ({window}-step mean)")
         ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -408,6 +471,7 @@ def write_report(results, out_dir):
     plots = {
         "loss": plot_curves(results, "loss", os.path.join(out_dir, "loss_curves.png"),
                             f"training loss ({window}-step mean)", window),
+        "diff": plot_paired_difference(results, os.path.join(out_dir, "loss_difference.png"), "loss", window),
         "grad": plot_curves(results, "grad_norm", os.path.join(out_dir, "grad_norm.png"),
                             f"grad norm before clipping ({window}-step mean)", window),
         "update": plot_curves(results, "update_ratio", os.path.join(out_dir, "update_ratio.png"),
@@ -426,13 +490,18 @@ def write_report(results, out_dir):
           "for a given seed every run sees the same batches, timesteps and noise, and the held-out loss is "
           "measured on the same fixed batch, t and noise for every run.", "",
           "## Main result: final held-out loss", "", main_table(summary), "",
-          "Intervals are 95% t-intervals over seeds; A − B is paired by seed. A diverged run (non-finite loss, or "
-          "above 10x its initial loss) stops there and has no final loss, so n counts finished runs.", "",
+          "Intervals are 95% t-intervals over seeds; A − B is paired by seed. A diverged run stops there and is "
+          "counted below; every other measure is over the finished runs only, so n counts those.", "",
           "Divergence (runs that stopped on a non-finite loss or gradient, or a loss above 10x the initial one):", "",
           divergence_table(summary), "",
           "## Conclusions", "", *[f"- {line}" for line in summary["conclusions"]], "",
           "## Training loss", "", f"![loss curves]({os.path.basename(plots['loss'])})", "",
-          f"Mean over seeds of the {window}-step running mean of the training loss, with its 95% band.", "",
+          f"Geometric mean over seeds of the {window}-step running mean of the training loss, with its 95% band "
+          "(taken of log values). Seeds differ in their batches, so these bands are wide; the arms of one seed share "
+          "every batch, and the seed-paired difference below removes that noise:", "",
+          f"![paired loss difference]({os.path.basename(plots['diff'])})", "",
+          "Mean over seeds of the difference between two arms' smoothed training losses (same seed, same batches), "
+          "with its 95% band; below 0 the first arm is lower.", "",
           "## Gradient norm and update size", "", f"![grad norm]({os.path.basename(plots['grad'])})", "",
           f"![update ratio]({os.path.basename(plots['update'])})", "",
           "The update/weight ratio is the RMS of one optimizer step's change over the RMS of the weights before it.", "",
