@@ -189,13 +189,19 @@ def positions_to_indices(positions, n, seed):
     return out
 
 
-def batch_indices(step, micro, rank, n, seed, global_batch, grad_accum, world_size):
-    """The dataset indices of one process's micro-batch: the global batch of ``step`` split
-    into ``grad_accum`` micro-batches, each split over ``world_size`` processes. The union
-    over processes and micro-batches does not depend on how many processes there are."""
+def batch_slice(micro, rank, global_batch, grad_accum, world_size):
+    """Which part of a step's global batch one process's micro-batch is: the batch split into
+    ``grad_accum`` micro-batches, each split over ``world_size`` processes."""
     per = global_batch // (grad_accum * world_size)
-    offset = micro * (global_batch // grad_accum) + rank * per
-    return positions_to_indices(step_positions(step, per, offset, global_batch), n, seed)
+    start = micro * (global_batch // grad_accum) + rank * per
+    return slice(start, start + per)
+
+
+def batch_indices(step, micro, rank, n, seed, global_batch, grad_accum, world_size):
+    """The dataset indices of one process's micro-batch. Their union over processes and
+    micro-batches does not depend on how many of either there are."""
+    sl = batch_slice(micro, rank, global_batch, grad_accum, world_size)
+    return positions_to_indices(step_positions(step, sl.stop - sl.start, sl.start, global_batch), n, seed)
 
 
 class StepBatches(torch.utils.data.Sampler):

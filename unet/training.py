@@ -17,6 +17,7 @@ from types import SimpleNamespace
 import numpy as np
 import torch
 from accelerate import Accelerator
+from accelerate.state import AcceleratorState
 from accelerate.utils import set_seed
 from diffusers.optimization import get_constant_schedule_with_warmup
 from diffusers.training_utils import EMAModel
@@ -26,7 +27,7 @@ from tqdm.auto import tqdm
 
 from . import diagnostics
 from .checkpoint import load_training_state, resolve_resume, save_checkpoint
-from .data import fixed_batch, load_image_data, train_loader
+from .data import batch_slice, fixed_batch, load_image_data, train_loader
 from .diffusion import create_diffusion
 from .model import UNetModel
 from .resample import create_named_schedule_sampler
@@ -36,21 +37,20 @@ class TrainingError(RuntimeError):
     """A run that cannot start or continue; the message is one line."""
 
 
-def step_generator(seed, step, micro=0):
-    """The generator for t, noise and flips of one (step, micro-batch): a pure function
-    of the data seed, so the same for every init arm and across resume."""
-    return torch.Generator().manual_seed((int(seed) * 1_000_003 + int(step)) * 1_009 + int(micro))
+def step_generator(seed, step):
+    """The generator for t, noise and flips of one step: a pure function of the data seed,
+    so the same for every init arm and across resume."""
+    return torch.Generator().manual_seed(int(seed) * 1_000_003 + int(step))
 
 
-def draw_step_inputs(sampler, gen, shape, random_flip, rank, world_size):
-    """t, importance weights, noise and flip mask for a whole global micro-batch of ``shape``
-    (drawn in one go so they do not depend on the process count), then this rank's slice."""
+def draw_step_inputs(sampler, gen, shape, random_flip):
+    """t, importance weights, noise and flip mask for a whole global batch of ``shape``,
+    drawn in one go so that they do not depend on the number of processes or micro-batches
+    (each takes the slice ``data.batch_slice`` gives it, as it does for the examples)."""
     t, w = sampler.sample(shape[0], "cpu", generator=gen)
     noise = torch.randn(shape, generator=gen)
     flip = torch.rand(shape[0], generator=gen) < 0.5 if random_flip else torch.zeros(shape[0], dtype=torch.bool)
-    per = shape[0] // world_size
-    sl = slice(rank * per, (rank + 1) * per)
-    return t[sl], w[sl], noise[sl], flip[sl]
+    return t, w, noise, flip
 
 
 @torch.no_grad()
@@ -179,6 +179,16 @@ def train(cfg, hooks=()):
     """
     resume_path = resolve_resume(cfg.resume, cfg.output_dir)  # a bad path fails before anything starts
     accelerator = _make_accelerator(cfg)
+    try:
+        return _train(accelerator, cfg, hooks, resume_path)
+    finally:
+        accelerator.end_training()  # close the wandb run even when training raised
+        # Let the next train() in this process (the ablation's next cell) choose its own
+        # mixed precision; the process group (PartialState) stays.
+        AcceleratorState._reset_state()
+
+
+def _train(accelerator, cfg, hooks, resume_path):
     main, rank, world = accelerator.is_main_process, accelerator.process_index, accelerator.num_processes
     device = accelerator.device
     data_seed = cfg.seed if cfg.data_seed < 0 else cfg.data_seed
@@ -265,7 +275,6 @@ def train(cfg, hooks=()):
     history, stop_reason, last_ckpt, last_samples = [], "max_steps", resume_path, None
     start = state["step"]
     loader = iter(train_loader(data, cfg, start, rank, world, data_seed))
-    micro_global = cfg.batch_size // cfg.grad_accum
     bar = tqdm(total=cfg.max_steps, initial=start, disable=not (main and cfg.progress), desc="train")
     window_time, window_imgs = 0.0, 0  # training time only: samples and checkpoints excluded
     model.train()
@@ -276,11 +285,12 @@ def train(cfg, hooks=()):
             record.update(_diagnostics_record(raw, diag_batch))
             before = diagnostics.snapshot(raw)
         bad, terms_all, t_all = False, [], []
+        shape = (cfg.batch_size, cfg.channels, cfg.image_size, cfg.image_size)
+        step_inputs = draw_step_inputs(sampler, step_generator(data_seed, step), shape, cfg.random_flip)
         for micro in range(cfg.grad_accum):
             x, y = next(loader)
-            gen = step_generator(data_seed, step, micro)
-            t, w, noise, flip = draw_step_inputs(sampler, gen, (micro_global, *x.shape[1:]), cfg.random_flip,
-                                                 rank, world)
+            sl = batch_slice(micro, rank, cfg.batch_size, cfg.grad_accum, world)
+            t, w, noise, flip = (v[sl] for v in step_inputs)
             x = torch.where(flip[:, None, None, None], x.flip(-1), x)
             x, y, t, w, noise = (v.to(device) for v in (x, y, t, w, noise))
             with accelerator.accumulate(model):
@@ -377,7 +387,6 @@ def train(cfg, hooks=()):
     if stop_reason in ("max_steps", "hook") and cfg.sample_every >= 0 and state["step"] > start:
         last_samples = write_samples(state["step"]) or last_samples
     accelerator.wait_for_everyone()
-    accelerator.end_training()
     losses = [r["loss"] for r in history if not r.get("skipped")]
     evals = [r["eval_loss"] for r in history if "eval_loss" in r]
     return dict(history=history, diverged=stop_reason in ("nan", "diverged"), stop_reason=stop_reason,
