@@ -10,7 +10,7 @@ import os
 import typing
 from dataclasses import dataclass, field
 
-from .config import FIELDS, TYPES, ConfigError, TrainConfig, _parse_bool, _parse_mapping, _read_yaml, _unknown_key
+from .config import FIELDS, INIT_SCHEMES, TYPES, ConfigError, TrainConfig, _parse_bool, _parse_mapping, _read_yaml, _unknown_key
 
 KEYS = ("name", "group", "seeds", "threshold", "smooth", "comparisons", "symmetry", "save_models", "base_config",
         "base", "grid")
@@ -70,7 +70,10 @@ def _seeds(value, path):
     if isinstance(value, int) and not isinstance(value, bool):
         seeds = list(range(value))
     elif isinstance(value, str):
-        seeds = list(range(int(value))) if value.strip().isdigit() else [int(s) for s in value.split(",") if s.strip()]
+        try:
+            seeds = list(range(int(value))) if value.strip().isdigit() else [int(s) for s in value.split(",") if s.strip()]
+        except ValueError:
+            _fail(path, f"'seeds' must be a count or a comma-separated list of integers, got {value!r}")
     elif isinstance(value, list) and all(isinstance(s, int) for s in value):
         seeds = list(value)
     else:
@@ -127,7 +130,10 @@ def load_ablation(path, overrides=None):
     if raw.get("base_config"):
         base_path = os.path.join(os.path.dirname(path), raw["base_config"])
         base_path = base_path if os.path.isfile(base_path) else raw["base_config"]
-        base.update(_parse_mapping(_read_yaml(base_path)))
+        try:
+            base.update(_parse_mapping(_read_yaml(base_path)))
+        except ConfigError as e:
+            _fail(path, f"in base_config '{base_path}': {e}")
     if not isinstance(raw.get("base", {}) or {}, dict):
         _fail(path, "'base' must be a mapping of training config keys")
     try:
@@ -154,8 +160,9 @@ def load_ablation(path, overrides=None):
             except (TypeError, ValueError):
                 _fail(path, f"'{k}' must be a number, got {v!r}")
         elif k == "comparisons":
-            if not (isinstance(v, list) and all(isinstance(c, list) and len(c) == 2 for c in v)):
-                _fail(path, f"'comparisons' must be a list of [A, B] init pairs, got {v!r}")
+            if not (isinstance(v, list) and all(isinstance(c, list) and len(c) == 2 and set(c) <= set(INIT_SCHEMES)
+                                                for c in v)):
+                _fail(path, f"'comparisons' must be a list of [A, B] pairs of {'|'.join(INIT_SCHEMES)}, got {v!r}")
             ab.comparisons = [[str(a), str(b)] for a, b in v]
         elif k == "symmetry":
             ab.symmetry = _symmetry(v, path)
