@@ -76,7 +76,13 @@ def make_scheduler(name, diffusion_kwargs):
     if name == "dpm-solver++":
         # variance_type stays None: with it set, diffusers keeps channels [:, :3], wrong for
         # 1- or 4-channel images; ``scheduler_input`` drops the variance channels instead.
-        return DPMSolverMultistepScheduler(**common, algorithm_type="dpmsolver++", solver_order=2)
+        # x_0 is clipped to [-1, 1] as in the other two (thresholding with a maximum of 1 is a
+        # plain clip); without it, our cosine-schedule digits model gives saturated noise at 20
+        # steps. diffusers asks for lambda_min_clipped with the cosine schedule.
+        cosine = diffusion_kwargs.get("noise_schedule") == "cosine"
+        return DPMSolverMultistepScheduler(**common, algorithm_type="dpmsolver++", solver_order=2,
+                                           thresholding=True, sample_max_value=1.0,
+                                           lambda_min_clipped=-5.1 if cosine else -float("inf"))
     raise ValueError(f"unknown scheduler {name!r}; valid: {', '.join(SCHEDULERS)}")
 
 

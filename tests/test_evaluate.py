@@ -1,0 +1,111 @@
+"""Evaluation: the Frechet distance against an independent formula, the digit judge on real,
+noise and mislabelled digits, bits/dim independent of batching, and the command lines."""
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from unet.config import TrainConfig
+from unet.diffusion import create_diffusion
+from unet.evaluate import bits_per_dim, digit_judge, digit_quality, fid_unavailable_reason, frechet_distance, main
+from unet.model import UNetModel
+
+
+def test_frechet_distance_matches_eigenvalue_formula():
+    rng = np.random.default_rng(0)
+    a = rng.normal(size=(400, 5)) @ rng.normal(size=(5, 5))
+    b = rng.normal(loc=0.5, size=(300, 5)) @ rng.normal(size=(5, 5))
+    s_a, s_b = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
+    # Tr((S_a S_b)^(1/2)) is the sum of the square roots of the eigenvalues of S_a S_b.
+    tr_sqrt = np.sqrt(np.linalg.eigvals(s_a @ s_b).real.clip(0)).sum()
+    expected = ((a.mean(0) - b.mean(0)) ** 2).sum() + np.trace(s_a) + np.trace(s_b) - 2 * tr_sqrt
+    assert frechet_distance(a, b) == pytest.approx(expected, rel=1e-6)
+    assert frechet_distance(a, a) == pytest.approx(0, abs=1e-8)
+
+
+@pytest.fixture(scope="module")
+def digits():
+    return digit_judge(8)
+
+
+def test_digit_quality_separates_real_noise_and_wrong_labels(digits):
+    _, (train_x, train_y), (eval_x, eval_y) = digits
+    real = digit_quality(train_x[:180], train_y[:180])
+    noise = digit_quality(np.random.default_rng(0).integers(0, 256, (180, 8, 8, 1), dtype=np.uint8), train_y[:180])
+    wrong = digit_quality(train_x[:180], (train_y[:180] + 1) % 10)
+    assert real["judge_accuracy"] > 0.9 and real["accuracy"] > 0.9
+    assert real["fd"] < 2 * real["fd_floor"]  # real digits sit at the real-vs-real floor
+    assert noise["fd"] > 10 * real["fd"] and noise["accuracy"] < 0.3
+    assert wrong["accuracy"] < 0.1 and wrong["fd"] == real["fd"]  # labels do not enter the distance
+    assert sum(real["class_histogram"]) == 180
+
+
+def test_bits_per_dim_does_not_depend_on_batching():
+    torch.manual_seed(0)
+    model = UNetModel(1, 32, 2, 1, (2,), channel_mult=(1, 2), num_classes=10, init="standard").eval()
+    diffusion = create_diffusion(steps=20, learn_sigma=True, noise_schedule="cosine")
+    x = torch.rand(5, 1, 8, 8) * 2 - 1
+    y = torch.arange(5)
+    a = bits_per_dim(model, diffusion, x, y, batch_size=5, progress=False)
+    b = bits_per_dim(model, diffusion, x, y, batch_size=2, progress=False)
+    np.testing.assert_allclose(a, b, rtol=1e-5)
+    direct = diffusion.calc_bpd_loop(model, x, model_kwargs={"y": y})["total_bpd"].numpy()
+    assert a.shape == (5,) and np.all(a > 0)
+    assert np.abs(a - direct).max() < 0.2 * np.abs(direct).max()  # other noise draws, same bound
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    cfg = TrainConfig(diffusion_steps=10, num_res_blocks=1, init="standard", report_to="none")
+    torch.manual_seed(0)
+    state = {k: v.contiguous() for k, v in UNetModel(**cfg.model_kwargs()).state_dict().items()}
+    path = tmp_path_factory.mktemp("run") / "checkpoints" / "checkpoint_00000010"
+    path.mkdir(parents=True)
+    cfg.save(path / "config.yaml")
+    save_file(state, path / "model.safetensors")
+    save_file(state, path / f"ema_{cfg.ema_rates[0]:g}.safetensors")
+    return path.parent.parent
+
+
+def test_bpd_cli(run_dir, capsys):
+    main(["bpd", "--checkpoint", str(run_dir), "--num_images", "6", "--batch_size", "4"])
+    line = capsys.readouterr().out.strip()
+    assert line.startswith("bits/dim on 6 held-out images: ")
+    assert float(line.split(": ")[1].split()[0]) > 0
+
+
+def test_quality_and_benchmark_cli(run_dir, tmp_path, capsys, digits):
+    main(["benchmark", "--checkpoint", str(run_dir), "--num_samples", "12", "--runs", "ddpm:full,dpm-solver++:3",
+          "--json", str(tmp_path / "rows.json")])
+    table = capsys.readouterr().out.strip().splitlines()
+    assert len(table) == 4 and table[2].startswith("| ddpm | 10 |") and table[3].startswith("| dpm-solver++ | 3 |")
+    _, (train_x, train_y), _ = digits
+    np.savez(tmp_path / "real.npz", train_x[:50], train_y[:50])
+    main(["quality", "--samples", str(tmp_path / "real.npz")])
+    out = capsys.readouterr().out
+    assert "classifier accuracy on the requested labels: " in out and "real-vs-real floor" in out
+
+
+def test_cli_errors_are_one_line(tmp_path):
+    for argv, message in [(["quality", "--samples", str(tmp_path / "none.npz")], "samples not found"),
+                          (["bpd", "--checkpoint", str(tmp_path / "none")], "checkpoint not found"),
+                          (["benchmark", "--checkpoint", str(tmp_path), "--runs", "euler:5"], "")]:
+        with pytest.raises(SystemExit) as e:
+            main(argv)
+        assert str(e.value).startswith("error: ") and message in str(e.value) and "\n" not in str(e.value)
+    rgb = tmp_path / "rgb.npz"
+    np.savez(rgb, np.zeros((4, 8, 8, 3), np.uint8))
+    with pytest.raises(SystemExit, match="use fid for RGB"):
+        main(["quality", "--samples", str(rgb)])
+
+
+def test_fid_explains_itself_when_unavailable(tmp_path, capsys):
+    reason = fid_unavailable_reason(weights=str(tmp_path / "missing.pth"))
+    if reason is None:
+        pytest.skip("torch-fidelity and weights present")
+    np.savez(tmp_path / "s.npz", np.zeros((4, 8, 8, 3), np.uint8))
+    main(["fid", "--samples", str(tmp_path / "s.npz"), "--ref", str(tmp_path), "--inception_weights",
+          str(tmp_path / "missing.pth")])
+    out = capsys.readouterr().out.strip()
+    assert out == reason and out.startswith("FID skipped: ") and "\n" not in out

@@ -1,0 +1,342 @@
+"""
+Evaluating a trained model: bits/dim on held-out data, sample quality on the digits, FID
+for RGB data, and a benchmark of the samplers.
+
+    python -m unet.evaluate bpd --checkpoint outputs/digits
+    python -m unet.evaluate quality --samples samples/samples.npz
+    python -m unet.evaluate fid --samples samples/samples.npz --ref path/to/real/images
+    python -m unet.evaluate benchmark --checkpoint outputs/digits --num_samples 200
+
+Digit quality uses a small classifier trained on scikit-learn's real digits (the training
+split of the same held-out split the training loop makes): its accuracy on the samples'
+labels (class-conditional models) or its confidence and class histogram (unconditional
+ones), and a Frechet distance in its hidden-layer features against the held-out real
+digits, printed beside the same distance for as many real training digits (the floor
+that sampling noise alone gives).
+"""
+
+import argparse
+import functools
+import json
+import os
+import tempfile
+import time
+import warnings
+
+import numpy as np
+import torch
+from accelerate import Accelerator
+from accelerate.utils import gather_object
+from scipy import linalg
+from tqdm.auto import tqdm
+
+from .diffusion import create_diffusion
+from .sampling import SCHEDULERS, generate, load_checkpoint, sample_generators, to_uint8
+
+# --- bits/dim ------------------------------------------------------------------------
+
+@torch.no_grad()
+def bits_per_dim(model, diffusion, images, labels=None, batch_size=64, seed=0, accelerator=None, progress=True):
+    """
+    The variational bound in bits/dim of each held-out image (``calc_bpd_loop``, all T
+    terms), batched and split across processes; noise is drawn per image index, so the
+    result does not depend on the batching or the number of processes.
+
+    :param images: [N x C x H x W] floats in [-1, 1].
+    :param labels: [N] labels for a class-conditional model.
+    :return: [N] numpy array of total bits/dim, in image order, on every process.
+    """
+    device = accelerator.device if accelerator else torch.device("cpu")
+    indices = list(range(len(images)))
+    if accelerator is not None and accelerator.num_processes > 1:
+        with accelerator.split_between_processes(indices) as mine:
+            indices = list(mine)
+    is_main = accelerator.is_main_process if accelerator else True
+    results = []
+    for start in tqdm(range(0, len(indices), batch_size), desc="bits/dim", disable=not (progress and is_main)):
+        batch = indices[start:start + batch_size]
+        x = images[batch].to(device)
+        gens = sample_generators(seed, batch)
+        noise_fn = lambda _step: torch.cat([torch.randn(1, *x.shape[1:], generator=g) for g in gens]).to(device)
+        kwargs = {} if labels is None or model.num_classes is None else {"y": labels[batch].to(device)}
+        out = diffusion.calc_bpd_loop(model, x, clip_denoised=True, model_kwargs=kwargs, noise_fn=noise_fn)
+        results += list(zip(batch, out["total_bpd"].cpu().tolist()))
+    if accelerator is not None and accelerator.num_processes > 1:
+        results = gather_object(results)
+    results.sort()
+    return np.array([r[1] for r in results])
+
+
+def held_out_data(cfg):
+    """The held-out split the training loop made for ``cfg`` as (images [-1, 1], labels)."""
+    from .data import load_image_data
+
+    data = load_image_data(cfg, log=lambda *_: None)
+    if data.eval is None or len(data.eval) == 0:
+        raise ValueError(f"dataset '{cfg.dataset}' has no held-out split (eval_fraction={cfg.eval_fraction})")
+    rows = [data.eval[i] for i in range(len(data.eval))]
+    return torch.stack([r["image"] for r in rows]), torch.tensor([r["label"] for r in rows])
+
+
+# --- digit quality -------------------------------------------------------------------
+
+def real_digits(image_size, channels=1):
+    """scikit-learn's digits as the training loop sees them at ``image_size``, split as it
+    splits them: ((train images, labels), (held-out images, labels)), images NHWC uint8."""
+    from .config import TrainConfig
+    from .data import load_image_data
+
+    cfg = TrainConfig(dataset="digits", image_size=image_size, channels=channels, report_to="none")
+    data = load_image_data(cfg, log=lambda *_: None)
+
+    def arrays(split):
+        rows = [split[i] for i in range(len(split))]
+        return to_uint8(torch.stack([r["image"] for r in rows])), np.array([r["label"] for r in rows])
+
+    return arrays(data.train), arrays(data.eval)
+
+
+class DigitJudge:
+    """
+    A one-hidden-layer MLP trained on real digits: it labels samples and its hidden layer
+    is the feature space of the Frechet distance (the role Inception plays in FID).
+
+    :param hidden: width of the hidden layer (the feature dimension).
+    """
+
+    def __init__(self, images, labels, hidden=64, seed=0):
+        from sklearn.neural_network import MLPClassifier
+
+        self.clf = MLPClassifier(hidden_layer_sizes=(hidden,), max_iter=2000, random_state=seed)
+        self.clf.fit(self._flat(images), labels)
+        # Units dead on every real digit are constant features: they make covariances singular.
+        h = np.maximum(self._flat(images) @ self.clf.coefs_[0] + self.clf.intercepts_[0], 0)
+        self.alive = h.std(0) > 0
+
+    @staticmethod
+    def _flat(images):
+        return images.reshape(len(images), -1).astype(np.float64) / 255.0
+
+    def features(self, images):
+        """Hidden-layer (ReLU) activations of the units alive on real digits, [N x D]."""
+        h = np.maximum(self._flat(images) @ self.clf.coefs_[0] + self.clf.intercepts_[0], 0)
+        return h[:, self.alive]
+
+    def predict_proba(self, images):
+        return self.clf.predict_proba(self._flat(images))
+
+
+@functools.lru_cache(maxsize=4)
+def digit_judge(image_size, seed=0):
+    """(judge, real training digits, held-out real digits) at ``image_size``, fitted once."""
+    train, held = real_digits(image_size)
+    return DigitJudge(*train, seed=seed), train, held
+
+
+def frechet_distance(a, b):
+    """Frechet distance between Gaussians fitted to feature sets ``a`` and ``b`` ([N x D]):
+    |mu_a - mu_b|^2 + Tr(S_a + S_b - 2 (S_a S_b)^(1/2)), as FID computes it."""
+    mu_a, mu_b = a.mean(0), b.mean(0)
+    s_a, s_b = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", linalg.LinAlgWarning)  # a near-singular product is handled below
+        covmean = linalg.sqrtm(s_a @ s_b)
+        if not np.isfinite(covmean).all():  # regularise, as pytorch-fid does
+            eps = np.eye(len(s_a)) * 1e-6
+            covmean = linalg.sqrtm((s_a + eps) @ (s_b + eps))
+    fd = ((mu_a - mu_b) ** 2).sum() + np.trace(s_a) + np.trace(s_b) - 2 * np.trace(covmean.real)
+    return max(float(fd), 0.0)  # rounding can give -1e-13 for identical sets
+
+
+def digit_quality(images, labels=None, seed=0):
+    """
+    Quality of digit samples (NHWC uint8, 1 channel, the training image size).
+
+    :param labels: the labels they were sampled for (class-conditional models).
+    :return: dict with ``fd`` (samples vs held-out real), ``fd_floor`` (as many real
+        training digits vs held-out real), ``confidence`` (mean top probability),
+        ``class_histogram``, ``accuracy`` (labels given), ``judge_accuracy`` (held-out
+        real digits), ``n``.
+    """
+    if images.ndim != 4 or images.shape[-1] != 1:
+        raise ValueError(f"digit quality needs 1-channel NHWC samples, got shape {images.shape}; use fid for RGB")
+    judge, (train_x, _), (eval_x, eval_y) = digit_judge(images.shape[1], seed)
+    probs = judge.predict_proba(images)
+    pred = probs.argmax(1)
+    held = judge.features(eval_x)
+    # The floor: real digits the model trained on, as many as there are samples.
+    pick = np.random.default_rng(seed).permutation(len(train_x))[:len(images)]
+    out = dict(n=len(images), n_floor=len(pick), fd=frechet_distance(judge.features(images), held),
+               fd_floor=frechet_distance(judge.features(train_x[pick]), held),
+               confidence=float(probs.max(1).mean()), class_histogram=np.bincount(pred, minlength=10).tolist(),
+               judge_accuracy=float((judge.clf.predict(judge._flat(eval_x)) == eval_y).mean()))
+    if labels is not None:
+        out["accuracy"] = float((pred == np.asarray(labels)).mean())
+    return out
+
+
+def format_quality(q):
+    """One line per measure, for people."""
+    lines = [f"samples: {q['n']}",
+             f"Frechet distance (classifier features) vs held-out real digits: {q['fd']:.3f} "
+             f"(real-vs-real floor, {q['n_floor']} real training digits: {q['fd_floor']:.3f})"]
+    if "accuracy" in q:
+        lines.append(f"classifier accuracy on the requested labels: {q['accuracy']:.3f}")
+    lines.append(f"mean classifier confidence: {q['confidence']:.3f}")
+    lines.append(f"predicted class histogram: {q['class_histogram']}")
+    lines.append(f"(classifier accuracy on held-out real digits: {q['judge_accuracy']:.3f})")
+    return "\n".join(lines)
+
+
+# --- FID for RGB ---------------------------------------------------------------------
+
+INCEPTION_FILE = "weights-inception-2015-12-05-6726825d.pth"
+
+
+def fid_unavailable_reason(weights=None):
+    """None when torch-fidelity and its Inception weights are present, else why not (one line)."""
+    try:
+        import torch_fidelity  # noqa: F401
+    except ImportError:
+        return "FID skipped: torch-fidelity is not installed (pip install torch-fidelity; it needs torchvision)"
+    path = weights or os.path.join(torch.hub.get_dir(), "checkpoints", INCEPTION_FILE)
+    if not os.path.isfile(path):
+        return (f"FID skipped: torch-fidelity's Inception weights are not at {path} and this machine has no "
+                f"network to fetch them; copy {INCEPTION_FILE} there or pass --inception_weights")
+    return None
+
+
+def fid(images, ref_dir, weights=None):
+    """FID of NHWC uint8 ``images`` against the images in ``ref_dir``, by torch-fidelity.
+    :return: (fid or None, one-line reason when None)."""
+    reason = fid_unavailable_reason(weights)
+    if reason:
+        return None, reason
+    import torch_fidelity
+    from PIL import Image
+
+    with tempfile.TemporaryDirectory() as tmp:
+        for i, img in enumerate(images):
+            Image.fromarray(img[..., 0] if img.shape[-1] == 1 else img).convert("RGB").save(os.path.join(tmp, f"{i:06d}.png"))
+        kwargs = {"feature_extractor_weights_path": weights} if weights else {}
+        metrics = torch_fidelity.calculate_metrics(input1=tmp, input2=ref_dir, fid=True, verbose=False, **kwargs)
+    return float(metrics["frechet_inception_distance"]), None
+
+
+# --- benchmark -----------------------------------------------------------------------
+
+DEFAULT_RUNS = "ddpm:full,ddpm:100,ddim:50,dpm-solver++:20,dpm-solver++:10"
+
+
+def parse_runs(spec, total_steps):
+    """``"ddpm:full,ddim:50"`` -> [("ddpm", T), ("ddim", 50)]."""
+    runs = []
+    for item in spec.split(","):
+        name, _, steps = item.strip().partition(":")
+        if name not in SCHEDULERS:
+            raise ValueError(f"unknown scheduler {name!r} in --runs; valid: {', '.join(SCHEDULERS)}")
+        runs.append((name, total_steps if steps in ("", "full") else int(steps)))
+    return runs
+
+
+def benchmark(loaded, runs, num_samples, batch_size=256, seed=0):
+    """Images/s and digit quality of each (scheduler, steps) on the same seeds."""
+    rows = []
+    for name, steps in runs:
+        start = time.perf_counter()
+        images, labels = generate(loaded.model, loaded.diffusion_kwargs, loaded.image_size, num_samples, name, steps,
+                                  batch_size, seed, progress=False)
+        seconds = time.perf_counter() - start
+        rows.append(dict(scheduler=name, steps=steps, images_per_s=num_samples / seconds, seconds=seconds,
+                         **digit_quality(images, labels, seed=seed)))
+    return rows
+
+
+def format_table(rows):
+    head = "| sampler | steps | images/s | Frechet dist. (floor) | accuracy | confidence |\n|---|---|---|---|---|---|"
+    body = [f"| {r['scheduler']} | {r['steps']} | {r['images_per_s']:.1f} | {r['fd']:.2f} ({r['fd_floor']:.2f}) | "
+            f"{r.get('accuracy', float('nan')):.3f} | {r['confidence']:.3f} |" for r in rows]
+    return "\n".join([head, *body])
+
+
+# --- command line --------------------------------------------------------------------
+
+def _load_samples(path):
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"samples not found: {path}")
+    try:
+        with np.load(path) as f:
+            return f["arr_0"], (f["arr_1"] if "arr_1" in f else None)
+    except (OSError, ValueError, KeyError) as e:
+        raise ValueError(f"cannot read samples {path} (expected sample.py's samples.npz): {e}") from None
+
+
+def build_parser():
+    p = argparse.ArgumentParser(description="Evaluate a trained model or its samples.")
+    sub = p.add_subparsers(dest="command", required=True)
+    b = sub.add_parser("bpd", help="bits/dim on the held-out split")
+    b.add_argument("--checkpoint", required=True)
+    b.add_argument("--num_images", type=int, default=0, help="first N held-out images (0: all)")
+    b.add_argument("--batch_size", type=int, default=256)
+    b.add_argument("--raw", action="store_true")
+    b.add_argument("--seed", type=int, default=0)
+    q = sub.add_parser("quality", help="digit sample quality (classifier accuracy, Frechet distance)")
+    q.add_argument("--samples", required=True, help="samples.npz written by sample.py")
+    q.add_argument("--json", action="store_true")
+    f = sub.add_parser("fid", help="FID of RGB samples by torch-fidelity, when its weights are present")
+    f.add_argument("--samples", required=True)
+    f.add_argument("--ref", required=True, help="folder of real images")
+    f.add_argument("--inception_weights", default=None)
+    m = sub.add_parser("benchmark", help="images/s and digit quality for several samplers")
+    m.add_argument("--checkpoint", required=True)
+    m.add_argument("--num_samples", type=int, default=200)
+    m.add_argument("--batch_size", type=int, default=256)
+    m.add_argument("--runs", default=DEFAULT_RUNS)
+    m.add_argument("--seed", type=int, default=0)
+    m.add_argument("--json", default=None, help="also write the rows to this file")
+    return p
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "bpd":
+            from .checkpoint import load_model
+
+            if not os.path.exists(args.checkpoint):
+                raise FileNotFoundError(f"checkpoint not found: {args.checkpoint}")
+            model, _, cfg = load_model(args.checkpoint, ema=not args.raw)
+            images, labels = held_out_data(cfg)
+            if args.num_images:
+                images, labels = images[:args.num_images], labels[:args.num_images]
+            accelerator = Accelerator(cpu=not torch.cuda.is_available())
+            diffusion = create_diffusion(**{**cfg.diffusion_kwargs(), "timestep_respacing": ""})
+            bpd = bits_per_dim(model.to(accelerator.device), diffusion, images, labels, args.batch_size, args.seed,
+                               accelerator)
+            if accelerator.is_main_process:
+                sem = bpd.std(ddof=1) / np.sqrt(len(bpd)) if len(bpd) > 1 else float("nan")
+                print(f"bits/dim on {len(bpd)} held-out images: {bpd.mean():.4f} +- {sem:.4f} (standard error)")
+        elif args.command == "quality":
+            images, labels = _load_samples(args.samples)
+            q = digit_quality(images, labels)
+            print(json.dumps(q) if args.json else format_quality(q))
+        elif args.command == "fid":
+            images, _ = _load_samples(args.samples)
+            if not os.path.isdir(args.ref):
+                raise FileNotFoundError(f"reference folder not found: {args.ref}")
+            value, reason = fid(images, args.ref, args.inception_weights)
+            print(reason if value is None else f"FID: {value:.3f}")
+        elif args.command == "benchmark":
+            loaded = load_checkpoint(args.checkpoint)
+            runs = parse_runs(args.runs, loaded.diffusion_kwargs.get("steps", 1000))
+            rows = benchmark(loaded, runs, args.num_samples, args.batch_size, args.seed)
+            print(format_table(rows))
+            if args.json:
+                with open(args.json, "w") as fh:
+                    json.dump(rows, fh, indent=1)
+    except (FileNotFoundError, ValueError) as e:
+        raise SystemExit(f"error: {e}")
+
+
+if __name__ == "__main__":
+    main()
