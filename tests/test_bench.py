@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
 from unet import bench
+from unet.export import to_diffusers_state_dict
 
 
 def test_cli_writes_every_figure(tmp_path):
@@ -69,23 +70,15 @@ def test_our_attention_takes_the_fused_kernel():
     assert "aten.bmm" not in ops
 
 
-def test_peer_config_refuses_what_diffusers_cannot_express():
-    kwargs = dict(bench.PRESETS["tiny"]()["model"], channel_mult=(1, 2, 4), attention_resolutions=(1, 2))
-    with pytest.raises(ValueError, match="head widths"):
-        bench.peer_config(kwargs, 8)
-    with pytest.raises(ValueError, match="one head count"):
-        bench.peer_config(dict(kwargs, num_heads_upsample=1), 8)
-
-
 def test_peer_is_the_same_network():
-    """Our weights loaded into diffusers' model (strictly) give our outputs: the benchmark
-    times two implementations of one function."""
+    """Our weights loaded into the benchmark's diffusers model (strictly, by the export's
+    mapping) give our outputs: the benchmark times two implementations of one function."""
     preset = bench.PRESETS["tiny"]()
     ours, peer = bench.build_models(preset)
     torch.manual_seed(0)
     for p in ours.parameters():  # no zero layers, so that every weight matters
         p.data.normal_(0, 0.2)
-    peer.unet.load_state_dict(bench.peer_state_dict(ours), strict=True)
+    peer.unet.load_state_dict(to_diffusers_state_dict(ours), strict=True)
     x, t, y = torch.randn(4, 3, 8, 8), torch.tensor([0, 10, 50, 99]), torch.tensor([0, 1, 2, 1])
     with torch.no_grad():
         a, b = ours(x, t, y), peer(x, t, y)

@@ -30,7 +30,10 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from .config import TrainConfig
 from .diffusion import create_diffusion
-from .model import AttentionBlock, Downsample, ResBlock, UNetModel, Upsample, attention_downsample_factors
+from diffusers import UNet2DModel
+
+from .export import check_expressible, unet2d_config
+from .model import UNetModel, attention_downsample_factors
 
 aten = torch.ops.aten
 
@@ -87,36 +90,6 @@ PRESETS = {
 
 # --- the two models ---------------------------------------------------------------------
 
-def peer_config(model_kwargs, image_size):
-    """
-    ``UNet2DModel`` keyword arguments for the same architecture as ``UNetModel(**model_kwargs)``
-    (the mapping in DESIGN.md). Raises ValueError for what diffusers cannot express.
-    """
-    k = {**dict(dropout=0, channel_mult=(1, 2, 4, 8), conv_resample=True, dims=2, num_classes=None,
-                num_heads=1, num_heads_upsample=-1, use_scale_shift_norm=False, norm="group"), **model_kwargs}
-    if k["dims"] != 2 or not k["conv_resample"] or k["norm"] != "group":
-        raise ValueError("diffusers' UNet2DModel needs dims=2, conv_resample=True and norm='group'")
-    if k["num_heads_upsample"] not in (-1, k["num_heads"]):
-        raise ValueError("diffusers' UNet2DModel has one head count for encoder and decoder")
-    chans = [m * k["model_channels"] for m in k["channel_mult"]]
-    attn = [2 ** i in k["attention_resolutions"] for i in range(len(chans))]
-    # diffusers fixes the head *width*, the original the head *count*: they agree only when
-    # every attention layer (including the middle one) has the same width.
-    widths = {c // k["num_heads"] for c, a in zip(chans + [chans[-1]], attn + [True]) if a}
-    if len(widths) != 1:
-        raise ValueError(f"attention head widths {sorted(widths)} differ across levels; diffusers needs one")
-    return dict(
-        sample_size=image_size, in_channels=k["in_channels"], out_channels=k["out_channels"],
-        block_out_channels=tuple(chans), layers_per_block=k["num_res_blocks"],
-        down_block_types=tuple("AttnDownBlock2D" if a else "DownBlock2D" for a in attn),
-        up_block_types=tuple("AttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attn)),
-        attention_head_dim=widths.pop(), attn_norm_num_groups=32, norm_num_groups=32,
-        resnet_time_scale_shift="scale_shift" if k["use_scale_shift_norm"] else "default",
-        flip_sin_to_cos=True, freq_shift=0, downsample_padding=1, dropout=k["dropout"],
-        num_class_embeds=k["num_classes"],
-    )
-
-
 class PeerAdapter(nn.Module):
     """diffusers' ``UNet2DModel`` behind our ``forward(x, timesteps, y=None)``, so that the
     same diffusion code drives both models."""
@@ -129,76 +102,20 @@ class PeerAdapter(nn.Module):
         return self.unet(x, timesteps, class_labels=y, return_dict=False)[0]
 
 
-def peer_state_dict(model):
-    """
-    Our ``UNetModel``'s weights under ``UNet2DModel``'s names, so that a test can check that the
-    two networks compute the same function (not only that they count the same parameters).
-    The qkv conv's rows are laid out per head as [q_h; k_h; v_h] and split accordingly.
-    """
-    sd, out = model.state_dict(), {}
-
-    def key(*parts):
-        return ".".join(p for p in parts if p)
-
-    def copy(ours, theirs, names):
-        for o, t in names.items():
-            for p in ("weight", "bias"):
-                if key(ours, o, p) in sd:
-                    out[key(theirs, t, p)] = sd[key(ours, o, p)]
-
-    def attn(ours, theirs, layer):
-        copy(ours, theirs, {"norm": "group_norm"})
-        out[f"{theirs}.to_out.0.weight"] = sd[f"{ours}.proj_out.weight"].squeeze(-1)
-        out[f"{theirs}.to_out.0.bias"] = sd[f"{ours}.proj_out.bias"]
-        c, heads = layer.proj_out.weight.shape[0], layer.num_heads
-        w = sd[f"{ours}.qkv.weight"].reshape(heads, 3, c // heads, c)
-        b = sd[f"{ours}.qkv.bias"].reshape(heads, 3, c // heads)
-        for i, name in enumerate(("to_q", "to_k", "to_v")):
-            out[f"{theirs}.{name}.weight"] = w[:, i].reshape(c, c)
-            out[f"{theirs}.{name}.bias"] = b[:, i].reshape(c)
-
-    def blocks(ours, theirs, modules, level_ends_with, start=0):
-        """Map ``modules[start:]`` (TimestepEmbedSequentials) onto diffusers' blocks; a new
-        block (level) starts after each module holding a ``level_ends_with`` resampler."""
-        level, n_res, n_attn = 0, 0, 0
-        for i, module in list(enumerate(modules))[start:]:
-            for j, layer in enumerate(module):
-                src, dst = f"{ours}.{i}.{j}", f"{theirs}.{level}"
-                if isinstance(layer, ResBlock):
-                    copy(src, f"{dst}.resnets.{n_res}", RES_NAMES)
-                    n_res += 1
-                elif isinstance(layer, AttentionBlock):
-                    attn(src, f"{dst}.attentions.{n_attn}", layer)
-                    n_attn += 1
-                elif isinstance(layer, Downsample):
-                    copy(src, f"{dst}.downsamplers.0", {"op": "conv"})
-                elif isinstance(layer, Upsample):
-                    copy(src, f"{dst}.upsamplers.0", {"conv": "conv"})
-            if any(isinstance(layer, level_ends_with) for layer in module):
-                level, n_res, n_attn = level + 1, 0, 0
-
-    copy("", "", {"time_embed.0": "time_embedding.linear_1", "time_embed.2": "time_embedding.linear_2",
-                  "label_emb": "class_embedding", "input_blocks.0.0": "conv_in",
-                  "out.0": "conv_norm_out", "out.2": "conv_out"})
-    blocks("input_blocks", "down_blocks", model.input_blocks, Downsample, start=1)  # 0 is conv_in
-    copy("middle_block.0", "mid_block.resnets.0", RES_NAMES)
-    attn("middle_block.1", "mid_block.attentions.0", model.middle_block[1])
-    copy("middle_block.2", "mid_block.resnets.1", RES_NAMES)
-    blocks("output_blocks", "up_blocks", model.output_blocks, Upsample)
-    return out
+def peer_kwargs(preset):
+    """``UNet2DModel`` arguments for the preset's architecture, by the export's mapping
+    (``unet.export``; it refuses what diffusers cannot express)."""
+    with torch.device("meta"):  # the structure alone: no memory, no init cost
+        ours = UNetModel(**preset["model"])
+    check_expressible(ours, preset["diffusion"])
+    return unet2d_config(preset["model"], preset["image_size"], ours)
 
 
-RES_NAMES = {"in_layers.0": "norm1", "in_layers.2": "conv1", "emb_layers.1": "time_emb_proj",
-             "out_layers.0": "norm2", "out_layers.3": "conv2", "skip_connection": "conv_shortcut"}
-
-
-def build(which, preset):
+def build(which, preset, peer_config=None):
     """Our ``UNetModel`` ("ours") or diffusers' ``UNet2DModel`` ("peer") for a preset."""
     if which == "ours":
         return UNetModel(**preset["model"])
-    from diffusers import UNet2DModel
-
-    return PeerAdapter(UNet2DModel(**peer_config(preset["model"], preset["image_size"])))
+    return PeerAdapter(UNet2DModel(**(peer_config or peer_kwargs(preset))))
 
 
 def build_models(preset):
@@ -322,16 +239,15 @@ def _status_bytes(field):
 
 
 def _peak_memory_child(preset, which, steps, threads, queue):
-    import diffusers  # noqa: F401  imported before the baseline whichever model runs
-
     torch.set_num_threads(threads)
+    config = peer_kwargs(preset)
     diffusion, batch = make_batch(preset, "cpu")
     # Reset the peak RSS to the current RSS (Linux >= 4.0); ru_maxrss cannot be reset
     # and a spawned child starts with its parent's.
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")
     before = _status_bytes("VmRSS")
-    runner = Runner(build(which, preset), diffusion, batch, "cpu", torch.float32)
+    runner = Runner(build(which, preset, config), diffusion, batch, "cpu", torch.float32)
     for _ in range(steps):
         runner.train_step()
     queue.put(_status_bytes("VmHWM") - before)
