@@ -267,3 +267,19 @@ def test_bf16_autocast_in_the_same_process(tmp_path):
     bf16 = train(tiny(tmp_path / "bf16", max_steps=3, eval_every=3, mixed_precision="bf16"))
     a, b = fp32["final_eval_loss"], bf16["final_eval_loss"]
     assert a != b and abs(a - b) < 0.02 * a  # bf16 really computes, and close to fp32
+
+
+def test_bad_resume_and_corrupt_checkpoint_are_one_line_errors(straight, tmp_path, capsys):
+    cfg, _ = straight
+    rc = train_script.main(["--output_dir", str(tmp_path / "new"), "--resume", str(tmp_path / "nope")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 1 and err[-1].startswith("error: config key 'resume'") and not (tmp_path / "new").exists()
+    shutil.copytree(cfg.output_dir, tmp_path / "copy")
+    bad = os.path.join(latest_checkpoint(str(tmp_path / "copy")), "model.safetensors")
+    with open(bad, "r+b") as f:
+        f.write(b"garbage!" * 4)
+    with pytest.raises(ckpt_mod.CheckpointError, match="cannot load .*model.safetensors"):
+        load_model(str(tmp_path / "copy"), ema=False)
+    with pytest.raises(ckpt_mod.CheckpointError, match="cannot resume from"):
+        train(cfg.replace(output_dir=str(tmp_path / "copy"), resume="latest", max_steps=8))
+    assert os.path.getsize(bad) > 0 and len(list_checkpoints(str(tmp_path / "copy"))) == 2  # nothing deleted

@@ -112,9 +112,10 @@ def save_checkpoint(accelerator, output_dir, step, cfg, model, emas, train_state
                 shutil.rmtree(os.path.join(root, n), ignore_errors=True)
     accelerator.wait_for_everyone()
     accelerator.save_state(tmp)
+    weights = accelerator.get_state_dict(model)  # on every process: sharded setups gather here
     if accelerator.is_main_process:
         unwrapped = accelerator.unwrap_model(model)
-        save_file(_strip_module(accelerator.get_state_dict(model)), os.path.join(tmp, "model.safetensors"))
+        save_file(_strip_module(weights), os.path.join(tmp, "model.safetensors"))
         for rate, ema in emas.items():
             save_file(ema_state_dict(unwrapped, ema), os.path.join(tmp, ema_filename(rate)))
         tensors = {}

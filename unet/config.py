@@ -47,6 +47,7 @@ class TrainConfig:
     checkpoint_every: int = 500
     keep_checkpoints: int = 2
     resume: str = ""  # "", "latest" or a checkpoint directory
+    cpu_threads: int = 0  # torch threads per process on a CPU; 0 = the cores / processes on this machine
     max_nan_steps: int = 10  # stop after this many non-finite losses in a row
     divergence_factor: float = 0.0  # stop when loss > factor * initial loss; 0 = never
     # --- logging and samples ---
@@ -245,7 +246,7 @@ def validate(cfg):
                 "log_every", "num_samples", "sample_steps", "image_size", "channels", "model_channels",
                 "num_res_blocks", "diffusion_steps", "max_nan_steps", "num_heads", "eval_batch_size"):
         _require(getattr(cfg, key) >= 1, key, "an integer >= 1", getattr(cfg, key))
-    for key in ("warmup_steps", "num_workers", "diagnostics_every", "eval_every"):
+    for key in ("warmup_steps", "num_workers", "diagnostics_every", "eval_every", "cpu_threads"):
         _require(getattr(cfg, key) >= 0, key, "an integer >= 0", getattr(cfg, key))
     _require(cfg.sample_every >= -1, "sample_every", "-1 (never), 0 (at the end) or a step interval",
              cfg.sample_every)
