@@ -315,13 +315,17 @@ def _train(accelerator, cfg, hooks, resume_path):
             t_all.append(accelerator.gather(t) if world > 1 else t)
         keys = [k for k in ("loss", "mse", "vb") if k in terms]
         terms_all, t_all = torch.cat(terms_all).cpu(), torch.cat(t_all).cpu()
+        if not bad:
+            grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.grad_clip or float("inf"))
+            # fp16's grad scaler skips inf/NaN gradients itself (and must see them to lower its
+            # scale); otherwise a non-finite gradient is a bad step like a non-finite loss.
+            bad = accelerator.scaler is None and not math.isfinite(float(grad_norm))
         if bad:
             optimizer.zero_grad(set_to_none=True)
             state["nan_skipped"] += 1
             state["nan_streak"] += 1
             record.update(loss=float("nan"), skipped=True, lr=scheduler.get_last_lr()[0])
         else:
-            grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.grad_clip or float("inf"))
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
