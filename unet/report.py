@@ -492,7 +492,8 @@ def write_report(results, out_dir):
           "## Main result: final held-out loss", "", main_table(summary), "",
           "Intervals are 95% t-intervals over seeds; A − B is paired by seed. A diverged run stops there and is "
           "counted below; every other measure is over the finished runs only, so n counts those.", "",
-          "Divergence (runs that stopped on a non-finite loss or gradient, or a loss above 10x the initial one):", "",
+          "Divergence (runs that stopped on a non-finite loss or gradient, or when the median of the last "
+          f"{window} training losses rose above 10x the initial loss):", "",
           divergence_table(summary), "",
           "## Conclusions", "", *[f"- {line}" for line in summary["conclusions"]], "",
           "## Training loss", "", f"![loss curves]({os.path.basename(plots['loss'])})", "",
@@ -529,7 +530,9 @@ def write_report(results, out_dir):
            "noise (the same for every run).",
            "- *grad norm*: the global gradient norm before clipping, max and median over steps.",
            "- *loss spikes*: steps whose loss is above 2x the median of the previous 50 (`diagnostics.SpikeDetector`).",
-           "- *diverged*: a non-finite loss, or one above 10x the initial loss; the run stops and is counted.", ""]
+           f"- *diverged*: a non-finite loss or gradient, or the median of the last {window} losses above 10x the "
+           "initial loss (a median, so that one batch's spike is counted as a spike, not a divergence); the run stops "
+           "there and is counted.", ""]
     with open(os.path.join(out_dir, "report.md"), "w") as f:
         f.write("\n".join(md))
     return {"plots": list(plots.values()), "summary": summary}
