@@ -15,7 +15,8 @@ import torch
 from safetensors.torch import save_file
 
 from unet.config import TrainConfig
-from unet.export import ExportError, main, max_output_difference, to_unet2d
+from unet.diffusion import create_diffusion
+from unet.export import ExportError, export_scheduler, main, max_output_difference, to_unet2d
 from unet.model import UNetModel
 from unet.sampling import Loaded, generate, sample_generators
 
@@ -49,7 +50,7 @@ def test_unet2d_output_equals_ours(overrides):
 
 def test_improved_diffusion_weights_convert():
     """The fixture's model (weights from openai/improved-diffusion's layout) converts exactly;
-    its diffusion rescales timesteps (T=100), which a DDPMPipeline cannot, so export refuses it."""
+    its diffusion rescales timesteps by 1000/100, which a DDPMPipeline cannot, so export refuses it."""
     d = torch.load(FIXTURE, weights_only=True)
     case = json.loads(d["case"])
     model = UNetModel(**case["model"])
@@ -58,6 +59,33 @@ def test_improved_diffusion_weights_convert():
     assert max_output_difference(ld, to_unet2d(ld), batch=4) < 1e-5
     with pytest.raises(ExportError, match="rescale_timesteps"):
         to_unet2d(Loaded(model, case["model"], case["diffusion"], case["image_size"]))
+
+
+def test_rescaled_4000_step_model_exports_respaced_to_1000_steps():
+    """A T=4000 model with rescale_timesteps (the shipped CIFAR-10 and ImageNet-64 configs)
+    sees t/4. The exported scheduler is the process respaced to every 4th step, so the
+    pipeline's step index j is the timestep the model expects, and each pipeline step equals
+    the core's ``timestep_respacing="ddim1000"`` step (mean and variance, to 1e-5; within
+    the last few steps to 1e-3, as the stock scheduler keeps 1 - alpha-bar in float32)."""
+    dk = dict(steps=4000, learn_sigma=True, noise_schedule="cosine", rescale_timesteps=True)
+    sched = export_scheduler(dk)
+    core = create_diffusion(**dk, timestep_respacing="ddim1000")
+    assert core.timestep_map.tolist() == list(range(0, 4000, 4))
+    np.testing.assert_allclose(sched.betas.double().numpy(), core.betas, rtol=1e-6)
+    sched.set_timesteps(1000)  # DDPMPipeline's default
+    model = loaded(seed=1).model
+    x = torch.randn(2, 1, 16, 16, generator=torch.Generator().manual_seed(0))
+    y = torch.tensor([3, 4])
+    for j in (999, 400, 3, 0):
+        idx = torch.full((2,), j)
+        assert torch.equal(core.model_timesteps(idx), idx.float())  # the step index is the model's timestep
+        with torch.no_grad():
+            ref = core.p_mean_variance(model, x, idx, model_kwargs={"y": y})
+            out = model(x, idx, y=y)
+        noise = torch.randn(x.shape, generator=torch.Generator().manual_seed(j))
+        prev = sched.step(out, j, x, generator=torch.Generator().manual_seed(j)).prev_sample
+        expected = ref["mean"] + (ref["variance"].sqrt() * noise if j > 0 else 0)
+        torch.testing.assert_close(prev, expected, atol=1e-5 if j > 100 else 1e-3, rtol=0)
 
 
 @pytest.mark.parametrize("overrides,message", [

@@ -13,11 +13,13 @@ one attention head width for the whole model; a model outside that gets a one-li
 import argparse
 import os
 
+import numpy as np
 import torch
-from diffusers import DDPMPipeline, UNet2DModel
+from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
 
+from .diffusion import get_named_beta_schedule, respaced_betas
 from .model import AttentionBlock, Downsample, ResBlock, Upsample
-from .sampling import Loaded, load_checkpoint, make_scheduler
+from .sampling import ddpm_variance_type, load_checkpoint, make_scheduler, scheduler_kwargs
 
 
 class ExportError(ValueError):
@@ -55,10 +57,28 @@ def check_expressible(model, diffusion_kwargs):
         if isinstance(m, ResBlock) and isinstance(m.skip_connection, torch.nn.Conv2d) and m.skip_connection.kernel_size != (1, 1):
             raise ExportError("UNet2DModel's residual shortcut is a 1x1 conv; this model uses 3x3 skip convs")
     steps = diffusion_kwargs.get("steps", 1000)
-    if diffusion_kwargs.get("rescale_timesteps") and steps != 1000:
-        raise ExportError(f"this model sees timesteps scaled by 1000/{steps} (rescale_timesteps), which DDPMPipeline "
-                          "cannot do: it calls the U-Net with the raw step index")
+    if diffusion_kwargs.get("rescale_timesteps") and steps % 1000:
+        raise ExportError(f"this model sees timesteps scaled by 1000/{steps} (rescale_timesteps), and DDPMPipeline calls "
+                          "the U-Net with the scheduler's step index: only T = 1000, 2000, 3000, ... can be exported")
     head_width(model)
+
+
+def export_scheduler(diffusion_kwargs):
+    """
+    The pipeline's ``DDPMScheduler``. A model trained with ``rescale_timesteps`` over T = k * 1000
+    steps sees ``t / k``, while DDPMPipeline calls the U-Net with the scheduler's own step
+    index; so its process is exported respaced to every k-th step (1000 steps with the same
+    alpha-bar there, the respacing improved-diffusion samples with), whose step j is the
+    model's step k * j and is exactly the timestep the model was trained to see.
+    """
+    steps = diffusion_kwargs.get("steps", 1000)
+    if not diffusion_kwargs.get("rescale_timesteps") or steps == 1000:
+        return make_scheduler("ddpm", diffusion_kwargs)
+    alphas_cumprod = np.cumprod(1.0 - get_named_beta_schedule(diffusion_kwargs.get("noise_schedule", "linear"), steps))
+    betas = respaced_betas(alphas_cumprod, range(0, steps, steps // 1000))
+    kwargs = {k: v for k, v in scheduler_kwargs(diffusion_kwargs).items() if not k.startswith("beta_")}
+    return DDPMScheduler(**{**kwargs, "num_train_timesteps": 1000}, trained_betas=betas.tolist(),
+                         variance_type=ddpm_variance_type(diffusion_kwargs), clip_sample=True)
 
 
 def unet2d_config(model_kwargs, image_size, model):
@@ -179,7 +199,7 @@ def export_pipeline(loaded, out_dir, tolerance=1e-4):
     diff = max_output_difference(loaded, unet)
     if not diff <= tolerance:
         raise ExportError(f"the converted U-Net differs from ours by {diff:.3g} (> {tolerance:g}); nothing written")
-    DDPMPipeline(unet=unet, scheduler=make_scheduler("ddpm", loaded.diffusion_kwargs)).save_pretrained(out_dir)
+    DDPMPipeline(unet=unet, scheduler=export_scheduler(loaded.diffusion_kwargs)).save_pretrained(out_dir)
     return diff
 
 
