@@ -231,6 +231,15 @@ def matmul_peak(device, dtype, n=2048, reps=10):
     return 2 * n ** 3 / best
 
 
+def cpu_name():
+    """The CPU's model name (Linux), else the architecture."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.machine()
+
+
 def _status_bytes(field):
     """A memory figure of this process from /proc/self/status (VmRSS, VmHWM), in bytes."""
     with open("/proc/self/status") as f:
@@ -288,7 +297,7 @@ def run(preset_name, device="cpu", dtype="fp32", compile=False, warmup=2, repeat
     runners = {k: Runner(m, diffusion, batch, device, DTYPES[dtype], compile) for k, m in models.items()}
     result = dict(
         preset=preset_name, config={k: v for k, v in preset.items()}, device=device,
-        device_name=torch.cuda.get_device_name() if device.startswith("cuda") else platform.processor() or platform.machine(),
+        device_name=torch.cuda.get_device_name() if device.startswith("cuda") else cpu_name(),
         dtype=dtype, compile=compile, threads=torch.get_num_threads(), torch=torch.__version__,
         warmup=warmup, repeats=repeats, steps_per_repeat=steps,
         params={k: count_params(m) for k, m in models.items()},

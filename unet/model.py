@@ -263,7 +263,7 @@ class UNetModel(nn.Module):
         self.out = nn.Sequential(normalization(ch, norm), nn.SiLU(), conv_nd(dims, model_channels, out_channels, 3, padding=1))
         apply_init(self, init)
         # Channels-last inside (2-D data): oneDNN's convolutions run on it without reordering to
-        # and from their blocked layout (1x1 convs train ~2.5x faster on CPU, 3x3 ~10%), and the
+        # and from their blocked layout (1x1 convs train ~2.5x faster on CPU, 3x3 ~15%), and the
         # attention reads (B, T, C) from it as a free view. An attribute, not a parameter or
         # buffer, so that state_dicts are unchanged; see docs/performance.md.
         self.channels_last = True
