@@ -23,6 +23,8 @@ def test_space_timesteps_forms():
         space_timesteps(100, "ddim30")
     with pytest.raises(ValueError, match="cannot divide a section of 50 steps into 60"):
         space_timesteps(100, "60,1")
+    with pytest.raises(ValueError, match="at least 2 steps, got 1"):
+        create_diffusion(steps=100, timestep_respacing="1")
 
 
 def test_respacing_keeps_alpha_bar():

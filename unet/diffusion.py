@@ -163,6 +163,8 @@ class GaussianDiffusion:
         if not ((betas > 0).all() and (betas <= 1).all()):
             raise ValueError(f"betas must lie in (0, 1], got {betas.min():.3g}..{betas.max():.3g} (a linear schedule needs T >= 20)")
         self.num_timesteps = len(betas)
+        if self.num_timesteps < 2:  # beta-tilde_1, which clips log beta-tilde_0, must exist
+            raise ValueError(f"a diffusion process needs at least 2 steps, got {self.num_timesteps}")
         self.original_num_steps = original_num_steps or self.num_timesteps
         self.timestep_map = torch.as_tensor(timestep_map if timestep_map is not None else range(self.num_timesteps), dtype=torch.long)
 
