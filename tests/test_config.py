@@ -101,3 +101,15 @@ def test_cli_rejects_before_anything_starts(tmp_path):
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and "'init'" in lines[0] and "zero|standard" in lines[0]
     assert not out.exists()
+
+
+def test_config_choices_mirror_the_package():
+    """config.py lists the valid names without importing torch; they must stay the package's."""
+    from unet.config import CHOICES
+    from unet.init import INIT_SCHEMES
+    from unet.model import NORMS
+    from unet.resample import SCHEDULE_SAMPLERS
+
+    assert CHOICES["init"] == INIT_SCHEMES
+    assert CHOICES["norm"] == NORMS
+    assert CHOICES["schedule_sampler"] == SCHEDULE_SAMPLERS

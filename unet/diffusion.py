@@ -178,6 +178,7 @@ class GaussianDiffusion:
         consts = dict(
             sqrt_alphas_cumprod=np.sqrt(ac),
             sqrt_one_minus_alphas_cumprod=np.sqrt(1.0 - ac),
+            one_minus_alphas_cumprod=1.0 - ac,
             log_one_minus_alphas_cumprod=np.log(1.0 - ac),
             sqrt_recip_alphas_cumprod=np.sqrt(1.0 / ac),
             sqrt_recipm1_alphas_cumprod=np.sqrt(1.0 / ac - 1),
@@ -205,8 +206,8 @@ class GaussianDiffusion:
     def q_mean_variance(self, x_start, t):
         """Mean, variance and log-variance of q(x_t | x_0) (Eq. 8)."""
         mean = self._extract("sqrt_alphas_cumprod", t, x_start.shape) * x_start
-        var = 1.0 - torch.from_numpy(self.alphas_cumprod).to(t.device)[t].float().reshape(-1, *([1] * (x_start.ndim - 1)))
-        return mean, var, self._extract("log_one_minus_alphas_cumprod", t, x_start.shape)
+        return (mean, self._extract("one_minus_alphas_cumprod", t, x_start.shape),
+                self._extract("log_one_minus_alphas_cumprod", t, x_start.shape))
 
     def q_sample(self, x_start, t, noise=None):
         """Draw x_t ~ q(x_t | x_0) (Eq. 9)."""
