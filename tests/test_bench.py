@@ -2,6 +2,7 @@
 figure lands in the JSON, and the FLOP counts match hand counts."""
 
 import json
+import math
 
 import pytest
 import torch
@@ -28,6 +29,20 @@ def test_cli_writes_every_figure(tmp_path):
             assert r[kind]["images_per_second"][who] == pytest.approx(4 / r[kind]["median_seconds"][who])
             assert r[kind]["fraction_of_matmul_peak"][who] > 0
         assert r[kind]["ratio"] == pytest.approx(r[kind]["median_seconds"]["peer"] / r[kind]["median_seconds"]["ours"])
+        times = r[kind]["seconds_per_step"]
+        assert r[kind]["paired_ratios"] == sorted(p / o for p, o in zip(times["peer"], times["ours"]))
+        lo, hi = r[kind]["paired_ratio_ci95"]
+        assert lo <= r[kind]["paired_ratio_geomean"] <= hi
+    assert r["flush_denormal"] is True
+
+
+def test_paired_ratio_interval_matches_a_hand_computation():
+    # log ratios: log 1.1 +- d; mean log 1.1, sd d*sqrt(2), t(0.975, 1) = 12.706
+    d = 0.01
+    geomean, (lo, hi) = bench.paired_ratio_ci([1.1 * math.exp(-d), 1.1 * math.exp(d)])
+    half = 12.7062047 * d * math.sqrt(2) / math.sqrt(2)
+    assert geomean == pytest.approx(1.1)
+    assert lo == pytest.approx(1.1 * math.exp(-half)) and hi == pytest.approx(1.1 * math.exp(half))
 
 
 def test_peak_memory_is_measured():

@@ -46,3 +46,42 @@ def test_class_conditioning():
     assert torch.equal(a[0], b[0]) and not torch.allclose(a[1], b[1])
     with pytest.raises(ValueError, match="class-conditional"):
         m(x, t)
+
+
+def test_dropout_is_bernoulli_with_the_inverted_scale():
+    """The CPU fast path draws its own mask: it must still keep each value with probability
+    1 - p, scale kept values by exactly 1 / (1 - p), pass the same mask to the gradient,
+    follow the global seed, and be the identity in eval mode."""
+    from unet.nn import Dropout
+
+    p, n = 0.3, 200_000
+    drop = Dropout(p)
+    x = torch.rand(n) + 0.5  # no zeros, so a zero in the output is a dropped value
+    torch.manual_seed(1)
+    y = drop(x)
+    kept = y != 0
+    # Binomial(n, 0.7): sd = 0.001 on the fraction, so 5 sd is 0.005.
+    assert abs(kept.float().mean().item() - (1 - p)) < 0.005
+    assert torch.equal(y[kept], x[kept] * (1 / (1 - p)))
+    torch.manual_seed(1)
+    assert torch.equal(drop(x), y)  # same seed, same mask
+    assert not torch.equal(drop(x), y)  # the generator moved on
+
+    xg = x.clone().requires_grad_()
+    torch.manual_seed(2)
+    out = drop(xg)
+    out.backward(torch.ones(n))
+    scale = torch.tensor(1 / (1 - p))  # the gradient is the mask: the scale where kept, else 0
+    assert torch.equal(xg.grad, torch.where(out.detach() != 0, scale, 0.0))
+    drop.eval()
+    assert drop(x) is x
+    assert Dropout(0.0)(x) is x and torch.equal(Dropout(1.0)(x), torch.zeros(n))
+
+
+def test_dropout_in_the_model_only_when_training():
+    m = make(dropout=0.5)
+    x, t = torch.randn(2, 3, 16, 16), torch.tensor([3, 700])
+    m.eval()
+    assert torch.equal(m(x, t), m(x, t))
+    m.train()
+    assert not torch.equal(m(x, t), m(x, t))

@@ -17,12 +17,14 @@ CUDA. Speed is only ever measured here, never in tests.
 import argparse
 import contextlib
 import json
+import math
 import multiprocessing as mp
 import platform
 import statistics
 import sys
 import time
 
+import scipy.stats
 import torch
 import torch.nn as nn
 from torch.utils import flop_counter
@@ -211,6 +213,17 @@ class Runner:
         return counter.get_total_flops()
 
 
+def paired_ratio_ci(ratios):
+    """Geometric mean of per-repeat ratios and its 95% t-interval (on the log ratios,
+    which a machine's multiplicative slow-downs make roughly symmetric)."""
+    logs = [math.log(r) for r in ratios]
+    mean = statistics.fmean(logs)
+    if len(logs) < 2:
+        return math.exp(mean), (float("nan"), float("nan"))
+    half = scipy.stats.t.ppf(0.975, len(logs) - 1) * statistics.stdev(logs) / math.sqrt(len(logs))
+    return math.exp(mean), (math.exp(mean - half), math.exp(mean + half))
+
+
 # --- the machine's limit and memory ---------------------------------------------------------
 
 def matmul_peak(device, dtype, n=2048, reps=10):
@@ -277,8 +290,8 @@ def peak_train_memory(preset, which, steps=2):
 
 # --- the benchmark ---------------------------------------------------------------------------
 
-def run(preset_name, device="cpu", dtype="fp32", compile=False, warmup=2, repeats=5, steps=3,
-        memory=True, batch_size=None, log=print):
+def run(preset_name, device="cpu", dtype="fp32", compile=False, warmup=2, repeats=10, steps=2,
+        memory=True, batch_size=None, flush_denormal=False, log=print):
     """
     Benchmark one preset and return every figure as a JSON-ready dict.
 
@@ -287,6 +300,7 @@ def run(preset_name, device="cpu", dtype="fp32", compile=False, warmup=2, repeat
         in an order that flips every repeat.
     :param memory: also measure peak training memory.
     :param batch_size: override the preset's batch size.
+    :param flush_denormal: recorded only; ``main`` sets it before torch starts its threads.
     """
     preset = PRESETS[preset_name]()
     if batch_size:
@@ -299,6 +313,7 @@ def run(preset_name, device="cpu", dtype="fp32", compile=False, warmup=2, repeat
         preset=preset_name, config={k: v for k, v in preset.items()}, device=device,
         device_name=torch.cuda.get_device_name() if device.startswith("cuda") else cpu_name(),
         dtype=dtype, compile=compile, threads=torch.get_num_threads(), torch=torch.__version__,
+        flush_denormal=flush_denormal,
         warmup=warmup, repeats=repeats, steps_per_repeat=steps,
         params={k: count_params(m) for k, m in models.items()},
     )
@@ -315,16 +330,25 @@ def run(preset_name, device="cpu", dtype="fp32", compile=False, warmup=2, repeat
             for k in (("ours", "peer") if i % 2 == 0 else ("peer", "ours")):
                 times[k].append(runners[k].time_steps(kind, steps))
         med = {k: statistics.median(v) for k, v in times.items()}
+        # Each repeat's two timings are neighbours in time, so their ratio is blind to the
+        # machine's slow drift; its spread says how far one repeat can be trusted.
+        paired = sorted(p / o for p, o in zip(times["peer"], times["ours"]))
+        geomean, ci = paired_ratio_ci(paired)
         result[kind] = dict(
             seconds_per_step=times,
             median_seconds={k: med[k] for k in med},
             images_per_second={k: preset["batch_size"] / med[k] for k in med},
             ratio=med["peer"] / med["ours"],
+            paired_ratios=paired,
+            paired_ratio_median=statistics.median(paired),
+            paired_ratio_geomean=geomean,
+            paired_ratio_ci95=ci,
             achieved_flops={k: result["flops"][kind][k] / med[k] for k in med},
             fraction_of_matmul_peak={k: result["flops"][kind][k] / med[k] / result["matmul_peak_flops"] for k in med},
         )
         log(f"  {kind:6s} ours {result[kind]['images_per_second']['ours']:8.1f} img/s  "
-            f"diffusers {result[kind]['images_per_second']['peer']:8.1f} img/s  ratio {result[kind]['ratio']:.3f}  "
+            f"diffusers {result[kind]['images_per_second']['peer']:8.1f} img/s  ratio {result[kind]['ratio']:.3f} "
+            f"(paired: geomean {geomean:.3f}, 95% CI {ci[0]:.3f}-{ci[1]:.3f})  "
             f"({result[kind]['fraction_of_matmul_peak']['ours']:.0%} / "
             f"{result[kind]['fraction_of_matmul_peak']['peer']:.0%} of matmul peak)")
     if memory:
@@ -355,15 +379,26 @@ def main(argv=None):
     p.add_argument("--dtype", default="fp32", choices=sorted(DTYPES), help="autocast dtype (fp32: none)")
     p.add_argument("--compile", action="store_true", help="torch.compile both models")
     p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--steps", type=int, default=3, help="steps per model per repeat")
+    p.add_argument("--repeats", type=int, default=10)
+    p.add_argument("--steps", type=int, default=2, help="steps per model per repeat")
     p.add_argument("--batch-size", type=int, default=0, help="override the preset's batch size")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
+    p.add_argument("--keep-denormals", action="store_true",
+                   help="do not flush denormal floats to zero on CPU (see docs/performance.md)")
     args = p.parse_args(argv)
+    if not args.keep_denormals:
+        # Zero-initialised layers pass ~1e-12 gradients upstream in the first steps, and
+        # AdamW's squares of those are denormals, on which x86 arithmetic is ~18x slower.
+        # Set before any parallel op, so torch's worker threads inherit it; both models run
+        # under it.
+        torch.set_flush_denormal(True)
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         sys.exit("error: --device cuda given but no CUDA device is available")
-    result = run(args.preset, args.device, args.dtype, args.compile, args.warmup, args.repeats, args.steps,
-                 not args.no_memory, args.batch_size or None)
+    try:
+        result = run(args.preset, args.device, args.dtype, args.compile, args.warmup, args.repeats, args.steps,
+                     not args.no_memory, args.batch_size or None, flush_denormal=not args.keep_denormals)
+    finally:
+        torch.set_flush_denormal(False)  # main() may run inside a longer-lived process (tests)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=1)

@@ -8,7 +8,7 @@ from einops import rearrange
 from torch.utils.checkpoint import checkpoint
 
 from .init import apply_init
-from .nn import avg_pool_nd, conv_nd, normalization, timestep_embedding
+from .nn import Dropout, avg_pool_nd, conv_nd, normalization, timestep_embedding
 
 NORMS = ("group", "none")
 
@@ -94,7 +94,7 @@ class ResBlock(nn.Module):
         self.in_layers = nn.Sequential(normalization(channels, norm), nn.SiLU(),
                                        conv_nd(dims, channels, out_channels, 3, padding=1))
         self.emb_layers = nn.Sequential(nn.SiLU(), nn.Linear(emb_channels, 2 * out_channels if use_scale_shift_norm else out_channels))
-        self.out_layers = nn.Sequential(normalization(out_channels, norm), nn.SiLU(), nn.Dropout(p=dropout),
+        self.out_layers = nn.Sequential(normalization(out_channels, norm), nn.SiLU(), Dropout(p=dropout),
                                         conv_nd(dims, out_channels, out_channels, 3, padding=1))
         if out_channels == channels:
             self.skip_connection = nn.Identity()
