@@ -33,7 +33,22 @@ def test_cli_writes_every_figure(tmp_path):
         assert r[kind]["paired_ratios"] == sorted(p / o for p, o in zip(times["peer"], times["ours"]))
         lo, hi = r[kind]["paired_ratio_ci95"]
         assert lo <= r[kind]["paired_ratio_geomean"] <= hi
+    net = r["train"]["network"]
+    for who in ("ours", "peer"):
+        # The network's share is the step minus the optimizer's, both measured.
+        opt = r["train"]["optimizer_seconds_per_step"][who]
+        assert all(0 < o < t for o, t in zip(opt, r["train"]["seconds_per_step"][who]))
+        assert net["seconds_per_step"][who] == pytest.approx([t - o for t, o in zip(r["train"]["seconds_per_step"][who], opt)])
+    assert net["paired_ratios"] == sorted(p / o for p, o in zip(net["seconds_per_step"]["peer"], net["seconds_per_step"]["ours"]))
     assert r["flush_denormal"] is True
+
+
+def test_each_model_gets_its_training_scripts_optimizer():
+    preset = bench.PRESETS["tiny"]()
+    diffusion, batch = bench.make_batch(preset, "cpu")
+    ours = bench.Runner(bench.build("ours", preset), diffusion, batch, "cpu", torch.float32, fused_adamw=True)
+    peer = bench.Runner(bench.build("peer", preset), diffusion, batch, "cpu", torch.float32)
+    assert ours.opt.defaults["fused"] is True and not peer.opt.defaults["fused"]
 
 
 def test_paired_ratio_interval_matches_a_hand_computation():

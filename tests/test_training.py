@@ -283,3 +283,21 @@ def test_bad_resume_and_corrupt_checkpoint_are_one_line_errors(straight, tmp_pat
     with pytest.raises(ckpt_mod.CheckpointError, match="cannot resume from"):
         train(cfg.replace(output_dir=str(tmp_path / "copy"), resume="latest", max_steps=8))
     assert os.path.getsize(bad) > 0 and len(list_checkpoints(str(tmp_path / "copy"))) == 2  # nothing deleted
+
+
+def test_training_optimizer_is_fused_adamw_with_the_same_update():
+    from unet.training import adamw
+
+    torch.manual_seed(0)
+    ref = torch.nn.Parameter(torch.randn(1000))
+    fused = torch.nn.Parameter(ref.detach().clone())
+    start = ref.detach().clone()
+    opts = [torch.optim.AdamW([ref], lr=1e-2, weight_decay=0.1), adamw([fused], lr=1e-2, weight_decay=0.1)]
+    assert opts[1].defaults["fused"] is True
+    for _ in range(5):
+        g = torch.randn(1000)
+        for p, opt in zip((ref, fused), opts):
+            p.grad = g.clone()
+            opt.step()
+    assert (ref - start).abs().mean().item() > 5e-3  # the steps did move the parameters
+    assert (fused - ref).abs().max().item() < 1e-6

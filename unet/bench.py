@@ -36,6 +36,7 @@ from diffusers import UNet2DModel
 
 from .export import check_expressible, unet2d_config
 from .model import UNetModel, attention_downsample_factors
+from .training import adamw
 
 aten = torch.ops.aten
 
@@ -150,12 +151,15 @@ def make_batch(preset, device, seed=0):
 class Runner:
     """Holds one model, its optimizer and the batch, and runs timed steps of either kind."""
 
-    def __init__(self, model, diffusion, batch, device, dtype, compile=False):
+    def __init__(self, model, diffusion, batch, device, dtype, compile=False, fused_adamw=False):
         self.model = model.to(device)
         self.diffusion, self.batch, self.device = diffusion, batch, torch.device(device)
         self.fn = torch.compile(self.model) if compile else self.model
-        # The same optimizer for both models: the comparison is between the networks.
-        self.opt = torch.optim.AdamW(self.model.parameters(), lr=1e-4)
+        # Each model gets the optimizer its own training script uses: our training loop's
+        # fused AdamW, and the plain torch.optim.AdamW of diffusers' train_unconditional.py.
+        # The optimizer's share is timed apart, so the networks are compared without it too.
+        self.opt = (adamw if fused_adamw else torch.optim.AdamW)(self.model.parameters(), lr=1e-4)
+        self.optimizer_seconds = 0.0
         self.kwargs = {"y": batch["y"]} if "y" in batch else {}
         self.autocast = (torch.autocast(self.device.type, dtype=dtype) if dtype != torch.float32
                          else contextlib.nullcontext())
@@ -167,7 +171,11 @@ class Runner:
             b = self.batch
             loss = self.diffusion.training_losses(self.fn, b["x"], b["t"], self.kwargs, b["noise"])["loss"].mean()
         loss.backward()
+        self.sync()
+        start = time.perf_counter()
         self.opt.step()
+        self.sync()
+        self.optimizer_seconds += time.perf_counter() - start
         return loss
 
     @torch.no_grad()
@@ -182,14 +190,16 @@ class Runner:
             torch.cuda.synchronize()
 
     def time_steps(self, kind, n):
-        """Seconds per step, averaged over ``n`` steps."""
+        """Seconds per step and, for training, seconds of it in the optimizer step, both
+        averaged over ``n`` steps."""
         step = self.train_step if kind == "train" else self.sample_step
+        self.optimizer_seconds = 0.0
         self.sync()
         start = time.perf_counter()
         for _ in range(n):
             step()
         self.sync()
-        return (time.perf_counter() - start) / n
+        return (time.perf_counter() - start) / n, self.optimizer_seconds / n
 
     def flops(self, kind):
         """FLOPs of one step as ``torch.utils.flop_counter`` counts them (forward and backward
@@ -222,6 +232,21 @@ def paired_ratio_ci(ratios):
         return math.exp(mean), (float("nan"), float("nan"))
     half = scipy.stats.t.ppf(0.975, len(logs) - 1) * statistics.stdev(logs) / math.sqrt(len(logs))
     return math.exp(mean), (math.exp(mean - half), math.exp(mean + half))
+
+
+def compare(times):
+    """Per-repeat ratios peer/ours and their summary. Each repeat's two timings are
+    neighbours in time, so their ratio is blind to the machine's slow drift; the interval
+    says how far the figure can be trusted on a noisy machine."""
+    paired = sorted(p / o for p, o in zip(times["peer"], times["ours"]))
+    geomean, ci = paired_ratio_ci(paired)
+    return dict(paired_ratios=paired, paired_ratio_median=statistics.median(paired),
+                paired_ratio_geomean=geomean, paired_ratio_ci95=ci)
+
+
+def _ci_text(r):
+    lo, hi = r["paired_ratio_ci95"]
+    return f"geomean {r['paired_ratio_geomean']:.3f}, 95% CI {lo:.3f}-{hi:.3f}"
 
 
 # --- the machine's limit and memory ---------------------------------------------------------
@@ -269,7 +294,7 @@ def _peak_memory_child(preset, which, steps, threads, queue):
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")
     before = _status_bytes("VmRSS")
-    runner = Runner(build(which, preset, config), diffusion, batch, "cpu", torch.float32)
+    runner = Runner(build(which, preset, config), diffusion, batch, "cpu", torch.float32, fused_adamw=which == "ours")
     for _ in range(steps):
         runner.train_step()
     queue.put(_status_bytes("VmHWM") - before)
@@ -308,7 +333,8 @@ def run(preset_name, device="cpu", dtype="fp32", compile=False, warmup=2, repeat
     torch.manual_seed(0)
     diffusion, batch = make_batch(preset, device)
     models = dict(zip(("ours", "peer"), build_models(preset)))
-    runners = {k: Runner(m, diffusion, batch, device, DTYPES[dtype], compile) for k, m in models.items()}
+    runners = {k: Runner(m, diffusion, batch, device, DTYPES[dtype], compile, fused_adamw=k == "ours")
+               for k, m in models.items()}
     result = dict(
         preset=preset_name, config={k: v for k, v in preset.items()}, device=device,
         device_name=torch.cuda.get_device_name() if device.startswith("cuda") else cpu_name(),
@@ -325,32 +351,41 @@ def run(preset_name, device="cpu", dtype="fp32", compile=False, warmup=2, repeat
         for r in runners.values():
             for _ in range(warmup):
                 r.train_step() if kind == "train" else r.sample_step()
-        times = {"ours": [], "peer": []}
+        times, opt_times = {"ours": [], "peer": []}, {"ours": [], "peer": []}
         for i in range(repeats):
             for k in (("ours", "peer") if i % 2 == 0 else ("peer", "ours")):
-                times[k].append(runners[k].time_steps(kind, steps))
+                seconds, opt_seconds = runners[k].time_steps(kind, steps)
+                times[k].append(seconds)
+                opt_times[k].append(opt_seconds)
         med = {k: statistics.median(v) for k, v in times.items()}
-        # Each repeat's two timings are neighbours in time, so their ratio is blind to the
-        # machine's slow drift; its spread says how far one repeat can be trusted.
-        paired = sorted(p / o for p, o in zip(times["peer"], times["ours"]))
-        geomean, ci = paired_ratio_ci(paired)
+        flops = result["flops"][kind]
         result[kind] = dict(
             seconds_per_step=times,
-            median_seconds={k: med[k] for k in med},
+            median_seconds=med,
             images_per_second={k: preset["batch_size"] / med[k] for k in med},
             ratio=med["peer"] / med["ours"],
-            paired_ratios=paired,
-            paired_ratio_median=statistics.median(paired),
-            paired_ratio_geomean=geomean,
-            paired_ratio_ci95=ci,
-            achieved_flops={k: result["flops"][kind][k] / med[k] for k in med},
-            fraction_of_matmul_peak={k: result["flops"][kind][k] / med[k] / result["matmul_peak_flops"] for k in med},
+            **compare(times),
+            achieved_flops={k: flops[k] / med[k] for k in med},
+            fraction_of_matmul_peak={k: flops[k] / med[k] / result["matmul_peak_flops"] for k in med},
         )
-        log(f"  {kind:6s} ours {result[kind]['images_per_second']['ours']:8.1f} img/s  "
-            f"diffusers {result[kind]['images_per_second']['peer']:8.1f} img/s  ratio {result[kind]['ratio']:.3f} "
-            f"(paired: geomean {geomean:.3f}, 95% CI {ci[0]:.3f}-{ci[1]:.3f})  "
-            f"({result[kind]['fraction_of_matmul_peak']['ours']:.0%} / "
-            f"{result[kind]['fraction_of_matmul_peak']['peer']:.0%} of matmul peak)")
+        r = result[kind]
+        line = (f"  {kind:6s} ours {r['images_per_second']['ours']:8.1f} img/s  diffusers "
+                f"{r['images_per_second']['peer']:8.1f} img/s  ratio {r['ratio']:.3f} (paired {_ci_text(r)})  "
+                f"{r['fraction_of_matmul_peak']['ours']:.0%} / {r['fraction_of_matmul_peak']['peer']:.0%} of matmul peak")
+        if kind == "train":
+            # The networks alone: the step minus its optimizer update.
+            net = {k: [t - o for t, o in zip(times[k], opt_times[k])] for k in times}
+            net_med = {k: statistics.median(v) for k, v in net.items()}
+            r["optimizer_seconds_per_step"] = opt_times
+            r["network"] = dict(seconds_per_step=net, median_seconds=net_med, **compare(net),
+                                fraction_of_matmul_peak={k: flops[k] / net_med[k] / result["matmul_peak_flops"]
+                                                         for k in net_med})
+            line += (f"\n         forward+backward alone: ratio (paired) {_ci_text(r['network'])}  "
+                     f"{r['network']['fraction_of_matmul_peak']['ours']:.0%} / "
+                     f"{r['network']['fraction_of_matmul_peak']['peer']:.0%} of matmul peak; optimizer "
+                     f"{statistics.median(opt_times['ours']) * 1e3:.0f} ms (fused AdamW) / "
+                     f"{statistics.median(opt_times['peer']) * 1e3:.0f} ms (AdamW)")
+        log(line)
     if memory:
         if device.startswith("cuda"):
             result["peak_memory_method"] = "torch.cuda.max_memory_allocated over warm training steps"

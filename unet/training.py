@@ -99,6 +99,23 @@ def _finite_mean(values):
     return sum(v) / len(v) if v else float("nan")
 
 
+def adamw(params, **kwargs):
+    """
+    ``torch.optim.AdamW`` with its fused kernel: one pass over each parameter instead of
+    one per arithmetic op, ~2.9x faster on CPU for the CIFAR-10 model (docs/performance.md),
+    the same update up to float rounding. Falls back to the default where fusing is
+    unsupported (other devices, non-float parameters).
+
+    :param params: the parameters (or parameter groups) to optimise.
+    :param kwargs: ``AdamW`` arguments (lr, weight_decay, ...).
+    """
+    params = list(params)
+    try:
+        return torch.optim.AdamW(params, fused=True, **kwargs)
+    except RuntimeError:
+        return torch.optim.AdamW(params, **kwargs)
+
+
 def _make_accelerator(cfg):
     log_with = None if cfg.report_to == "none" else cfg.report_to
     if cfg.report_to == "wandb":
@@ -209,7 +226,7 @@ def _train(accelerator, cfg, hooks, resume_path):
     model = UNetModel(**cfg.model_kwargs())
     diffusion = create_diffusion(**cfg.diffusion_kwargs())
     sampler = create_named_schedule_sampler(cfg.schedule_sampler, diffusion)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    optimizer = adamw(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     scheduler = get_constant_schedule_with_warmup(optimizer, num_warmup_steps=cfg.warmup_steps)
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
     raw = accelerator.unwrap_model(model)
