@@ -85,3 +85,21 @@ def test_dropout_in_the_model_only_when_training():
     assert torch.equal(m(x, t), m(x, t))
     m.train()
     assert not torch.equal(m(x, t), m(x, t))
+
+
+def test_conv_weights_live_channels_last_but_state_dicts_are_standard(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    m = make()
+    conv = m.input_blocks[0][0].weight
+    assert conv.is_contiguous(memory_format=torch.channels_last) and not conv.is_contiguous()
+    sd = m.state_dict()
+    assert all(v.is_contiguous() for v in sd.values())
+    assert torch.equal(sd["input_blocks.0.0.weight"], conv.detach())
+    save_file(sd, tmp_path / "m.safetensors")  # refuses non-contiguous tensors
+    m2 = make(init="kaiming")
+    m2.load_state_dict(load_file(tmp_path / "m.safetensors"))
+    x, t = torch.randn(2, 3, 16, 16), torch.tensor([3, 700])
+    assert torch.equal(m.eval()(x, t), m2.eval()(x, t))
+    assert m2.input_blocks[0][0].weight.is_contiguous(memory_format=torch.channels_last)
+    assert isinstance(m.state_dict(keep_vars=True)["input_blocks.0.0.weight"], torch.nn.Parameter)
