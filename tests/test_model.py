@@ -90,16 +90,30 @@ def test_dropout_in_the_model_only_when_training():
 def test_conv_weights_live_channels_last_but_state_dicts_are_standard(tmp_path):
     from safetensors.torch import load_file, save_file
 
-    m = make()
+    m = make(model_channels=64)  # channels-last from 64 channels up
     conv = m.input_blocks[0][0].weight
-    assert conv.is_contiguous(memory_format=torch.channels_last) and not conv.is_contiguous()
+    assert m.channels_last and conv.is_contiguous(memory_format=torch.channels_last) and not conv.is_contiguous()
     sd = m.state_dict()
     assert all(v.is_contiguous() for v in sd.values())
     assert torch.equal(sd["input_blocks.0.0.weight"], conv.detach())
     save_file(sd, tmp_path / "m.safetensors")  # refuses non-contiguous tensors
-    m2 = make(init="kaiming")
+    m2 = make(init="kaiming", model_channels=64)
     m2.load_state_dict(load_file(tmp_path / "m.safetensors"))
     x, t = torch.randn(2, 3, 16, 16), torch.tensor([3, 700])
     assert torch.equal(m.eval()(x, t), m2.eval()(x, t))
     assert m2.input_blocks[0][0].weight.is_contiguous(memory_format=torch.channels_last)
     assert isinstance(m.state_dict(keep_vars=True)["input_blocks.0.0.weight"], torch.nn.Parameter)
+
+
+def test_channels_last_is_a_layout_not_a_different_function():
+    x, t = torch.randn(2, 3, 16, 16), torch.tensor([3, 700])
+    small = make()
+    assert not small.channels_last and small.input_blocks[0][0].weight.is_contiguous()  # 32 channels: NCHW
+    ref = small.eval()(x, t)
+    small.set_channels_last(True)
+    w = small.input_blocks[0][0].weight
+    assert w.is_contiguous(memory_format=torch.channels_last) and not w.is_contiguous()
+    assert torch.allclose(small(x, t), ref, rtol=1e-5, atol=1e-5)  # summation order differs by layout
+    assert small.set_channels_last(False)(x, t).allclose(ref, rtol=1e-5, atol=1e-5)  # summation order differs by layout
+    with pytest.raises(ValueError, match="2-D data"):
+        make(dims=1).set_channels_last(True)

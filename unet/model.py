@@ -229,7 +229,7 @@ class UNetModel(nn.Module):
             raise ValueError(f"unknown norm {norm!r}; valid: {', '.join(NORMS)}")
         num_heads_upsample = num_heads if num_heads_upsample == -1 else num_heads_upsample
         self.in_channels, self.model_channels, self.out_channels = in_channels, model_channels, out_channels
-        self.num_classes, self.init_scheme, self.norm = num_classes, init, norm
+        self.num_classes, self.init_scheme, self.norm, self.dims = num_classes, init, norm, dims
         fixup = init == "fixup"
         emb_dim = model_channels * 4
         self.time_embed = nn.Sequential(nn.Linear(model_channels, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
@@ -271,16 +271,23 @@ class UNetModel(nn.Module):
                 self.output_blocks.append(TimestepEmbedSequential(*layers))
         self.out = nn.Sequential(normalization(ch, norm), nn.SiLU(), conv_nd(dims, model_channels, out_channels, 3, padding=1))
         apply_init(self, init)
-        # Channels-last inside (2-D data): oneDNN's convolutions run on it without reordering to
-        # and from their blocked layout (1x1 convs train ~2.5x faster on CPU, 3x3 ~15%), and the
-        # attention reads (B, T, C) from it as a free view. An attribute, not a parameter or
-        # buffer, so that state_dicts are unchanged; see docs/performance.md.
-        self.channels_last = True
-        if dims == 2:
-            # The conv weights too: a channels-last conv copies a weight that is not into that
-            # layout on every call, and writes its gradient back (~4% of a CIFAR-10 step).
-            self.to(memory_format=torch.channels_last)
         self.register_state_dict_post_hook(_contiguous_state)
+        # Channels-last inside (2-D data) from 64 channels up: oneDNN's convolutions run on it
+        # without reordering to and from their blocked layout (1x1 convs train ~2.5x faster on
+        # CPU, 3x3 ~15%), and the attention reads (B, T, C) from it as a free view. Below 64
+        # channels GroupNorm has one channel per group, where PyTorch's channels-last kernel is
+        # ~7x slower than its NCHW one and eats the gain; see docs/performance.md.
+        self.set_channels_last(dims == 2 and model_channels >= 64)
+
+    def set_channels_last(self, enabled):
+        """Run the network channels-last inside (or not): the input is turned channels-last and
+        the conv weights are kept so, since a channels-last conv would otherwise copy its weight
+        into that layout on every call and copy its gradient back (~4% of a CIFAR-10 step).
+        State dicts are unaffected (standard layout either way); outputs are the same."""
+        if enabled and self.dims != 2:
+            raise ValueError(f"channels-last needs 2-D data; this model has dims={self.dims}")
+        self.channels_last = bool(enabled)
+        return self.to(memory_format=torch.channels_last if self.channels_last else torch.contiguous_format)
 
     def forward(self, x, timesteps, y=None):
         """
