@@ -301,3 +301,24 @@ def test_training_optimizer_is_fused_adamw_with_the_same_update():
             opt.step()
     assert (ref - start).abs().mean().item() > 5e-3  # the steps did move the parameters
     assert (fused - ref).abs().max().item() < 1e-6
+
+
+def test_compile_key_trains_the_same_model_and_keeps_the_file_format(tmp_path):
+    """compile=true runs the training forward/backward through torch.compile (tens of
+    seconds of compiling even for this model); the losses follow the eager run's and the
+    checkpoint holds the plain UNetModel keys."""
+    cfg = tiny(tmp_path / "eager", max_steps=3, dropout=0.0, checkpoint_every=3)
+    eager = train(cfg)
+    from torch._dynamo.utils import counters
+
+    counters.clear()
+    compiled = train(cfg.replace(output_dir=str(tmp_path / "compiled"), compile=True))
+    assert counters["stats"]["unique_graphs"] >= 1  # dynamo did capture the model
+    la = [h["loss"] for h in eager["history"]]
+    lb = [h["loss"] for h in compiled["history"]]
+    assert len(la) == len(lb) == 3
+    assert all(abs(a - b) <= 1e-3 * abs(a) for a, b in zip(la, lb)), (la, lb)
+    fa = load_file(os.path.join(latest_checkpoint(str(tmp_path / "eager")), "model.safetensors"))
+    fb = load_file(os.path.join(latest_checkpoint(str(tmp_path / "compiled")), "model.safetensors"))
+    assert fa.keys() == fb.keys() and not any("_orig_mod" in k for k in fb)
+    assert all(torch.allclose(fa[k], fb[k], rtol=1e-3, atol=1e-5) for k in fa)

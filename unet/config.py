@@ -48,6 +48,7 @@ class TrainConfig:
     keep_checkpoints: int = 2
     resume: str = ""  # "", "latest" or a checkpoint directory
     cpu_threads: int = 0  # torch threads per process on a CPU; 0 = the cores / processes on this machine
+    compile: bool = False  # torch.compile the training forward/backward (minutes of compiling first)
     max_nan_steps: int = 10  # stop after this many non-finite losses in a row
     divergence_factor: float = 0.0  # stop when loss > factor * initial loss; 0 = never
     # --- logging and samples ---

@@ -230,6 +230,9 @@ def _train(accelerator, cfg, hooks, resume_path):
     scheduler = get_constant_schedule_with_warmup(optimizer, num_warmup_steps=cfg.warmup_steps)
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
     raw = accelerator.unwrap_model(model)
+    # Compiled for the training forward/backward only: checkpoints, EMA, eval and sampling
+    # keep using the plain module, so files and keys are the same either way.
+    train_model = torch.compile(model) if cfg.compile else model
     emas = {r: EMAModel(raw.parameters(), decay=r, foreach=True) for r in cfg.ema_rates}
 
     state = dict(step=0, nan_skipped=0, nan_streak=0, initial_loss=None)
@@ -317,7 +320,7 @@ def _train(accelerator, cfg, hooks, resume_path):
             x = torch.where(flip[:, None, None, None], x.flip(-1), x)
             x, y, t, w, noise = (v.to(device) for v in (x, y, t, w, noise))
             with accelerator.accumulate(model):
-                terms = diffusion.training_losses(model, x, t, model_kwargs={"y": y} if cfg.class_cond else None,
+                terms = diffusion.training_losses(train_model, x, t, model_kwargs={"y": y} if cfg.class_cond else None,
                                                   noise=noise)
                 loss = (terms["loss"] * w).mean()
                 # Every process must agree to skip, or DDP's gradient all-reduce would hang.
