@@ -60,6 +60,8 @@ def test_overrides_are_typed():
     (["--lr", "fast"], ["'lr'", "float"]),
     (["--max_steps", "0"], ["'max_steps'", ">= 1"]),
     (["--max_steps", "1.5"], ["'max_steps'", "int"]),
+    (["--checkpoint_every", "-1"], ["'checkpoint_every'", ">= 0"]),
+    (["--compile", "yes please"], ["'compile'", "true or false"]),
     (["--class_cond", "maybe"], ["'class_cond'", "true or false"]),
     (["--batch_size", "10", "--grad_accum", "4"], ["'batch_size'", "multiple of grad_accum"]),
     (["--attention_resolutions", "3"], ["'attention_resolutions'", "[8, 4]"]),

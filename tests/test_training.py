@@ -322,3 +322,9 @@ def test_compile_key_trains_the_same_model_and_keeps_the_file_format(tmp_path):
     fb = load_file(os.path.join(latest_checkpoint(str(tmp_path / "compiled")), "model.safetensors"))
     assert fa.keys() == fb.keys() and not any("_orig_mod" in k for k in fb)
     assert all(torch.allclose(fa[k], fb[k], rtol=1e-3, atol=1e-5) for k in fa)
+
+
+def test_checkpoint_every_zero_saves_only_at_the_end(tmp_path):
+    out = train(tiny(tmp_path, max_steps=3, checkpoint_every=0))
+    assert [os.path.basename(p) for p in list_checkpoints(str(tmp_path))] == ["checkpoint_00000003"]
+    assert out["checkpoint"] == latest_checkpoint(str(tmp_path))

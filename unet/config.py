@@ -44,7 +44,7 @@ class TrainConfig:
     data_seed: int = -1  # data order, t, noise, flips; -1 = same as seed
     ema_rates: typing.List[float] = field(default_factory=lambda: [0.999])
     mixed_precision: str = "no"
-    checkpoint_every: int = 500
+    checkpoint_every: int = 500  # 0 = only at the end (and when stopped)
     keep_checkpoints: int = 2
     resume: str = ""  # "", "latest" or a checkpoint directory
     cpu_threads: int = 0  # torch threads per process on a CPU; 0 = the cores / processes on this machine
@@ -243,11 +243,11 @@ def validate(cfg):
     for key, allowed in CHOICES.items():
         v = getattr(cfg, key)
         _require(v in allowed, key, "|".join(allowed), v)
-    for key in ("max_steps", "batch_size", "grad_accum", "checkpoint_every", "keep_checkpoints",
+    for key in ("max_steps", "batch_size", "grad_accum", "keep_checkpoints",
                 "log_every", "num_samples", "sample_steps", "image_size", "channels", "model_channels",
                 "num_res_blocks", "diffusion_steps", "max_nan_steps", "num_heads", "eval_batch_size"):
         _require(getattr(cfg, key) >= 1, key, "an integer >= 1", getattr(cfg, key))
-    for key in ("warmup_steps", "num_workers", "diagnostics_every", "eval_every", "cpu_threads"):
+    for key in ("warmup_steps", "num_workers", "diagnostics_every", "eval_every", "cpu_threads", "checkpoint_every"):
         _require(getattr(cfg, key) >= 0, key, "an integer >= 0", getattr(cfg, key))
     _require(cfg.sample_every >= -1, "sample_every", "-1 (never), 0 (at the end) or a step interval",
              cfg.sample_every)

@@ -406,7 +406,7 @@ def _train(accelerator, cfg, hooks, resume_path):
             break  # no checkpoint: the last good one stays the latest
         if cfg.sample_every > 0 and done % cfg.sample_every == 0 and done != cfg.max_steps:
             last_samples = write_samples(done) or last_samples
-        if done % cfg.checkpoint_every == 0 or done == cfg.max_steps or stop == "hook":
+        if (cfg.checkpoint_every and done % cfg.checkpoint_every == 0) or done == cfg.max_steps or stop == "hook":
             last_ckpt = checkpoint(done)
         state["step"] = done
         if stop:
