@@ -328,3 +328,11 @@ def test_checkpoint_every_zero_saves_only_at_the_end(tmp_path):
     out = train(tiny(tmp_path, max_steps=3, checkpoint_every=0))
     assert [os.path.basename(p) for p in list_checkpoints(str(tmp_path))] == ["checkpoint_00000003"]
     assert out["checkpoint"] == latest_checkpoint(str(tmp_path))
+
+
+def test_divergence_factor_stops_on_a_non_finite_first_step(monkeypatch, tmp_path):
+    """With no finite loss yet there is no initial loss to compare with; a NaN still counts."""
+    nan_diffusion(monkeypatch, {1})
+    s = train(tiny(tmp_path, max_steps=5, divergence_factor=10.0))
+    assert s["stop_reason"] == "diverged" and s["diverged"] and s["nan_skipped"] == 1
+    assert latest_checkpoint(str(tmp_path)) is None  # nothing good to save

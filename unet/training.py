@@ -396,8 +396,9 @@ def _train(accelerator, cfg, hooks, resume_path):
         stop = None
         if state["nan_streak"] >= cfg.max_nan_steps:
             stop = "nan"
-        elif cfg.divergence_factor and state["initial_loss"] is not None and (
-                bad or diagnostics.is_diverged(record["loss"], state["initial_loss"], cfg.divergence_factor)):
+        elif cfg.divergence_factor and (bad or (  # a non-finite loss diverges even at step 1
+                state["initial_loss"] is not None
+                and diagnostics.is_diverged(record["loss"], state["initial_loss"], cfg.divergence_factor))):
             stop = "diverged"
         if any([bool(h(done, record, raw)) for h in hooks]) and stop is None:
             stop = "hook"
