@@ -9,7 +9,9 @@ achieved FLOP/s come to the machine's own fp32 matmul peak.
 
 The two models alternate within every repeat (their order flips each repeat) after a warm-up,
 so a slow drift of the machine (thermal, another process) hits both alike; the medians over
-repeats are reported. Peak memory is measured per model in a fresh subprocess on CPU (peak
+repeats are reported, and the per-repeat ratios with their geometric mean and 95% interval.
+Each model trains with its own training script's optimizer (ours: fused AdamW; diffusers'
+example: plain AdamW), timed apart so the forward+backward ratio is reported as well. Peak memory is measured per model in a fresh subprocess on CPU (peak
 RSS minus the RSS before the model is built) and with ``torch.cuda.max_memory_allocated`` on
 CUDA. Speed is only ever measured here, never in tests.
 """
