@@ -64,6 +64,7 @@ def test_spike_detector_and_divergence():
     assert s2.count == 2 and s2.update(3.0)
     assert is_diverged(float("nan"), 1.0) and is_diverged(float("inf"), 1.0) and is_diverged(10.5, 1.0)
     assert not is_diverged(9.5, 1.0)
+    assert is_diverged(float("nan"), None) and not is_diverged(1e6, None)  # no finite loss seen yet
 
 
 def test_loss_by_quartile():

@@ -4,6 +4,7 @@ gradient norm, update-to-weight ratio, residual-branch/skip RMS per block, activ
 depth, loss spikes, divergence, and how distinct the output channels of the zeroed layers are.
 """
 
+import math
 import statistics
 from collections import deque
 
@@ -120,9 +121,12 @@ class SpikeDetector:
 
 
 def is_diverged(loss, initial_loss, factor=10.0):
-    """Divergence: a non-finite loss, or one above ``factor`` x the initial loss."""
+    """Divergence: a non-finite loss, or one above ``factor`` x the initial loss (``None``
+    before any finite loss was seen: then only a non-finite loss counts)."""
     loss = float(loss)
-    return not (loss == loss and abs(loss) != float("inf")) or loss > factor * float(initial_loss)
+    if not math.isfinite(loss):
+        return True
+    return initial_loss is not None and loss > factor * float(initial_loss)
 
 
 def loss_by_quartile(t, losses, num_timesteps):

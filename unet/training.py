@@ -11,6 +11,7 @@ arms with the same seed see identical batches, and a resumed run replays the sam
 import copy
 import math
 import os
+import shutil
 import time
 from types import SimpleNamespace
 
@@ -116,6 +117,14 @@ def adamw(params, **kwargs):
         return torch.optim.AdamW(params, **kwargs)
 
 
+def _cpu_compiler():
+    """The C++ compiler torch.compile's CPU backend would use ($CXX, else inductor's list), or None."""
+    from torch._inductor import config as inductor_config
+
+    names = [os.environ.get("CXX")] + [c for c in inductor_config.cpp.cxx]
+    return next((shutil.which(c) for c in names if c and shutil.which(c)), None)
+
+
 def _make_accelerator(cfg):
     log_with = None if cfg.report_to == "none" else cfg.report_to
     if cfg.report_to == "wandb":
@@ -218,6 +227,9 @@ def _train(accelerator, cfg, hooks, resume_path):
     if cfg.batch_size % (cfg.grad_accum * world):
         raise TrainingError(f"config key 'batch_size' ({cfg.batch_size}) must be a multiple of "
                             f"grad_accum x processes = {cfg.grad_accum} x {world}")
+    if cfg.compile and device.type == "cpu" and not _cpu_compiler():
+        raise TrainingError("compile: true on a CPU needs a C++ compiler for torch.compile (none found: "
+                            "install g++ or set CXX, or set compile false)")
     log = print if main else (lambda *a, **k: None)
 
     with accelerator.main_process_first():
@@ -396,10 +408,9 @@ def _train(accelerator, cfg, hooks, resume_path):
         stop = None
         if state["nan_streak"] >= cfg.max_nan_steps:
             stop = "nan"
-        elif cfg.divergence_factor and (bad or (  # a non-finite loss diverges even at step 1
-                state["initial_loss"] is not None
-                and diagnostics.is_diverged(record["loss"], state["initial_loss"], cfg.divergence_factor))):
-            stop = "diverged"
+        elif cfg.divergence_factor and diagnostics.is_diverged(record["loss"], state["initial_loss"],
+                                                                cfg.divergence_factor):
+            stop = "diverged"  # a skipped step logs its loss as NaN, so it diverges even at step 1
         if any([bool(h(done, record, raw)) for h in hooks]) and stop is None:
             stop = "hook"
         if stop in ("nan", "diverged"):
