@@ -46,8 +46,8 @@ def test_cli_writes_every_figure(tmp_path):
 def test_each_model_gets_its_training_scripts_optimizer():
     preset = bench.PRESETS["tiny"]()
     diffusion, batch = bench.make_batch(preset, "cpu")
-    ours = bench.Runner(bench.build("ours", preset), diffusion, batch, "cpu", torch.float32, fused_adamw=True)
-    peer = bench.Runner(bench.build("peer", preset), diffusion, batch, "cpu", torch.float32)
+    ours, peer = (bench.Runner(bench.build(k, preset), diffusion, batch, "cpu", torch.float32,
+                               optimizer=bench.OPTIMIZERS[k]) for k in ("ours", "peer"))
     assert ours.opt.defaults["fused"] is True and not peer.opt.defaults["fused"]
 
 

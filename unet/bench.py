@@ -11,9 +11,9 @@ The two models alternate within every repeat (their order flips each repeat) aft
 so a slow drift of the machine (thermal, another process) hits both alike; the medians over
 repeats are reported, and the per-repeat ratios with their geometric mean and 95% interval.
 Each model trains with its own training script's optimizer (ours: fused AdamW; diffusers'
-example: plain AdamW), timed apart so the forward+backward ratio is reported as well. Peak memory is measured per model in a fresh subprocess on CPU (peak
-RSS minus the RSS before the model is built) and with ``torch.cuda.max_memory_allocated`` on
-CUDA. Speed is only ever measured here, never in tests.
+example: plain AdamW), timed apart so the forward+backward ratio is reported as well. Peak
+memory is measured per model in a fresh subprocess on CPU (peak RSS minus the RSS before the
+model is built) and with ``torch.cuda.max_memory_allocated`` on CUDA. Speed is only ever measured here, never in tests.
 """
 
 import argparse
@@ -116,6 +116,11 @@ def peer_kwargs(preset):
     return unet2d_config(preset["model"], preset["image_size"], ours)
 
 
+# Each model trains with the optimizer its own training script uses: our training loop's
+# fused AdamW, and the plain torch.optim.AdamW of diffusers' train_unconditional.py.
+OPTIMIZERS = {"ours": adamw, "peer": torch.optim.AdamW}
+
+
 def build(which, preset, peer_config=None):
     """Our ``UNetModel`` ("ours") or diffusers' ``UNet2DModel`` ("peer") for a preset."""
     if which == "ours":
@@ -153,14 +158,12 @@ def make_batch(preset, device, seed=0):
 class Runner:
     """Holds one model, its optimizer and the batch, and runs timed steps of either kind."""
 
-    def __init__(self, model, diffusion, batch, device, dtype, compile=False, fused_adamw=False):
+    def __init__(self, model, diffusion, batch, device, dtype, compile=False, optimizer=torch.optim.AdamW):
         self.model = model.to(device)
         self.diffusion, self.batch, self.device = diffusion, batch, torch.device(device)
         self.fn = torch.compile(self.model) if compile else self.model
-        # Each model gets the optimizer its own training script uses: our training loop's
-        # fused AdamW, and the plain torch.optim.AdamW of diffusers' train_unconditional.py.
         # The optimizer's share is timed apart, so the networks are compared without it too.
-        self.opt = (adamw if fused_adamw else torch.optim.AdamW)(self.model.parameters(), lr=1e-4)
+        self.opt = optimizer(self.model.parameters(), lr=1e-4)
         self.optimizer_seconds = 0.0
         self.kwargs = {"y": batch["y"]} if "y" in batch else {}
         self.autocast = (torch.autocast(self.device.type, dtype=dtype) if dtype != torch.float32
@@ -296,7 +299,8 @@ def _peak_memory_child(preset, which, steps, threads, queue):
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")
     before = _status_bytes("VmRSS")
-    runner = Runner(build(which, preset, config), diffusion, batch, "cpu", torch.float32, fused_adamw=which == "ours")
+    runner = Runner(build(which, preset, config), diffusion, batch, "cpu", torch.float32,
+                    optimizer=OPTIMIZERS[which])
     for _ in range(steps):
         runner.train_step()
     queue.put(_status_bytes("VmHWM") - before)
@@ -335,7 +339,7 @@ def run(preset_name, device="cpu", dtype="fp32", compile=False, warmup=2, repeat
     torch.manual_seed(0)
     diffusion, batch = make_batch(preset, device)
     models = dict(zip(("ours", "peer"), build_models(preset)))
-    runners = {k: Runner(m, diffusion, batch, device, DTYPES[dtype], compile, fused_adamw=k == "ours")
+    runners = {k: Runner(m, diffusion, batch, device, DTYPES[dtype], compile, optimizer=OPTIMIZERS[k])
                for k, m in models.items()}
     result = dict(
         preset=preset_name, config={k: v for k, v in preset.items()}, device=device,
