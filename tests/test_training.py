@@ -336,3 +336,15 @@ def test_divergence_factor_stops_on_a_non_finite_first_step(monkeypatch, tmp_pat
     s = train(tiny(tmp_path, max_steps=5, divergence_factor=10.0))
     assert s["stop_reason"] == "diverged" and s["diverged"] and s["nan_skipped"] == 1
     assert latest_checkpoint(str(tmp_path)) is None  # nothing good to save
+
+
+def test_compile_without_a_cpu_compiler_is_a_one_line_error(monkeypatch, tmp_path, capsys):
+    import unet.training as tr
+
+    monkeypatch.setattr(tr.shutil, "which", lambda name: None)
+    cfg = tiny(tmp_path, compile=True)
+    cfg.save(tmp_path / "c.yaml")
+    rc = train_script.main(["--config", str(tmp_path / "c.yaml")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc != 0 and len(err) == 1 and "compile: true" in err[0] and "C++ compiler" in err[0]
+    assert latest_checkpoint(str(tmp_path)) is None
