@@ -287,9 +287,9 @@ def _log_report(ab, out_dir, files, results):
         return
     from accelerate import Accelerator
 
-    from .training import _wandb_offline_setup
+    from .training import wandb_offline_setup
 
-    _wandb_offline_setup()
+    wandb_offline_setup()
     import wandb
 
     acc = Accelerator(log_with="wandb", project_dir=out_dir)

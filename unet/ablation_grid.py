@@ -10,7 +10,7 @@ import os
 import typing
 from dataclasses import dataclass, field
 
-from .config import FIELDS, INIT_SCHEMES, TYPES, ConfigError, TrainConfig, _parse_bool, _parse_mapping, _read_yaml, _unknown_key
+from .config import FIELDS, INIT_SCHEMES, TYPES, ConfigError, TrainConfig, parse_bool, parse_mapping, read_yaml, unknown_key
 
 KEYS = ("name", "group", "seeds", "threshold", "smooth", "comparisons", "symmetry", "save_models", "base_config",
         "base", "grid")
@@ -97,10 +97,10 @@ def _grid(value, path):
             if k in RUNNER_KEYS:
                 _fail(path, f"grid key '{k}' is set by the ablation runner for every run")
             if k not in FIELDS:
-                raise _unknown_key(k)
+                raise unknown_key(k)
             # A list-valued key (channel_mult, ...) takes a list of lists; a bare list is one value.
             many = isinstance(vals, list) and (not _is_list_key(k) or (vals and isinstance(vals[0], list)))
-            parsed[k] = [_parse_mapping({k: v})[k] for v in (vals if many else [vals])]
+            parsed[k] = [parse_mapping({k: v})[k] for v in (vals if many else [vals])]
             if not parsed[k]:
                 _fail(path, f"grid key '{k}' lists no values")
         grid.append(parsed)
@@ -120,7 +120,7 @@ def load_ablation(path, overrides=None):
         ``TrainConfig`` keys, which change ``base`` for every run (not a key the grid varies).
     :return: an ``Ablation``. Raises ``ConfigError`` with a one-line message.
     """
-    raw = _read_yaml(path)
+    raw = read_yaml(path)
     for k in raw:
         if k not in KEYS:
             _fail(path, f"unknown key '{k}'; allowed: {', '.join(KEYS)}")
@@ -131,13 +131,13 @@ def load_ablation(path, overrides=None):
         base_path = os.path.join(os.path.dirname(path), raw["base_config"])
         base_path = base_path if os.path.isfile(base_path) else raw["base_config"]
         try:
-            base.update(_parse_mapping(_read_yaml(base_path)))
+            base.update(parse_mapping(read_yaml(base_path)))
         except ConfigError as e:
             _fail(path, f"in base_config '{base_path}': {e}")
     if not isinstance(raw.get("base", {}) or {}, dict):
         _fail(path, "'base' must be a mapping of training config keys")
     try:
-        base.update(_parse_mapping(raw.get("base") or {}))
+        base.update(parse_mapping(raw.get("base") or {}))
     except ConfigError as e:
         _fail(path, f"in 'base': {e}")
     try:
@@ -167,13 +167,13 @@ def load_ablation(path, overrides=None):
         elif k == "symmetry":
             ab.symmetry = _symmetry(v, path)
         elif k == "save_models":
-            ab.save_models = _parse_bool("save_models", v)
+            ab.save_models = parse_bool("save_models", v)
         elif k in ("group", "name"):
             setattr(ab, k, str(v))
         elif k in FIELDS:
             if any(k in sub for sub in grid):
                 _fail(path, f"'{k}' is a key the grid varies; edit the grid instead of overriding it")
-            ab.base.update(_parse_mapping({k: v}))
+            ab.base.update(parse_mapping({k: v}))
         else:
             raise ConfigError(f"unknown option '--{k}': use an ablation key ({', '.join(KEYS[:5])}) "
                               f"or a training config key")
@@ -197,7 +197,7 @@ def _symmetry(v, path):
     if not isinstance(steps, int) or steps < 0:
         _fail(path, f"'symmetry.steps' must be an integer >= 0, got {steps!r}")
     try:
-        keys = _parse_mapping({k: x for k, x in v.items() if k != "steps"})
+        keys = parse_mapping({k: x for k, x in v.items() if k != "steps"})
     except ConfigError as e:
         _fail(path, f"in 'symmetry': {e}")
     return {"steps": steps, **keys}

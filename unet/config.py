@@ -142,7 +142,7 @@ class TrainConfig:
     @classmethod
     def from_dict(cls, d):
         """Build a config from a flat mapping, parsing strings and checking every key."""
-        return cls(**_parse_mapping(d))
+        return cls(**parse_mapping(d))
 
     def replace(self, **overrides):
         """A copy with some keys changed (checked like the command line)."""
@@ -154,14 +154,14 @@ class TrainConfig:
 
     @classmethod
     def load(cls, path):
-        return cls.from_dict(_read_yaml(path))
+        return cls.from_dict(read_yaml(path))
 
 
 FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
 TYPES = typing.get_type_hints(TrainConfig)
 
 
-def _parse_bool(key, v):
+def parse_bool(key, v):
     if isinstance(v, bool):
         return v
     s = str(v).strip().lower()
@@ -172,9 +172,9 @@ def _parse_bool(key, v):
     raise ConfigError(f"config key '{key}': expected true or false, got {v!r}")
 
 
-def _parse_scalar(key, typ, v):
+def parse_scalar(key, typ, v):
     if typ is bool:
-        return _parse_bool(key, v)
+        return parse_bool(key, v)
     if typ is str:
         if isinstance(v, (dict, list)):
             raise ConfigError(f"config key '{key}': expected a string, got {v!r}")
@@ -193,7 +193,7 @@ def _parse_scalar(key, typ, v):
     raise AssertionError(typ)
 
 
-def _parse_value(key, v):
+def parse_value(key, v):
     typ = TYPES[key]
     if typing.get_origin(typ) in (list, typing.List):
         (inner,) = typing.get_args(typ)
@@ -201,26 +201,26 @@ def _parse_value(key, v):
             v = [s for s in v.replace(" ", "").split(",") if s]
         elif not isinstance(v, (list, tuple)):
             v = [v]
-        return [_parse_scalar(key, inner, x) for x in v]
-    return _parse_scalar(key, typ, v)
+        return [parse_scalar(key, inner, x) for x in v]
+    return parse_scalar(key, typ, v)
 
 
-def _unknown_key(key):
+def unknown_key(key):
     close = difflib.get_close_matches(key, FIELDS, n=1)
     hint = f" (did you mean '{close[0]}'?)" if close else ""
     return ConfigError(f"unknown config key '{key}'{hint}; allowed keys: {', '.join(FIELDS)}")
 
 
-def _parse_mapping(d):
+def parse_mapping(d):
     out = {}
     for k, v in d.items():
         if k not in FIELDS:
-            raise _unknown_key(k)
-        out[k] = _parse_value(k, v)
+            raise unknown_key(k)
+        out[k] = parse_value(k, v)
     return out
 
 
-def _read_yaml(path):
+def read_yaml(path):
     if not os.path.isfile(path):
         raise ConfigError(f"config file '{path}' does not exist")
     try:
@@ -299,7 +299,7 @@ def parse_args(argv):
         if key == "config":
             config_file = value
         elif key not in FIELDS:
-            raise _unknown_key(key)
+            raise unknown_key(key)
         else:
             overrides[key] = value
         i += 1
@@ -310,11 +310,11 @@ def load_config(argv):
     """The run's config from ``--config FILE`` (default: the dataclass defaults, i.e. digits)
     and ``--key value`` overrides. Raises ConfigError with a one-line message."""
     config_file, overrides = parse_args(list(argv))
-    base = _read_yaml(config_file) if config_file else {}
+    base = read_yaml(config_file) if config_file else {}
     for k in base:
         if k not in FIELDS:
-            raise ConfigError(f"in '{config_file}': {_unknown_key(k)}")
-    return TrainConfig(**{**_parse_mapping(base), **_parse_mapping(overrides)})
+            raise ConfigError(f"in '{config_file}': {unknown_key(k)}")
+    return TrainConfig(**{**parse_mapping(base), **parse_mapping(overrides)})
 
 
 def help_text():

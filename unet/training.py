@@ -87,7 +87,7 @@ def save_grid(grid, path, min_size=512):
     img.resize((img.width * scale, img.height * scale), Image.NEAREST).save(path)
 
 
-def _wandb_offline_setup():
+def wandb_offline_setup():
     # No API key and no explicit mode: run offline rather than prompting for a login.
     if not os.environ.get("WANDB_API_KEY") and not os.environ.get("WANDB_MODE"):
         os.environ["WANDB_MODE"] = "offline"
@@ -128,7 +128,7 @@ def _cpu_compiler():
 def _make_accelerator(cfg):
     log_with = None if cfg.report_to == "none" else cfg.report_to
     if cfg.report_to == "wandb":
-        _wandb_offline_setup()
+        wandb_offline_setup()
     if cfg.report_to == "tensorboard":
         try:
             import tensorboard  # noqa: F401
