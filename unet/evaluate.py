@@ -31,7 +31,8 @@ from scipy import linalg
 from tqdm.auto import tqdm
 
 from .diffusion import create_diffusion
-from .sampling import SCHEDULERS, generate, load_checkpoint, sample_generators, to_uint8
+from .images import to_pil, to_uint8
+from .sampling import SCHEDULERS, generate, load_checkpoint, sample_generators
 
 # --- bits/dim ------------------------------------------------------------------------
 
@@ -213,11 +214,10 @@ def fid(images, ref_dir, weights=None):
     if reason:
         return None, reason
     import torch_fidelity
-    from PIL import Image
 
     with tempfile.TemporaryDirectory() as tmp:
         for i, img in enumerate(images):
-            Image.fromarray(img[..., 0] if img.shape[-1] == 1 else img).convert("RGB").save(os.path.join(tmp, f"{i:06d}.png"))
+            to_pil(img).convert("RGB").save(os.path.join(tmp, f"{i:06d}.png"))
         kwargs = {"feature_extractor_weights_path": weights} if weights else {}
         metrics = torch_fidelity.calculate_metrics(input1=tmp, input2=ref_dir, fid=True, verbose=False, **kwargs)
     return float(metrics["frechet_inception_distance"]), None

@@ -21,11 +21,10 @@ from accelerate import Accelerator
 from accelerate.utils import gather_object
 from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
 from diffusers.utils.torch_utils import randn_tensor
-from einops import rearrange
-from PIL import Image
 from tqdm.auto import tqdm
 
 from .diffusion import get_named_beta_schedule
+from .images import image_grid, save_png, to_uint8
 from .model import UNetModel, attention_downsample_factors
 
 SCHEDULERS = ("ddpm", "ddim", "dpm-solver++")
@@ -187,11 +186,6 @@ def sample_batch(model, scheduler, diffusion_kwargs, steps, shape, generators, y
     return x.cpu()
 
 
-def to_uint8(x):
-    """[-1, 1] NCHW floats -> NHWC uint8, as the original's ``samples.npz`` holds them."""
-    return ((x + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
-
-
 def generate(model, diffusion_kwargs, image_size, num_samples, scheduler="ddpm", steps=None, batch_size=64,
              seed=0, class_labels=None, accelerator=None, progress=True):
     """
@@ -235,22 +229,6 @@ def generate(model, diffusion_kwargs, image_size, num_samples, scheduler="ddpm",
 
 # --- writing -------------------------------------------------------------------------
 
-def make_grid(images, ncols=None):
-    """NHWC uint8 -> one HWC grid image, ``ncols`` per row (default: near-square), 1 px gaps."""
-    n = len(images)
-    ncols = ncols or math.ceil(math.sqrt(n))
-    nrows = math.ceil(n / ncols)
-    padded = np.zeros((nrows * ncols, *images.shape[1:]), dtype=np.uint8)
-    padded[:n] = images
-    padded = np.pad(padded, ((0, 0), (0, 1), (0, 1), (0, 0)))
-    return rearrange(padded, "(r c) h w ch -> (r h) (c w) ch", r=nrows, c=ncols)
-
-
-def to_pil(image):
-    """HWC uint8 -> PIL image (grey for one channel)."""
-    return Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image)
-
-
 def save_samples(out_dir, images, labels=None, pngs=False):
     """
     Write ``grid.png``, ``samples.npz`` (``arr_0`` NHWC uint8, ``arr_1`` labels when
@@ -260,13 +238,15 @@ def save_samples(out_dir, images, labels=None, pngs=False):
     :return: the path of ``samples.npz``.
     """
     os.makedirs(out_dir, exist_ok=True)
-    to_pil(make_grid(images)).save(os.path.join(out_dir, "grid.png"))
+    # near-square, 1 px black gaps, at its own size: the grid sample.py has always written
+    save_png(image_grid(images, math.ceil(math.sqrt(len(images))), pad_value=0), os.path.join(out_dir, "grid.png"),
+             min_size=0)
     path = os.path.join(out_dir, "samples.npz")
     np.savez(path, images, *([] if labels is None else [labels]))
     if pngs:
         os.makedirs(os.path.join(out_dir, "images"), exist_ok=True)
         for i, img in enumerate(images):
-            to_pil(img).save(os.path.join(out_dir, "images", f"{i:06d}.png"))
+            save_png(img, os.path.join(out_dir, "images", f"{i:06d}.png"), min_size=0)
     return path
 
 
