@@ -1,0 +1,67 @@
+"""The learning-rate frontier measures on hand-made sweeps with known answers."""
+
+import math
+
+import pytest
+
+from unet.frontier import SweepRun, arm_measures, best, holm, early_losses, lr_sensitivity, max_stable_lr, \
+    paired_test, seed_curves
+
+LRS = [1e-4, 3e-4, 1e-3, 3e-3, 1e-2]
+PANEL = (("norm", "none"), ("num_res_blocks", 2))
+
+
+def sweep(arm, seed, finals, initial=1.0, early=None):
+    """One seed's sweep over LRS; a final of None is a diverged run."""
+    return [SweepRun(PANEL, arm, seed, lr, f is None, f, initial, early or {}) for lr, f in zip(LRS, finals)]
+
+
+def test_max_stable_lr_is_the_largest_finished_lr():
+    assert max_stable_lr(sweep("zero", 0, [0.5, 0.4, 0.3, None, None])) == 1e-3
+    assert max_stable_lr(sweep("zero", 0, [0.5, 0.4, 0.3, 0.35, 0.6])) == 1e-2
+    assert max_stable_lr(sweep("zero", 0, [None] * 5)) is None
+
+
+def test_sensitivity_follows_wortsman_definition():
+    # min(final, initial) per lr: 0.5, 0.4, 0.3, 1.0 (diverged -> initial), 1.0 (1.2 capped at 1.0);
+    # mean 3.2 / 5 = 0.64; best 0.3 -> sensitivity 0.34.
+    curve = sweep("zero", 0, [0.5, 0.4, 0.3, None, 1.2])
+    assert lr_sensitivity(curve) == pytest.approx(0.34, abs=1e-12)
+    # A flat curve has sensitivity 0.
+    assert lr_sensitivity(sweep("zero", 0, [0.3] * 5)) == pytest.approx(0.0, abs=1e-12)
+    assert best(curve) == (1e-3, 0.3)
+    assert lr_sensitivity(sweep("zero", 0, [None] * 5)) is None
+
+
+def test_arm_measures_known_frontier():
+    runs = (sweep("zero", 0, [0.5, 0.4, 0.3, 0.35, None]) + sweep("zero", 1, [0.5, 0.4, 0.32, None, None])
+            + sweep("zero", 2, [0.5, 0.4, 0.31, 0.36, None]))
+    m = arm_measures(seed_curves(runs)[(PANEL, "zero")])
+    assert m["max_stable_lr"] == 1e-3  # seed 1 diverged at 3e-3
+    assert m["per_seed"]["max_stable_lr"] == {0: 3e-3, 1: 1e-3, 2: 3e-3}
+    assert m["opt_lr"] == 1e-3
+    assert m["diverged"][1e-2] == (3, 3) and m["diverged"][3e-3] == (1, 3) and m["diverged"][1e-4] == (0, 3)
+    mean, half = m["best_loss"]
+    assert mean == pytest.approx(0.31, abs=1e-12)
+    # sd of (0.30, 0.32, 0.31) is 0.01: half = t(0.975, 2) * 0.01 / sqrt(3)
+    assert half == pytest.approx(4.302652729911275 * 0.01 / math.sqrt(3), rel=1e-9)
+    assert m["log10_opt_lr"][0] == pytest.approx(-3.0)
+
+
+def test_paired_test_and_holm():
+    a = {0: 0.30, 1: 0.32, 2: 0.31, 3: None}
+    b = {0: 0.40, 1: 0.41, 2: 0.43, 3: 0.5}
+    t = paired_test(a, b)
+    assert t["n"] == 3
+    assert t["mean"] == pytest.approx(-0.1033333333, abs=1e-9)
+    assert 0 < t["p"] < 0.05
+    assert paired_test({0: 1.0, 1: 1.0}, {0: 1.0, 1: 1.0})["p"] == 1.0
+    # Holm on (0.01, 0.04, 0.03, 0.2): sorted 0.01*4, 0.03*3, 0.04*2, 0.2*1 -> 0.04, 0.09, 0.09 (monotone), 0.2
+    assert holm([0.01, 0.04, 0.03, 0.2]) == pytest.approx([0.04, 0.09, 0.09, 0.2])
+    assert holm([0.5, 0.6]) == pytest.approx([1.0, 1.0])
+
+
+def test_early_losses_pick_the_requested_lr():
+    runs = [SweepRun(PANEL, "zero", 0, lr, False, 0.3, 1.0, {10: lr * 100}) for lr in LRS]
+    curves = seed_curves(runs)[(PANEL, "zero")]
+    assert early_losses(curves, [10, 50], 1e-3) == {10: {0: pytest.approx(0.1)}, 50: {0: None}}
