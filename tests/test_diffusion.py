@@ -1,13 +1,14 @@
 """Diffusion math beyond the fixture: schedules, respacing, the three objectives, samplers."""
 
+import itertools
 import math
 
 import numpy as np
 import pytest
 import torch
 
-from unet.diffusion import (LossType, ModelVarType, create_diffusion, discretized_gaussian_log_likelihood,
-                            get_named_beta_schedule, normal_kl, space_timesteps)
+from unet.diffusion import (GaussianDiffusion, LossType, ModelMeanType, ModelVarType, create_diffusion,
+                            discretized_gaussian_log_likelihood, get_named_beta_schedule, normal_kl, space_timesteps)
 from unet.model import UNetModel
 from unet.resample import LossSecondMomentResampler, create_named_schedule_sampler
 
@@ -71,8 +72,7 @@ def small_model(out_channels, num_classes=None):
 @pytest.mark.parametrize("kwargs,loss_type,keys", [
     (dict(), LossType.MSE, {"loss", "mse"}),
     (dict(learn_sigma=True, rescale_learned_sigmas=True), LossType.RESCALED_MSE, {"loss", "mse", "vb"}),
-    (dict(learn_sigma=True, use_kl=True), LossType.KL, {"loss"}),
-    (dict(learn_sigma=True, use_kl=True, rescale_learned_sigmas=True), LossType.RESCALED_KL, {"loss"}),
+    (dict(learn_sigma=True, use_kl=True), LossType.RESCALED_KL, {"loss"}),
     (dict(predict_xstart=True, sigma_small=True), LossType.MSE, {"loss", "mse"}),
 ])
 def test_objectives(kwargs, loss_type, keys):
@@ -86,9 +86,67 @@ def test_objectives(kwargs, loss_type, keys):
     assert set(terms) == keys and terms["loss"].shape == (3,) and torch.isfinite(terms["loss"]).all()
     if "vb" in terms:
         assert torch.allclose(terms["loss"], terms["mse"] + terms["vb"])
-    if loss_type == LossType.RESCALED_KL:
-        plain = create_diffusion(steps=50, noise_schedule="cosine", learn_sigma=True, use_kl=True)
-        assert torch.allclose(terms["loss"], plain.training_losses(model, x, t, noise=noise)["loss"] * 50)
+
+
+# improved-diffusion's create_gaussian_diffusion (script_util.py), as three tables by enum name:
+# use_kl wins over rescale_learned_sigmas; learn_sigma wins over sigma_small.
+ORIGINAL_LOSS = {(False, False): "MSE", (False, True): "RESCALED_MSE", (True, False): "RESCALED_KL",
+                 (True, True): "RESCALED_KL"}  # (use_kl, rescale_learned_sigmas)
+ORIGINAL_VAR = {(False, False): "FIXED_LARGE", (False, True): "FIXED_SMALL", (True, False): "LEARNED_RANGE",
+                (True, True): "LEARNED_RANGE"}  # (learn_sigma, sigma_small)
+ORIGINAL_MEAN = {False: "EPSILON", True: "START_X"}  # predict_xstart
+
+
+@pytest.mark.parametrize("use_kl,rescale,learn_sigma,sigma_small,predict_xstart",
+                         list(itertools.product((False, True), repeat=5)))
+def test_flags_map_as_the_original(use_kl, rescale, learn_sigma, sigma_small, predict_xstart):
+    d = create_diffusion(steps=100, learn_sigma=learn_sigma, sigma_small=sigma_small, use_kl=use_kl,
+                         predict_xstart=predict_xstart, rescale_learned_sigmas=rescale)
+    assert (d.loss_type.name, d.model_var_type.name, d.model_mean_type.name) == (
+        ORIGINAL_LOSS[use_kl, rescale], ORIGINAL_VAR[learn_sigma, sigma_small], ORIGINAL_MEAN[predict_xstart])
+    # "" means no respacing: every one of the T steps, each its own original step
+    assert d.num_timesteps == 100 and d.timestep_map.tolist() == list(range(100)) and not d.rescale_timesteps
+
+
+def test_respacing_and_timestep_flags_pass_through():
+    d = create_diffusion(steps=100, timestep_respacing="5", rescale_timesteps=True)
+    assert d.timestep_map.tolist() == space_timesteps(100, "5") == [0, 25, 50, 74, 99]
+    assert d.num_timesteps == 5 and d.original_num_steps == 100 and d.rescale_timesteps
+
+
+def test_vlb_is_the_posterior_kl_in_bits():
+    """L_vlb at t > 0 by hand: KL(q(x_{t-1}|x_t,x_0) || p(x_{t-1}|x_t)) between two Gaussians,
+    in bits, averaged over pixels; RESCALED_KL (what use_kl gives) is T times that."""
+    T = 40
+    betas = np.linspace(1e-4 * 1000 / T, 0.02 * 1000 / T, T)  # the linear schedule, scaled to T
+    abar = np.cumprod(1 - betas)
+    g = torch.Generator().manual_seed(0)
+    x0, noise, eps_pred = (torch.randn(2, 1, 2, 2, generator=g) for _ in range(3))
+    v = torch.tensor([-0.6, 0.8])[:, None, None, None].expand(2, 1, 2, 2)
+    t = np.array([3, 27])
+    output = torch.cat([eps_pred, v], dim=1)  # a fixed model output: predicted noise, then v
+    noise64, eps64, v = noise.double(), eps_pred.double(), v.double()
+    expected = []
+    for i, s in enumerate(t):
+        beta, ab, ab_prev = betas[s], abar[s], abar[s - 1]
+        var_q = beta * (1 - ab_prev) / (1 - ab)  # beta-tilde_t
+        log_var_p = (v[i] + 1) / 2 * math.log(beta) + (1 - v[i]) / 2 * math.log(var_q)  # Eq. 15
+        # mean_q - mean_p = coef1 (x0 - pred_x0), and x0 - pred_x0 = sqrt((1 - abar)/abar) (eps_pred - noise)
+        coef1 = beta * math.sqrt(ab_prev) / (1 - ab)
+        mean_diff = coef1 * math.sqrt((1 - ab) / ab) * (eps64[i] - noise64[i])
+        kl = 0.5 * (log_var_p - math.log(var_q) + (var_q + mean_diff ** 2) / log_var_p.exp() - 1)
+        expected.append(kl.mean().item() / math.log(2))
+    expected = torch.tensor(expected)
+    d = create_diffusion(steps=T, learn_sigma=True, use_kl=True)
+    assert d.loss_type == LossType.RESCALED_KL
+    model = lambda x, ts: output
+    t = torch.from_numpy(t)
+    rescaled = d.training_losses(model, x0, t, noise=noise)["loss"]
+    plain = GaussianDiffusion(d.betas, ModelMeanType.EPSILON, ModelVarType.LEARNED_RANGE, LossType.KL)
+    unscaled = plain.training_losses(model, x0, t, noise=noise)["loss"]
+    # float32 inside vs float64 here: measured 3e-7 relative (x_0 recovered from x_t cancels at t=27)
+    assert torch.allclose(unscaled, expected, rtol=1e-5, atol=0)
+    assert torch.allclose(rescaled, T * expected, rtol=1e-5, atol=0)
 
 
 def test_hybrid_vb_trains_only_the_variance():

@@ -367,15 +367,17 @@ def create_diffusion(steps=1000, learn_sigma=False, sigma_small=False, noise_sch
     :param learn_sigma: the model outputs a learned-range variance (2C channels).
     :param sigma_small: with fixed variance, beta-tilde rather than beta.
     :param noise_schedule: "linear" or "cosine".
-    :param use_kl: train on L_vlb.
+    :param use_kl: train on L_vlb, times T (``LossType.RESCALED_KL``), as the original does;
+        plain ``LossType.KL`` is reachable only by building ``GaussianDiffusion`` directly.
     :param predict_xstart: the model predicts x_0 rather than the noise.
     :param rescale_timesteps: the model sees timesteps scaled to [0, 1000).
-    :param rescale_learned_sigmas: L_hybrid's vb weighting (or L_vlb times T with ``use_kl``).
+    :param rescale_learned_sigmas: without ``use_kl``, L_hybrid's vb weighting (T/1000); ignored with it.
     :param timestep_respacing: "", "N", "a,b,c" or "ddimN" (see ``space_timesteps``).
     """
     betas = get_named_beta_schedule(noise_schedule, steps)
+    # As the original: use_kl always trains on L_vlb times T, whatever rescale_learned_sigmas says.
     if use_kl:
-        loss_type = LossType.RESCALED_KL if rescale_learned_sigmas else LossType.KL
+        loss_type = LossType.RESCALED_KL
     else:
         loss_type = LossType.RESCALED_MSE if rescale_learned_sigmas else LossType.MSE
     if learn_sigma:
