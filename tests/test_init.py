@@ -188,3 +188,19 @@ def test_fixup_structure():
         assert torch.count_nonzero(b.fixup_bias) == 0 and b.fixup_scale.item() == 1.0
     seen, out = record_blocks(model, *batch())
     assert all(torch.equal(o, s) for _, o, s in seen) and torch.count_nonzero(out) == 0
+
+
+def test_init_reads_the_structure_the_model_exposes():
+    """No import cycle: ``unet.init`` works from ``residual_blocks()``, ``branch_layers()`` and
+    ``output_layer()`` alone, and importing it does not import the model."""
+    import subprocess
+    import sys
+
+    code = "import sys, unet.init; assert 'unet.model' not in sys.modules"
+    assert subprocess.run([sys.executable, "-c", code]).returncode == 0
+    model = tiny()
+    blocks = model.residual_blocks()
+    assert len(blocks) == 12 and all(isinstance(b, (ResBlock, AttentionBlock)) for _, b in blocks)
+    names = [n for n, _ in zeroed_layers(model)]
+    assert names[-1] == "out.2" and len(names) == 13
+    assert names[0] == f"{blocks[0][0]}.out_layers.3" and f"{blocks[2][0]}.proj_out" in names

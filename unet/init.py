@@ -24,19 +24,22 @@ INIT_SCHEMES = ("zero", "standard", "kaiming", "fixup", "all-zero")
 _CONV_LINEAR = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
 
 
-def zeroed_layers(model):
-    """The layers improved-DDPM wraps in ``zero_module``, as (name, module) pairs: each
-    ResBlock's ``out_layers[-1]``, each AttentionBlock's ``proj_out``, the output conv."""
-    from .model import AttentionBlock, ResBlock
+# What a scheme needs of the model, and all it uses (so this module never imports the model):
+# ``model.residual_blocks()`` -> [(name, block)], each block's ``branch_layers()`` -> (inner
+# layers, last layer) and ``fixup`` flag, ``model.output_layer()`` -> (name, conv), and
+# ``model.time_embed``.
 
+
+def zeroed_layers(model):
+    """The layers improved-DDPM wraps in ``zero_module``, as (name, module) pairs: the last
+    layer of every residual branch (each ResBlock's ``out_layers[-1]``, each AttentionBlock's
+    ``proj_out``), then the output conv."""
     layers = []
-    for name, m in model.named_modules():
-        if isinstance(m, ResBlock):
-            layers.append((f"{name}.out_layers.{len(m.out_layers) - 1}", m.out_layers[-1]))
-        elif isinstance(m, AttentionBlock):
-            layers.append((f"{name}.proj_out", m.proj_out))
-    layers.append((f"out.{len(model.out) - 1}", model.out[-1]))
-    return layers
+    for name, block in model.residual_blocks():
+        last = block.branch_layers()[1]
+        relative = next(n for n, m in block.named_modules() if m is last)
+        layers.append((f"{name}.{relative}", last))
+    return layers + [model.output_layer()]
 
 
 def he_normal_(layer, gain_for="relu", scale=1.0):
@@ -53,21 +56,15 @@ def fixup_scale(num_branches, layers_per_branch=2):
 
 
 def _init_fixup(model):
-    from .model import AttentionBlock, ResBlock
-
-    blocks = [m for m in model.modules() if isinstance(m, (ResBlock, AttentionBlock))]
+    blocks = [block for _, block in model.residual_blocks()]
     scale = fixup_scale(len(blocks))
     in_branch = set()
     for block in blocks:
-        if isinstance(block, ResBlock):
-            he_normal_(block.in_layers[-1], scale=scale)
-            he_normal_(block.emb_layers[-1], scale=scale)
-            zero_module(block.out_layers[-1])
-            in_branch |= {block.in_layers[-1], block.emb_layers[-1], block.out_layers[-1]}
-        else:
-            he_normal_(block.qkv, scale=scale)
-            zero_module(block.proj_out)
-            in_branch |= {block.qkv, block.proj_out}
+        inner, last = block.branch_layers()
+        for layer in inner:
+            he_normal_(layer, scale=scale)
+        zero_module(last)
+        in_branch |= {*inner, last}
     for m in model.time_embed:
         if isinstance(m, nn.Linear):
             he_normal_(m)
@@ -77,7 +74,7 @@ def _init_fixup(model):
     for m in model.modules():
         if isinstance(m, _CONV_LINEAR) and m not in in_branch:
             he_normal_(m, gain_for="linear")
-    zero_module(model.out[-1])
+    zero_module(model.output_layer()[1])
 
 
 def apply_init(model, scheme):
@@ -100,7 +97,7 @@ def apply_init(model, scheme):
             if isinstance(m, _CONV_LINEAR):
                 he_normal_(m)
     elif scheme == "fixup":
-        if not any(getattr(m, "fixup", False) for m in model.modules()):
+        if not any(block.fixup for _, block in model.residual_blocks()):
             raise ValueError("init 'fixup' needs the Fixup scalars: build the model with UNetModel(init='fixup')")
         _init_fixup(model)
     else:  # all-zero

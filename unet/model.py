@@ -109,6 +109,10 @@ class ResBlock(nn.Module):
     def _bias(self, h, i):
         return h + self.fixup_bias[i] if self.fixup else h
 
+    def branch_layers(self):
+        """(the weighted layers inside the residual branch, its last layer), for the init schemes."""
+        return [self.in_layers[-1], self.emb_layers[-1]], self.out_layers[-1]
+
     def branch(self, x, emb):
         """The residual branch alone (``f`` in ``x + f(x)``); diagnostics measure it."""
         norm1, _, conv1 = self.in_layers  # the SiLU modules stay for the original's layout
@@ -159,6 +163,10 @@ class AttentionBlock(nn.Module):
         if fixup:
             self.fixup_bias = nn.Parameter(torch.zeros(3))
             self.fixup_scale = nn.Parameter(torch.ones(1))
+
+    def branch_layers(self):
+        """(the weighted layers inside the residual branch, its last layer), for the init schemes."""
+        return [self.qkv], self.proj_out
 
     def branch(self, x):
         """The residual branch on (B, C, ...) positions, any spatial shape; returns that shape."""
@@ -313,3 +321,12 @@ class UNetModel(nn.Module):
     def res_blocks(self):
         """(name, ResBlock) pairs in forward order: encoder, middle, decoder."""
         return [(n, m) for n, m in self.named_modules() if isinstance(m, ResBlock)]
+
+    def residual_blocks(self):
+        """(name, block) pairs of every block of the form ``x + f(x)`` (ResBlocks and
+        AttentionBlocks) in forward order; each exposes ``branch_layers()`` and ``fixup``."""
+        return [(n, m) for n, m in self.named_modules() if isinstance(m, (ResBlock, AttentionBlock))]
+
+    def output_layer(self):
+        """(name, layer) of the final conv, which improved-DDPM zero-initialises."""
+        return f"out.{len(self.out) - 1}", self.out[-1]
