@@ -33,9 +33,7 @@ def main(argv=None):
         print(f"error: {e}", file=sys.stderr)
         return 1
     if summary["diverged"]:
-        why = (f"{cfg.max_nan_steps} non-finite losses in a row" if summary["stop_reason"] == "nan"
-               else f"loss above {cfg.divergence_factor:g}x the initial loss")
-        print(f"error: training stopped at step {summary['steps']}: {why}; "
+        print(f"error: training stopped at step {summary['steps']}: {summary['divergence_reason']}; "
               f"last good checkpoint: {summary['checkpoint'] or 'none'}", file=sys.stderr)
         return 3
     return 0

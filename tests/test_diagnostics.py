@@ -5,8 +5,9 @@ import math
 import pytest
 import torch
 
-from unet.diagnostics import (SpikeDetector, block_stats, channel_distinctness, grad_norm, is_diverged,
-                              loss_by_quartile, snapshot, update_to_weight_ratio, zeroed_layer_distinctness)
+from unet.diagnostics import (SpikeDetector, block_stats, channel_distinctness, grad_norm, DivergenceMonitor,
+                              UpdateRatioTracker, loss_by_quartile, snapshot, update_to_weight_ratio,
+                              zeroed_layer_distinctness)
 from unet.model import UNetModel
 
 
@@ -62,9 +63,54 @@ def test_spike_detector_and_divergence():
     s2 = SpikeDetector()
     s2.load_state_dict(s.state_dict())
     assert s2.count == 2 and s2.update(3.0)
-    assert is_diverged(float("nan"), 1.0) and is_diverged(float("inf"), 1.0) and is_diverged(10.5, 1.0)
-    assert not is_diverged(9.5, 1.0)
-    assert is_diverged(float("nan"), None) and not is_diverged(1e6, None)  # no finite loss seen yet
+
+
+def diverged(losses, factor=10.0, window=1, grad_norms=None):
+    """The first step (1-based) at which a fresh DivergenceMonitor reports, and its reason."""
+    m = DivergenceMonitor(factor, window)
+    for i, loss in enumerate(losses):
+        why = m.update(loss, None if grad_norms is None else grad_norms[i])
+        if why:
+            return i + 1, why
+    return None
+
+
+def test_divergence_monitor_single_loss_rule():
+    nan, inf = float("nan"), float("inf")
+    assert diverged([1.0, nan])[0] == 2 and diverged([1.0, inf])[0] == 2 and diverged([1.0, 10.5])[0] == 2
+    assert diverged([1.0, 9.5]) is None
+    assert diverged([nan])[0] == 1 and diverged([1e6]) is None  # no finite loss seen yet: only non-finite counts
+    assert diverged([1.0, 10.5]) == (2, "loss above 10x the initial loss")
+    assert diverged([1.0, 1.0], grad_norms=[1.0, inf]) == (2, "non-finite loss or gradient")
+    assert diverged([1.0, 1e9], factor=0.0) is None and diverged([1.0, nan], factor=0.0)[0] == 2
+
+
+def test_divergence_monitor_median_window():
+    # One batch far above the level is a spike, not a divergence; a median above it is.
+    assert diverged([1.0] * 9 + [50.0] + [1.0] * 20, window=10) is None
+    assert diverged([1.0] * 6 + [20.0] * 5, window=10) == (11, "median of 10 losses above 10x the initial loss")
+    assert diverged([30.0] * 9, factor=0.1, window=10) is None  # waits for a full window
+    assert diverged([1.0, float("nan")], window=10)[0] == 2  # non-finite: at once, whatever the window
+    m = DivergenceMonitor(10.0, 10)
+    for loss in [1.0] * 5 + [20.0] * 4:
+        m.update(loss)
+    m2 = DivergenceMonitor(10.0, 10)
+    m2.load_state_dict(m.state_dict())
+    assert m2.initial_loss == 1.0 and m2.update(20.0) and m2.update(20.0)
+
+
+def test_update_ratio_tracker():
+    m = torch.nn.Linear(3, 2, bias=False)
+    with torch.no_grad():
+        m.weight.fill_(1.0)
+    tracker = UpdateRatioTracker(m)
+    with torch.no_grad():
+        m.weight.add_(0.1)
+    assert tracker.update(m) == pytest.approx(0.1)
+    with torch.no_grad():
+        m.weight.mul_(2.0)  # measured from the re-snapshot at 1.1: change 1.1 over 1.1
+    assert tracker.update(m) == pytest.approx(1.0)
+    assert tracker.update(m) == 0.0
 
 
 def test_loss_by_quartile():

@@ -335,6 +335,7 @@ def test_divergence_factor_stops_on_a_non_finite_first_step(monkeypatch, tmp_pat
     nan_diffusion(monkeypatch, {1})
     s = train(tiny(tmp_path, max_steps=5, divergence_factor=10.0))
     assert s["stop_reason"] == "diverged" and s["diverged"] and s["nan_skipped"] == 1
+    assert s["divergence_reason"] == "non-finite loss or gradient"
     assert latest_checkpoint(str(tmp_path)) is None  # nothing good to save
 
 

@@ -50,7 +50,8 @@ class TrainConfig:
     cpu_threads: int = 0  # torch threads per process on a CPU; 0 = the cores / processes on this machine
     compile: bool = False  # torch.compile the training forward/backward (minutes of compiling first)
     max_nan_steps: int = 10  # stop after this many non-finite losses in a row
-    divergence_factor: float = 0.0  # stop when loss > factor * initial loss; 0 = never
+    divergence_factor: float = 0.0  # stop on a non-finite loss, or when loss > factor * initial loss; 0 = never
+    divergence_window: int = 1  # the loss compared is the median of the last N finite losses
     # --- logging and samples ---
     report_to: str = "wandb"
     project: str = "unet"
@@ -245,7 +246,8 @@ def validate(cfg):
         _require(v in allowed, key, "|".join(allowed), v)
     for key in ("max_steps", "batch_size", "grad_accum", "keep_checkpoints",
                 "log_every", "num_samples", "sample_steps", "image_size", "channels", "model_channels",
-                "num_res_blocks", "diffusion_steps", "max_nan_steps", "num_heads", "eval_batch_size"):
+                "num_res_blocks", "diffusion_steps", "max_nan_steps", "num_heads", "eval_batch_size",
+                "divergence_window"):
         _require(getattr(cfg, key) >= 1, key, "an integer >= 1", getattr(cfg, key))
     for key in ("warmup_steps", "num_workers", "diagnostics_every", "eval_every", "cpu_threads", "checkpoint_every"):
         _require(getattr(cfg, key) >= 0, key, "an integer >= 0", getattr(cfg, key))

@@ -120,13 +120,65 @@ class SpikeDetector:
         self.count = state["count"]
 
 
-def is_diverged(loss, initial_loss, factor=10.0):
-    """Divergence: a non-finite loss, or one above ``factor`` x the initial loss (``None``
-    before any finite loss was seen: then only a non-finite loss counts)."""
-    loss = float(loss)
-    if not math.isfinite(loss):
-        return True
-    return initial_loss is not None and loss > factor * float(initial_loss)
+class DivergenceMonitor:
+    """
+    The divergence rule, stated once: a run has diverged when a loss or gradient norm is
+    non-finite (at any step, the first included), or when the median of the last ``window``
+    finite losses exceeds ``factor`` x the initial (first finite) loss. A median rather than
+    one loss because under L_hybrid a single batch with t near 0 can exceed that level through
+    its VB term in any healthy run: that is a spike (``SpikeDetector``), not a divergence.
+
+    :param factor: how far above the initial loss the smoothed loss may go; 0 = no level
+        rule (only a non-finite value counts).
+    :param window: how many recent finite losses the median covers (1 = the loss itself);
+        the level rule waits until that many have been seen.
+    """
+
+    def __init__(self, factor=10.0, window=1):
+        self.factor, self.window = float(factor), int(window)
+        self.initial_loss = None
+        self.recent = deque(maxlen=self.window)
+
+    def update(self, loss, grad_norm=None):
+        """Record one step; returns why the run diverged (one line), or None."""
+        loss = float(loss)
+        if not math.isfinite(loss) or (grad_norm is not None and not math.isfinite(float(grad_norm))):
+            return "non-finite loss or gradient"
+        if self.initial_loss is None:
+            self.initial_loss = loss
+        self.recent.append(loss)
+        if self.factor > 0 and len(self.recent) == self.window and \
+                statistics.median(self.recent) > self.factor * self.initial_loss:
+            if self.window == 1:
+                return f"loss above {self.factor:g}x the initial loss"
+            return f"median of {self.window} losses above {self.factor:g}x the initial loss"
+        return None
+
+    def state_dict(self):
+        return {"initial_loss": self.initial_loss, "recent": list(self.recent)}
+
+    def load_state_dict(self, state):
+        self.initial_loss = state["initial_loss"]
+        self.recent = deque(state["recent"], maxlen=self.window)
+
+
+class UpdateRatioTracker:
+    """
+    The update-to-weight RMS ratio over time (EDM2's measure of uncontrolled growth): each
+    ``update(model)`` returns the ratio of the change since the previous call (or since
+    construction) and takes a new snapshot.
+
+    :param model: the module whose parameters are tracked.
+    """
+
+    def __init__(self, model):
+        self.before = snapshot(model)
+
+    def update(self, model):
+        """The update-to-weight ratio since the last call; then re-snapshot."""
+        ratio = update_to_weight_ratio(self.before, model)
+        self.before = snapshot(model)
+        return ratio
 
 
 def loss_by_quartile(t, losses, num_timesteps):

@@ -249,12 +249,15 @@ def _train(accelerator, cfg, hooks, resume_path):
 
     state = dict(step=0, nan_skipped=0, nan_streak=0, initial_loss=None)
     spikes = diagnostics.SpikeDetector()
+    divergence = diagnostics.DivergenceMonitor(cfg.divergence_factor, cfg.divergence_window)
     if resume_path:
         loaded = load_training_state(accelerator, resume_path, model, emas)
         for k in state:
             state[k] = loaded.get(k, state[k])
         sampler.load_state_dict(loaded["sampler"])
         spikes.load_state_dict(loaded["spikes"])
+        # Checkpoints from before the monitor hold only the initial loss (window 1 needs no more).
+        divergence.load_state_dict(loaded.get("divergence", {"initial_loss": state["initial_loss"], "recent": []}))
         for r, ema in emas.items():
             ema.optimization_step = loaded["ema_steps"][f"{r:g}"]
         log(f"resumed from {resume_path} at step {state['step']}")
@@ -306,11 +309,13 @@ def _train(accelerator, cfg, hooks, resume_path):
 
     def checkpoint(step):
         train_state = {**state, "step": step, "sampler": sampler.state_dict(), "spikes": spikes.state_dict(),
+                       "divergence": divergence.state_dict(),
                        "ema_steps": {f"{r:g}": e.optimization_step for r, e in emas.items()}}
         return save_checkpoint(accelerator, cfg.output_dir, step, cfg, model, emas, train_state,
                                cfg.keep_checkpoints)
 
     history, stop_reason, last_ckpt, last_samples = [], "max_steps", resume_path, None
+    divergence_reason = None
     start = state["step"]
     loader = iter(train_loader(data, cfg, start, rank, world, data_seed))
     bar = tqdm(total=cfg.max_steps, initial=start, disable=not (main and cfg.progress), desc="train")
@@ -321,7 +326,7 @@ def _train(accelerator, cfg, hooks, resume_path):
         record = {"step": step + 1}
         if cfg.diagnostics_every and step % cfg.diagnostics_every == 0:
             record.update(_diagnostics_record(raw, diag_batch))
-            before = diagnostics.snapshot(raw)
+            update_ratio = diagnostics.UpdateRatioTracker(raw)
         bad, terms_all, t_all = False, [], []
         shape = (cfg.batch_size, cfg.channels, cfg.image_size, cfg.image_size)
         step_inputs = draw_step_inputs(sampler, step_generator(data_seed, step), shape, cfg.random_flip)
@@ -364,15 +369,13 @@ def _train(accelerator, cfg, hooks, resume_path):
             for ema in emas.values():
                 ema.step(raw.parameters())
             if "residual_ratios" in record:
-                record["update_to_weight"] = diagnostics.update_to_weight_ratio(before, raw)
+                record["update_to_weight"] = update_ratio.update(raw)
             state["nan_streak"] = 0
             record.update({k: terms_all[:, i].mean().item() for i, k in enumerate(keys)})
             for i, k in enumerate(keys):
                 for q, v in diagnostics.loss_by_quartile(t_all, terms_all[:, i], diffusion.num_timesteps).items():
                     record[f"{k}_{q}"] = v
             record.update(grad_norm=float(grad_norm), lr=scheduler.get_last_lr()[0])
-            if state["initial_loss"] is None:
-                state["initial_loss"] = record["loss"]
             record["spike"] = bool(spikes.update(record["loss"]))
         record["spike_count"], record["nan_skipped"] = spikes.count, state["nan_skipped"]
         window_imgs += cfg.batch_size
@@ -405,12 +408,15 @@ def _train(accelerator, cfg, hooks, resume_path):
             window_time, window_imgs = 0.0, 0
         bar.update(1)
 
+        # A skipped step logs its loss as NaN, so it diverges even at step 1. fp16's grad scaler
+        # handles a non-finite gradient itself (it lowers its scale), so that is not divergence.
+        why = divergence.update(record["loss"], None if accelerator.scaler else record.get("grad_norm"))
+        state["initial_loss"] = divergence.initial_loss
         stop = None
         if state["nan_streak"] >= cfg.max_nan_steps:
-            stop = "nan"
-        elif cfg.divergence_factor and diagnostics.is_diverged(record["loss"], state["initial_loss"],
-                                                                cfg.divergence_factor):
-            stop = "diverged"  # a skipped step logs its loss as NaN, so it diverges even at step 1
+            stop, divergence_reason = "nan", f"{cfg.max_nan_steps} non-finite losses in a row"
+        elif cfg.divergence_factor and why:
+            stop, divergence_reason = "diverged", why
         if any([bool(h(done, record, raw)) for h in hooks]) and stop is None:
             stop = "hook"
         if stop in ("nan", "diverged"):
@@ -435,4 +441,4 @@ def _train(accelerator, cfg, hooks, resume_path):
                 nan_skipped=state["nan_skipped"], spike_count=spikes.count, initial_loss=state["initial_loss"],
                 final_loss=losses[-1] if losses else None, final_eval_loss=evals[-1] if evals else None,
                 steps=state["step"], output_dir=cfg.output_dir, checkpoint=last_ckpt, samples=last_samples,
-                wandb_dir=wandb_dir, skipped_images=data.skipped)
+                wandb_dir=wandb_dir, skipped_images=data.skipped, divergence_reason=divergence_reason)
