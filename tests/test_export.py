@@ -18,7 +18,8 @@ from unet.config import TrainConfig
 from unet.diffusion import create_diffusion
 from unet.export import ExportError, export_scheduler, main, max_output_difference, to_unet2d
 from unet.model import UNetModel
-from unet.sampling import Loaded, generate, sample_generators
+from unet.checkpoint import Loaded
+from unet.sampling import generate, sample_generators
 
 FIXTURE = Path(__file__).parent / "fixtures" / "iddpm_reference.pt"
 

@@ -19,8 +19,9 @@ from unet.diffusion import create_diffusion
 from unet.model import UNetModel
 from diffusers import DDPMScheduler
 
-from unet.sampling import (generate, load_checkpoint, main, make_scheduler, model_timesteps, sample_batch,
-                           sample_generators, scheduler_kwargs)
+from sample import main
+from unet.checkpoint import load_checkpoint
+from unet.sampling import generate, make_scheduler, model_timesteps, sample_batch, sample_generators, scheduler_kwargs
 
 ROOT = Path(__file__).resolve().parents[1]
 FIXTURE = ROOT / "tests" / "fixtures" / "iddpm_reference.pt"

@@ -7,18 +7,26 @@ Layout of ``output_dir/checkpoints/checkpoint_<step:08d>/``:
 ``model.safetensors`` (UNetModel keys), ``ema_<rate>.safetensors``, ``config.yaml``,
 ``train_state.json`` + ``train_state.safetensors``, and accelerate's optimizer,
 scheduler and RNG files. Nothing is ever unpickled when loading: weights come from
-safetensors, accelerate reads its own files with ``torch.load(weights_only=True)``."""
+safetensors, accelerate reads its own files with ``torch.load(weights_only=True)``.
+
+``load_checkpoint`` is the one loader for sampling, evaluation and export: it reads these
+folders (or a run's latest) and original improved-diffusion ``.pt`` state dicts (also with
+``weights_only=True``), and returns a ``Loaded``."""
 
 import json
 import os
 import re
 import shutil
+from dataclasses import dataclass
 
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from .config import ConfigError, TrainConfig
+from .diffusion import create_diffusion
+from .factory import architecture_from_config, create_model
+from .model import UNetModel
 
 CHECKPOINT_RE = re.compile(r"^checkpoint_(\d{8})$")
 TMP_PREFIX = ".tmp-"
@@ -182,19 +190,41 @@ def _one_line(e):
     return s.splitlines()[0] if s else type(e).__name__
 
 
-def load_model(path, ema=True, device="cpu"):
-    """
-    A trained model for sampling or evaluation.
+# --- loading a model to sample, evaluate or export ----------------------------------
 
-    :param path: a checkpoint folder, or a run's output_dir (its latest checkpoint is used).
-    :param ema: True for the first EMA rate, a float for that rate, False for the raw weights.
-    :return: (UNetModel in eval mode, diffusion, TrainConfig).
-    """
-    from .diffusion import create_diffusion
-    from .model import UNetModel
+@dataclass
+class Loaded:
+    """A model in eval mode with what is needed to sample from it, rebuild or export it.
+    ``config`` is None only for an original ``.pt`` described by explicit kwargs."""
+    model: UNetModel
+    model_kwargs: dict
+    diffusion_kwargs: dict
+    image_size: int
+    config: TrainConfig = None
 
-    if not os.path.isdir(path):
-        raise CheckpointError(f"checkpoint '{path}' does not exist")
+    def diffusion(self, timestep_respacing=None):
+        """The model's diffusion process (``timestep_respacing`` overrides the trained one)."""
+        kwargs = dict(self.diffusion_kwargs)
+        if timestep_respacing is not None:
+            kwargs["timestep_respacing"] = timestep_respacing
+        return create_diffusion(**kwargs)
+
+
+def load_checkpoint(path, ema=True, config=None, device="cpu"):
+    """
+    Load a trained model from either format; every failure is a one-line ``CheckpointError``
+    (or ``FileNotFoundError`` for a missing ``config`` file).
+
+    :param path: a checkpoint folder (``.../checkpoint_00001000``), a run's output_dir (its
+        latest checkpoint), or an improved-diffusion ``.pt`` state dict.
+    :param ema: True for the first EMA rate, a float for that rate, False for the raw
+        weights (``.pt`` files hold one set of weights: ignored).
+    :param config: for ``.pt`` files, their architecture (see ``factory.architecture_from_config``).
+    """
+    if not os.path.exists(path):
+        raise CheckpointError(f"checkpoint not found: {path}")
+    if os.path.isfile(path):
+        return load_iddpm_checkpoint(path, config, device)
     ckpt = path if os.path.isfile(os.path.join(path, "train_state.json")) else latest_checkpoint(path)
     if ckpt is None:
         raise CheckpointError(f"no checkpoint in '{path}' (expected a checkpoint folder or checkpoints/checkpoint_*/)")
@@ -202,17 +232,60 @@ def load_model(path, ema=True, device="cpu"):
         cfg = TrainConfig.load(os.path.join(ckpt, "config.yaml"))
     except ConfigError as e:
         raise CheckpointError(f"checkpoint '{ckpt}' has an unusable config.yaml: {e}") from None
-    if ema is False:
-        fname = "model.safetensors"
-    else:
-        rate = cfg.ema_rates[0] if ema is True else float(ema)
-        if rate not in cfg.ema_rates:
-            raise CheckpointError(f"checkpoint '{ckpt}' has no EMA rate {rate:g} (it has {cfg.ema_rates})")
-        fname = ema_filename(rate)
-    file = os.path.join(ckpt, fname)
-    model = UNetModel(**cfg.model_kwargs())
+    file = os.path.join(ckpt, weights_filename(ckpt, cfg, ema))
+    model = create_model(cfg)
     try:
         model.load_state_dict(load_file(file, device=str(device)))
     except (OSError, RuntimeError, SafetensorError) as e:
         raise CheckpointError(f"cannot load '{file}': {_one_line(e)}") from None
-    return model.to(device).eval(), create_diffusion(**cfg.diffusion_kwargs()), cfg
+    return Loaded(model.to(device).eval(), cfg.model_kwargs(), cfg.diffusion_kwargs(), cfg.image_size, cfg)
+
+
+def ema_from_flags(raw, ema_rate):
+    """``load_checkpoint``'s ``ema`` from the tools' ``--raw`` and ``--ema_rate`` flags."""
+    return False if raw else (ema_rate if ema_rate is not None else True)
+
+
+def weights_filename(ckpt, cfg, ema):
+    """The weights file of checkpoint ``ckpt`` that ``ema`` (True, a rate, False) names."""
+    if ema is False:
+        return "model.safetensors"
+    rate = cfg.ema_rates[0] if ema is True else float(ema)
+    if rate not in cfg.ema_rates:
+        raise CheckpointError(f"checkpoint '{ckpt}' has no EMA rate {rate:g} (it has {cfg.ema_rates})")
+    return ema_filename(rate)
+
+
+def load_iddpm_checkpoint(path, config, device="cpu"):
+    """An improved-diffusion ``.pt`` state dict (e.g. ``ema_0.9999_500000.pt``), read with
+    ``weights_only=True``, into the architecture ``config`` describes."""
+    if config is None:
+        raise CheckpointError(f"{path} is an improved-diffusion state dict: pass --config with its model and diffusion flags")
+    image_size, model_kwargs, diffusion_kwargs, cfg = architecture_from_config(config)
+    try:
+        state_dict = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # any unpickling failure means the file is not a usable checkpoint
+        raise CheckpointError(f"cannot read checkpoint {path}: {type(e).__name__}: {_one_line(e) if str(e) else ''}")
+    if not isinstance(state_dict, dict) or not all(torch.is_tensor(v) for v in state_dict.values()):
+        raise CheckpointError(f"checkpoint {path} is not a state dict of tensors")
+    model = UNetModel(**model_kwargs)
+    check_state_dict(model, state_dict, path)
+    model.load_state_dict(state_dict, strict=True)
+    return Loaded(model.to(device).eval(), model_kwargs, diffusion_kwargs, image_size, cfg)
+
+
+def check_state_dict(model, state_dict, path):
+    """Raise a one-line ``CheckpointError`` summarising how ``state_dict`` misses the model."""
+    ours, theirs = model.state_dict(), set(state_dict)
+    missing, unexpected = sorted(set(ours) - theirs), sorted(theirs - set(ours))
+    wrong = sorted(k for k in set(ours) & theirs if ours[k].shape != state_dict[k].shape)
+    if missing or unexpected or wrong:
+        parts = [f"{name} {len(keys)} (e.g. {keys[0]})" for name, keys in
+                 (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong)) if keys]
+        raise CheckpointError(f"checkpoint {path} does not match the model config: {'; '.join(parts)}")
+
+
+def load_model(path, ema=True, device="cpu"):
+    """``load_checkpoint`` for a checkpoint of this package, as (model, diffusion, TrainConfig)."""
+    loaded = load_checkpoint(path, ema=ema, device=device)
+    return loaded.model, loaded.diffusion(), loaded.config

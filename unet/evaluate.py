@@ -27,12 +27,12 @@ import numpy as np
 import torch
 from accelerate import Accelerator
 from accelerate.utils import gather_object
-from scipy import linalg
+from scipy import linalg, stats
 from tqdm.auto import tqdm
 
-from .diffusion import create_diffusion
+from .checkpoint import load_checkpoint
 from .images import to_pil, to_uint8
-from .sampling import SCHEDULERS, generate, load_checkpoint, sample_generators
+from .sampling import SCHEDULERS, generate, sample_generators
 
 # --- bits/dim ------------------------------------------------------------------------
 
@@ -97,6 +97,11 @@ def real_digits(image_size, channels=1):
     return arrays(data.train), arrays(data.eval)
 
 
+def flat_pixels(images):
+    """NHWC uint8 -> [N x H*W*C] floats in [0, 1], the classifier's input."""
+    return images.reshape(len(images), -1).astype(np.float64) / 255.0
+
+
 class DigitJudge:
     """
     A one-hidden-layer MLP trained on real digits: it labels samples and its hidden layer
@@ -109,22 +114,23 @@ class DigitJudge:
         from sklearn.neural_network import MLPClassifier
 
         self.clf = MLPClassifier(hidden_layer_sizes=(hidden,), max_iter=2000, random_state=seed)
-        self.clf.fit(self._flat(images), labels)
+        self.clf.fit(flat_pixels(images), labels)
         # Units dead on every real digit are constant features: they make covariances singular.
-        h = np.maximum(self._flat(images) @ self.clf.coefs_[0] + self.clf.intercepts_[0], 0)
-        self.alive = h.std(0) > 0
+        self.alive = self.hidden(images).std(0) > 0
 
-    @staticmethod
-    def _flat(images):
-        return images.reshape(len(images), -1).astype(np.float64) / 255.0
+    def hidden(self, images):
+        """Hidden-layer (ReLU) activations of every unit, [N x hidden]."""
+        return np.maximum(flat_pixels(images) @ self.clf.coefs_[0] + self.clf.intercepts_[0], 0)
 
     def features(self, images):
-        """Hidden-layer (ReLU) activations of the units alive on real digits, [N x D]."""
-        h = np.maximum(self._flat(images) @ self.clf.coefs_[0] + self.clf.intercepts_[0], 0)
-        return h[:, self.alive]
+        """Hidden-layer activations of the units alive on real digits, [N x D]."""
+        return self.hidden(images)[:, self.alive]
 
     def predict_proba(self, images):
-        return self.clf.predict_proba(self._flat(images))
+        return self.clf.predict_proba(flat_pixels(images))
+
+    def predict(self, images):
+        return self.clf.predict(flat_pixels(images))
 
 
 @functools.lru_cache(maxsize=4)
@@ -170,7 +176,7 @@ def digit_quality(images, labels=None, seed=0):
     out = dict(n=len(images), n_floor=len(pick), fd=frechet_distance(judge.features(images), held),
                fd_floor=frechet_distance(judge.features(train_x[pick]), held),
                confidence=float(probs.max(1).mean()), class_histogram=np.bincount(pred, minlength=10).tolist(),
-               judge_accuracy=float((judge.clf.predict(judge._flat(eval_x)) == eval_y).mean()))
+               judge_accuracy=float((judge.predict(eval_x) == eval_y).mean()))
     if labels is not None:
         out["accuracy"] = float((pred == np.asarray(labels)).mean())
     return out
@@ -297,43 +303,51 @@ def build_parser():
     return p
 
 
+def run_bpd(args):
+    if os.path.isfile(args.checkpoint):
+        raise ValueError("bpd needs a checkpoint of this package: its config names the held-out data")
+    loaded = load_checkpoint(args.checkpoint, ema=not args.raw)
+    images, labels = held_out_data(loaded.config)
+    if args.num_images:
+        images, labels = images[:args.num_images], labels[:args.num_images]
+    accelerator = Accelerator(cpu=not torch.cuda.is_available())
+    bpd = bits_per_dim(loaded.model.to(accelerator.device), loaded.diffusion(timestep_respacing=""), images, labels,
+                       args.batch_size, args.seed, accelerator)
+    if accelerator.is_main_process:
+        sem = stats.sem(bpd) if len(bpd) > 1 else float("nan")
+        print(f"bits/dim on {len(bpd)} held-out images: {bpd.mean():.4f} +- {sem:.4f} (standard error)")
+
+
+def run_fid(args):
+    images, _ = _load_samples(args.samples)
+    if not os.path.isdir(args.ref):
+        raise FileNotFoundError(f"reference folder not found: {args.ref}")
+    value, reason = fid(images, args.ref, args.inception_weights)
+    print(reason if value is None else f"FID: {value:.3f}")
+
+
+def run_benchmark(args):
+    loaded = load_checkpoint(args.checkpoint)
+    runs = parse_runs(args.runs, loaded.diffusion_kwargs.get("steps", 1000))
+    rows = benchmark(loaded, runs, args.num_samples, args.batch_size, args.seed)
+    print(format_table(rows))
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump(rows, fh, indent=1)
+
+
+def run_quality(args):
+    q = digit_quality(*_load_samples(args.samples))
+    print(json.dumps(q) if args.json else format_quality(q))
+
+
+COMMANDS = dict(bpd=run_bpd, quality=run_quality, fid=run_fid, benchmark=run_benchmark)
+
+
 def main(argv=None):
     args = build_parser().parse_args(argv)
     try:
-        if args.command == "bpd":
-            from .checkpoint import load_model
-
-            if not os.path.exists(args.checkpoint):
-                raise FileNotFoundError(f"checkpoint not found: {args.checkpoint}")
-            model, _, cfg = load_model(args.checkpoint, ema=not args.raw)
-            images, labels = held_out_data(cfg)
-            if args.num_images:
-                images, labels = images[:args.num_images], labels[:args.num_images]
-            accelerator = Accelerator(cpu=not torch.cuda.is_available())
-            diffusion = create_diffusion(**{**cfg.diffusion_kwargs(), "timestep_respacing": ""})
-            bpd = bits_per_dim(model.to(accelerator.device), diffusion, images, labels, args.batch_size, args.seed,
-                               accelerator)
-            if accelerator.is_main_process:
-                sem = bpd.std(ddof=1) / np.sqrt(len(bpd)) if len(bpd) > 1 else float("nan")
-                print(f"bits/dim on {len(bpd)} held-out images: {bpd.mean():.4f} +- {sem:.4f} (standard error)")
-        elif args.command == "quality":
-            images, labels = _load_samples(args.samples)
-            q = digit_quality(images, labels)
-            print(json.dumps(q) if args.json else format_quality(q))
-        elif args.command == "fid":
-            images, _ = _load_samples(args.samples)
-            if not os.path.isdir(args.ref):
-                raise FileNotFoundError(f"reference folder not found: {args.ref}")
-            value, reason = fid(images, args.ref, args.inception_weights)
-            print(reason if value is None else f"FID: {value:.3f}")
-        elif args.command == "benchmark":
-            loaded = load_checkpoint(args.checkpoint)
-            runs = parse_runs(args.runs, loaded.diffusion_kwargs.get("steps", 1000))
-            rows = benchmark(loaded, runs, args.num_samples, args.batch_size, args.seed)
-            print(format_table(rows))
-            if args.json:
-                with open(args.json, "w") as fh:
-                    json.dump(rows, fh, indent=1)
+        COMMANDS[args.command](args)
     except (FileNotFoundError, ValueError) as e:
         raise SystemExit(f"error: {e}")
 

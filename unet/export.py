@@ -19,7 +19,8 @@ from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
 
 from .diffusion import get_named_beta_schedule, respaced_betas
 from .model import AttentionBlock, Downsample, ResBlock, Upsample
-from .sampling import ddpm_variance_type, load_checkpoint, make_scheduler, scheduler_kwargs
+from .checkpoint import ema_from_flags, load_checkpoint
+from .sampling import ddpm_variance_type, make_scheduler, scheduler_kwargs
 
 
 class ExportError(ValueError):
@@ -212,7 +213,7 @@ def main(argv=None):
     p.add_argument("--ema_rate", type=float, default=None)
     args = p.parse_args(argv)
     try:
-        loaded = load_checkpoint(args.checkpoint, raw=args.raw, ema_rate=args.ema_rate, config=args.config)
+        loaded = load_checkpoint(args.checkpoint, ema=ema_from_flags(args.raw, args.ema_rate), config=args.config)
         diff = export_pipeline(loaded, args.out)
     except (FileNotFoundError, ValueError) as e:
         raise SystemExit(f"error: {e}")

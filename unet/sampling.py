@@ -1,6 +1,7 @@
 """
-Sampling a trained model with diffusers' schedulers, and the checkpoint loading that
-sampling, evaluation and export share.
+Sampling a trained model with diffusers' schedulers: the schedulers, per-sample randomness
+and the loop. Loading is ``unet.checkpoint``'s; the command line and the files it writes are
+``sample.py``'s.
 
 The model is ours; the update rules are diffusers': ``ddpm`` is improved-DDPM's ancestral
 sampler (learned-range variance, respaced to any K by ``timestep_spacing="linspace"``, which
@@ -9,23 +10,16 @@ keeps the same steps as the original's ``space_timesteps(T, "K")``), ``ddim`` an
 so a seed gives the same images whatever the batch size or the number of processes.
 """
 
-import argparse
-import math
-import os
-from dataclasses import dataclass
 
 import numpy as np
 import torch
-import yaml
-from accelerate import Accelerator
 from accelerate.utils import gather_object
 from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
 from diffusers.utils.torch_utils import randn_tensor
 from tqdm.auto import tqdm
 
 from .diffusion import get_named_beta_schedule
-from .images import image_grid, save_png, to_uint8
-from .model import UNetModel, attention_downsample_factors
+from .images import to_uint8
 
 SCHEDULERS = ("ddpm", "ddim", "dpm-solver++")
 
@@ -135,19 +129,6 @@ def sample_generators(seed, indices):
     return gens
 
 
-def parse_class_labels(spec, num_classes):
-    """``"3"`` or ``"0,1,2"`` -> list of labels (cycled over the samples); None -> random."""
-    if spec is None or spec == "":
-        return None
-    if num_classes is None:
-        raise ValueError("--class_labels given, but this model is not class-conditional")
-    labels = [int(s) for s in str(spec).split(",") if s.strip()]
-    bad = [c for c in labels if not 0 <= c < num_classes]
-    if bad:
-        raise ValueError(f"class label(s) {bad} out of range for a model with {num_classes} classes")
-    return labels
-
-
 def draw_labels(indices, generators, num_classes, class_labels=None):
     """Labels for samples ``indices``: cycled from ``class_labels``, else uniformly at random
     from each sample's own generator. None for an unconditional model."""
@@ -225,213 +206,3 @@ def generate(model, diffusion_kwargs, image_size, num_samples, scheduler="ddpm",
     images = np.stack([r[1] for r in results])
     labels = None if model.num_classes is None else np.array([r[2] for r in results], dtype=np.int64)
     return images, labels
-
-
-# --- writing -------------------------------------------------------------------------
-
-def save_samples(out_dir, images, labels=None, pngs=False):
-    """
-    Write ``grid.png``, ``samples.npz`` (``arr_0`` NHWC uint8, ``arr_1`` labels when
-    conditional: the original's format, which existing evaluation suites read) and, on
-    request, ``images/NNNNNN.png``.
-
-    :return: the path of ``samples.npz``.
-    """
-    os.makedirs(out_dir, exist_ok=True)
-    # near-square, 1 px black gaps, at its own size: the grid sample.py has always written
-    save_png(image_grid(images, math.ceil(math.sqrt(len(images))), pad_value=0), os.path.join(out_dir, "grid.png"),
-             min_size=0)
-    path = os.path.join(out_dir, "samples.npz")
-    np.savez(path, images, *([] if labels is None else [labels]))
-    if pngs:
-        os.makedirs(os.path.join(out_dir, "images"), exist_ok=True)
-        for i, img in enumerate(images):
-            save_png(img, os.path.join(out_dir, "images", f"{i:06d}.png"), min_size=0)
-    return path
-
-
-# --- loading -------------------------------------------------------------------------
-
-@dataclass
-class Loaded:
-    """A model ready to sample, with what is needed to rebuild or export it."""
-    model: UNetModel
-    model_kwargs: dict
-    diffusion_kwargs: dict
-    image_size: int
-
-
-# improved-diffusion's ``model_and_diffusion_defaults()``, for configs given as its flags.
-IDDPM_DEFAULTS = dict(image_size=64, num_channels=128, num_res_blocks=2, num_heads=4, num_heads_upsample=-1,
-                      attention_resolutions="16,8", dropout=0.0, learn_sigma=False, sigma_small=False,
-                      class_cond=False, diffusion_steps=1000, noise_schedule="linear", timestep_respacing="",
-                      use_kl=False, predict_xstart=False, rescale_timesteps=True, rescale_learned_sigmas=True,
-                      use_checkpoint=False, use_scale_shift_norm=True)
-IDDPM_EXTRAS = {"channel_mult", "num_classes", "in_channels"}  # ours: what the original hard-codes
-IDDPM_CHANNEL_MULT = {256: (1, 1, 2, 2, 4, 4), 64: (1, 2, 3, 4), 32: (1, 2, 2, 2)}
-
-
-def iddpm_flags_to_kwargs(flags):
-    """
-    improved-diffusion's command-line flags (``MODEL_FLAGS``/``DIFFUSION_FLAGS``, as a dict)
-    -> (image_size, UNetModel kwargs, create_diffusion kwargs), with its defaults and its
-    choice of channel multipliers by image size; ``channel_mult`` may be given to override.
-    """
-    unknown = set(flags) - set(IDDPM_DEFAULTS) - IDDPM_EXTRAS
-    if unknown:
-        raise ValueError(f"unknown improved-diffusion flag(s): {', '.join(sorted(unknown))}")
-    f = {**IDDPM_DEFAULTS, **flags}
-    size = int(f["image_size"])
-    mult = f.get("channel_mult") or IDDPM_CHANNEL_MULT.get(size)
-    if mult is None:
-        raise ValueError(f"improved-diffusion has no channel_mult for image_size {size}; add channel_mult to the config")
-    mult = [int(m) for m in (mult.split(",") if isinstance(mult, str) else np.atleast_1d(mult))]
-    attention = f["attention_resolutions"]
-    attention = attention if isinstance(attention, str) else [int(r) for r in np.atleast_1d(attention)]
-    in_ch = int(f.get("in_channels", 3))
-    model = dict(in_channels=in_ch, model_channels=int(f["num_channels"]),
-                 out_channels=2 * in_ch if f["learn_sigma"] else in_ch, num_res_blocks=int(f["num_res_blocks"]),
-                 attention_resolutions=attention_downsample_factors(size, attention),
-                 dropout=float(f["dropout"]), channel_mult=tuple(mult),
-                 num_classes=(f.get("num_classes") or 1000) if f["class_cond"] else None,
-                 num_heads=int(f["num_heads"]), num_heads_upsample=int(f["num_heads_upsample"]),
-                 use_scale_shift_norm=bool(f["use_scale_shift_norm"]))
-    diffusion = dict(steps=int(f["diffusion_steps"]), learn_sigma=bool(f["learn_sigma"]),
-                     sigma_small=bool(f["sigma_small"]), noise_schedule=f["noise_schedule"], use_kl=bool(f["use_kl"]),
-                     predict_xstart=bool(f["predict_xstart"]), rescale_timesteps=bool(f["rescale_timesteps"]),
-                     rescale_learned_sigmas=bool(f["rescale_learned_sigmas"]))
-    return size, model, diffusion
-
-
-def parse_flag_string(text):
-    """``"--image_size 64 --learn_sigma True"`` -> {"image_size": 64, "learn_sigma": True}."""
-    tokens, flags = text.split(), {}
-    if len(tokens) % 2:
-        raise ValueError(f"flags must come in '--name value' pairs: {text!r}")
-    for name, value in zip(tokens[::2], tokens[1::2]):
-        if not name.startswith("--"):
-            raise ValueError(f"expected a --flag, got {name!r}")
-        flags[name[2:]] = yaml.safe_load(value) if value.lower() not in ("t", "f") else value.lower() == "t"
-    return flags
-
-
-def architecture_from_config(config):
-    """
-    (image_size, model kwargs, diffusion kwargs) from a config describing a checkpoint:
-    a dict (or a YAML/JSON file, or a flag string) holding improved-diffusion's flags, or
-    ``image_size`` with explicit ``model`` and ``diffusion`` kwargs, or this package's
-    training config.
-    """
-    if isinstance(config, str):
-        if config.lstrip().startswith("--"):
-            return iddpm_flags_to_kwargs(parse_flag_string(config))
-        if not os.path.isfile(config):
-            raise FileNotFoundError(f"config not found: {config}")
-        with open(config) as fh:
-            config = yaml.safe_load(fh)
-    if not isinstance(config, dict):
-        raise ValueError("the config must be a mapping")
-    if "model" in config and "diffusion" in config and "image_size" in config and isinstance(config["model"], dict):
-        model = dict(config["model"])
-        model["attention_resolutions"] = tuple(model.get("attention_resolutions", ()))
-        model["channel_mult"] = tuple(model.get("channel_mult", (1, 2, 4, 8)))
-        return int(config["image_size"]), model, dict(config["diffusion"])
-    if set(config) <= set(IDDPM_DEFAULTS) | IDDPM_EXTRAS:
-        return iddpm_flags_to_kwargs(config)
-    from .config import TrainConfig  # this package's own config.yaml
-
-    cfg = TrainConfig.from_dict(config)
-    return cfg.image_size, cfg.model_kwargs(), cfg.diffusion_kwargs()
-
-
-def _load_state_dict_strict(model, state_dict, path):
-    """Strict loading with a one-line summary of any mismatch."""
-    ours, theirs = set(model.state_dict()), set(state_dict)
-    missing, unexpected = sorted(ours - theirs), sorted(theirs - ours)
-    wrong = sorted(k for k in ours & theirs if model.state_dict()[k].shape != state_dict[k].shape)
-    if missing or unexpected or wrong:
-        parts = [f"{name} {len(keys)} (e.g. {keys[0]})" for name, keys in
-                 (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong)) if keys]
-        raise ValueError(f"checkpoint {path} does not match the model config: {'; '.join(parts)}")
-    model.load_state_dict(state_dict, strict=True)
-
-
-def load_iddpm_checkpoint(path, config):
-    """An improved-diffusion ``.pt`` state dict (e.g. ``ema_0.9999_500000.pt``) with the
-    architecture from ``config`` (see ``architecture_from_config``)."""
-    if config is None:
-        raise ValueError(f"{path} is an improved-diffusion state dict: pass --config with its model and diffusion flags")
-    image_size, model_kwargs, diffusion_kwargs = architecture_from_config(config)
-    try:
-        state_dict = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # any unpickling failure means the file is not a usable checkpoint
-        raise ValueError(f"cannot read checkpoint {path}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
-    if not isinstance(state_dict, dict) or not all(torch.is_tensor(v) for v in state_dict.values()):
-        raise ValueError(f"checkpoint {path} is not a state dict of tensors")
-    model = UNetModel(**model_kwargs)
-    _load_state_dict_strict(model, state_dict, path)
-    return Loaded(model.eval(), model_kwargs, diffusion_kwargs, image_size)
-
-
-def load_checkpoint(path, raw=False, ema_rate=None, config=None):
-    """
-    Load a model to sample from, from either format.
-
-    :param path: this package's checkpoint directory (``.../checkpoint_00001000``) or a
-        training output directory (its latest checkpoint), or an improved-diffusion ``.pt``.
-    :param raw: the trained weights instead of the EMA ones.
-    :param ema_rate: which EMA, when a checkpoint keeps several (default: the first).
-    :param config: for ``.pt`` files, the architecture (see ``architecture_from_config``).
-    """
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"checkpoint not found: {path}")
-    if os.path.isfile(path):
-        return load_iddpm_checkpoint(path, config)
-    from .checkpoint import load_model  # written alongside the training loop
-
-    ema = False if raw else (ema_rate if ema_rate is not None else True)
-    model, _, cfg = load_model(path, ema=ema)
-    return Loaded(model.eval(), cfg.model_kwargs(), cfg.diffusion_kwargs(), cfg.image_size)
-
-
-# --- command line --------------------------------------------------------------------
-
-def build_parser():
-    p = argparse.ArgumentParser(description="Sample images from a trained model with a diffusers scheduler.")
-    p.add_argument("--checkpoint", required=True, help="checkpoint dir, training output dir, or improved-diffusion .pt")
-    p.add_argument("--config", help="for a .pt checkpoint: YAML with improved-diffusion flags (or a '--flag value' string)")
-    p.add_argument("--num_samples", type=int, default=64)
-    p.add_argument("--batch_size", type=int, default=64)
-    p.add_argument("--scheduler", choices=SCHEDULERS, default="ddpm")
-    p.add_argument("--steps", type=int, default=None, help="sampling steps (default: the training step count)")
-    p.add_argument("--out", required=True, help="output directory")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--class_labels", default=None, help="'3' or '0,1,2' (cycled); default: random")
-    p.add_argument("--raw", action="store_true", help="use the trained weights, not the EMA")
-    p.add_argument("--ema_rate", type=float, default=None)
-    p.add_argument("--png", action="store_true", help="also write one PNG per image")
-    return p
-
-
-def main(argv=None):
-    args = build_parser().parse_args(argv)
-    if args.num_samples < 1 or args.batch_size < 1:
-        raise SystemExit("error: --num_samples and --batch_size must be at least 1")
-    try:
-        loaded = load_checkpoint(args.checkpoint, raw=args.raw, ema_rate=args.ema_rate, config=args.config)
-        steps = args.steps or loaded.diffusion_kwargs.get("steps", 1000)
-        check_steps(steps, loaded.diffusion_kwargs)
-        labels = parse_class_labels(args.class_labels, loaded.model.num_classes)
-    except (FileNotFoundError, ValueError) as e:
-        raise SystemExit(f"error: {e}")
-    # Without cpu=True accelerate ignores a multi-process CPU launch and runs each process alone.
-    accelerator = Accelerator(cpu=not torch.cuda.is_available())
-    model = loaded.model.to(accelerator.device)
-    images, y = generate(model, loaded.diffusion_kwargs, loaded.image_size, args.num_samples, args.scheduler, steps,
-                         args.batch_size, args.seed, labels, accelerator)
-    if accelerator.is_main_process:
-        path = save_samples(args.out, images, y, pngs=args.png)
-        print(f"wrote {len(images)} samples ({accelerator.num_processes} processes) to {path} "
-              f"and {os.path.join(args.out, 'grid.png')}")
-    accelerator.wait_for_everyone()
-
