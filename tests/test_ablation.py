@@ -1,7 +1,7 @@
 """The ablation runner and its report: a tiny grid end to end (every report section, a valid
 results.json, a diverging arm recorded without stopping the rest, the same data and noise
 for every arm of a seed, wandb group and tags, continuing a finished ablation), the
-statistics on known numbers, and the shipped grids."""
+shipped grids (the statistics on known numbers are in test_stats.py and test_summary.py)."""
 
 import glob
 import json
@@ -17,7 +17,6 @@ from unet import ablation
 from unet.ablation import expand, init_model, load_ablation, main, run_ablation
 from unet.config import ConfigError
 from unet.diffusion import GaussianDiffusion
-from unet.report import paired_differences, steps_to_threshold, t_interval, verdict
 from unet.wandb_offline import read_run
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -195,38 +194,6 @@ def test_running_again_continues_without_redoing_runs(tiny_ablation, monkeypatch
     path = write_grid(os.path.join(os.path.dirname(tiny_ablation["config"]), "changed.yaml"), changed)
     with pytest.raises(ConfigError, match="different config"):
         run_ablation(load_ablation(path), tiny_ablation["out"], log=lambda *a, **k: None)
-
-
-def test_t_interval_on_known_numbers():
-    # t_{0.975, 2} = 4.303 (tables): [1, 2, 3] has mean 2, s = 1, half-width 4.303 / sqrt(3) = 2.484
-    mean, half, n = t_interval([1.0, 2.0, 3.0])
-    assert (mean, n) == (2.0, 3) and half == pytest.approx(2.484, abs=1e-3)
-    # t_{0.975, 4} = 2.776: [2, 4, 4, 4, 6] has mean 4, s = sqrt(2), half-width 2.776 * sqrt(2) / sqrt(5) = 1.756
-    mean, half, n = t_interval([2.0, 4.0, 4.0, 4.0, 6.0, float("nan"), None])
-    assert (mean, n) == (4.0, 5) and half == pytest.approx(1.756, abs=1e-3)
-    assert t_interval([5.0])[2] == 1 and math.isnan(t_interval([5.0])[1])
-
-
-def test_paired_difference_and_verdicts():
-    a = {0: 1.0, 1: 2.0, 2: 4.0, 3: None}
-    b = {0: 0.5, 1: 1.0, 2: 3.0, 3: 1.0, 4: 2.0}
-    diffs = paired_differences(a, b)
-    assert diffs == [0.5, 1.0, 1.0]  # seeds 3 (A diverged) and 4 (no A run) have no pair
-    mean, half, n = t_interval(diffs)  # 0.833 +- 4.303 * 0.2887 / sqrt(3) = 0.833 +- 0.717: excludes 0
-    assert mean == pytest.approx(0.8333, abs=1e-4) and half == pytest.approx(0.717, abs=1e-3)
-    assert verdict(mean, half, n, "lower", "zero") == "zero worse"
-    assert verdict(-mean, half, n, "lower", "zero") == "zero better"
-    assert verdict(mean, half, n, None, "zero") == "zero higher"
-    assert verdict(*t_interval([0.5, -1.0, 1.0]), "lower", "zero") == "indistinguishable"
-    assert verdict(*t_interval([0.5]), "lower", "zero") == "too few runs to compare"
-
-
-def test_steps_to_threshold_needs_a_full_window():
-    losses = [1.0, 0.1, 0.9, 0.5, 0.4, 0.3, float("nan"), 0.2]
-    assert steps_to_threshold(losses, 0.5, window=1) == 2
-    assert steps_to_threshold(losses, 0.45, window=2) == 5  # means 0.55, 0.5, 0.7, 0.45 -> step 5
-    assert steps_to_threshold(losses, 0.25, window=2) == 8  # the NaN step is left out: mean(0.2) at step 8
-    assert steps_to_threshold(losses, 0.01, window=2) is None
 
 
 def test_init_model_is_the_model_training_starts_from(tmp_path):

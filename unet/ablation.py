@@ -17,6 +17,8 @@ run on its own GPU (the runs are independent, not data-parallel) and process 0 w
 report once every run is done.
 """
 
+import argparse
+import difflib
 import json
 import math
 import os
@@ -24,14 +26,17 @@ import shutil
 import statistics
 import sys
 import time
-from collections import deque
 from dataclasses import asdict
 
 import yaml
 
 from .ablation_grid import SYMMETRY_ARMS, Ablation, RunSpec, cell_label, expand, load_ablation, symmetry_config  # noqa: F401
 from .config import FIELDS, ConfigError
-from .report import finite, steps_to_threshold, write_report
+from .ablation_store import claim_process, clean_json, fresh_run_dir, load_result, write_json
+from .report import write_report
+from .stats import finite
+from .summary import steps_to_threshold
+
 
 def init_model(cfg):
     """The model exactly as ``train(cfg)`` initialises it (seeded, then built): the weights
@@ -46,54 +51,53 @@ def init_model(cfg):
 
 def run_one(spec, threshold, smooth=10):
     """
-    Train one run and reduce it to the ablation's measures.
+    Train one run and reduce it to the ablation's measures. Training stops a diverging run
+    itself (``diagnostics.DivergenceMonitor`` with the run's ``divergence_factor`` and
+    ``divergence_window``); a hook records the update/weight ratio of every step.
 
     :param spec: a ``RunSpec``.
     :return: dict with the run's identity, ``measures``, per-step ``curves`` (loss,
         grad_norm, update_ratio) and the ``init`` activation statistics.
     """
-    from . import diagnostics
+    from .diagnostics import UpdateRatioTracker
     from .training import train
 
-    before = diagnostics.snapshot(init_model(spec.cfg))
-    ratios = []
+    tracker, ratios = UpdateRatioTracker(init_model(spec.cfg)), []
 
     def update_ratio(step, record, model):
-        nonlocal before
-        ratios.append(float("nan") if record.get("skipped") else diagnostics.update_to_weight_ratio(before, model))
-        before = diagnostics.snapshot(model)
-
-    factor, recent, first, why = spec.cfg.divergence_factor, deque(maxlen=smooth), [], []
-
-    def diverging(step, record, model):
-        # Divergence: a non-finite loss or gradient at any step (even step 1), or the median of
-        # the last `smooth` losses above `factor` x the initial loss. The median, not one loss:
-        # under L_hybrid a single batch with t near 0 can exceed 10x the initial loss through
-        # its VB term, in every arm alike; that is a spike (counted), not a divergence.
-        loss = record.get("loss", float("nan"))
-        if not (math.isfinite(loss) and math.isfinite(record.get("grad_norm", 0.0))):
-            why.append("non-finite loss or gradient")
-            return True
-        first.append(loss)
-        recent.append(loss)
-        if factor and len(recent) == smooth and statistics.median(recent) > factor * first[0]:
-            why.append(f"median of {smooth} losses above {factor:g}x the initial loss")
-            return True
-        return False
+        ratios.append(float("nan") if record.get("skipped") else tracker.update(model))
 
     t0 = time.perf_counter()
-    out = train(spec.cfg.replace(divergence_factor=0.0), hooks=(update_ratio, diverging))
+    out = train(spec.cfg, hooks=(update_ratio,))
     seconds = time.perf_counter() - t0
     hist = out["history"]
     losses = [r.get("loss", float("nan")) for r in hist]
     grads = [r.get("grad_norm", float("nan")) for r in hist]
-    last = hist[-1] if hist else {}
-    reason = why[0] if why else {"nan": "non-finite loss"}.get(out["stop_reason"])
-    if reason is None and not math.isfinite(last.get("eval_loss", 0.0)):
-        reason = "non-finite held-out loss"
+    reason = divergence_reason(out)
+    first = hist[0] if hist else {}
+    return dict(run_id=spec.run_id, cell_id=spec.cell_id, cell=spec.cell, arm=spec.arm, seed=spec.seed,
+                measures=run_measures(out, losses, grads, ratios, reason, threshold, smooth),
+                stop_reason=reason or out["stop_reason"], steps=len(hist), nan_skipped=out["nan_skipped"],
+                seconds=seconds, curves=dict(loss=losses, grad_norm=grads, update_ratio=ratios),
+                init=dict(activation_rms=first.get("activation_rms", []), residual_ratios=first.get("residual_ratios", {})),
+                model_key=_model_key(spec.cfg), config=spec.cfg.to_dict())
+
+
+def divergence_reason(out):
+    """Why a finished ``train()`` call counts as diverged (one line), or None: training's own
+    divergence rule, or a held-out loss that is not finite."""
+    if out["divergence_reason"]:
+        return out["divergence_reason"]
+    last = out["history"][-1] if out["history"] else {}
+    return None if math.isfinite(last.get("eval_loss", 0.0)) else "non-finite held-out loss"
+
+
+def run_measures(out, losses, grads, ratios, reason, threshold, smooth):
+    """The ablation's per-run measures. A diverged run has no final or threshold measures."""
     diverged = reason is not None
+    last = out["history"][-1] if out["history"] else {}
     g, u = finite(grads), finite(ratios)
-    measures = dict(
+    return dict(
         initial_loss=losses[0] if losses and math.isfinite(losses[0]) else None,
         steps_to_threshold=None if diverged else steps_to_threshold(losses, threshold, smooth),
         final_eval_loss=None if diverged else last.get("eval_loss"),
@@ -105,12 +109,6 @@ def run_one(spec, threshold, smooth=10):
         spike_count=out["spike_count"],
         diverged=diverged,
     )
-    first = hist[0] if hist else {}
-    return dict(run_id=spec.run_id, cell_id=spec.cell_id, cell=spec.cell, arm=spec.arm, seed=spec.seed,
-                measures=measures, stop_reason=reason or out["stop_reason"], steps=len(hist), nan_skipped=out["nan_skipped"],
-                seconds=seconds, curves=dict(loss=losses, grad_norm=grads, update_ratio=ratios),
-                init=dict(activation_rms=first.get("activation_rms", []), residual_ratios=first.get("residual_ratios", {})),
-                model_key=_model_key(spec.cfg), config=spec.cfg.to_dict())
 
 
 def _model_key(cfg):
@@ -150,63 +148,73 @@ def _first_distinct(layers):
     return {n: next((s for s, v in enumerate(vals) if v > 0), None) for n, vals in layers.items()}
 
 
-def _claim_process():
-    """This process's (rank, world size). Under ``accelerate launch``/torchrun each process
-    runs whole runs of its own, so the launcher's distributed variables are removed (each
-    run's Accelerator is then a single-process one) and the process keeps to one GPU."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
-        return 0, 1
-    rank = int(os.environ.get("RANK", "0"))
-    local = int(os.environ.get("LOCAL_RANK", str(rank)))
-    visible = [d for d in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if d.strip()]
-    os.environ["CUDA_VISIBLE_DEVICES"] = visible[local % len(visible)] if visible else str(local)
-    for k in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "GROUP_WORLD_SIZE",
-              "ROLE_RANK", "ROLE_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
-        os.environ.pop(k, None)
-    return rank, world
+def _wandb_group(ab, out_dir):
+    """The ablation's wandb group: the first invocation's when continuing, else name + time."""
+    meta_path = os.path.join(out_dir, "ablation.yaml")
+    if os.path.isfile(meta_path):
+        with open(meta_path) as f:
+            ab.group = ab.group or (yaml.safe_load(f) or {}).get("group", "")
+    return ab.group or f"{ab.name}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
-def _write_json(path, obj):
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(_clean(obj), f)
-    os.replace(tmp, path)  # a run's result appears whole or not at all
+def _progress_line(i, total, spec, res, threshold):
+    m = res["measures"]
+    status = f"DIVERGED at step {res['steps']}: {res['stop_reason']}" if m["diverged"] else (
+        f"held-out loss {m['final_eval_loss']:.4f}, steps to {threshold:g}: {m['steps_to_threshold'] or 'not reached'}")
+    return (f"[{i + 1}/{total}] {cell_label(spec.cell)} init={spec.arm} seed={spec.seed}: {status}, "
+            f"max grad norm {m['max_grad_norm'] or float('nan'):.3g}, spikes {m['spike_count']}, {res['seconds']:.1f}s")
 
 
-def _clean(obj):
-    """JSON without NaN/inf (which ``json`` would write but JSON does not allow)."""
-    if isinstance(obj, float):
-        return obj if math.isfinite(obj) else None
-    if isinstance(obj, dict):
-        return {str(k): _clean(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_clean(v) for v in obj]
-    return obj
+def _run_grid(ab, runs, rank, world, log):
+    """Every run this process owns (every ``world``-th) that has no saved result yet; returns
+    {run_id: result} of the runs finished so far, by any process."""
+    done = {}
+    for i, spec in enumerate(runs):
+        res = load_result(spec.cfg)
+        if res is None and i % world == rank:
+            fresh_run_dir(spec.cfg)
+            res = run_one(spec, ab.threshold, ab.smooth)
+            write_json(os.path.join(spec.cfg.output_dir, "result.json"), res)
+            if not ab.save_models:
+                shutil.rmtree(os.path.join(spec.cfg.output_dir, "checkpoints"), ignore_errors=True)
+            log(_progress_line(i, len(runs), spec, res, ab.threshold), flush=True)
+        if res is not None:
+            done[spec.run_id] = res
+    return done
 
 
-def _load_result(cfg):
-    """The saved result of a finished run with this config, or None if there is none yet."""
-    path = os.path.join(cfg.output_dir, "result.json")
-    if not os.path.isfile(path):
-        return None
-    try:
-        with open(path) as f:
-            res = json.load(f)
-    except (OSError, ValueError):
-        return None  # a damaged result: the run is done again
-    ignore = ("group", "tags", "progress", "report_to", "project")
-    same = {k: v for k, v in res.get("config", {}).items() if k not in ignore} == \
-        {k: v for k, v in _clean(cfg.to_dict()).items() if k not in ignore}
-    if not same:
-        raise ConfigError(f"'{path}' holds a run with a different config; use a new --output_dir "
-                          f"(or delete that folder) to run this grid")
-    return res
+def _symmetry_runs(ab, out_dir, log):
+    """The symmetry runs (each arm of ``SYMMETRY_ARMS``), done now unless saved before."""
+    results = []
+    for arm in SYMMETRY_ARMS if ab.symmetry.get("steps", 0) > 0 else ():
+        cfg = symmetry_config(ab, out_dir, arm)
+        res = load_result(cfg)
+        if res is None:
+            fresh_run_dir(cfg)
+            res = symmetry_run(cfg)
+            write_json(os.path.join(cfg.output_dir, "result.json"), res)
+            log(f"symmetry run init={arm}: {ab.symmetry['steps']} steps", flush=True)
+        results.append(res)
+    return results
 
 
-def _fresh(cfg):
-    if os.path.isdir(cfg.output_dir):
-        shutil.rmtree(cfg.output_dir)  # an interrupted run starts over; finished ones are kept
+def _wait_for_other_processes(runs, done):
+    while len(done) < len(runs):
+        time.sleep(5)
+        for spec in runs:
+            if spec.run_id not in done:
+                res = load_result(spec.cfg)
+                if res is not None:
+                    done[spec.run_id] = res
+
+
+def measurement_rules():
+    """The rules behind measures that are not config keys, recorded with the results so the
+    report states the ones the runs used."""
+    from .diagnostics import SpikeDetector
+
+    spikes = SpikeDetector()
+    return {"spikes": {"factor": spikes.factor, "window": spikes.window}}
 
 
 def run_ablation(ab, out_dir, log=print, command=None):
@@ -216,65 +224,26 @@ def run_ablation(ab, out_dir, log=print, command=None):
 
     :return: the results dict (also in ``results.json``), or None on a process other than 0.
     """
-    rank, world = _claim_process()
+    rank, world = claim_process()
     os.makedirs(out_dir, exist_ok=True)
-    meta_path = os.path.join(out_dir, "ablation.yaml")
-    if os.path.isfile(meta_path):  # continuing: keep the first invocation's wandb group
-        with open(meta_path) as f:
-            ab.group = ab.group or (yaml.safe_load(f) or {}).get("group", "")
-    ab.group = ab.group or f"{ab.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    ab.group = _wandb_group(ab, out_dir)
     runs = expand(ab, out_dir)
     if rank == 0:
-        with open(meta_path, "w") as f:
-            yaml.safe_dump(_clean(asdict(ab)), f, sort_keys=False)
+        with open(os.path.join(out_dir, "ablation.yaml"), "w") as f:
+            yaml.safe_dump(clean_json(asdict(ab)), f, sort_keys=False)
     t_start = time.perf_counter()
-    done = {}
-    for i, spec in enumerate(runs):
-        res = _load_result(spec.cfg)
-        if res is not None:
-            done[spec.run_id] = res
-            continue
-        if i % world != rank:
-            continue
-        _fresh(spec.cfg)
-        res = run_one(spec, ab.threshold, ab.smooth)
-        _write_json(os.path.join(spec.cfg.output_dir, "result.json"), res)
-        if not ab.save_models:
-            shutil.rmtree(os.path.join(spec.cfg.output_dir, "checkpoints"), ignore_errors=True)
-        done[spec.run_id] = res
-        m = res["measures"]
-        status = f"DIVERGED at step {res['steps']}: {res['stop_reason']}" if m["diverged"] else (
-            f"held-out loss {m['final_eval_loss']:.4f}, steps to {ab.threshold:g}: {m['steps_to_threshold'] or 'not reached'}")
-        log(f"[{i + 1}/{len(runs)}] {cell_label(spec.cell)} init={spec.arm} seed={spec.seed}: {status}, "
-            f"max grad norm {m['max_grad_norm'] or float('nan'):.3g}, spikes {m['spike_count']}, {res['seconds']:.1f}s",
-            flush=True)
+    done = _run_grid(ab, runs, rank, world, log)
     if rank != 0:
         return None
-    symmetry = []
-    if ab.symmetry.get("steps", 0) > 0:
-        for arm in SYMMETRY_ARMS:
-            cfg = symmetry_config(ab, out_dir, arm)
-            res = _load_result(cfg)
-            if res is None:
-                _fresh(cfg)
-                res = symmetry_run(cfg)
-                _write_json(os.path.join(cfg.output_dir, "result.json"), res)
-                log(f"symmetry run init={arm}: {ab.symmetry['steps']} steps", flush=True)
-            symmetry.append(res)
-    while len(done) < len(runs):  # other processes' runs
-        time.sleep(5)
-        for spec in runs:
-            if spec.run_id not in done:
-                res = _load_result(spec.cfg)
-                if res is not None:
-                    done[spec.run_id] = res
-    results = dict(name=ab.name, group=ab.group, command=command or f"unet.ablation.run_ablation(..., {out_dir!r})",
-                   ablation=asdict(ab), runs=[done[s.run_id] for s in runs], symmetry=symmetry,
-                   seconds=time.perf_counter() - t_start, run_seconds=sum(done[s.run_id]["seconds"] for s in runs))
-    results = _clean(results)
+    symmetry = _symmetry_runs(ab, out_dir, log)
+    _wait_for_other_processes(runs, done)
+    results = clean_json(dict(name=ab.name, group=ab.group, command=command or f"unet.ablation.run_ablation(..., {out_dir!r})",
+                          ablation=asdict(ab), runs=[done[s.run_id] for s in runs], symmetry=symmetry,
+                          rules=measurement_rules(), seconds=time.perf_counter() - t_start,
+                          run_seconds=sum(done[s.run_id]["seconds"] for s in runs)))
     files = write_report(results, out_dir)
-    results["summary"] = _clean(files.pop("summary"))
-    _write_json(os.path.join(out_dir, "results.json"), results)
+    results["summary"] = clean_json(files.pop("summary"))
+    write_json(os.path.join(out_dir, "results.json"), results)
     _log_report(ab, out_dir, files, results)
     log(f"report: {os.path.join(out_dir, 'report.md')}")
     return results
@@ -306,48 +275,99 @@ def _log_report(ab, out_dir, files, results):
     acc.end_training()
 
 
-USAGE = """usage: python -m unet.ablation --config configs/ablation/NAME.yaml --output_dir DIR [--key value ...]
+ABLATION_OPTIONS = {
+    "seeds": "N|a,b,c: a seed count or list (replaces the grid's seeds)",
+    "threshold": "X: the training loss that 'steps to threshold' waits for",
+    "smooth": "N: the running-mean window of the curves and of steps to threshold",
+    "group": "NAME: the wandb group (default: name and start time)",
+    "name": "NAME: names the report and the wandb group",
+    "save_models": "true|false: keep each run's final checkpoint",
+}
 
-  --config FILE        the grid (see configs/ablation/digits.yaml)
-  --output_dir DIR     runs, results.json, report.md and plots; run again to continue
-  --report_only        rebuild report.md and plots from DIR/results.json
-  --seeds N|a,b,c      --threshold X  --smooth N  --group NAME  --name NAME  --save_models false
-  --KEY VALUE          any training config key not varied by the grid, for every run"""
+
+class _Parser(argparse.ArgumentParser):
+    """argparse whose errors are ``ConfigError``s: one line, no usage block."""
+
+    def error(self, message):
+        raise ConfigError(message)
+
+
+def build_parser():
+    """The command line: the ablation's own options, then ``--KEY VALUE`` for every training
+    config key (applied to every run; values are parsed as the YAML's are)."""
+    p = _Parser(prog="python -m unet.ablation", add_help=False, allow_abbrev=False, argument_default=argparse.SUPPRESS,
+                usage="python -m unet.ablation --config configs/ablation/NAME.yaml --output_dir DIR [--key value ...]",
+                epilog="--KEY VALUE: any training config key not varied by the grid, for every run")
+    p.add_argument("-h", "--help", action="store_true", help="show this message and exit")
+    p.add_argument("--config", metavar="FILE", help="the grid (see configs/ablation/digits.yaml)")
+    p.add_argument("--output_dir", metavar="DIR", help="runs, results.json, report.md and plots; run again to continue")
+    p.add_argument("--report_only", action="store_true", help="rebuild report.md and plots from DIR/results.json")
+    for key, text in ABLATION_OPTIONS.items():
+        metavar, _, what = text.partition(": ")
+        p.add_argument(f"--{key}", metavar=metavar, help=what)
+    for key in FIELDS:
+        if key not in ABLATION_OPTIONS and key != "output_dir":
+            p.add_argument(f"--{key}", help=argparse.SUPPRESS)
+    return p
+
+
+def parse_args(argv):
+    """{option: value} of the given options; a ConfigError (one line) for a bad command line."""
+    parser = build_parser()
+    opts, rest = parser.parse_known_args(argv)
+    if rest:
+        key = rest[0][2:].partition("=")[0]
+        if not rest[0].startswith("--"):
+            raise ConfigError(f"unexpected argument {rest[0]!r}; use --key value")
+        if key.replace("-", "_") in {*ABLATION_OPTIONS, *FIELDS}:
+            raise ConfigError(f"unknown option '--{key}': did you mean '--{key.replace('-', '_')}'?")
+        close = difflib.get_close_matches(key, [*ABLATION_OPTIONS, *FIELDS], n=1)
+        hint = f" (did you mean '--{close[0]}'?)" if close else ""
+        raise ConfigError(f"unknown option '--{key}'{hint}: use an ablation key ({', '.join(ABLATION_OPTIONS)}) "
+                          "or a training config key")
+    return vars(opts)
+
+
+def report_only(out_dir):
+    """Rebuild ``report.md``, the plots and the summary in ``results.json`` from that file."""
+    path = os.path.join(out_dir, "results.json")
+    if not os.path.isfile(path):
+        raise ConfigError(f"'{path}' does not exist: run the ablation first")
+    with open(path) as f:
+        results = json.load(f)
+    results["summary"] = write_report(results, out_dir)["summary"]
+    write_json(path, results)
+    print(f"report: {os.path.join(out_dir, 'report.md')}")
+
+
+def _run(ab, out_dir, argv):
+    """Run the ablation; errors a user can fix (data, config, checkpoint) are one line, exit 1."""
+    import datasets
+
+    from .data import DataError
+    from .training import TrainingError
+
+    datasets.disable_progress_bars()
+    try:
+        run_ablation(ab, out_dir, command=" ".join(["python -m unet.ablation", *argv]))
+    except (ConfigError, DataError, TrainingError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    return 0
 
 
 def main(argv=None):
     argv = list(sys.argv[1:] if argv is None else argv)
-    if "-h" in argv or "--help" in argv:
-        print(USAGE)
-        return 0
     try:
-        opts, i = {}, 0
-        while i < len(argv):
-            key = argv[i]
-            if not key.startswith("--"):
-                raise ConfigError(f"unexpected argument {key!r}; use --key value")
-            key, eq, value = key[2:].partition("=")
-            key = key.replace("-", "_")
-            if key == "report_only":
-                opts[key], i = True, i + 1
-                continue
-            if not eq:
-                if i + 1 >= len(argv):
-                    raise ConfigError(f"option '--{key}' needs a value")
-                value, i = argv[i + 1], i + 1
-            opts[key], i = value, i + 1
+        opts = parse_args(argv)
+        if opts.pop("help", False):
+            print(build_parser().format_help())
+            return 0
         out_dir = opts.pop("output_dir", None)
         if not out_dir:
             raise ConfigError("--output_dir DIR is required")
         if opts.pop("report_only", False):
-            path = os.path.join(out_dir, "results.json")
-            if not os.path.isfile(path):
-                raise ConfigError(f"'{path}' does not exist: run the ablation first")
-            with open(path) as f:
-                results = json.load(f)
-            results["summary"] = write_report(results, out_dir)["summary"]
-            _write_json(path, results)
-            print(f"report: {os.path.join(out_dir, 'report.md')}")
+            report_only(out_dir)
             return 0
         config = opts.pop("config", None)
         if not config:
@@ -356,20 +376,7 @@ def main(argv=None):
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    import datasets
-
-    datasets.disable_progress_bars()
-    try:
-        run_ablation(ab, out_dir, command=" ".join(["python -m unet.ablation", *argv]))
-    except Exception as e:  # a run that cannot start (missing data, bad checkpoint): one line
-        from .data import DataError
-        from .training import TrainingError
-
-        if isinstance(e, (ConfigError, DataError, TrainingError)):
-            print(f"error: {e}", file=sys.stderr)
-            return 1
-        raise
-    return 0
+    return _run(ab, out_dir, argv)
 
 
 if __name__ == "__main__":

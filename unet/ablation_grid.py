@@ -219,7 +219,8 @@ def run_config(ab, out_dir, overrides, seed, run_id, tags):
                  progress=False, group=ab.group, tags=tags, run_name=run_id,
                  # measured once at init (step 0) and once at the end, on the fixed held-out batch
                  diagnostics_every=steps, eval_every=steps, checkpoint_every=steps, keep_checkpoints=1)
-    defaults = dict(divergence_factor=10.0, sample_every=-1)
+    # The divergence rule smooths over the ablation's window: one batch's spike is not a divergence.
+    defaults = dict(divergence_factor=10.0, divergence_window=ab.smooth, sample_every=-1)
     return TrainConfig.from_dict({**defaults, **ab.base, **overrides, **fixed})
 
 

@@ -1,0 +1,108 @@
+"""The ablation's summary on hand-made results: intervals, verdicts, divergence counts and
+conclusions that follow the numbers, and the rules the report states read from the results."""
+
+import math
+
+import pytest
+
+from unet.report import divergence_words, spike_words
+from unet.stats import paired_differences
+from unet.summary import MEASURES, divergence_rule, mean_ci, steps_to_threshold, summarize, verdict
+
+
+def test_t_interval_on_known_numbers():
+    # t_{0.975, 2} = 4.303 (tables): [1, 2, 3] has mean 2, s = 1, half-width 4.303 / sqrt(3) = 2.484
+    mean, half, n = mean_ci([1.0, 2.0, 3.0])
+    assert (mean, n) == (2.0, 3) and half == pytest.approx(2.484, abs=1e-3)
+    # t_{0.975, 4} = 2.776: [2, 4, 4, 4, 6] has mean 4, s = sqrt(2), half-width 2.776 * sqrt(2) / sqrt(5) = 1.756
+    mean, half, n = mean_ci([2.0, 4.0, 4.0, 4.0, 6.0, float("nan"), None])
+    assert (mean, n) == (4.0, 5) and half == pytest.approx(1.756, abs=1e-3)
+    assert mean_ci([5.0])[2] == 1 and math.isnan(mean_ci([5.0])[1])
+
+
+def test_paired_difference_and_verdicts():
+    a = {0: 1.0, 1: 2.0, 2: 4.0, 3: None}
+    b = {0: 0.5, 1: 1.0, 2: 3.0, 3: 1.0, 4: 2.0}
+    diffs = paired_differences(a, b)
+    assert diffs == [0.5, 1.0, 1.0]  # seeds 3 (A diverged) and 4 (no A run) have no pair
+    mean, half, n = mean_ci(diffs)  # 0.833 +- 4.303 * 0.2887 / sqrt(3) = 0.833 +- 0.717: excludes 0
+    assert mean == pytest.approx(0.8333, abs=1e-4) and half == pytest.approx(0.717, abs=1e-3)
+    assert verdict(mean, half, n, "lower", "zero") == "zero worse"
+    assert verdict(-mean, half, n, "lower", "zero") == "zero better"
+    assert verdict(mean, half, n, None, "zero") == "zero higher"
+    assert verdict(*mean_ci([0.5, -1.0, 1.0]), "lower", "zero") == "indistinguishable"
+    assert verdict(*mean_ci([0.5]), "lower", "zero") == "too few runs to compare"
+
+
+def test_steps_to_threshold_needs_a_full_window():
+    losses = [1.0, 0.1, 0.9, 0.5, 0.4, 0.3, float("nan"), 0.2]
+    assert steps_to_threshold(losses, 0.5, window=1) == 2
+    assert steps_to_threshold(losses, 0.45, window=2) == 5  # means 0.55, 0.5, 0.7, 0.45 -> step 5
+    assert steps_to_threshold(losses, 0.25, window=2) == 8  # the NaN step is left out: mean(0.2) at step 8
+    assert steps_to_threshold(losses, 0.01, window=2) is None
+
+
+def run(cell_id, cell, arm, seed, final=None, diverged=False, **config):
+    measures = {key: None for key, _, _ in MEASURES}
+    measures.update(final_eval_loss=final, spike_count=0, diverged=diverged)
+    return dict(cell_id=cell_id, cell=cell, arm=arm, seed=seed, steps=3 if diverged else 10, measures=measures,
+                config={"divergence_factor": 10.0, "divergence_window": 10, **config})
+
+
+def results(zero, standard, diverging_cell=True, **config):
+    """Cell c00 with the given final losses per seed; c01 where every standard run diverged."""
+    runs = [run("c00", {}, arm, s, v, **config) for arm, vals in (("zero", zero), ("standard", standard))
+            for s, v in enumerate(vals)]
+    if diverging_cell:
+        runs += [run("c01", {"lr": 0.01}, "zero", s, 1.0 + s, **config) for s in range(3)]
+        runs += [run("c01", {"lr": 0.01}, "standard", s, diverged=True, **config) for s in range(3)]
+    return {"ablation": {"comparisons": [["zero", "standard"]], "seeds": [0, 1, 2], "threshold": 0.3, "smooth": 10},
+            "runs": runs}
+
+
+def test_summary_of_hand_made_results():
+    # zero - standard per seed: -1, -1, -1.5: mean -1.1667, s = 0.2887, half 4.303 * 0.2887 / sqrt(3) = 0.717
+    summary = summarize(results([1.0, 2.0, 3.0], [2.0, 3.0, 4.5]))
+    base, lr = summary["cells"]
+    assert (base["label"], lr["label"]) == ("base", "lr=0.01")
+    assert base["arms"]["zero"]["final_eval_loss"] == {"mean": 2.0, "ci": pytest.approx(2.484, abs=1e-3), "n": 3}
+    d = base["comparisons"][0]["final_eval_loss"]
+    assert d["mean"] == pytest.approx(-7 / 6) and d["ci"] == pytest.approx(0.717, abs=1e-3) and d["n"] == 3
+    assert d["verdict"] == "zero better"
+    # every standard run of c01 diverged: counted, left out of the measures, Fisher p = 2 / C(6, 3) = 0.1
+    arms = lr["arms"]
+    assert (arms["standard"]["diverged"], arms["standard"]["diverged_at"]) == (3, [3, 3, 3])
+    assert arms["standard"]["final_eval_loss"]["n"] == 0
+    comp = lr["comparisons"][0]
+    assert comp["diverged"]["p"] == pytest.approx(0.1) and comp["final_eval_loss"]["verdict"] == "too few runs to compare"
+
+
+def test_conclusions_follow_the_numbers():
+    better = summarize(results([1.0, 2.0, 3.0], [2.0, 3.0, 4.5]))["conclusions"]
+    assert better[0] == ("Over the 2 cell(s) that have both zero and standard, zero reached a lower final held-out "
+                         "loss than standard in 1, a higher one in 0, and the two were indistinguishable (95% CI of "
+                         "the seed-paired difference covers 0) in 0; 1 had too few finished runs to compare.")
+    assert "over 3 seed(s)" in better[1]
+    assert better[2].startswith("**base**, zero vs standard: final held-out loss: zero better (zero − standard = -1.17")
+    assert "diverged: zero 0/3, standard 3/3 (Fisher exact p = 0.1; with 3 and 3 runs this count alone is not " \
+           "significant at the 5% level)" in better[3]
+    # the same grid with differences of 0.5, -1.5, 1.0 (mean 0): indistinguishable, and the words say so
+    same = summarize(results([1.0, 2.0, 3.0], [0.5, 3.5, 2.0], diverging_cell=False))["conclusions"]
+    assert "higher one in 0, and the two were indistinguishable (95% CI of the seed-paired difference covers 0) " \
+           "in 1." in same[0]
+    assert "final held-out loss: indistinguishable" in same[2]
+
+
+def test_report_states_the_rules_the_runs_used():
+    res = results([1.0, 2.0, 3.0], [2.0, 3.0, 4.5], divergence_factor=20.0, divergence_window=5)
+    assert divergence_rule(res) == ([20.0], [5])
+    assert divergence_words(res) == ("a non-finite loss or gradient, or the median of the last 5 training losses "
+                                     "above 20x the initial loss")
+    assert divergence_words(results([1.0], [1.0], divergence_factor=0.0)) == "a non-finite loss or gradient"
+    # results written before the window was a config key used the ablation's smoothing window
+    old = results([1.0], [1.0])
+    for r in old["runs"]:
+        del r["config"]["divergence_window"]
+    assert divergence_rule(old) == ([10.0], [10])
+    old["rules"] = {"spikes": {"factor": 3.0, "window": 20}}
+    assert spike_words(old).startswith("steps whose loss is above 3x the median of the previous 20")

@@ -1,0 +1,73 @@
+"""
+The ablation's files and processes: one folder per run whose ``result.json`` appears whole
+or not at all, the check that a saved run was made with the same config (so a changed grid
+is refused rather than mixed in), and which process does which runs.
+"""
+
+import json
+import math
+import os
+import shutil
+
+from .config import ConfigError
+
+
+def claim_process():
+    """This process's (rank, world size). Under ``accelerate launch``/torchrun each process
+    runs whole runs of its own, so the launcher's distributed variables are removed (each
+    run's Accelerator is then a single-process one) and the process keeps to one GPU."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return 0, 1
+    rank = int(os.environ.get("RANK", "0"))
+    local = int(os.environ.get("LOCAL_RANK", str(rank)))
+    visible = [d for d in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if d.strip()]
+    os.environ["CUDA_VISIBLE_DEVICES"] = visible[local % len(visible)] if visible else str(local)
+    for k in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "GROUP_WORLD_SIZE",
+              "ROLE_RANK", "ROLE_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        os.environ.pop(k, None)
+    return rank, world
+
+
+def write_json(path, obj):
+    """Write ``obj`` (cleaned of NaN/inf) to ``path`` atomically."""
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(clean_json(obj), f)
+    os.replace(tmp, path)  # a run's result appears whole or not at all
+
+
+def clean_json(obj):
+    """JSON without NaN/inf (which ``json`` would write but JSON does not allow)."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {str(k): clean_json(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [clean_json(v) for v in obj]
+    return obj
+
+
+def load_result(cfg):
+    """The saved result of a finished run with this config, or None if there is none yet."""
+    path = os.path.join(cfg.output_dir, "result.json")
+    if not os.path.isfile(path):
+        return None
+    try:
+        with open(path) as f:
+            res = json.load(f)
+    except (OSError, ValueError):
+        return None  # a damaged result: the run is done again
+    ignore = ("group", "tags", "progress", "report_to", "project")
+    same = {k: v for k, v in res.get("config", {}).items() if k not in ignore} == \
+        {k: v for k, v in clean_json(cfg.to_dict()).items() if k not in ignore}
+    if not same:
+        raise ConfigError(f"'{path}' holds a run with a different config; use a new --output_dir "
+                          f"(or delete that folder) to run this grid")
+    return res
+
+
+def fresh_run_dir(cfg):
+    """An empty output folder for a run about to start."""
+    if os.path.isdir(cfg.output_dir):
+        shutil.rmtree(cfg.output_dir)  # an interrupted run starts over; finished ones are kept

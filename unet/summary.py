@@ -1,0 +1,263 @@
+"""
+The ablation's summary: ``results.json`` in, numbers and plain-words conclusions out, for the
+report (``unet.report``) to render. Every interval is a 95% t-interval over seeds; a
+difference between two arms is paired by seed (same data, t and noise), and is called
+"indistinguishable" when its interval covers 0. Pure functions; nothing here trains, plots or
+imports torch.
+"""
+
+import math
+
+import numpy as np
+
+from .ablation_grid import cell_label
+from .stats import column_band, finite, fisher_p, paired_differences, running_mean, t_interval
+
+# (key, label, which direction is better: "lower", or None where neither is better, only higher or lower)
+MEASURES = [
+    ("final_eval_loss", "final held-out loss", "lower"),
+    ("final_eval_mse", "final held-out MSE", "lower"),
+    ("steps_to_threshold", "steps to threshold", "lower"),
+    ("initial_loss", "initial loss", None),
+    ("max_grad_norm", "max grad norm", None),
+    ("median_grad_norm", "median grad norm", None),
+    ("max_update_ratio", "max update/weight ratio", None),
+    ("median_update_ratio", "median update/weight ratio", None),
+    ("spike_count", "loss spikes", "lower"),
+]
+TOO_FEW = "too few runs to compare"
+
+
+def mean_ci(values):
+    """Mean, 95% t half-width and count of the finite ``values`` (None and NaN dropped)."""
+    v = finite(values)
+    return (*t_interval(v), len(v))
+
+
+def verdict(mean, half, n, better, name="A"):
+    """Plain words for a difference ``name`` - other with CI mean +- half over n pairs."""
+    if n < 2 or not math.isfinite(half):
+        return TOO_FEW
+    if mean - half <= 0 <= mean + half:
+        return "indistinguishable"
+    if better == "lower":
+        return f"{name} better" if mean < 0 else f"{name} worse"
+    return f"{name} lower" if mean < 0 else f"{name} higher"
+
+
+def steps_to_threshold(losses, threshold, window=10):
+    """The first step (1-based) at which the mean of the last ``window`` training losses is at
+    or below ``threshold``; None if never (a full window is needed, so one lucky batch is not enough)."""
+    smooth = running_mean(losses, window)
+    for i in range(window - 1, len(smooth)):
+        if smooth[i] <= threshold:
+            return i + 1
+    return None
+
+
+# --------------------------------------------------------------------------- curves
+
+
+def _smoothed_rows(curves, window, length):
+    rows = np.full((len(curves), length), np.nan)
+    for i, c in enumerate(curves):
+        rows[i, :min(len(c), length)] = running_mean(c, window)[:length]
+    return rows
+
+
+def curve_band(curves, window=1, length=None, log=False):
+    """
+    Per step: the mean over runs of their ``window``-smoothed curves and its 95% t-band (runs
+    that stopped early drop out). With ``log`` the mean and band are taken of log values
+    (a geometric mean), so a band around a positive curve stays positive on a log axis.
+
+    :return: (mean, low, high) arrays.
+    """
+    length = length or max((len(c) for c in curves), default=0)
+    rows = _smoothed_rows(curves, window, length)
+    if not log:
+        return column_band(rows)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        rows = np.where(rows > 0, np.log(np.where(rows > 0, rows, 1.0)), np.nan)
+    return tuple(np.exp(x) for x in column_band(rows))
+
+
+def paired_curve_difference(curves_a, curves_b, window=1):
+    """Per step: mean and 95% t-band of the seed-paired difference of two arms' smoothed curves
+    (``curves_a`` and ``curves_b`` map seed -> curve). :return: (mean, low, high) arrays."""
+    seeds = [s for s in curves_a if s in curves_b]
+    length = max((min(len(curves_a[s]), len(curves_b[s])) for s in seeds), default=0)
+    a = _smoothed_rows([curves_a[s] for s in seeds], window, length)
+    b = _smoothed_rows([curves_b[s] for s in seeds], window, length)
+    return column_band(a - b)
+
+
+# --------------------------------------------------------------------------- grouping
+
+
+def cell_ids(runs):
+    """The cells' ids in the order their first run appears."""
+    return list(dict.fromkeys(r["cell_id"] for r in runs))
+
+
+def arm_names(runs):
+    """The arms (init schemes) in the order their first run appears."""
+    return list(dict.fromkeys(r["arm"] for r in runs))
+
+
+def comparisons(results):
+    """The (A, B) pairs of arms the ablation compares."""
+    return results["ablation"].get("comparisons", [["zero", "standard"]])
+
+
+def finished_by_seed(runs, arm):
+    """{seed: run} of ``arm``'s runs that did not diverge."""
+    return {r["seed"]: r for r in runs if r["arm"] == arm and not r["measures"]["diverged"]}
+
+
+# --------------------------------------------------------------------------- summary
+
+
+def arm_summary(runs):
+    """One arm's runs: their count, how many diverged (and at which step), and each measure's
+    mean +- CI over the finished runs (a run stopped at step 1 has no comparable measures)."""
+    out = {"n": len(runs), "diverged": sum(bool(r["measures"]["diverged"]) for r in runs),
+           "diverged_at": [r["steps"] for r in runs if r["measures"]["diverged"]]}
+    for key, _, _ in MEASURES:
+        m, h, n = mean_ci([r["measures"].get(key) for r in runs if not r["measures"]["diverged"]])
+        out[key] = {"mean": m, "ci": h, "n": n}
+    return out
+
+
+def compare_arms(runs, arms, a, b):
+    """Seed-paired differences A - B of every measure with CI and verdict, and the divergence
+    counts of both arms with Fisher's exact p-value."""
+    da, db = arms[a], arms[b]
+    comp = {"a": a, "b": b, "diverged": {"a": da["diverged"], "n_a": da["n"], "b": db["diverged"], "n_b": db["n"],
+                                         "p": fisher_p(da["diverged"], da["n"], db["diverged"], db["n"])}}
+    by_seed = {arm: finished_by_seed(runs, arm) for arm in (a, b)}
+    for key, _, better in MEASURES:
+        m, h, n = mean_ci(paired_differences(*[{s: r["measures"].get(key) for s, r in by_seed[arm].items()}
+                                                for arm in (a, b)]))
+        comp[key] = {"mean": m, "ci": h, "n": n, "verdict": verdict(m, h, n, better, a)}
+    return comp
+
+
+def summarize(results):
+    """Per cell: every arm's mean +- CI of each measure and its divergence count, and each
+    comparison's seed-paired difference with CI and verdict; then the conclusions."""
+    cells = []
+    for cid in cell_ids(results["runs"]):
+        runs = [r for r in results["runs"] if r["cell_id"] == cid]
+        arms = {arm: arm_summary([r for r in runs if r["arm"] == arm]) for arm in arm_names(runs)}
+        comps = [compare_arms(runs, arms, a, b) for a, b in comparisons(results) if a in arms and b in arms]
+        cells.append({"cell_id": cid, "cell": runs[0]["cell"], "label": cell_label(runs[0]["cell"]), "arms": arms,
+                      "comparisons": comps})
+    summary = {"cells": cells}
+    summary["conclusions"] = conclusions(summary, results)
+    return summary
+
+
+# --------------------------------------------------------------------------- words
+
+
+def fmt_num(x, digits=3):
+    """A number in 3 significant digits (scientific when very large or small); '–' for none."""
+    if x is None or not math.isfinite(x):
+        return "–"
+    if x != 0 and (abs(x) >= 1e4 or abs(x) < 1e-3):
+        return f"{x:.{digits - 1}e}"
+    return f"{x:.{digits}g}"
+
+
+def fmt_mean_ci(d):
+    """'mean ± half (n=N)' of a measure's summary."""
+    if d["n"] == 0:
+        return "–"
+    ci = f" ± {fmt_num(d['ci'], 2)}" if d["n"] >= 2 else ""
+    return f"{fmt_num(d['mean'])}{ci} (n={d['n']})"
+
+
+def fmt_diff(d):
+    """'mean [low, high] (n=N)' of a paired difference."""
+    if d["n"] < 2:
+        return f"{fmt_num(d['mean'])} (n={d['n']})" if d["n"] else "–"
+    return f"{fmt_num(d['mean'])} [{fmt_num(d['mean'] - d['ci'])}, {fmt_num(d['mean'] + d['ci'])}] (n={d['n']})"
+
+
+def measure_name(key, label, threshold):
+    """A measure's name in the report; steps to threshold names its threshold."""
+    return f"steps to loss {threshold:g}" if key == "steps_to_threshold" else label
+
+
+def comparison_finding(cell, c, threshold):
+    """One line for one comparison in one cell: the final loss and steps to threshold always,
+    other measures where their interval excludes 0, and the divergence counts if any."""
+    a, b = c["a"], c["b"]
+    parts = []
+    for key, label, _ in MEASURES:
+        d = c[key]
+        if key in ("final_eval_loss", "steps_to_threshold") or d["verdict"] not in ("indistinguishable", TOO_FEW):
+            parts.append(f"{measure_name(key, label, threshold)}: {d['verdict']} ({a} − {b} = {fmt_diff(d)})")
+    dv = c["diverged"]
+    if dv["a"] or dv["b"]:
+        note = "" if dv["p"] < 0.05 else f"; with {dv['n_a']} and {dv['n_b']} runs this count alone is not significant at the 5% level"
+        parts.append(f"diverged: {a} {dv['a']}/{dv['n_a']}, {b} {dv['b']}/{dv['n_b']} "
+                     f"(Fisher exact p = {dv['p']:.2g}{note})")
+    return f"**{cell['label']}**, {a} vs {b}: " + "; ".join(parts) + "."
+
+
+def tally_final_loss(summary):
+    """{(A, B): counts of cells where A's final held-out loss was better, worse,
+    indistinguishable, or had too few finished runs to compare, and of cells}."""
+    tally = {}
+    for cell in summary["cells"]:
+        for c in cell["comparisons"]:
+            v = c["final_eval_loss"]["verdict"]
+            t = tally.setdefault((c["a"], c["b"]), {"better": 0, "worse": 0, "indistinguishable": 0, "too few": 0,
+                                                    "cells": 0})
+            t["cells"] += 1
+            t["better" if v.endswith("better") else "worse" if v.endswith("worse") else
+              "indistinguishable" if v == "indistinguishable" else "too few"] += 1
+    return tally
+
+
+def overall_finding(a, b, t):
+    """One sentence over every cell that compares A and B."""
+    if t["too few"] == t["cells"]:
+        return (f"In the {t['cells']} cell(s) that have both {a} and {b}, too few runs of both finished "
+                f"to compare their final losses (see the divergence counts).")
+    s = (f"Over the {t['cells']} cell(s) that have both {a} and {b}, {a} reached a lower final held-out loss "
+         f"than {b} in {t['better']}, a higher one in {t['worse']}, and the two were indistinguishable "
+         f"(95% CI of the seed-paired difference covers 0) in {t['indistinguishable']}")
+    return s + (f"; {t['too few']} had too few finished runs to compare." if t["too few"] else ".")
+
+
+def conclusions(summary, results):
+    """Plain-words findings, each one only as strong as its confidence interval: one sentence
+    per comparison over all cells, the caveat on multiple comparisons, then one line per cell."""
+    threshold = results["ablation"].get("threshold")
+    seeds = len(results["ablation"].get("seeds", []))
+    overall = [overall_finding(a, b, t) for (a, b), t in tally_final_loss(summary).items()]
+    overall.append(f"Each interval is over {seeds} seed(s) and is not corrected for the number of cells and measures "
+                   f"compared, so an isolated difference among many comparisons may be chance.")
+    return overall + [comparison_finding(cell, c, threshold) for cell in summary["cells"] for c in cell["comparisons"]]
+
+
+# --------------------------------------------------------------------------- rules
+
+
+def divergence_rule(results):
+    """(factors, windows): the distinct ``divergence_factor`` and ``divergence_window`` values of
+    the runs' configs, as the report states the rule. Results written before the window was a
+    config key used the ablation's ``smooth`` window."""
+    smooth = results["ablation"].get("smooth", 10)
+    factors = sorted({r["config"].get("divergence_factor", 10.0) for r in results["runs"]})
+    windows = sorted({r["config"].get("divergence_window", smooth) for r in results["runs"]})
+    return factors, windows
+
+
+def spike_rule(results):
+    """{"factor", "window"} of the loss-spike rule the runs were measured with (recorded by the
+    runner from ``diagnostics.SpikeDetector``), or None for results written before it was."""
+    return results.get("rules", {}).get("spikes")
