@@ -9,13 +9,14 @@ import torch
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
-from unet import bench
+from benchmarks import bench
 from unet.export import to_diffusers_state_dict
+from unet.stats import paired_ratio_ci
 
 
 def test_cli_writes_every_figure(tmp_path):
     out = tmp_path / "bench.json"
-    bench.main(["--preset", "tiny", "--json", str(out), "--warmup", "0", "--repeats", "2", "--steps", "1", "--no-memory"])
+    bench.main(["--preset", "tiny", "--json", str(out), "--warmup", "0", "--repeats", "2", "--steps", "1", "--no_memory"])
     r = json.loads(out.read_text())
     assert r["params"]["ours"] == r["params"]["peer"] > 0
     # The same network does the same matmul and conv work, whoever wrote it.
@@ -54,7 +55,7 @@ def test_each_model_gets_its_training_scripts_optimizer():
 def test_paired_ratio_interval_matches_a_hand_computation():
     # log ratios: log 1.1 +- d; mean log 1.1, sd d*sqrt(2), t(0.975, 1) = 12.706
     d = 0.01
-    geomean, (lo, hi) = bench.paired_ratio_ci([1.1 * math.exp(-d), 1.1 * math.exp(d)])
+    geomean, lo, hi = paired_ratio_ci([1.1 * math.exp(-d), 1.1 * math.exp(d)])
     half = 12.7062047 * d * math.sqrt(2) / math.sqrt(2)
     assert geomean == pytest.approx(1.1)
     assert lo == pytest.approx(1.1 * math.exp(-half)) and hi == pytest.approx(1.1 * math.exp(half))

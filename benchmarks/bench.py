@@ -4,8 +4,8 @@ measured side by side in one process: full training steps (forward, hybrid loss,
 AdamW step) and sampling steps (one forward pass), the FLOPs of each, and how close the
 achieved FLOP/s come to the machine's own fp32 matmul peak.
 
-    python -m unet.bench --preset cifar-small --json bench.json
-    python -m unet.bench --preset cifar10 --device cuda --dtype bf16 --compile
+    python benchmarks/bench.py --preset cifar-small --json bench.json
+    python benchmarks/bench.py --preset cifar10 --device cuda --dtype bf16 --compile
 
 The two models alternate within every repeat (their order flips each repeat) after a warm-up,
 so a slow drift of the machine (thermal, another process) hits both alike; the medians over
@@ -14,83 +14,88 @@ Each model trains with its own training script's optimizer (ours: fused AdamW; d
 example: plain AdamW), timed apart so the forward+backward ratio is reported as well. Peak
 memory is measured per model in a fresh subprocess on CPU (peak RSS minus the RSS before the
 model is built) and with ``torch.cuda.max_memory_allocated`` on CUDA. Speed is only ever measured here, never in tests.
+It is a tool that measures the package, not part of it, hence its place outside ``unet/``.
 """
 
 import argparse
 import contextlib
 import json
-import math
 import multiprocessing as mp
 import platform
 import statistics
 import sys
 import time
 
-import scipy.stats
 import torch
 import torch.nn as nn
+from diffusers import UNet2DModel
 from torch.utils import flop_counter
 from torch.utils.flop_counter import FlopCounterMode
 
-from .config import TrainConfig
-from .diffusion import create_diffusion
-from diffusers import UNet2DModel
+from unet.config import TrainConfig
+from unet.export import check_expressible, unet2d_config
+from unet.factory import config_from_iddpm_flags, create_diffusion_from_config, create_model
+from unet.stats import paired_ratio_ci
+from unet.training import adamw
 
-from .export import check_expressible, unet2d_config
-from .model import UNetModel, attention_downsample_factors
-from .training import adamw
 
-aten = torch.ops.aten
+def register_cpu_attention_flops():
+    """
+    Teach ``torch.utils.flop_counter`` the CPU flash-attention kernel that
+    ``scaled_dot_product_attention`` runs on CPU (it knows only the CUDA kernels); without it a
+    model whose attention takes that path would look cheaper than one that falls back to bmm.
+    The kernels have no public handle, only their aten names; a torch without them has
+    nothing to register.
+    """
+    for name, formula in (("_scaled_dot_product_flash_attention_for_cpu", _cpu_sdpa_flop),
+                          ("_scaled_dot_product_flash_attention_for_cpu_backward", _cpu_sdpa_backward_flop)):
+        op = getattr(torch.ops.aten, name, None)
+        if op is not None and op not in flop_counter.flop_registry:
+            flop_counter.register_flop_formula(op)(formula)
 
-# torch.utils.flop_counter knows the CUDA attention kernels but not the CPU flash kernel that
-# scaled_dot_product_attention runs on CPU; without these two entries a model whose attention
-# takes that path would look cheaper than one whose attention falls back to bmm.
-if aten._scaled_dot_product_flash_attention_for_cpu not in flop_counter.flop_registry:
-    @flop_counter.register_flop_formula(aten._scaled_dot_product_flash_attention_for_cpu)
-    def _cpu_sdpa_flop(q, k, v, *args, out_shape=None, **kwargs):
-        return flop_counter.sdpa_flop_count(q, k, v)
 
-    @flop_counter.register_flop_formula(aten._scaled_dot_product_flash_attention_for_cpu_backward)
-    def _cpu_sdpa_backward_flop(grad_out, q, k, v, *args, out_shape=None, **kwargs):
-        return flop_counter.sdpa_backward_flop_count(grad_out, q, k, v)
+def _cpu_sdpa_flop(q, k, v, *args, out_shape=None, **kwargs):
+    return flop_counter.sdpa_flop_count(q, k, v)
+
+
+def _cpu_sdpa_backward_flop(grad_out, q, k, v, *args, out_shape=None, **kwargs):
+    return flop_counter.sdpa_backward_flop_count(grad_out, q, k, v)
+
+
+register_cpu_attention_flops()
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def _cifar(model_channels, num_res_blocks, dropout, batch):
-    """An improved-DDPM CIFAR-10 model (32x32, mult 1,2,2,2, attention at 16 and 8 px,
-    4 heads, scale-shift norm, learned sigma, cosine schedule over 4000 steps)."""
-    return dict(
-        image_size=32, batch_size=batch,
-        model=dict(in_channels=3, model_channels=model_channels, out_channels=6, num_res_blocks=num_res_blocks,
-                   attention_resolutions=attention_downsample_factors(32, "16,8"), dropout=dropout,
-                   channel_mult=(1, 2, 2, 2), num_heads=4, use_scale_shift_norm=True),
-        diffusion=dict(steps=4000, learn_sigma=True, noise_schedule="cosine", rescale_learned_sigmas=True),
-    )
-
-
-def _digits():
-    """The default training config (``configs/digits.yaml``)."""
-    cfg = TrainConfig()
-    return dict(image_size=cfg.image_size, batch_size=cfg.batch_size, model=cfg.model_kwargs(),
-                diffusion=cfg.diffusion_kwargs())
+    """An improved-DDPM CIFAR-10 model from its flags (32x32, mult 1,2,2,2, attention at 16
+    and 8 px, 4 heads, scale-shift norm, learned sigma, cosine schedule over 4000 steps).
+    Timesteps are not rescaled, as this benchmark has always run it (speed does not depend on it)."""
+    return config_from_iddpm_flags(dict(image_size=32, num_channels=model_channels, num_res_blocks=num_res_blocks,
+                                        dropout=dropout, learn_sigma=True, diffusion_steps=4000,
+                                        noise_schedule="cosine", rescale_timesteps=False)).replace(batch_size=batch)
 
 
 def _tiny():
     """A model small enough for a smoke test: 8x8, two levels, attention at the second."""
-    return dict(image_size=8, batch_size=4,
-                model=dict(in_channels=3, model_channels=32, out_channels=6, num_res_blocks=1,
-                           attention_resolutions=(2,), channel_mult=(1, 2), num_heads=2,
-                           use_scale_shift_norm=True, num_classes=3),
-                diffusion=dict(steps=100, learn_sigma=True, noise_schedule="cosine"))
+    return TrainConfig(image_size=8, batch_size=4, channels=3, model_channels=32, num_res_blocks=1,
+                       attention_resolutions=[4], channel_mult=[1, 2], num_heads=2, num_classes=3,
+                       diffusion_steps=100, rescale_learned_sigmas=False, report_to="none")
 
 
+# Each preset is a TrainConfig; the benchmark builds from it through unet.factory, as training does.
 PRESETS = {
     "tiny": _tiny,
-    "digits": _digits,
+    "digits": TrainConfig,  # the default training config (configs/digits.yaml)
     "cifar-small": lambda: _cifar(64, 2, 0.0, 16),
     "cifar10": lambda: _cifar(128, 3, 0.3, 8),  # the paper's CIFAR-10 model (its batch is 128)
 }
+
+
+def describe(preset):
+    """The preset as the JSON records it: image size, batch, model and diffusion kwargs."""
+    return dict(image_size=preset.image_size, batch_size=preset.batch_size, model=preset.model_kwargs(),
+                diffusion=preset.diffusion_kwargs())
 
 
 # --- the two models ---------------------------------------------------------------------
@@ -111,9 +116,9 @@ def peer_kwargs(preset):
     """``UNet2DModel`` arguments for the preset's architecture, by the export's mapping
     (``unet.export``; it refuses what diffusers cannot express)."""
     with torch.device("meta"):  # the structure alone: no memory, no init cost
-        ours = UNetModel(**preset["model"])
-    check_expressible(ours, preset["diffusion"])
-    return unet2d_config(preset["model"], preset["image_size"], ours)
+        ours = create_model(preset)
+    check_expressible(ours, preset.diffusion_kwargs())
+    return unet2d_config(preset.model_kwargs(), preset.image_size, ours)
 
 
 # Each model trains with the optimizer its own training script uses: our training loop's
@@ -124,7 +129,7 @@ OPTIMIZERS = {"ours": adamw, "peer": torch.optim.AdamW}
 def build(which, preset, peer_config=None):
     """Our ``UNetModel`` ("ours") or diffusers' ``UNet2DModel`` ("peer") for a preset."""
     if which == "ours":
-        return UNetModel(**preset["model"])
+        return create_model(preset)
     return PeerAdapter(UNet2DModel(**(peer_config or peer_kwargs(preset))))
 
 
@@ -146,12 +151,12 @@ def count_params(model):
 def make_batch(preset, device, seed=0):
     """A fixed batch: images in [-1, 1], timesteps, noise and (if conditional) labels."""
     g = torch.Generator().manual_seed(seed)
-    b, c, s = preset["batch_size"], preset["model"]["in_channels"], preset["image_size"]
-    diffusion = create_diffusion(**preset["diffusion"])
+    b, c, s = preset.batch_size, preset.channels, preset.image_size
+    diffusion = create_diffusion_from_config(preset)
     batch = dict(x=torch.rand(b, c, s, s, generator=g) * 2 - 1, noise=torch.randn(b, c, s, s, generator=g),
                  t=torch.randint(0, diffusion.num_timesteps, (b,), generator=g))
-    if preset["model"].get("num_classes") is not None:
-        batch["y"] = torch.randint(0, preset["model"]["num_classes"], (b,), generator=g)
+    if preset.class_cond:
+        batch["y"] = torch.randint(0, preset.num_classes, (b,), generator=g)
     return diffusion, {k: v.to(device) for k, v in batch.items()}
 
 
@@ -228,25 +233,14 @@ class Runner:
         return counter.get_total_flops()
 
 
-def paired_ratio_ci(ratios):
-    """Geometric mean of per-repeat ratios and its 95% t-interval (on the log ratios,
-    which a machine's multiplicative slow-downs make roughly symmetric)."""
-    logs = [math.log(r) for r in ratios]
-    mean = statistics.fmean(logs)
-    if len(logs) < 2:
-        return math.exp(mean), (float("nan"), float("nan"))
-    half = scipy.stats.t.ppf(0.975, len(logs) - 1) * statistics.stdev(logs) / math.sqrt(len(logs))
-    return math.exp(mean), (math.exp(mean - half), math.exp(mean + half))
-
-
 def compare(times):
     """Per-repeat ratios peer/ours and their summary. Each repeat's two timings are
     neighbours in time, so their ratio is blind to the machine's slow drift; the interval
     says how far the figure can be trusted on a noisy machine."""
     paired = sorted(p / o for p, o in zip(times["peer"], times["ours"]))
-    geomean, ci = paired_ratio_ci(paired)
+    geomean, lo, hi = paired_ratio_ci(paired)
     return dict(paired_ratios=paired, paired_ratio_median=statistics.median(paired),
-                paired_ratio_geomean=geomean, paired_ratio_ci95=ci)
+                paired_ratio_geomean=geomean, paired_ratio_ci95=(lo, hi))
 
 
 def _ci_text(r):
@@ -321,6 +315,67 @@ def peak_train_memory(preset, which, steps=2):
 
 # --- the benchmark ---------------------------------------------------------------------------
 
+def time_alternating(runners, kind, warmup, repeats, steps):
+    """Per-repeat seconds per step (and optimizer seconds) of each model, after ``warmup``
+    untimed steps; the two models alternate, their order flipping every repeat."""
+    for r in runners.values():
+        for _ in range(warmup):
+            r.train_step() if kind == "train" else r.sample_step()
+    times, opt_times = {"ours": [], "peer": []}, {"ours": [], "peer": []}
+    for i in range(repeats):
+        for k in (("ours", "peer") if i % 2 == 0 else ("peer", "ours")):
+            seconds, opt_seconds = runners[k].time_steps(kind, steps)
+            times[k].append(seconds)
+            opt_times[k].append(opt_seconds)
+    return times, opt_times
+
+
+def summarize(times, flops, batch_size, peak):
+    """Medians, images/s, the median and paired ratios, and the share of the matmul peak."""
+    med = {k: statistics.median(v) for k, v in times.items()}
+    return dict(seconds_per_step=times, median_seconds=med,
+                images_per_second={k: batch_size / med[k] for k in med}, ratio=med["peer"] / med["ours"],
+                **compare(times), achieved_flops={k: flops[k] / med[k] for k in med},
+                fraction_of_matmul_peak={k: flops[k] / med[k] / peak for k in med})
+
+
+def network_share(times, opt_times, flops, peak):
+    """The networks alone: each training step minus its optimizer update."""
+    net = {k: [t - o for t, o in zip(times[k], opt_times[k])] for k in times}
+    net_med = {k: statistics.median(v) for k, v in net.items()}
+    return dict(seconds_per_step=net, median_seconds=net_med, **compare(net),
+                fraction_of_matmul_peak={k: flops[k] / net_med[k] / peak for k in net_med})
+
+
+def summary_line(kind, r):
+    line = (f"  {kind:6s} ours {r['images_per_second']['ours']:8.1f} img/s  diffusers "
+            f"{r['images_per_second']['peer']:8.1f} img/s  ratio {r['ratio']:.3f} (paired {_ci_text(r)})  "
+            f"{r['fraction_of_matmul_peak']['ours']:.0%} / {r['fraction_of_matmul_peak']['peer']:.0%} of matmul peak")
+    if "network" in r:
+        opt = r["optimizer_seconds_per_step"]
+        line += (f"\n         forward+backward alone: ratio (paired) {_ci_text(r['network'])}  "
+                 f"{r['network']['fraction_of_matmul_peak']['ours']:.0%} / "
+                 f"{r['network']['fraction_of_matmul_peak']['peer']:.0%} of matmul peak; optimizer "
+                 f"{statistics.median(opt['ours']) * 1e3:.0f} ms (fused AdamW) / "
+                 f"{statistics.median(opt['peer']) * 1e3:.0f} ms (AdamW)")
+    return line
+
+
+def measure_memory(preset, runners, device):
+    """(method, {model: peak training bytes}): CUDA's allocator peak over warm steps, or on
+    CPU the peak RSS of a fresh process per model."""
+    if not device.startswith("cuda"):
+        return ("peak RSS (VmHWM) of a fresh process over 2 training steps minus its RSS before the model",
+                {k: peak_train_memory(preset, k) for k in ("ours", "peer")})
+    peaks = {}
+    for k, r in runners.items():
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+        r.time_steps("train", 2)
+        peaks[k] = torch.cuda.max_memory_allocated()
+    return "torch.cuda.max_memory_allocated over warm training steps", peaks
+
+
 def run(preset_name, device="cpu", dtype="fp32", compile=False, warmup=2, repeats=10, steps=2,
         memory=True, batch_size=None, flush_denormal=False, log=print):
     """
@@ -335,84 +390,40 @@ def run(preset_name, device="cpu", dtype="fp32", compile=False, warmup=2, repeat
     """
     preset = PRESETS[preset_name]()
     if batch_size:
-        preset["batch_size"] = batch_size
+        preset = preset.replace(batch_size=batch_size)
     torch.manual_seed(0)
     diffusion, batch = make_batch(preset, device)
     models = dict(zip(("ours", "peer"), build_models(preset)))
     runners = {k: Runner(m, diffusion, batch, device, DTYPES[dtype], compile, optimizer=OPTIMIZERS[k])
                for k, m in models.items()}
     result = dict(
-        preset=preset_name, config={k: v for k, v in preset.items()}, device=device,
+        preset=preset_name, config=describe(preset), device=device,
         device_name=torch.cuda.get_device_name() if device.startswith("cuda") else cpu_name(),
         dtype=dtype, compile=compile, threads=torch.get_num_threads(), torch=torch.__version__,
-        flush_denormal=flush_denormal,
-        warmup=warmup, repeats=repeats, steps_per_repeat=steps,
+        flush_denormal=flush_denormal, warmup=warmup, repeats=repeats, steps_per_repeat=steps,
         params={k: count_params(m) for k, m in models.items()},
     )
-    log(f"{preset_name}: {result['params']['ours']:,} parameters in each model, batch {preset['batch_size']}, "
+    log(f"{preset_name}: {result['params']['ours']:,} parameters in each model, batch {preset.batch_size}, "
         f"{dtype} on {device}{' compiled' if compile else ''}")
     result["flops"] = {kind: {k: r.flops(kind) for k, r in runners.items()} for kind in ("train", "sample")}
-    result["matmul_peak_flops"] = matmul_peak(device, DTYPES[dtype])
+    peak = result["matmul_peak_flops"] = matmul_peak(device, DTYPES[dtype])
     for kind in ("train", "sample"):
-        for r in runners.values():
-            for _ in range(warmup):
-                r.train_step() if kind == "train" else r.sample_step()
-        times, opt_times = {"ours": [], "peer": []}, {"ours": [], "peer": []}
-        for i in range(repeats):
-            for k in (("ours", "peer") if i % 2 == 0 else ("peer", "ours")):
-                seconds, opt_seconds = runners[k].time_steps(kind, steps)
-                times[k].append(seconds)
-                opt_times[k].append(opt_seconds)
-        med = {k: statistics.median(v) for k, v in times.items()}
-        flops = result["flops"][kind]
-        result[kind] = dict(
-            seconds_per_step=times,
-            median_seconds=med,
-            images_per_second={k: preset["batch_size"] / med[k] for k in med},
-            ratio=med["peer"] / med["ours"],
-            **compare(times),
-            achieved_flops={k: flops[k] / med[k] for k in med},
-            fraction_of_matmul_peak={k: flops[k] / med[k] / result["matmul_peak_flops"] for k in med},
-        )
-        r = result[kind]
-        line = (f"  {kind:6s} ours {r['images_per_second']['ours']:8.1f} img/s  diffusers "
-                f"{r['images_per_second']['peer']:8.1f} img/s  ratio {r['ratio']:.3f} (paired {_ci_text(r)})  "
-                f"{r['fraction_of_matmul_peak']['ours']:.0%} / {r['fraction_of_matmul_peak']['peer']:.0%} of matmul peak")
+        times, opt_times = time_alternating(runners, kind, warmup, repeats, steps)
+        r = result[kind] = summarize(times, result["flops"][kind], preset.batch_size, peak)
         if kind == "train":
-            # The networks alone: the step minus its optimizer update.
-            net = {k: [t - o for t, o in zip(times[k], opt_times[k])] for k in times}
-            net_med = {k: statistics.median(v) for k, v in net.items()}
             r["optimizer_seconds_per_step"] = opt_times
-            r["network"] = dict(seconds_per_step=net, median_seconds=net_med, **compare(net),
-                                fraction_of_matmul_peak={k: flops[k] / net_med[k] / result["matmul_peak_flops"]
-                                                         for k in net_med})
-            line += (f"\n         forward+backward alone: ratio (paired) {_ci_text(r['network'])}  "
-                     f"{r['network']['fraction_of_matmul_peak']['ours']:.0%} / "
-                     f"{r['network']['fraction_of_matmul_peak']['peer']:.0%} of matmul peak; optimizer "
-                     f"{statistics.median(opt_times['ours']) * 1e3:.0f} ms (fused AdamW) / "
-                     f"{statistics.median(opt_times['peer']) * 1e3:.0f} ms (AdamW)")
-        log(line)
+            r["network"] = network_share(times, opt_times, result["flops"][kind], peak)
+        log(summary_line(kind, r))
     if memory:
-        if device.startswith("cuda"):
-            result["peak_memory_method"] = "torch.cuda.max_memory_allocated over warm training steps"
-            result["peak_train_memory_bytes"] = {}
-            for k, r in runners.items():
-                torch.cuda.empty_cache()
-                torch.cuda.reset_peak_memory_stats()
-                r.time_steps("train", 2)
-                result["peak_train_memory_bytes"][k] = torch.cuda.max_memory_allocated()
-        else:
-            result["peak_memory_method"] = "peak RSS (VmHWM) of a fresh process over 2 training steps minus its RSS before the model"
-            result["peak_train_memory_bytes"] = {k: peak_train_memory(preset, k) for k in ("ours", "peer")}
-        m = result["peak_train_memory_bytes"]
+        result["peak_memory_method"], m = measure_memory(preset, runners, device)
+        result["peak_train_memory_bytes"] = m
         log(f"  memory ours {m['ours'] / 2**20:.0f} MiB  diffusers {m['peer'] / 2**20:.0f} MiB")
     log(f"  FLOPs per training step {result['flops']['train']['ours'] / 1e9:.2f} G (ours), "
-        f"{result['flops']['train']['peer'] / 1e9:.2f} G (diffusers); matmul peak "
-        f"{result['matmul_peak_flops'] / 1e9:.1f} GFLOP/s")
+        f"{result['flops']['train']['peer'] / 1e9:.2f} G (diffusers); matmul peak {peak / 1e9:.1f} GFLOP/s")
     return result
 
 
-def main(argv=None):
+def build_parser():
     p = argparse.ArgumentParser(description="Training and sampling throughput of our U-Net vs diffusers' UNet2DModel.")
     p.add_argument("--preset", default="digits", choices=sorted(PRESETS))
     p.add_argument("--json", default="", help="write every figure to this file")
@@ -422,11 +433,15 @@ def main(argv=None):
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--repeats", type=int, default=10)
     p.add_argument("--steps", type=int, default=2, help="steps per model per repeat")
-    p.add_argument("--batch-size", type=int, default=0, help="override the preset's batch size")
-    p.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
-    p.add_argument("--keep-denormals", action="store_true",
+    p.add_argument("--batch_size", type=int, default=0, help="override the preset's batch size")
+    p.add_argument("--no_memory", action="store_true", help="skip the peak-memory measurement")
+    p.add_argument("--keep_denormals", action="store_true",
                    help="do not flush denormal floats to zero on CPU (see docs/performance.md)")
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
     if not args.keep_denormals:
         # Zero-initialised layers pass ~1e-12 gradients upstream in the first steps, and
         # AdamW's squares of those are denormals, on which x86 arithmetic is ~18x slower.
