@@ -126,6 +126,26 @@ def load_ablation(path, overrides=None):
             _fail(path, f"unknown key '{k}'; allowed: {', '.join(KEYS)}")
     if "grid" not in raw:
         _fail(path, "missing 'grid'")
+    base = _base(raw, path)
+    try:
+        grid = _grid(raw["grid"], path)
+    except ConfigError as e:
+        if str(e).startswith("ablation config"):
+            raise
+        _fail(path, f"in 'grid': {e}")
+    ab = Ablation(name=str(raw.get("name") or os.path.splitext(os.path.basename(path))[0]), base=base, grid=grid)
+    overrides = dict(overrides or {})
+    for k in ("seeds", "threshold", "smooth", "comparisons", "symmetry", "group", "save_models"):
+        if k in raw and k not in overrides:
+            overrides[k] = raw[k]
+    for k, v in overrides.items():
+        _set(ab, k, v, path)
+    _check(ab, path)
+    return ab
+
+
+def _base(raw, path):
+    """The training keys shared by every run: ``base_config``'s file, then ``base``."""
     base = {}
     if raw.get("base_config"):
         base_path = os.path.join(os.path.dirname(path), raw["base_config"])
@@ -140,52 +160,48 @@ def load_ablation(path, overrides=None):
         base.update(parse_mapping(raw.get("base") or {}))
     except ConfigError as e:
         _fail(path, f"in 'base': {e}")
-    try:
-        grid = _grid(raw["grid"], path)
-    except ConfigError as e:
-        if str(e).startswith("ablation config"):
-            raise
-        _fail(path, f"in 'grid': {e}")
-    ab = Ablation(name=str(raw.get("name") or os.path.splitext(os.path.basename(path))[0]), base=base, grid=grid)
-    overrides = dict(overrides or {})
-    for k in ("seeds", "threshold", "smooth", "comparisons", "symmetry", "group", "save_models"):
-        if k in raw and k not in overrides:
-            overrides[k] = raw[k]
-    for k, v in overrides.items():
-        if k == "seeds":
-            ab.seeds = _seeds(v, path)
-        elif k in ("threshold", "smooth"):
-            try:
-                setattr(ab, k, float(v) if k == "threshold" else int(v))
-            except (TypeError, ValueError):
-                _fail(path, f"'{k}' must be a number, got {v!r}")
-        elif k == "comparisons":
-            if not (isinstance(v, list) and all(isinstance(c, list) and len(c) == 2 and set(c) <= set(INIT_SCHEMES)
-                                                for c in v)):
-                _fail(path, f"'comparisons' must be a list of [A, B] pairs of {'|'.join(INIT_SCHEMES)}, got {v!r}")
-            ab.comparisons = [[str(a), str(b)] for a, b in v]
-        elif k == "symmetry":
-            ab.symmetry = _symmetry(v, path)
-        elif k == "save_models":
-            ab.save_models = parse_bool("save_models", v)
-        elif k in ("group", "name"):
-            setattr(ab, k, str(v))
-        elif k in FIELDS:
-            if any(k in sub for sub in grid):
-                _fail(path, f"'{k}' is a key the grid varies; edit the grid instead of overriding it")
-            ab.base.update(parse_mapping({k: v}))
-        else:
-            raise ConfigError(f"unknown option '--{k}': use an ablation key ({', '.join(KEYS[:5])}) "
-                              f"or a training config key")
+    return base
+
+
+def _set(ab, k, v, path):
+    """Set one ablation key, or one training key of ``base``, from the YAML or the command line."""
+    if k == "seeds":
+        ab.seeds = _seeds(v, path)
+    elif k in ("threshold", "smooth"):
+        try:
+            setattr(ab, k, float(v) if k == "threshold" else int(v))
+        except (TypeError, ValueError):
+            _fail(path, f"'{k}' must be a number, got {v!r}")
+    elif k == "comparisons":
+        if not (isinstance(v, list) and all(isinstance(c, list) and len(c) == 2 and set(c) <= set(INIT_SCHEMES)
+                                            for c in v)):
+            _fail(path, f"'comparisons' must be a list of [A, B] pairs of {'|'.join(INIT_SCHEMES)}, got {v!r}")
+        ab.comparisons = [[str(a), str(b)] for a, b in v]
+    elif k == "symmetry":
+        ab.symmetry = _symmetry(v, path)
+    elif k == "save_models":
+        ab.save_models = parse_bool("save_models", v)
+    elif k in ("group", "name"):
+        setattr(ab, k, str(v))
+    elif k in FIELDS:
+        if any(k in sub for sub in ab.grid):
+            _fail(path, f"'{k}' is a key the grid varies; edit the grid instead of overriding it")
+        ab.base.update(parse_mapping({k: v}))
+    else:
+        raise ConfigError(f"unknown option '--{k}': use an ablation key ({', '.join(KEYS[:5])}) "
+                          f"or a training config key")
+
+
+def _check(ab, path):
+    """Every run's config is built and checked now, not after an hour of runs."""
     if ab.smooth < 1:
         _fail(path, f"'smooth' must be >= 1, got {ab.smooth}")
-    expand(ab, "unused")  # every run's config is checked now, not after an hour of runs
+    expand(ab, "unused")
     if ab.symmetry.get("steps", 0):
         try:
             symmetry_config(ab, "unused", "zero")
         except ConfigError as e:
             _fail(path, f"in 'symmetry': {e}")
-    return ab
 
 
 def _symmetry(v, path):
