@@ -4,8 +4,8 @@ noise and mislabelled digits, bits/dim independent of batching, and the command 
 import numpy as np
 import pytest
 import torch
-from safetensors.torch import save_file
 
+from checkpoint_files import write_checkpoint
 from unet.config import TrainConfig
 from unet.diffusion import create_diffusion
 from unet.evaluate import bits_per_dim, digit_judge, digit_quality, fid_unavailable_reason, frechet_distance, main
@@ -59,13 +59,9 @@ def test_bits_per_dim_does_not_depend_on_batching():
 def run_dir(tmp_path_factory):
     cfg = TrainConfig(diffusion_steps=10, num_res_blocks=1, init="standard", report_to="none")
     torch.manual_seed(0)
-    state = {k: v.contiguous() for k, v in UNetModel(**cfg.model_kwargs()).state_dict().items()}
-    path = tmp_path_factory.mktemp("run") / "checkpoints" / "checkpoint_00000010"
-    path.mkdir(parents=True)
-    cfg.save(path / "config.yaml")
-    save_file(state, path / "model.safetensors")
-    save_file(state, path / f"ema_{cfg.ema_rates[0]:g}.safetensors")
-    return path.parent.parent
+    root = tmp_path_factory.mktemp("run")
+    write_checkpoint(root, cfg, UNetModel(**cfg.model_kwargs()))
+    return root
 
 
 def test_bpd_cli(run_dir, capsys):

@@ -12,8 +12,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from safetensors.torch import save_file
 
+from checkpoint_files import write_checkpoint
 from unet.config import TrainConfig
 from unet.diffusion import create_diffusion
 from unet.export import ExportError, export_scheduler, main, max_output_difference, to_unet2d
@@ -99,16 +99,6 @@ def test_rescaled_4000_step_model_exports_respaced_to_1000_steps():
 def test_unexpressible_models_are_refused(overrides, message):
     with pytest.raises(ExportError, match=message):
         to_unet2d(loaded(**overrides))
-
-
-def write_checkpoint(root, cfg, model):
-    path = Path(root) / "checkpoints" / "checkpoint_00000010"
-    path.mkdir(parents=True)
-    cfg.save(path / "config.yaml")
-    state = {k: v.contiguous() for k, v in model.state_dict().items()}
-    save_file(state, path / "model.safetensors")
-    save_file(state, path / f"ema_{cfg.ema_rates[0]:g}.safetensors")
-    return path
 
 
 PIPELINE_SCRIPT = textwrap.dedent("""

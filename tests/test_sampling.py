@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from safetensors.torch import save_file
 
+from checkpoint_files import write_checkpoint
 from unet.config import TrainConfig
 from unet.diffusion import create_diffusion
 from unet.model import UNetModel
@@ -167,17 +167,6 @@ def test_seed_gives_same_images_whatever_the_batching():
 
 # --- the command line ----------------------------------------------------------------
 
-def write_checkpoint(root, cfg, model):
-    """A checkpoint folder in the training loop's layout, written by hand."""
-    path = Path(root) / "checkpoints" / "checkpoint_00000010"
-    path.mkdir(parents=True)
-    cfg.save(path / "config.yaml")
-    state = {k: v.contiguous() for k, v in model.state_dict().items()}
-    save_file(state, path / "model.safetensors")
-    save_file({k: v * 0 for k, v in state.items()}, path / f"ema_{cfg.ema_rates[0]:g}.safetensors")
-    return path
-
-
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
     cfg = TrainConfig(image_size=8, channel_mult=[1, 2], attention_resolutions=[4], num_res_blocks=1,
@@ -185,7 +174,7 @@ def run_dir(tmp_path_factory):
     torch.manual_seed(0)
     model = UNetModel(**cfg.model_kwargs()).eval()
     root = tmp_path_factory.mktemp("run")
-    write_checkpoint(root, cfg, model)
+    write_checkpoint(root, cfg, model, ema_scale=0)
     return root
 
 
