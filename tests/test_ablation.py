@@ -242,3 +242,24 @@ def test_bad_grid_is_one_line_error(tmp_path, capsys):
     assert main(["--config", str(tmp_path / "missing.yaml"), "--output_dir", str(tmp_path / "o")]) == 2
     assert "does not exist" in capsys.readouterr().err
     assert not os.path.exists(tmp_path / "o")  # nothing started
+
+
+def test_command_line(tmp_path, capsys):
+    assert main(["--help"]) == 0
+    out = capsys.readouterr().out
+    assert "--output_dir DIR" in out and "--report_only" in out and "--KEY VALUE" in out
+    grid = write_grid(tmp_path / "g.yaml", TINY)
+    for argv, words in ((["--config", grid], ["--output_dir DIR is required"]),
+                        (["--output_dir", str(tmp_path / "o")], ["--config FILE is required"]),
+                        (["--config", grid, "--output_dir", str(tmp_path / "o"), "--lrr", "1"], ["'--lrr'", "'--lr'"]),
+                        (["--config", grid, "--output-dir", str(tmp_path / "o")], ["'--output_dir'"]),
+                        (["--config", grid, "--output_dir", str(tmp_path / "o"), "--lr"], ["--lr"]),
+                        (["--config", grid, "--output_dir", str(tmp_path / "o"), "--init", "zero"], ["grid varies"]),
+                        (["--output_dir", str(tmp_path / "none"), "--report_only"], ["run the ablation first"])):
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("error: ") and "\n" not in err and all(w in err for w in words), err
+    assert not os.path.exists(tmp_path / "o")  # nothing started
+    # training keys and ablation keys from the command line reach the grid
+    ab = load_ablation(grid, ablation.parse_args(["--seeds", "0,3", "--batch_size=16", "--save_models", "true"]))
+    assert ab.seeds == [0, 3] and ab.base["batch_size"] == 16 and ab.save_models is True

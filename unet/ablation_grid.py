@@ -32,6 +32,8 @@ class Ablation:
     :param seeds: the seeds; the same for every arm.
     :param threshold: a training loss; "steps to threshold" is the first step at which the
         running mean of the last ``smooth`` losses is at or below it.
+    :param smooth: the window of that running mean, of the report's curves, and (unless
+        ``base`` sets ``divergence_window``) of the divergence rule's median.
     :param comparisons: (A, B) pairs of arms compared by seed-paired differences A - B.
     :param symmetry: {steps: N, and TrainConfig keys}: N-step runs of ``zero``, ``all-zero``
         and ``standard`` that record how distinct the zeroed layers' output channels become.
