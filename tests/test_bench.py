@@ -11,7 +11,6 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from benchmarks import bench
 from unet.export import to_diffusers_state_dict
-from unet.stats import paired_ratio_ci
 
 
 def test_cli_writes_every_figure(tmp_path):
@@ -55,7 +54,8 @@ def test_each_model_gets_its_training_scripts_optimizer():
 def test_paired_ratio_interval_matches_a_hand_computation():
     # log ratios: log 1.1 +- d; mean log 1.1, sd d*sqrt(2), t(0.975, 1) = 12.706
     d = 0.01
-    geomean, lo, hi = paired_ratio_ci([1.1 * math.exp(-d), 1.1 * math.exp(d)])
+    r = bench.compare({"peer": [1.1 * math.exp(-d), 1.1 * math.exp(d)], "ours": [1.0, 1.0]})
+    geomean, (lo, hi) = r["paired_ratio_geomean"], r["paired_ratio_ci95"]
     half = 12.7062047 * d * math.sqrt(2) / math.sqrt(2)
     assert geomean == pytest.approx(1.1)
     assert lo == pytest.approx(1.1 * math.exp(-half)) and hi == pytest.approx(1.1 * math.exp(half))

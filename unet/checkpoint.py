@@ -200,7 +200,7 @@ class Loaded:
     model_kwargs: dict
     diffusion_kwargs: dict
     image_size: int
-    config: TrainConfig = None
+    config: "TrainConfig | None" = None
 
     def diffusion(self, timestep_respacing=None):
         """The model's diffusion process (``timestep_respacing`` overrides the trained one)."""
