@@ -31,8 +31,8 @@ from dataclasses import asdict
 import yaml
 
 from .ablation_grid import SYMMETRY_ARMS, Ablation, RunSpec, cell_label, expand, load_ablation, symmetry_config  # noqa: F401
-from .config import FIELDS, ConfigError
 from .ablation_store import claim_process, clean_json, fresh_run_dir, load_result, write_json
+from .config import FIELDS, ConfigError
 from .report import write_report
 from .stats import finite
 from .summary import steps_to_threshold
@@ -151,10 +151,11 @@ def _first_distinct(layers):
 def _wandb_group(ab, out_dir):
     """The ablation's wandb group: the first invocation's when continuing, else name + time."""
     meta_path = os.path.join(out_dir, "ablation.yaml")
-    if os.path.isfile(meta_path):
+    saved = ""
+    if not ab.group and os.path.isfile(meta_path):
         with open(meta_path) as f:
-            ab.group = ab.group or (yaml.safe_load(f) or {}).get("group", "")
-    return ab.group or f"{ab.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+            saved = (yaml.safe_load(f) or {}).get("group", "")
+    return ab.group or saved or f"{ab.name}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
 def _progress_line(i, total, spec, res, threshold):
