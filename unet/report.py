@@ -17,8 +17,8 @@ import numpy as np  # noqa: E402
 
 from .ablation_grid import cell_label  # noqa: E402
 from .summary import (MEASURES, arm_names, cell_ids, comparisons, curve_band, divergence_rule,  # noqa: E402
-                      finished_by_seed, fmt_diff, fmt_mean_ci, measure_name, paired_curve_difference, spike_rule,
-                      summarize)
+                      finished_by_seed, fmt_diff, fmt_mean_ci, measure_name, paired_curve_difference, smoothing_window,
+                      spike_rule, summarize)
 
 MODEL_KEYS = {"channels", "model_channels", "num_res_blocks", "attention_resolutions", "dropout", "channel_mult",
               "class_cond", "num_classes", "num_heads", "num_heads_upsample", "use_scale_shift_norm", "norm",
@@ -150,8 +150,9 @@ def plot_symmetry(symmetry, path):
     return _save(fig, path)
 
 
-def make_plots(results, out_dir, window):
+def make_plots(results, out_dir):
     """Every plot of the report, written into ``out_dir``: {short name: path}."""
+    window = smoothing_window(results)
     def at(name):
         return os.path.join(out_dir, name)
 
@@ -262,13 +263,14 @@ def spike_words(results):
 
 
 # --------------------------------------------------------------------------- sections
+# Each takes (results, summary, plots) and returns its Markdown lines; SECTIONS orders them.
 
 
 def _image(alt, path):
     return f"![{alt}]({os.path.basename(path)})"
 
 
-def intro_section(results, summary):
+def intro_section(results, summary, plots):
     runs, seeds = results["runs"], results["ablation"].get("seeds", [])
     return [f"# Zero-init ablation: {results.get('name', '')}", "",
             f"Produced by `{results.get('command', 'python -m unet.ablation')}`: {len(runs)} runs "
@@ -279,7 +281,7 @@ def intro_section(results, summary):
             "measured on the same fixed batch, t and noise for every run.", ""]
 
 
-def main_section(results, summary):
+def main_section(results, summary, plots):
     return ["## Main result: final held-out loss", "", main_table(summary), "",
             "Intervals are 95% t-intervals over seeds; A − B is paired by seed. A diverged run stops there and is "
             "counted below; every other measure is over the finished runs only, so n counts those.", "",
@@ -288,7 +290,8 @@ def main_section(results, summary):
             "## Conclusions", "", *[f"- {line}" for line in summary["conclusions"]], ""]
 
 
-def curves_section(plots, window):
+def curves_section(results, summary, plots):
+    window = smoothing_window(results)
     return ["## Training loss", "", _image("loss curves", plots["loss"]), "",
             f"Geometric mean over seeds of the {window}-step running mean of the training loss, with its 95% band "
             "(taken of log values). Seeds differ in their batches, so these bands are wide; the arms of one seed share "
@@ -304,7 +307,7 @@ def curves_section(plots, window):
             "every block is the identity at init, so the RMS is carried through unchanged by the residual branches.", ""]
 
 
-def cell_tables_section(results, summary):
+def cell_tables_section(results, summary, plots):
     threshold = results["ablation"].get("threshold", float("nan"))
     md = ["## Per-cell tables", ""]
     for cell in summary["cells"]:
@@ -312,7 +315,7 @@ def cell_tables_section(results, summary):
     return md
 
 
-def symmetry_section(results, plots):
+def symmetry_section(results, summary, plots):
     md = ["## Symmetry: zero against all-zero", ""]
     if "sym" in plots:
         md += [_image("symmetry", plots["sym"]), ""]
@@ -325,7 +328,8 @@ def symmetry_section(results, plots):
                  "`standard` (random rows from the start) is shown for scale.", ""]
 
 
-def measures_section(results, window):
+def measures_section(results, summary, plots):
+    window = smoothing_window(results)
     threshold = results["ablation"].get("threshold", float("nan"))
     median_note = " (a median, so that one batch's spike is counted as a spike, not a divergence)" \
         if max(divergence_rule(results)[1]) > 1 else ""
@@ -341,6 +345,10 @@ def measures_section(results, window):
             "(`diagnostics.DivergenceMonitor`).", ""]
 
 
+# The report, top to bottom: each section maps (results, summary, plots) to Markdown lines.
+SECTIONS = (intro_section, main_section, curves_section, cell_tables_section, symmetry_section, measures_section)
+
+
 def write_report(results, out_dir):
     """
     Write ``report.md`` and the PNG plots into ``out_dir``.
@@ -348,11 +356,9 @@ def write_report(results, out_dir):
     :param results: the dict of ``results.json`` (runs, symmetry, ablation).
     :return: {"plots": [paths], "summary": the summary dict}.
     """
-    window = results["ablation"].get("smooth", 10)
     summary = summarize(results)
-    plots = make_plots(results, out_dir, window)
-    md = [*intro_section(results, summary), *main_section(results, summary), *curves_section(plots, window),
-          *cell_tables_section(results, summary), *symmetry_section(results, plots), *measures_section(results, window)]
+    plots = make_plots(results, out_dir)
+    md = [line for section in SECTIONS for line in section(results, summary, plots)]
     with open(os.path.join(out_dir, "report.md"), "w") as f:
         f.write("\n".join(md))
     return {"plots": list(plots.values()), "summary": summary}

@@ -247,11 +247,16 @@ def conclusions(summary, results):
 # --------------------------------------------------------------------------- rules
 
 
+def smoothing_window(results):
+    """The running-mean window of the curves and of steps to threshold (the grid's ``smooth``)."""
+    return results["ablation"].get("smooth", 10)
+
+
 def divergence_rule(results):
     """(factors, windows): the distinct ``divergence_factor`` and ``divergence_window`` values of
     the runs' configs, as the report states the rule. Results written before the window was a
     config key used the ablation's ``smooth`` window."""
-    smooth = results["ablation"].get("smooth", 10)
+    smooth = smoothing_window(results)
     factors = sorted({r["config"].get("divergence_factor", 10.0) for r in results["runs"]})
     windows = sorted({r["config"].get("divergence_window", smooth) for r in results["runs"]})
     return factors, windows
