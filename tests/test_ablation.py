@@ -17,7 +17,7 @@ from unet import ablation
 from unet.ablation import expand, init_model, load_ablation, main, run_ablation
 from unet.config import ConfigError
 from unet.diffusion import GaussianDiffusion
-from unet.wandb_offline import read_run
+from wandb_offline import read_run
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = {
@@ -263,3 +263,18 @@ def test_command_line(tmp_path, capsys):
     # training keys and ablation keys from the command line reach the grid
     ab = load_ablation(grid, ablation.parse_args(["--seeds", "0,3", "--batch_size=16", "--save_models", "true"]))
     assert ab.seeds == [0, 3] and ab.base["batch_size"] == 16 and ab.save_models is True
+
+
+def test_saved_run_from_before_a_new_config_key_still_counts(tmp_path):
+    """A run saved before a TrainConfig key existed is kept (the key's default is the old
+    behaviour); a saved run whose values differ is refused."""
+    from unet.ablation_store import load_result, write_json
+
+    spec = expand(load_ablation(write_grid(tmp_path / "g.yaml", TINY)), str(tmp_path / "out"))[0]
+    os.makedirs(spec.cfg.output_dir)
+    old = {k: v for k, v in spec.cfg.to_dict().items() if k != "divergence_window"}
+    write_json(os.path.join(spec.cfg.output_dir, "result.json"), {"config": old, "steps": 4})
+    assert load_result(spec.cfg)["steps"] == 4
+    write_json(os.path.join(spec.cfg.output_dir, "result.json"), {"config": {**old, "lr": 0.5}, "steps": 4})
+    with pytest.raises(ConfigError, match="different config"):
+        load_result(spec.cfg)

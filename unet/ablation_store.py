@@ -58,9 +58,12 @@ def load_result(cfg):
             res = json.load(f)
     except (OSError, ValueError):
         return None  # a damaged result: the run is done again
+    saved = res.get("config", {})
+    # Keys the saved run does not have were added to TrainConfig after it ran, with defaults
+    # that keep the old behaviour (the ablation's divergence window reproduces its old rule).
     ignore = ("group", "tags", "progress", "report_to", "project")
-    same = {k: v for k, v in res.get("config", {}).items() if k not in ignore} == \
-        {k: v for k, v in clean_json(cfg.to_dict()).items() if k not in ignore}
+    same = {k: v for k, v in saved.items() if k not in ignore} == \
+        {k: v for k, v in clean_json(cfg.to_dict()).items() if k not in ignore and k in saved}
     if not same:
         raise ConfigError(f"'{path}' holds a run with a different config; use a new --output_dir "
                           f"(or delete that folder) to run this grid")
