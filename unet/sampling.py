@@ -168,7 +168,7 @@ def sample_batch(model, scheduler, diffusion_kwargs, steps, shape, generators, y
 
 
 def generate(model, diffusion_kwargs, image_size, num_samples, scheduler="ddpm", steps=None, batch_size=64,
-             seed=0, class_labels=None, accelerator=None, progress=True):
+             seed=0, class_labels=None, accelerator=None, progress=True, device=None):
     """
     Sample ``num_samples`` images, each process its share, gathered on every process.
 
@@ -179,12 +179,13 @@ def generate(model, diffusion_kwargs, image_size, num_samples, scheduler="ddpm",
     :param steps: sampling steps (default: the training step count).
     :param class_labels: labels to cycle through (class-conditional models); None: random.
     :param accelerator: an ``Accelerator``; None runs in this process alone.
+    :param device: where the model is, without an accelerator (default: the CPU).
     :return: (NHWC uint8 images, [N] int64 labels or None), in sample-index order.
     """
     steps = steps or diffusion_kwargs.get("steps", 1000)
     check_steps(steps, diffusion_kwargs)
     sched = make_scheduler(scheduler, diffusion_kwargs)
-    device = accelerator.device if accelerator else torch.device("cpu")
+    device = accelerator.device if accelerator else torch.device(device or "cpu")
     is_main = accelerator.is_main_process if accelerator else True
     indices = list(range(num_samples))
     if accelerator is not None and accelerator.num_processes > 1:
