@@ -239,6 +239,15 @@ def _require(cond, key, allowed, value):
         raise ConfigError(f"config key '{key}': got {value!r}, allowed: {allowed}")
 
 
+def check_batch_split(batch_size, grad_accum, processes=1):
+    """The global batch is split into ``grad_accum`` micro-batches, each over ``processes``:
+    it must divide evenly (the one check config, training and data share)."""
+    if batch_size % (grad_accum * processes):
+        parts = f"grad_accum={grad_accum}" if processes == 1 else \
+            f"grad_accum x processes = {grad_accum} x {processes}"
+        raise ConfigError(f"config key 'batch_size': got {batch_size}, allowed: a multiple of {parts}")
+
+
 def validate(cfg):
     """Check every value and the ones that depend on each other; raise ConfigError."""
     for key, allowed in CHOICES.items():
@@ -260,8 +269,7 @@ def validate(cfg):
     _require(0 <= cfg.eval_fraction < 1, "eval_fraction", "a number in [0, 1)", cfg.eval_fraction)
     _require(len(cfg.ema_rates) >= 1 and all(0 < r < 1 for r in cfg.ema_rates), "ema_rates",
              "one or more rates in (0, 1), e.g. 0.9999,0.999", cfg.ema_rates)
-    _require(cfg.batch_size % cfg.grad_accum == 0, "batch_size",
-             f"a multiple of grad_accum={cfg.grad_accum}", cfg.batch_size)
+    check_batch_split(cfg.batch_size, cfg.grad_accum)
     _require(len(cfg.channel_mult) >= 1 and all(m >= 1 for m in cfg.channel_mult), "channel_mult",
              "a list of integers >= 1, e.g. 1,2,2", cfg.channel_mult)
     levels = 2 ** (len(cfg.channel_mult) - 1)

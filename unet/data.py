@@ -13,6 +13,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from .config import check_batch_split
+
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 
 
@@ -176,14 +178,20 @@ def step_positions(step, count, offset=0, global_batch=None):
     return torch.arange(start, start + count)
 
 
+def seeded_generator(seed, index):
+    """A CPU generator for one (seed, index) pair, e.g. (data seed, epoch) here or (data
+    seed, step) for training's t and noise: the two mixed into one integer (a prime stride,
+    so nearby seeds do not share streams), a pure function of both."""
+    return torch.Generator().manual_seed(int(seed) * 1_000_003 + int(index))
+
+
 def positions_to_indices(positions, n, seed):
     """Map stream positions to example indices: epoch e = pos // n is a fresh permutation of
     the n examples drawn from a generator seeded by (seed, e)."""
     out = torch.empty_like(positions)
     epochs = positions // n
     for e in torch.unique(epochs).tolist():
-        g = torch.Generator().manual_seed(int(seed) * 1_000_003 + int(e))
-        perm = torch.randperm(n, generator=g)
+        perm = torch.randperm(n, generator=seeded_generator(seed, e))
         mask = epochs == e
         out[mask] = perm[positions[mask] % n]
     return out
@@ -230,9 +238,7 @@ def train_loader(data, cfg, start_step, rank, world_size, seed):
     steps ``start_step .. cfg.max_steps - 1`` on process ``rank``. (Not passed through
     ``accelerator.prepare``: the sharding above is already per process and step-indexed,
     which is what makes resume exact.)"""
-    if cfg.batch_size % (cfg.grad_accum * world_size):
-        raise DataError(f"config key 'batch_size' ({cfg.batch_size}) must be a multiple of "
-                        f"grad_accum x processes = {cfg.grad_accum * world_size}")
+    check_batch_split(cfg.batch_size, cfg.grad_accum, world_size)
     sampler = StepBatches(start_step, cfg.max_steps, len(data.train), seed, cfg.batch_size,
                           cfg.grad_accum, rank, world_size)
     # Its own generator: starting an iterator draws a seed, which must not come from the

@@ -4,7 +4,8 @@ wandb 0.31 offline writes no ``wandb-summary.json``; the run lives in a binary f
 7-byte header (``:W&B`` and version bytes), then LevelDB-log records in 32 KiB blocks,
 each with a 7-byte header (masked CRC32C u32, length u16 LE, type u8: 1 full, 2 first,
 3 middle, 4 last) and a payload that is a ``wandb_internal_pb2.Record``. Tests use this
-to assert what a run logged; ``wandb sync DIR`` uploads the same file later."""
+to assert what a run logged (users read their runs with ``wandb sync DIR``, which uploads
+the same file, so this lives with the tests, not in the package)."""
 
 import glob
 import json
