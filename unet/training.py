@@ -29,11 +29,11 @@ from tqdm.auto import tqdm
 from . import diagnostics
 from .checkpoint import load_training_state, resolve_resume, save_checkpoint
 from .data import batch_slice, fixed_batch, load_image_data, seeded_generator, train_loader
-from .diffusion import create_diffusion
 from .factory import create_diffusion_from_config, create_model
 from .images import image_grid, save_png
 from .launch import TrainingError, adamw, check_run, make_accelerator  # noqa: F401 (TrainingError: train.py's)
 from .resample import create_named_schedule_sampler
+from .sampling import generate
 from .tracking import init_trackers, log_image, wandb_offline_setup  # noqa: F401 (wandb_offline_setup: the ablation's)
 from .train_state import LOSS_TERMS, StepRecord, TrainState, log_window, should_stop, stop_message
 
@@ -192,21 +192,6 @@ def maybe_eval(run, done):
     return {f"eval_{k}": v.float().mean().item() for k, v in terms.items()}
 
 
-@torch.no_grad()
-def sample_images(model, diffusion, shape, gen, y=None, device="cpu"):
-    """Ancestral sampling (Ho et al. Alg. 2) with the model's learned or fixed variance:
-    x_{t-1} = mu + sigma z, no noise at the last step. Noise comes from the CPU generator
-    ``gen`` so the grid is the same on any device. Returns images in [-1, 1] on the CPU."""
-    x = torch.randn(shape, generator=gen).to(device)
-    kwargs = {} if y is None else {"y": y.to(device)}
-    for i in reversed(range(diffusion.num_timesteps)):
-        t = torch.full((shape[0],), i, dtype=torch.long, device=device)
-        out = diffusion.p_mean_variance(model, x, t, clip_denoised=True, model_kwargs=kwargs)
-        z = torch.randn(shape, generator=gen).to(device) if i > 0 else 0.0
-        x = out["mean"] + torch.exp(0.5 * out["log_variance"]) * z
-    return x.clamp(-1, 1).float().cpu()
-
-
 def write_samples(run, step):
     """The first EMA's sample grid (a row per class when that fits) as
     ``samples/samples_<step>.png`` and to the tracker; main process only (else None)."""
@@ -215,11 +200,12 @@ def write_samples(run, step):
         return None
     run.emas[cfg.ema_rates[0]].copy_to(run.sample_model.parameters())
     n = cfg.num_samples
-    y = torch.arange(n) % cfg.num_classes if cfg.class_cond else None
-    diffusion = create_diffusion(**{**cfg.diffusion_kwargs(), "timestep_respacing": str(
-        min(cfg.sample_steps, cfg.diffusion_steps))})
-    images = sample_images(run.sample_model, diffusion, (n, cfg.channels, cfg.image_size, cfg.image_size),
-                           torch.Generator().manual_seed(run.data_seed), y, run.accelerator.device)
+    # Ancestral DDPM sampling over sample_steps respaced steps, the classes in turn; this
+    # process alone (the others do not sample), on the training device.
+    images, _ = generate(run.sample_model, cfg.diffusion_kwargs(), cfg.image_size, n, scheduler="ddpm",
+                         steps=min(cfg.sample_steps, cfg.diffusion_steps), seed=run.data_seed,
+                         class_labels=list(range(cfg.num_classes)) if cfg.class_cond else None, progress=False,
+                         device=run.accelerator.device)
     nrow = cfg.num_classes if cfg.class_cond and n % cfg.num_classes == 0 else math.ceil(math.sqrt(n))
     grid = image_grid(images, nrow=nrow)
     os.makedirs(os.path.join(cfg.output_dir, "samples"), exist_ok=True)
