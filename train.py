@@ -14,10 +14,10 @@ from unet.config import ConfigError, help_text, load_config
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
-    if "-h" in argv or "--help" in argv:
-        print(help_text())
-        return 0
     try:
+        if "-h" in argv or "--help" in argv:
+            print(help_text([a for a in argv if a not in ("-h", "--help")]))
+            return 0
         cfg = load_config(argv)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -1,6 +1,7 @@
 """The config schema: shipped files, command-line overrides, and one-line errors."""
 
 import os
+import re
 import subprocess
 import sys
 
@@ -115,3 +116,26 @@ def test_config_choices_mirror_the_package():
     assert CHOICES["init"] == INIT_SCHEMES
     assert CHOICES["norm"] == NORMS
     assert CHOICES["schedule_sampler"] == SCHEDULE_SAMPLERS
+
+
+def test_help_lists_every_key_with_its_default():
+    import dataclasses
+
+    from unet.config import help_text
+
+    text = help_text()
+    for f in dataclasses.fields(TrainConfig):
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        assert re.search(rf"--{f.name} \S+\s+\({re.escape(repr(default))}\)\n", text), f.name
+    # with a config file, its values are the defaults shown
+    assert re.search(r"--lr FLOAT\s+\(0.0001\)\n", help_text(["--config", cfg_path("cifar10.yaml")]))
+    r = subprocess.run([sys.executable, "train.py", "--help"], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0 and r.stdout == text + "\n"
+
+
+def test_command_line_spellings():
+    assert load_config(["--max-steps", "5", "--random_flip"]) == TrainConfig(max_steps=5, random_flip=True)
+    assert load_config(["--random_flip", "false", "--sample_every", "-1"]) == TrainConfig(sample_every=-1)
+    assert load_config(["--max_steps", "7", "--max_steps=8"]).max_steps == 8  # the last one wins
+    with pytest.raises(ConfigError, match="^unexpected argument 'x'; use --key value"):
+        load_config(["x"])

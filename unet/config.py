@@ -2,6 +2,7 @@
 every key overridable on the command line as ``--key value`` (nanoGPT's configurator,
 with types and checks). Nothing here imports torch, so a bad flag fails in a second."""
 
+import argparse
 import dataclasses
 import difflib
 import os
@@ -288,49 +289,103 @@ def validate(cfg):
         _require(bool(cfg.data_dir), "data_dir", "a folder of images when dataset=imagefolder", cfg.data_dir)
 
 
-def parse_args(argv):
-    """Split ``argv`` into the config file (``--config FILE``) and ``--key value`` overrides
-    (``--key=value`` and a bare ``--flag`` for a boolean also work)."""
-    config_file, overrides, i = None, {}, 0
-    while i < len(argv):
-        arg = argv[i]
-        if not arg.startswith("--") or len(arg) == 2:
-            raise ConfigError(f"unexpected argument {arg!r}; use --key value (see --help)")
+# --- the command line: generated from the dataclass --------------------------------------
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that raises the one-line ConfigError instead of printing usage and exiting."""
+
+    def error(self, message):
+        raise ConfigError(message)
+
+
+def _typed(key):
+    """argparse ``type=`` for ``key``: the same typed parse as a YAML value, same message."""
+    def parse(text):
+        try:
+            return parse_value(key, text)
+        except ConfigError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+    parse.__name__ = key
+    return parse
+
+
+def _metavar(key):
+    """What ``--help`` shows a key takes: its choices, or its type (a list: comma-separated)."""
+    if key in CHOICES:
+        return "|".join(CHOICES[key])
+    typ = TYPES[key]
+    if typing.get_origin(typ) in (list, typing.List):
+        return typing.get_args(typ)[0].__name__.upper() + ",..."
+    return "true|false" if typ is bool else typ.__name__.upper()
+
+
+def build_parser(defaults=None):
+    """
+    ``train.py``'s command line, one ``--key value`` option per ``TrainConfig`` field (as
+    improved-diffusion's ``add_dict_to_argparser``); ``--key=value`` works too, and a bare
+    ``--flag`` sets a boolean key.
+
+    :param defaults: parsed values that replace the dataclass defaults (the ``--config`` file's).
+    """
+    defaults = {**TrainConfig().to_dict(), **(defaults or {})}
+    parser = _Parser(prog="accelerate launch train.py", usage="accelerate launch train.py [--config FILE] "
+                     "[--key value ...]", allow_abbrev=False, exit_on_error=False, add_help=False,
+                     formatter_class=lambda prog: argparse.HelpFormatter(prog, max_help_position=44, width=100))
+    parser.add_argument("--config", metavar="FILE", help="YAML file of keys (default: none, i.e. the values below)")
+    group = parser.add_argument_group("keys (default)")
+    for name in FIELDS:
+        flag = TYPES[name] is bool
+        group.add_argument(f"--{name}", type=_typed(name), default=defaults[name], metavar=_metavar(name),
+                           nargs="?" if flag else None, const=True if flag else None,
+                           help=f"({defaults[name]!r})".replace("%", "%%"))
+    return parser
+
+
+def _parse(parser, argv):
+    """argparse's known options and the rest, its errors as one-line ConfigErrors."""
+    try:
+        return parser.parse_known_args(argv)
+    except argparse.ArgumentError as e:
+        key = (e.argument_name or "").split("/")[0].lstrip("-")
+        if "expected one argument" in e.message:
+            raise ConfigError(f"config key '{key}' needs a value: --{key} VALUE") from None
+        raise ConfigError(e.message) from None
+
+
+def _underscored(argv):
+    """``--max-steps`` is read as ``--max_steps`` (keys are spelled with underscores)."""
+    out = []
+    for arg in argv:
         key, eq, value = arg[2:].partition("=")
-        key = key.replace("-", "_")
-        if not eq:
-            nxt = argv[i + 1] if i + 1 < len(argv) else None
-            if key in FIELDS and TYPES[key] is bool and (nxt is None or nxt.startswith("--")):
-                value = "true"
-            elif nxt is None:
-                raise ConfigError(f"config key '{key}' needs a value: --{key} VALUE")
-            else:
-                value, i = nxt, i + 1
-        if key == "config":
-            config_file = value
-        elif key not in FIELDS:
-            raise unknown_key(key)
-        else:
-            overrides[key] = value
-        i += 1
-    return config_file, overrides
+        out.append(f"--{key.replace('-', '_')}{eq}{value}" if arg.startswith("--") and len(arg) > 2 else arg)
+    return out
+
+
+def file_defaults(argv):
+    """The ``--config`` file's keys, parsed and checked ({} without one)."""
+    pre = _Parser(add_help=False, allow_abbrev=False, exit_on_error=False)
+    pre.add_argument("--config")
+    config_file = _parse(pre, argv)[0].config
+    base = read_yaml(config_file) if config_file else {}
+    for k in base:
+        if k not in FIELDS:
+            raise ConfigError(f"in '{config_file}': {unknown_key(k)}")
+    return parse_mapping(base)
 
 
 def load_config(argv):
     """The run's config from ``--config FILE`` (default: the dataclass defaults, i.e. digits)
     and ``--key value`` overrides. Raises ConfigError with a one-line message."""
-    config_file, overrides = parse_args(list(argv))
-    base = read_yaml(config_file) if config_file else {}
-    for k in base:
-        if k not in FIELDS:
-            raise ConfigError(f"in '{config_file}': {unknown_key(k)}")
-    return TrainConfig(**{**parse_mapping(base), **parse_mapping(overrides)})
+    argv = _underscored(list(argv))
+    args, rest = _parse(build_parser(file_defaults(argv)), argv)
+    if rest:
+        if rest[0].startswith("--") and len(rest[0]) > 2:
+            raise unknown_key(rest[0][2:].partition("=")[0])
+        raise ConfigError(f"unexpected argument {rest[0]!r}; use --key value (see --help)")
+    return TrainConfig(**{k: v for k, v in vars(args).items() if k != "config"})
 
 
-def help_text():
-    """``train.py --help``: every key with its default."""
-    lines = ["usage: accelerate launch train.py [--config FILE] [--key value ...]", "", "keys (default):"]
-    for f in dataclasses.fields(TrainConfig):
-        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-        lines.append(f"  --{f.name} ({default!r})")
-    return "\n".join(lines)
+def help_text(argv=()):
+    """``train.py --help``: every key with its default (the ``--config`` file's, if given)."""
+    argv = _underscored(list(argv))
+    return build_parser(file_defaults(argv)).format_help()
