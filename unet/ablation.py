@@ -257,7 +257,7 @@ def _log_report(ab, out_dir, files, results):
         return
     from accelerate import Accelerator
 
-    from .training import wandb_offline_setup
+    from .tracking import wandb_offline_setup
 
     wandb_offline_setup()
     import wandb
