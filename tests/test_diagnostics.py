@@ -5,8 +5,8 @@ import math
 import pytest
 import torch
 
-from unet.diagnostics import (SpikeDetector, block_stats, channel_distinctness, grad_norm, DivergenceMonitor,
-                              UpdateRatioTracker, loss_by_quartile, snapshot, update_to_weight_ratio,
+from unet.diagnostics import (DivergenceMonitor, SpikeDetector, UpdateRatioTracker, block_measures, block_stats,
+                              channel_distinctness, grad_norm, loss_by_quartile, snapshot, update_to_weight_ratio,
                               zeroed_layer_distinctness)
 from unet.model import UNetModel
 
@@ -32,6 +32,9 @@ def test_block_stats_zero_vs_standard():
     x, t = inputs()
     h = m.input_blocks[0](x, None)
     assert zero[0]["rms"] == pytest.approx(h.pow(2).mean().sqrt().item(), rel=1e-6)
+    measures = block_measures(model_for("zero"), *inputs())  # what training logs, from the same pass
+    assert measures["residual_ratios"] == {s["name"]: 0.0 for s in zero}
+    assert measures["activation_rms"] == [(s["name"], s["rms"]) for s in zero]
 
 
 def test_grad_norm_and_update_ratio():

@@ -65,14 +65,13 @@ def block_stats(model, x, t, y=None):
     return stats
 
 
-def residual_ratios(model, x, t, y=None):
-    """{ResBlock name: RMS(branch) / RMS(skip)}."""
-    return {s["name"]: s["branch_skip_ratio"] for s in block_stats(model, x, t, y)}
-
-
-def activation_rms_by_depth(model, x, t, y=None):
-    """[(ResBlock name, RMS of its output)] from the first block to the last."""
-    return [(s["name"], s["rms"]) for s in block_stats(model, x, t, y)]
+def block_measures(model, x, t, y=None):
+    """What training records from one ``block_stats`` pass: ``residual_ratios`` {ResBlock
+    name: RMS(branch) / RMS(skip)} and ``activation_rms`` [(name, RMS of its output)] from
+    the first block to the last."""
+    stats = block_stats(model, x, t, y)
+    return {"residual_ratios": {s["name"]: s["branch_skip_ratio"] for s in stats},
+            "activation_rms": [(s["name"], s["rms"]) for s in stats]}
 
 
 def channel_distinctness(weight):

@@ -174,9 +174,7 @@ def maybe_diagnose(run, step):
     every = run.cfg.diagnostics_every
     if not (every and step % every == 0):
         return {}, None
-    stats = diagnostics.block_stats(run.raw, *run.eval_batch["diag"])
-    return ({"residual_ratios": {s["name"]: s["branch_skip_ratio"] for s in stats},
-             "activation_rms": [(s["name"], s["rms"]) for s in stats]}, diagnostics.UpdateRatioTracker(run.raw))
+    return diagnostics.block_measures(run.raw, *run.eval_batch["diag"]), diagnostics.UpdateRatioTracker(run.raw)
 
 
 def maybe_eval(run, done):
