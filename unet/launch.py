@@ -5,6 +5,7 @@ prerequisites), the checks that need it, and the optimizer.
 
 import os
 import shutil
+import sys
 
 import torch
 from accelerate import Accelerator
@@ -35,12 +36,10 @@ def adamw(params, **kwargs):
         return torch.optim.AdamW(params, **kwargs)
 
 
-def _cpu_compiler():
-    """The C++ compiler torch.compile's CPU backend would use ($CXX, else inductor's list), or None."""
-    from torch._inductor import config as inductor_config
-
-    names = [os.environ.get("CXX")] + [c for c in inductor_config.cpp.cxx]
-    return next((shutil.which(c) for c in names if c and shutil.which(c)), None)
+def cpu_compiler():
+    """The C++ compiler torch.compile's CPU backend (inductor) runs, or None if it is not
+    installed: $CXX, else g++ (clang++ on macOS), as inductor's own default list says."""
+    return shutil.which(os.environ.get("CXX") or ("clang++" if sys.platform == "darwin" else "g++"))
 
 
 def make_accelerator(cfg):
@@ -87,6 +86,6 @@ def check_run(cfg, accelerator):
         check_batch_split(cfg.batch_size, cfg.grad_accum, accelerator.num_processes)
     except ConfigError as e:
         raise TrainingError(str(e)) from None
-    if cfg.compile and accelerator.device.type == "cpu" and not _cpu_compiler():
+    if cfg.compile and accelerator.device.type == "cpu" and not cpu_compiler():
         raise TrainingError("compile: true on a CPU needs a C++ compiler for torch.compile (none found: "
                             "install g++ or set CXX, or set compile false)")
