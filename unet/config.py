@@ -1,6 +1,8 @@
 """The training configuration: one typed dataclass, YAML files under ``configs/``,
-every key overridable on the command line as ``--key value`` (nanoGPT's configurator,
-with types and checks). Nothing here imports torch, so a bad flag fails in a second."""
+every key overridable on the command line as ``--key value`` (an argparse parser generated
+from the dataclass, the YAML's values as its defaults). YAML values and command-line strings
+go through one typed parse (``parse_value``) and one check (``validate``). Nothing here
+imports torch, so a bad flag fails in a second."""
 
 import argparse
 import dataclasses
@@ -164,6 +166,7 @@ TYPES = typing.get_type_hints(TrainConfig)
 
 
 def parse_bool(key, v):
+    """A YAML or command-line boolean (true/false, yes/no, on/off, 1/0) for ``key``."""
     if isinstance(v, bool):
         return v
     s = str(v).strip().lower()
@@ -175,6 +178,8 @@ def parse_bool(key, v):
 
 
 def parse_scalar(key, typ, v):
+    """``v`` (a string, or a value YAML already typed) as ``typ`` (bool, str, int or float);
+    an int may be written 1e3, not 1.5."""
     if typ is bool:
         return parse_bool(key, v)
     if typ is str:
@@ -196,6 +201,7 @@ def parse_scalar(key, typ, v):
 
 
 def parse_value(key, v):
+    """``v`` as ``key``'s type; a list key takes a list or a comma-separated string."""
     typ = TYPES[key]
     if typing.get_origin(typ) in (list, typing.List):
         (inner,) = typing.get_args(typ)
@@ -208,12 +214,14 @@ def parse_value(key, v):
 
 
 def unknown_key(key):
+    """The one-line error for a key TrainConfig does not have, with the closest it does."""
     close = difflib.get_close_matches(key, FIELDS, n=1)
     hint = f" (did you mean '{close[0]}'?)" if close else ""
     return ConfigError(f"unknown config key '{key}'{hint}; allowed keys: {', '.join(FIELDS)}")
 
 
 def parse_mapping(d):
+    """A mapping of config keys (a YAML file's) parsed by ``parse_value``; unknown keys fail."""
     out = {}
     for k, v in d.items():
         if k not in FIELDS:
@@ -223,6 +231,7 @@ def parse_mapping(d):
 
 
 def read_yaml(path):
+    """A YAML file's mapping; one-line errors for a missing file, bad YAML or a non-mapping."""
     if not os.path.isfile(path):
         raise ConfigError(f"config file '{path}' does not exist")
     try:
@@ -305,7 +314,6 @@ def _typed(key):
             return parse_value(key, text)
         except ConfigError as e:
             raise argparse.ArgumentTypeError(str(e)) from None
-    parse.__name__ = key
     return parse
 
 
@@ -352,17 +360,14 @@ def _parse(parser, argv):
         raise ConfigError(e.message) from None
 
 
-def _underscored(argv):
+def _underscored(arg):
     """``--max-steps`` is read as ``--max_steps`` (keys are spelled with underscores)."""
-    out = []
-    for arg in argv:
-        key, eq, value = arg[2:].partition("=")
-        out.append(f"--{key.replace('-', '_')}{eq}{value}" if arg.startswith("--") and len(arg) > 2 else arg)
-    return out
+    key, eq, value = arg[2:].partition("=")
+    return f"--{key.replace('-', '_')}{eq}{value}" if arg.startswith("--") and len(arg) > 2 else arg
 
 
 def file_defaults(argv):
-    """The ``--config`` file's keys, parsed and checked ({} without one)."""
+    """The ``--config`` file's keys in ``argv``, parsed and checked ({} without one)."""
     pre = _Parser(add_help=False, allow_abbrev=False, exit_on_error=False)
     pre.add_argument("--config")
     config_file = _parse(pre, argv)[0].config
@@ -376,7 +381,7 @@ def file_defaults(argv):
 def load_config(argv):
     """The run's config from ``--config FILE`` (default: the dataclass defaults, i.e. digits)
     and ``--key value`` overrides. Raises ConfigError with a one-line message."""
-    argv = _underscored(list(argv))
+    argv = [_underscored(a) for a in argv]
     args, rest = _parse(build_parser(file_defaults(argv)), argv)
     if rest:
         if rest[0].startswith("--") and len(rest[0]) > 2:
@@ -387,5 +392,5 @@ def load_config(argv):
 
 def help_text(argv=()):
     """``train.py --help``: every key with its default (the ``--config`` file's, if given)."""
-    argv = _underscored(list(argv))
+    argv = [_underscored(a) for a in argv]
     return build_parser(file_defaults(argv)).format_help()
