@@ -31,10 +31,10 @@ from .checkpoint import load_training_state, resolve_resume, save_checkpoint
 from .data import batch_slice, fixed_batch, load_image_data, seeded_generator, train_loader
 from .factory import create_diffusion_from_config, create_model
 from .images import image_grid, save_png
-from .launch import TrainingError, adamw, check_run, make_accelerator  # noqa: F401 (TrainingError: train.py's)
+from .launch import TrainingError, adamw, check_run, make_accelerator  # noqa: F401 (TrainingError: what train raises)
 from .resample import create_named_schedule_sampler
 from .sampling import generate
-from .tracking import init_trackers, log_image, wandb_offline_setup  # noqa: F401 (wandb_offline_setup: the ablation's)
+from .tracking import init_trackers, log_image
 from .train_state import LOSS_TERMS, StepRecord, TrainState, log_window, should_stop, stop_message
 
 
@@ -293,7 +293,8 @@ def train(cfg, hooks=()):
         ``diverged``, ``stop_reason`` (max_steps | nan | diverged | hook),
         ``divergence_reason`` (one line, or None), ``nan_skipped``, ``spike_count``,
         ``initial_loss``, ``final_loss``, ``final_eval_loss``, ``steps``, ``output_dir``,
-        ``checkpoint``, ``samples`` (last grid PNG) and ``wandb_dir``.
+        ``checkpoint``, ``samples`` (last grid PNG), ``wandb_dir`` and ``skipped_images``
+        (corrupt image files left out of the data).
     """
     resume_path = resolve_resume(cfg.resume, cfg.output_dir)  # a bad path fails before anything starts
     accelerator = make_accelerator(cfg)
