@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 
 import train as train_script
 from unet import checkpoint as ckpt_mod
-from unet.checkpoint import latest_checkpoint, list_checkpoints, load_model
+from unet.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint
 from unet.config import TrainConfig
 from unet.training import TrainingError, train
 
@@ -68,12 +68,13 @@ def test_resume_is_bit_identical(straight, tmp_path):
                                                                                 "checkpoint_00000006"]
 
 
-def test_load_model_reads_ema_and_never_unpickles(straight, monkeypatch, tmp_path):
+def test_load_checkpoint_reads_ema_and_never_unpickles(straight, monkeypatch, tmp_path):
     cfg, _ = straight
     calls = []
     real_load = torch.load
     monkeypatch.setattr(torch, "load", lambda *a, **k: calls.append(k.get("weights_only")) or real_load(*a, **k))
-    model, diffusion, loaded_cfg = load_model(cfg.output_dir)
+    loaded = load_checkpoint(cfg.output_dir)
+    model, diffusion, loaded_cfg = loaded.model, loaded.diffusion(), loaded.config
     assert loaded_cfg == cfg and diffusion.num_timesteps == 4
     ema = load_file(os.path.join(latest_checkpoint(cfg.output_dir), "ema_0.999.safetensors"))
     raw = load_file(os.path.join(latest_checkpoint(cfg.output_dir), "model.safetensors"))
@@ -83,7 +84,7 @@ def test_load_model_reads_ema_and_never_unpickles(straight, monkeypatch, tmp_pat
     train(cfg.replace(max_steps=7, resume="latest", output_dir=str(tmp_path / "copy")))
     assert calls and all(w is True for w in calls)  # accelerate's optimizer/RNG files, weights_only
     with pytest.raises(ckpt_mod.CheckpointError, match="no EMA rate 0.5"):
-        load_model(cfg.output_dir, ema=0.5)
+        load_checkpoint(cfg.output_dir, ema=0.5)
 
 
 KILLER = textwrap.dedent("""
@@ -112,7 +113,7 @@ def test_kill_during_save_keeps_previous_checkpoint_and_resumes_exactly(straight
     root = tmp_path / "run" / "checkpoints"
     assert any(n.startswith(".tmp-") for n in os.listdir(root))  # the interrupted save
     assert latest_checkpoint(run.output_dir).endswith("checkpoint_00000002")
-    load_model(run.output_dir)  # still loadable
+    load_checkpoint(run.output_dir)  # still loadable
     train(run.replace(resume="latest"))
     done = latest_checkpoint(run.output_dir)
     assert done.endswith("checkpoint_00000004") and not any(n.startswith(".tmp-") for n in os.listdir(root))
@@ -149,7 +150,7 @@ def test_single_nan_step_is_skipped(monkeypatch, tmp_path):
     s = train(tiny(tmp_path, max_steps=5))
     assert s["nan_skipped"] == 1 and not s["diverged"] and s["steps"] == 5
     assert s["history"][2]["skipped"] and all(not r.get("skipped") for i, r in enumerate(s["history"]) if i != 2)
-    model, _, _ = load_model(tmp_path, ema=False)
+    model = load_checkpoint(str(tmp_path), ema=False).model
     assert all(torch.isfinite(p).all() for p in model.parameters())
 
 
@@ -163,7 +164,7 @@ def test_nan_streak_stops_with_message_and_keeps_last_checkpoint(monkeypatch, tm
     assert len([ln for ln in err.splitlines() if "error" in ln]) == 1
     # steps 4-6 were skipped; the step-4 checkpoint holds the step-3 weights, all finite
     assert latest_checkpoint(str(tmp_path)).endswith("checkpoint_00000004")
-    model, _, _ = load_model(str(tmp_path), ema=False)
+    model = load_checkpoint(str(tmp_path), ema=False).model
     assert all(torch.isfinite(p).all() for p in model.parameters())
 
 
@@ -299,7 +300,7 @@ def test_bad_resume_and_corrupt_checkpoint_are_one_line_errors(straight, tmp_pat
     with open(bad, "r+b") as f:
         f.write(b"garbage!" * 4)
     with pytest.raises(ckpt_mod.CheckpointError, match="cannot load .*model.safetensors"):
-        load_model(str(tmp_path / "copy"), ema=False)
+        load_checkpoint(str(tmp_path / "copy"), ema=False)
     with pytest.raises(ckpt_mod.CheckpointError, match="cannot resume from"):
         train(cfg.replace(output_dir=str(tmp_path / "copy"), resume="latest", max_steps=8))
     assert os.path.getsize(bad) > 0 and len(list_checkpoints(str(tmp_path / "copy"))) == 2  # nothing deleted
