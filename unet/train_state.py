@@ -138,8 +138,8 @@ def finite_mean(values):
 
 def log_window(rows, images_per_sec):
     """
-    What one log line holds, from the history rows since the window began (the last row
-    is the step logged): loss terms averaged over the window's finite values (skipped steps
+    What one log line holds, from the window's history rows (the last row is the step
+    logged): loss terms averaged over the window's finite values (skipped steps
     left out), everything else as of the last row, and the diagnostics measured in the window.
 
     :param rows: ``StepRecord.as_dict()`` rows, oldest first.

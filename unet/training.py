@@ -97,6 +97,7 @@ def any_process(accelerator, flag):
 
 
 def gather(accelerator, x):
+    """``x`` from every process, concatenated (itself with one process)."""
     return accelerator.gather(x) if accelerator.num_processes > 1 else x
 
 
@@ -235,7 +236,9 @@ def maybe_checkpoint(run, state, done, stop):
 
 
 def maybe_log(run, state, bar):
-    """Log the window that ends at the last step every ``log_every`` steps and at the end."""
+    """Every ``log_every`` steps and at the last: one log line from the last ``log_every``
+    history rows (at a last step off that grid, some of them were in the previous line too),
+    with the throughput since the previous line."""
     cfg, done = run.cfg, state.history[-1]["step"]
     if done % cfg.log_every and done != cfg.max_steps:
         return
