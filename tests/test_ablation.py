@@ -199,7 +199,7 @@ def test_running_again_continues_without_redoing_runs(tiny_ablation, monkeypatch
 def test_init_model_is_the_model_training_starts_from(tmp_path):
     """The update ratio of step 1 is measured against ``init_model(cfg)``; a warmup makes
     the first update exactly 0, so after step 1 training holds the init weights."""
-    ab = load_ablation(write_grid(tmp_path / "g.yaml", {**TINY, "seeds": [3], "base": {
+    ab = load_ablation(write_grid(tmp_path / "g.yaml", {**TINY, "seeds": [3, 4], "base": {
         **TINY["base"], "report_to": "none", "warmup_steps": 5, "max_steps": 1}}))
     spec = expand(ab, str(tmp_path))[1]
     from unet.training import train

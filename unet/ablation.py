@@ -26,12 +26,13 @@ import shutil
 import statistics
 import sys
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 
 import yaml
 
 from .ablation_grid import SYMMETRY_ARMS, Ablation, RunSpec, cell_label, expand, load_ablation, symmetry_config  # noqa: F401
-from .ablation_store import claim_process, clean_json, fresh_run_dir, load_result, write_json
+from .ablation_store import (claim_process, clean_json, drop_claims, finished_runs, fresh_run_dir, load_result,
+                             owns_run, progress_words, spawn_workers, write_json)
 from .config import FIELDS, ConfigError
 from .report import write_report
 from .stats import finite
@@ -49,13 +50,14 @@ def init_model(cfg):
     return UNetModel(**cfg.model_kwargs())
 
 
-def run_one(spec, threshold, smooth=10):
+def run_one(spec, threshold, smooth=10, early_steps=(10, 50, 100)):
     """
     Train one run and reduce it to the ablation's measures. Training stops a diverging run
     itself (``diagnostics.DivergenceMonitor`` with the run's ``divergence_factor`` and
     ``divergence_window``); a hook records the update/weight ratio of every step.
 
     :param spec: a ``RunSpec``.
+    :param early_steps: the steps whose training loss is kept as ``loss_at_<step>``.
     :return: dict with the run's identity, ``measures``, per-step ``curves`` (loss,
         grad_norm, update_ratio) and the ``init`` activation statistics.
     """
@@ -76,7 +78,8 @@ def run_one(spec, threshold, smooth=10):
     reason = divergence_reason(out)
     first = hist[0] if hist else {}
     return dict(run_id=spec.run_id, cell_id=spec.cell_id, cell=spec.cell, arm=spec.arm, seed=spec.seed,
-                measures=run_measures(out, losses, grads, ratios, reason, threshold, smooth),
+                measures={**run_measures(out, losses, grads, ratios, reason, threshold, smooth),
+                          **early_measures(losses, early_steps)},
                 stop_reason=reason or out["stop_reason"], steps=len(hist), nan_skipped=out["nan_skipped"],
                 seconds=seconds, curves=dict(loss=losses, grad_norm=grads, update_ratio=ratios),
                 init=dict(activation_rms=first.get("activation_rms", []), residual_ratios=first.get("residual_ratios", {})),
@@ -109,6 +112,13 @@ def run_measures(out, losses, grads, ratios, reason, threshold, smooth):
         spike_count=out["spike_count"],
         diverged=diverged,
     )
+
+
+def early_measures(losses, steps):
+    """{"loss_at_<k>": the training loss of step k (1-based)}, None where the run had stopped
+    or the loss was not finite: every arm of a seed saw the same batch, t and noise at step k."""
+    return {f"loss_at_{k}": losses[k - 1] if k <= len(losses) and math.isfinite(losses[k - 1]) else None
+            for k in steps}
 
 
 def _model_key(cfg):
@@ -168,17 +178,22 @@ def _progress_line(i, total, spec, res, threshold):
 
 def _run_grid(ab, runs, rank, world, log):
     """Every run this process owns (every ``world``-th) that has no saved result yet; returns
-    {run_id: result} of the runs finished so far, by any process."""
-    done = {}
+    {run_id: result} of the runs finished so far, by any process. Several processes on one
+    CPU share its cores (``cpu_threads``: cores / processes) unless the grid sets the threads."""
+    done, t0, started_with = {}, time.perf_counter(), finished_runs(runs)
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     for i, spec in enumerate(runs):
         res = load_result(spec.cfg)
-        if res is None and i % world == rank:
+        if res is None and owns_run(i, spec.run_id, rank, world):
+            if world > 1 and not spec.cfg.cpu_threads:
+                spec = replace(spec, cfg=spec.cfg.replace(cpu_threads=max(1, cores // world)))
             fresh_run_dir(spec.cfg)
-            res = run_one(spec, ab.threshold, ab.smooth)
+            res = run_one(spec, ab.threshold, ab.smooth, ab.early_steps)
             write_json(os.path.join(spec.cfg.output_dir, "result.json"), res)
             if not ab.save_models:
                 shutil.rmtree(os.path.join(spec.cfg.output_dir, "checkpoints"), ignore_errors=True)
-            log(_progress_line(i, len(runs), spec, res, ab.threshold), flush=True)
+            log(_progress_line(i, len(runs), spec, res, ab.threshold) + "; "
+                + progress_words(finished_runs(runs), len(runs), started_with, time.perf_counter() - t0), flush=True)
         if res is not None:
             done[spec.run_id] = res
     return done
@@ -199,8 +214,13 @@ def _symmetry_runs(ab, out_dir, log):
     return results
 
 
-def _wait_for_other_processes(runs, done):
+def _wait_for_other_processes(runs, done, workers=()):
+    """Until every run has a result; a worker process that failed is a one-line error."""
     while len(done) < len(runs):
+        for w in workers:
+            if w.poll():
+                raise ConfigError(f"a worker process exited with code {w.returncode}; "
+                                  "run the same command again to finish the remaining runs")
         time.sleep(5)
         for spec in runs:
             if spec.run_id not in done:
@@ -218,11 +238,12 @@ def measurement_rules():
     return {"spikes": {"factor": spikes.factor, "window": spikes.window}}
 
 
-def run_ablation(ab, out_dir, log=print, command=None):
+def run_ablation(ab, out_dir, log=print, command=None, workers=()):
     """
     Run (or finish) every run of the grid and the symmetry runs, then write ``results.json``,
     ``report.md`` and the plots into ``out_dir``.
 
+    :param workers: the other processes' ``Popen``s (``spawn_workers``), watched for failure.
     :return: the results dict (also in ``results.json``), or None on a process other than 0.
     """
     rank, world = claim_process()
@@ -237,11 +258,12 @@ def run_ablation(ab, out_dir, log=print, command=None):
     if rank != 0:
         return None
     symmetry = _symmetry_runs(ab, out_dir, log)
-    _wait_for_other_processes(runs, done)
+    _wait_for_other_processes(runs, done, workers)
     results = clean_json(dict(name=ab.name, group=ab.group, command=command or f"unet.ablation.run_ablation(..., {out_dir!r})",
                           ablation=asdict(ab), runs=[done[s.run_id] for s in runs], symmetry=symmetry,
                           rules=measurement_rules(), seconds=time.perf_counter() - t_start,
                           run_seconds=sum(done[s.run_id]["seconds"] for s in runs)))
+    write_json(os.path.join(out_dir, "results.json"), results)  # the runs are kept even if the report fails
     files = write_report(results, out_dir)
     results["summary"] = clean_json(files.pop("summary"))
     write_json(os.path.join(out_dir, "results.json"), results)
@@ -283,6 +305,8 @@ ABLATION_OPTIONS = {
     "group": "NAME: the wandb group (default: name and start time)",
     "name": "NAME: names the report and the wandb group",
     "save_models": "true|false: keep each run's final checkpoint",
+    "processes": "N: processes that split the runs (each with cores / N threads)",
+    "early_steps": "a,b,c: the steps of the early-training deficit",
 }
 
 
@@ -349,11 +373,21 @@ def _run(ab, out_dir, argv):
     from .training import TrainingError
 
     datasets.disable_progress_bars()
+    workers = []
     try:
-        run_ablation(ab, out_dir, command=" ".join(["python -m unet.ablation", *argv]))
+        os.makedirs(out_dir, exist_ok=True)
+        ab.group = _wandb_group(ab, out_dir)  # one group for the runs of every process
+        workers = spawn_workers(ab.processes, [*argv, "--group", ab.group], out_dir)
+        run_ablation(ab, out_dir, command=" ".join(["python -m unet.ablation", *argv]), workers=workers)
     except (ConfigError, DataError, TrainingError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+    finally:
+        for w in workers:
+            if w.poll() is None:
+                w.terminate()  # a failed rank 0 leaves no orphans
+        if workers:
+            drop_claims()
     return 0
 
 

@@ -12,8 +12,8 @@ from dataclasses import dataclass, field
 
 from .config import FIELDS, INIT_SCHEMES, TYPES, ConfigError, TrainConfig, parse_bool, parse_mapping, read_yaml, unknown_key
 
-KEYS = ("name", "group", "seeds", "threshold", "smooth", "comparisons", "symmetry", "save_models", "base_config",
-        "base", "grid")
+KEYS = ("name", "group", "seeds", "threshold", "smooth", "comparisons", "symmetry", "save_models", "processes",
+        "early_steps", "base_config", "base", "grid")
 # What the runner decides for every run: the grid is the only thing that differs between runs.
 SYMMETRY_ARMS = ("zero", "all-zero", "standard")  # standard: random rows from the start, for scale
 RUNNER_KEYS = ("output_dir", "seed", "data_seed", "group", "tags", "run_name", "resume", "progress",
@@ -38,6 +38,9 @@ class Ablation:
     :param symmetry: {steps: N, and TrainConfig keys}: N-step runs of ``zero``, ``all-zero``
         and ``standard`` that record how distinct the zeroed layers' output channels become.
     :param save_models: keep each run's final checkpoint (about 12 MB a run for the digits grid).
+    :param processes: worker processes that split the runs when not started by a launcher (on
+        a small CPU model, two single-thread processes beat one two-thread process).
+    :param early_steps: the steps whose training loss the early-training deficit compares.
     """
 
     name: str
@@ -50,6 +53,8 @@ class Ablation:
     symmetry: dict = field(default_factory=lambda: {"steps": 10})
     group: str = ""
     save_models: bool = True
+    processes: int = 1
+    early_steps: list = field(default_factory=lambda: [10, 50, 100])
 
 
 @dataclass
@@ -137,7 +142,8 @@ def load_ablation(path, overrides=None):
         _fail(path, f"in 'grid': {e}")
     ab = Ablation(name=str(raw.get("name") or os.path.splitext(os.path.basename(path))[0]), base=base, grid=grid)
     overrides = dict(overrides or {})
-    for k in ("seeds", "threshold", "smooth", "comparisons", "symmetry", "group", "save_models"):
+    for k in ("seeds", "threshold", "smooth", "comparisons", "symmetry", "group", "save_models", "processes",
+              "early_steps"):
         if k in raw and k not in overrides:
             overrides[k] = raw[k]
     for k, v in overrides.items():
@@ -183,6 +189,10 @@ def _set(ab, k, v, path):
         ab.symmetry = _symmetry(v, path)
     elif k == "save_models":
         ab.save_models = parse_bool("save_models", v)
+    elif k == "processes":
+        ab.processes = _positive_ints("processes", v, path)[0]
+    elif k == "early_steps":
+        ab.early_steps = _positive_ints("early_steps", v, path, many=True)
     elif k in ("group", "name"):
         setattr(ab, k, str(v))
     elif k in FIELDS:
@@ -194,10 +204,24 @@ def _set(ab, k, v, path):
                           f"or a training config key")
 
 
+def _positive_ints(key, v, path, many=False):
+    """One integer >= 1 (or, with ``many``, a non-empty list or comma-separated string of them)."""
+    items = v.split(",") if isinstance(v, str) else v if isinstance(v, list) and many else [v]
+    try:
+        out = [int(x) for x in items if not isinstance(x, (bool, float))]
+    except (TypeError, ValueError):
+        out = []
+    if not items or len(out) != len(items) or min(out) < 1:
+        _fail(path, f"'{key}' must be {'a list of integers' if many else 'an integer'} >= 1, got {v!r}")
+    return out
+
+
 def _check(ab, path):
     """Every run's config is built and checked now, not after an hour of runs."""
     if ab.smooth < 1:
         _fail(path, f"'smooth' must be >= 1, got {ab.smooth}")
+    if len(ab.seeds) < 2:
+        _fail(path, f"'seeds' must give at least 2 seeds: the intervals are over seeds, got {ab.seeds}")
     expand(ab, "unused")
     if ab.symmetry.get("steps", 0):
         try:
