@@ -4,8 +4,8 @@ import math
 
 import pytest
 
-from unet.frontier import SweepRun, arm_measures, best, holm, early_losses, lr_sensitivity, max_stable_lr, \
-    paired_test, seed_curves
+from unet.frontier import SweepRun, arm_measures, best, early_losses, frontier_summary, holm, judge, lr_sensitivity, \
+    max_stable_lr, paired_test, seed_curves, sweep_runs
 
 LRS = [1e-4, 3e-4, 1e-3, 3e-3, 1e-2]
 PANEL = (("norm", "none"), ("num_res_blocks", 2))
@@ -65,3 +65,53 @@ def test_early_losses_pick_the_requested_lr():
     runs = [SweepRun(PANEL, "zero", 0, lr, False, 0.3, 1.0, {10: lr * 100}) for lr in LRS]
     curves = seed_curves(runs)[(PANEL, "zero")]
     assert early_losses(curves, [10, 50], 1e-3) == {10: {0: pytest.approx(0.1)}, 50: {0: None}}
+
+
+def result_runs(finals_by_arm, initial=1.0, panel=None, lrs=LRS):
+    """results.json-style runs: {arm: {seed: [final or None per lr]}}."""
+    runs = []
+    for arm, seeds in finals_by_arm.items():
+        for seed, finals in seeds.items():
+            for lr, f in zip(lrs, finals):
+                runs.append(dict(cell={**(panel or {"norm": "none"}), "lr": lr}, arm=arm, seed=seed,
+                                 config={"lr": lr}, measures={"diverged": f is None, "final_eval_loss": f,
+                                                              "initial_loss": initial, "loss_at_10": 0.9}))
+    return runs
+
+
+def test_sweep_runs_read_the_results_and_drop_lr_from_the_panel():
+    runs = sweep_runs({"runs": result_runs({"zero": {0: [0.5, None, 0.3, 0.3, 0.3]}})})
+    assert [r.lr for r in runs] == LRS and all(r.panel == (("norm", "none"),) for r in runs)
+    assert runs[1].diverged and runs[1].final_loss is None and runs[0].early == {10: 0.9}
+
+
+def test_frontier_summary_known_frontier_and_holm_family():
+    # zero finishes up to 3e-3 in every seed, standard only up to 1e-3: max stable lr x3 in every
+    # seed, an exact shift (p = 0); the best losses differ by noise.
+    zero = {s: [0.6, 0.5, 0.4 + 0.01 * s, 0.45, None] for s in range(5)}
+    standard = {s: [0.6, 0.45 + 0.02 * (s % 2), 0.5, None, None] for s in range(5)}
+    fs = frontier_summary(sweep_runs({"runs": result_runs({"zero": zero, "standard": standard})}),
+                          [("zero", "standard")], [10])
+    (panel,) = fs["panels"]
+    z, st = panel["arms"]["zero"], panel["arms"]["standard"]
+    assert (z["max_stable_lr"], st["max_stable_lr"]) == (3e-3, 1e-3)
+    assert z["by_lr"][1e-2] == {"mean": pytest.approx(float("nan"), nan_ok=True), "ci": pytest.approx(float("nan"), nan_ok=True),
+                                 "n": 0, "diverged": 5, "runs": 5}
+    tests = {t["measure"]: t for t in panel["tests"]}
+    assert tests["log10_max_stable_lr"]["mean"] == pytest.approx(math.log10(3)) and tests["log10_max_stable_lr"]["p"] == 0.0
+    assert tests["log10_max_stable_lr"]["verdict"] == "zero better"
+    # every early loss equal (0.9): no evidence, and the family counts only tests with >= 2 pairs
+    assert tests["loss_at_10"]["verdict"] == "no detectable difference" and tests["loss_at_10"]["lr"] == 3e-4
+    assert fs["tests"] == len(panel["tests"]) == 5
+    # Holm: the adjusted p-values are the raw ones scaled by rank, so never smaller
+    assert all(t["p_holm"] >= t["p"] for t in panel["tests"])
+    # standard's optimum is 3e-4 (mean 0.458 against 0.5 at 1e-3): the early losses are compared there
+    assert tests["best_loss"]["mean"] == pytest.approx(0.42 - 0.458, abs=1e-12)
+
+
+def test_judge_reads_direction_and_holm():
+    t = {"a": "zero", "n": 5, "mean": -0.1, "better": "lower"}
+    assert judge(t, 0.01) == "zero better" and judge(t, 0.2) == "no detectable difference"
+    assert judge({**t, "better": "higher"}, 0.01) == "zero worse"
+    assert judge({**t, "better": None}, 0.01) == "zero lower"
+    assert judge({**t, "n": 1}, 0.0) == "too few runs to compare"

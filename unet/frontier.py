@@ -90,8 +90,8 @@ def arm_measures(seeds):
     :param seeds: {seed: [SweepRun sorted by lr]} of one (panel, arm).
     :return: dict of per-seed values (``per_seed``: {measure: {seed: value}}) and summaries:
         ``max_stable_lr`` (all seeds stable there), ``sensitivity`` / ``best_loss`` /
-        ``log10_opt_lr`` as (mean, 95% half-width), ``opt_lr`` (lowest mean final loss over the
-        lrs every seed finished), ``diverged`` {lr: (k, n)}.
+        ``log10_opt_lr`` / ``log10_max_stable_lr`` as (mean, 95% half-width), ``opt_lr`` (lowest mean final loss over the
+        lrs every seed finished), ``diverged`` {lr: (k, n)}, ``initial_loss`` (median).
     """
     per_seed = {"max_stable_lr": {}, "sensitivity": {}, "best_loss": {}, "log10_opt_lr": {}}
     for s, curve in seeds.items():
@@ -112,6 +112,9 @@ def arm_measures(seeds):
            "n_seeds": len(seeds)}
     for k in ("sensitivity", "best_loss", "log10_opt_lr"):
         out[k] = t_interval(finite(per_seed[k].values()))
+    out["log10_max_stable_lr"] = t_interval(finite(log10_or_none(v) for v in per_seed["max_stable_lr"].values()))
+    initial = sorted(finite(r.initial_loss for curve in seeds.values() for r in curve))
+    out["initial_loss"] = initial[len(initial) // 2] if initial else None
     return out
 
 
@@ -153,3 +156,110 @@ def early_losses(seeds, steps, lr):
     the seed-paired early-training deficit (None where the run had stopped or lacks that lr)."""
     at = {s: next((r for r in curve if r.lr == lr), None) for s, curve in seeds.items()}
     return {k: {s: None if r is None else r.early.get(k) for s, r in at.items()} for k in steps}
+
+
+# --------------------------------------------------------------------------- the report's frontier
+
+# The measures compared between two arms of a panel, seed by seed: (key, label, which way is
+# better for the first arm: "higher", "lower", or None where neither is, e.g. the optimum's place).
+COMPARED = [("log10_max_stable_lr", "log10 max stable lr", "higher"), ("sensitivity", "lr sensitivity", "lower"),
+            ("best_loss", "best final loss", "lower"), ("log10_opt_lr", "log10 optimal lr", None)]
+ALPHA = 0.05
+
+
+def _hashable(v):
+    return tuple(v) if isinstance(v, list) else v
+
+
+def sweep_runs(results):
+    """The runs of ``results.json`` as ``SweepRun``s: the panel is the run's cell without ``lr``,
+    the learning rate is the run's own (so a grid without an lr axis is a one-lr sweep)."""
+    out = []
+    for r in results["runs"]:
+        lr = r["cell"].get("lr", r.get("config", {}).get("lr"))
+        if lr is None:
+            continue  # a hand-written result without its config: not part of a sweep
+        m = r["measures"]
+        early = {int(k[len("loss_at_"):]): v for k, v in m.items() if k.startswith("loss_at_")}
+        out.append(SweepRun(tuple((k, _hashable(v)) for k, v in r["cell"].items() if k != "lr"), r["arm"], r["seed"],
+                            float(lr), bool(m["diverged"]), m.get("final_eval_loss"),
+                            m.get("initial_loss"), early))
+    return out
+
+
+def loss_by_lr(seeds):
+    """{lr: {"mean", "ci", "n" finished, "diverged", "runs"}} of one arm's final held-out losses."""
+    by_lr = {}
+    for curve in seeds.values():
+        for r in curve:
+            by_lr.setdefault(r.lr, []).append(r)
+    out = {}
+    for lr, rs in sorted(by_lr.items()):
+        mean, half = t_interval(finite(r.final_loss for r in rs if not r.diverged))
+        out[lr] = {"mean": mean, "ci": half, "n": sum(not r.diverged and _ok(r.final_loss) for r in rs),
+                   "diverged": sum(r.diverged for r in rs), "runs": len(rs)}
+    return out
+
+
+def _per_seed(measures, key):
+    """{seed: value} of one compared measure (the max stable lr on a log scale, as swept)."""
+    if key == "log10_max_stable_lr":
+        return {s: log10_or_none(v) for s, v in measures["per_seed"]["max_stable_lr"].items()}
+    return measures["per_seed"][key]
+
+
+def pair_tests(a_seeds, b_seeds, ma, mb, a, b, early_steps):
+    """Every seed-paired test of arm ``a`` against ``b`` in one panel: the ``COMPARED`` measures,
+    then the training loss at each early step at ``b``'s optimal learning rate (the baseline's)."""
+    tests = []
+    for key, label, better in COMPARED:
+        pa, pb = _per_seed(ma, key), _per_seed(mb, key)
+        tests.append({"a": a, "b": b, "measure": key, "label": label, "better": better, **paired_test(pa, pb)})
+    lr = mb["opt_lr"] if mb["opt_lr"] is not None else ma["opt_lr"]
+    if lr is not None:
+        ea, eb = early_losses(a_seeds, early_steps, lr), early_losses(b_seeds, early_steps, lr)
+        for k in early_steps:
+            tests.append({"a": a, "b": b, "measure": f"loss_at_{k}", "label": f"training loss at step {k}",
+                          "better": "lower", "lr": lr, **paired_test(ea[k], eb[k])})
+    return tests
+
+
+def judge(test, p_holm):
+    """The test's verdict from its Holm-adjusted p-value: '<a> better' / '<a> worse' (or
+    higher / lower where neither is better), 'no detectable difference', or too few pairs."""
+    if test["n"] < 2:
+        return "too few runs to compare"
+    if p_holm >= ALPHA or test["mean"] == 0:
+        return "no detectable difference"
+    if test["better"] is None:
+        return f"{test['a']} {'higher' if test['mean'] > 0 else 'lower'}"
+    good = test["mean"] > 0 if test["better"] == "higher" else test["mean"] < 0
+    return f"{test['a']} {'better' if good else 'worse'}"
+
+
+def frontier_summary(runs, pairs, early_steps):
+    """
+    The frontier of every panel: each arm's measures (``arm_measures``) and final loss per lr,
+    and every seed-paired test of the compared pairs, Holm-corrected across all of them.
+
+    :param runs: ``SweepRun``s. :param pairs: [(A, B)] arms to compare.
+    :return: {"panels": [{"panel", "lrs", "arms": {arm: measures + "by_lr"}, "tests": [...]}],
+        "tests": the number of tests in the Holm family, "alpha"}.
+    """
+    curves = seed_curves(runs)
+    panels, tests = [], []
+    for panel in dict.fromkeys(r.panel for r in runs):
+        arms = {arm: {**arm_measures(seeds), "by_lr": loss_by_lr(seeds)} for (p, arm), seeds in curves.items()
+                if p == panel}
+        ptests = [t for a, b in pairs if a in arms and b in arms
+                  for t in pair_tests(curves[(panel, a)], curves[(panel, b)], arms[a], arms[b], a, b, early_steps)]
+        tests += [t for t in ptests if t["n"] >= 2]
+        panels.append({"panel": dict(panel), "lrs": sorted({r.lr for r in runs if r.panel == panel}), "arms": arms,
+                       "tests": ptests})
+    for t, p in zip(tests, holm([t["p"] for t in tests])):
+        t["p_holm"] = p
+    for panel in panels:
+        for t in panel["tests"]:
+            t.setdefault("p_holm", float("nan"))
+            t["verdict"] = judge(t, t["p_holm"])
+    return {"panels": panels, "tests": len(tests), "alpha": ALPHA}

@@ -16,6 +16,7 @@ import matplotlib.ticker  # noqa: E402
 import numpy as np  # noqa: E402
 
 from .ablation_grid import cell_label  # noqa: E402
+from .report_frontier import ARM_COLORS, frontier_sections, plot_frontier  # noqa: E402
 from .summary import (MEASURES, arm_names, cell_ids, comparisons, curve_band, divergence_rule,  # noqa: E402
                       finished_by_seed, fmt_diff, fmt_mean_ci, measure_name, paired_curve_difference, smoothing_window,
                       spike_rule, summarize)
@@ -23,7 +24,6 @@ from .summary import (MEASURES, arm_names, cell_ids, comparisons, curve_band, di
 MODEL_KEYS = {"channels", "model_channels", "num_res_blocks", "attention_resolutions", "dropout", "channel_mult",
               "class_cond", "num_classes", "num_heads", "num_heads_upsample", "use_scale_shift_norm", "norm",
               "image_size", "learn_sigma"}
-ARM_COLORS = {"zero": "C0", "standard": "C1", "kaiming": "C2", "fixup": "C3", "all-zero": "C4"}
 
 
 # --------------------------------------------------------------------------- plots
@@ -282,12 +282,15 @@ def intro_section(results, summary, plots):
 
 
 def main_section(results, summary, plots):
-    return ["## Main result: final held-out loss", "", main_table(summary), "",
-            "Intervals are 95% t-intervals over seeds; A − B is paired by seed. A diverged run stops there and is "
-            "counted below; every other measure is over the finished runs only, so n counts those.", "",
-            f"Divergence (runs that stopped on {divergence_words(results)}):", "",
-            divergence_table(summary), "",
-            "## Conclusions", "", *[f"- {line}" for line in summary["conclusions"]], ""]
+    frontier = bool(summary.get("frontier"))
+    head = ("## Per learning rate: final held-out loss (95% intervals not corrected for multiple comparisons)"
+            if frontier else "## Main result: final held-out loss")
+    md = [head, "", main_table(summary), "",
+          "Intervals are 95% t-intervals over seeds; A − B is paired by seed. A diverged run stops there and is "
+          "counted below; every other measure is over the finished runs only, so n counts those.", "",
+          f"Divergence (runs that stopped on {divergence_words(results)}):", "",
+          divergence_table(summary), ""]
+    return md if frontier else md + ["## Conclusions", "", *[f"- {line}" for line in summary["conclusions"]], ""]
 
 
 def curves_section(results, summary, plots):
@@ -308,6 +311,8 @@ def curves_section(results, summary, plots):
 
 
 def cell_tables_section(results, summary, plots):
+    if summary.get("frontier"):
+        return []  # one table per (panel, lr) cell would bury the frontier; results.json has every number
     threshold = results["ablation"].get("threshold", float("nan"))
     md = ["## Per-cell tables", ""]
     for cell in summary["cells"]:
@@ -346,7 +351,7 @@ def measures_section(results, summary, plots):
 
 
 # The report, top to bottom: each section maps (results, summary, plots) to Markdown lines.
-SECTIONS = (intro_section, main_section, curves_section, cell_tables_section, symmetry_section, measures_section)
+SECTIONS = (intro_section, frontier_sections, main_section, curves_section, cell_tables_section, symmetry_section, measures_section)
 
 
 def write_report(results, out_dir):
@@ -358,6 +363,8 @@ def write_report(results, out_dir):
     """
     summary = summarize(results)
     plots = make_plots(results, out_dir)
+    if summary.get("frontier"):
+        plots["frontier"] = plot_frontier(summary["frontier"], os.path.join(out_dir, "lr_frontier.png"))
     md = [line for section in SECTIONS for line in section(results, summary, plots)]
     with open(os.path.join(out_dir, "report.md"), "w") as f:
         f.write("\n".join(md))

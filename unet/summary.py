@@ -11,6 +11,7 @@ import math
 import numpy as np
 
 from .ablation_grid import cell_label
+from .frontier import frontier_summary, sweep_runs
 from .stats import column_band, finite, fisher_p, paired_differences, running_mean, t_interval
 
 # (key, label, which direction is better: "lower", or None where neither is better, only higher or lower)
@@ -154,7 +155,13 @@ def summarize(results):
         cells.append({"cell_id": cid, "cell": runs[0]["cell"], "label": cell_label(runs[0]["cell"]), "arms": arms,
                       "comparisons": comps})
     summary = {"cells": cells}
-    summary["conclusions"] = conclusions(summary, results)
+    runs = sweep_runs(results)
+    if any(len({r.lr for r in runs if r.panel == p}) > 1 for p in {r.panel for r in runs}):
+        early = results["ablation"].get("early_steps", [10, 50, 100])
+        summary["frontier"] = frontier_summary(runs, [tuple(c) for c in comparisons(results)], early)
+        summary["conclusions"] = frontier_conclusions(summary["frontier"])
+    else:
+        summary["conclusions"] = conclusions(summary, results)
     return summary
 
 
@@ -242,6 +249,86 @@ def conclusions(summary, results):
     overall.append(f"Each interval is over {seeds} seed(s) and is not corrected for the number of cells and measures "
                    f"compared, so an isolated difference among many comparisons may be chance.")
     return overall + [comparison_finding(cell, c, threshold) for cell in summary["cells"] for c in cell["comparisons"]]
+
+
+def fmt_lr(lr):
+    """A learning rate as swept ('0.003', '1e-04'); '–' for none (no stable lr)."""
+    return "–" if lr is None else f"{lr:g}"
+
+
+def effect_value(t):
+    """One test's A - B with its 95% interval; for a log10 lr the ratio ('x3.16 [x1.5, x6.6]')."""
+    mean, half = t["mean"], t["half"]
+    if t["measure"].startswith("log10_"):
+        ci = f" [x{fmt_num(10 ** (mean - half))}, x{fmt_num(10 ** (mean + half))}]" if math.isfinite(half) else ""
+        return f"x{fmt_num(10 ** mean)}{ci}"
+    return fmt_num(mean) + (f" [{fmt_num(mean - half)}, {fmt_num(mean + half)}]" if math.isfinite(half) else "")
+
+
+def effect_words(t):
+    """'max stable lr x3.16 [x1.5, x6.6]', 'lr sensitivity -0.12 [-0.2, -0.04]'."""
+    return f"{t['label'].removeprefix('log10 ')} {effect_value(t)}"
+
+
+def _where(items):
+    return "; ".join(f"{label} ({', '.join(map(effect_words, ts))})" if ts else label for label, ts in items)
+
+
+def pair_conclusion(fs, a, b):
+    """Where A helps, hurts or makes no detectable difference against B, panel by panel, from
+    the Holm-judged frontier tests (max stable lr, sensitivity, best loss, optimum's place)."""
+    groups = {"helps": [], "hurts": [], "mixed": [], "same": [], "few": []}
+    for p in fs["panels"]:
+        ts = [t for t in p["tests"] if (t["a"], t["b"]) == (a, b) and not t["measure"].startswith("loss_at_")]
+        if not ts:
+            continue
+        label, good = cell_label(p["panel"]), [t for t in ts if t["verdict"] == f"{a} better"]
+        bad, moved = [t for t in ts if t["verdict"] == f"{a} worse"], [t for t in ts if t["verdict"].endswith(("higher", "lower"))]
+        if all(t["n"] < 2 for t in ts):
+            groups["few"].append((label, []))
+        else:
+            kind = "mixed" if good and bad else "helps" if good else "hurts" if bad else "same"
+            groups[kind].append((label, good + bad + moved))
+    words = []
+    for kind, text in (("helps", f"{a} init helps in"), ("hurts", f"{a} init hurts in"),
+                       ("mixed", "it helps on some measures and hurts on others in"),
+                       ("same", "no detectable difference in"), ("few", "too few finished runs of both to compare in")):
+        if groups[kind]:
+            words.append(f"{text} {_where(groups[kind])}")
+    return f"**{a} vs {b}**: " + "; ".join(words) + "."
+
+
+def early_conclusion(fs, a, b):
+    """Per early step: in how many panels A's training loss was higher, lower or not
+    detectably different from B's (same batch, t and noise; at B's optimal lr)."""
+    parts = []
+    for step in dict.fromkeys(t["measure"] for p in fs["panels"] for t in p["tests"] if t["measure"].startswith("loss_at_")):
+        ts = [t for p in fs["panels"] for t in p["tests"] if (t["a"], t["b"], t["measure"]) == (a, b, step) and t["n"] >= 2]
+        if ts:
+            worse, better = sum(t["verdict"].endswith("worse") for t in ts), sum(t["verdict"].endswith("better") for t in ts)
+            parts.append(f"step {step[len('loss_at_'):]}: {a} higher in {worse}, lower in {better}, "
+                         f"no detectable difference in {len(ts) - worse - better} of {len(ts)} panels")
+    return f"Early training ({a} − {b} training loss at {b}'s optimal lr): " + "; ".join(parts) + "." if parts else ""
+
+
+def frontier_conclusions(fs):
+    """The conclusions, generated from the frontier: per compared pair where A helps, hurts or
+    does not matter; the early-training deficit; each panel's max stable lrs; the correction."""
+    pairs = list(dict.fromkeys((t["a"], t["b"]) for p in fs["panels"] for t in p["tests"]))
+    lines = []
+    for a, b in pairs:
+        lines.append(pair_conclusion(fs, a, b))
+        early = early_conclusion(fs, a, b)
+        if early:
+            lines.append(early)
+        stable = [f"{cell_label(p['panel'])}: " + ", ".join(f"{arm} {fmt_lr(p['arms'][arm]['max_stable_lr'])}"
+                                                             for arm in (a, b))
+                  for p in fs["panels"] if a in p["arms"] and b in p["arms"]]
+        lines.append(f"Largest learning rate at which every seed finished ({a}, {b}): " + "; ".join(stable) + ".")
+    lines.append(f"A difference is called only where its seed-paired t-test survives Holm's correction over all "
+                 f"{fs['tests']} tests in this report (family-wise error {fs['alpha']:g}); 'no detectable difference' "
+                 "is not evidence of equality, only that these seeds cannot resolve one.")
+    return lines
 
 
 # --------------------------------------------------------------------------- rules
