@@ -46,6 +46,7 @@ class TrainConfig:
     seed: int = 0  # model init, dropout
     data_seed: int = -1  # data order, t, noise, flips; -1 = same as seed
     ema_rates: typing.List[float] = field(default_factory=lambda: [0.999])
+    ema_warmup: bool = True  # diffusers' (1+t)/(10+t) warm-up; false = improved-diffusion's constant rate from step 1
     mixed_precision: str = "no"
     checkpoint_every: int = 500  # 0 = only at the end (and when stopped)
     keep_checkpoints: int = 2
@@ -89,6 +90,7 @@ class TrainConfig:
     use_checkpoint: bool = False
     class_cond: bool = True
     num_classes: int = 10
+    class_dropout_prob: float = 0.0  # classifier-free guidance: labels -> the null label (index num_classes) with this probability
     init: str = "zero"
     norm: str = "group"
     # --- diffusion ---
@@ -117,7 +119,8 @@ class TrainConfig:
             attention_resolutions=tuple(self.image_size // r for r in self.attention_resolutions),
             dropout=self.dropout,
             channel_mult=tuple(self.channel_mult),
-            num_classes=self.num_classes if self.class_cond else None,
+            # Label dropout adds one embedding, the "no label" class, at index num_classes.
+            num_classes=self.num_classes + int(self.class_dropout_prob > 0) if self.class_cond else None,
             use_checkpoint=self.use_checkpoint,
             num_heads=self.num_heads,
             num_heads_upsample=self.num_heads_upsample,
@@ -294,6 +297,9 @@ def validate(cfg):
                  cfg.model_channels)
     if cfg.class_cond:
         _require(cfg.num_classes >= 1, "num_classes", "an integer >= 1 when class_cond is true", cfg.num_classes)
+    _require(0 <= cfg.class_dropout_prob < 1, "class_dropout_prob", "a number in [0, 1)", cfg.class_dropout_prob)
+    _require(cfg.class_cond or cfg.class_dropout_prob == 0, "class_dropout_prob",
+             "0 for an unconditional model (class_cond false)", cfg.class_dropout_prob)
     if cfg.dataset == "imagefolder":
         _require(bool(cfg.data_dir), "data_dir", "a folder of images when dataset=imagefolder", cfg.data_dir)
 

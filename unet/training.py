@@ -63,14 +63,17 @@ class Run:
 
 # --- what the model sees ---------------------------------------------------------------
 
-def draw_step_inputs(sampler, gen, shape, random_flip):
-    """t, importance weights, noise and flip mask for a whole global batch of ``shape``,
-    drawn in one go so that they do not depend on the number of processes or micro-batches
-    (each takes the slice ``data.batch_slice`` gives it, as it does for the examples)."""
+def draw_step_inputs(sampler, gen, shape, random_flip, label_drop=0.0):
+    """t, importance weights, noise, flip mask and label-drop mask for a whole global batch
+    of ``shape``, drawn in one go so that they do not depend on the number of processes or
+    micro-batches (each takes the slice ``data.batch_slice`` gives it, as it does for the
+    examples). The drop mask is drawn last and only when ``label_drop`` > 0, so runs without
+    label dropout see exactly the t, noise and flips they saw before the option existed."""
     t, w = sampler.sample(shape[0], "cpu", generator=gen)
     noise = torch.randn(shape, generator=gen)
     flip = torch.rand(shape[0], generator=gen) < 0.5 if random_flip else torch.zeros(shape[0], dtype=torch.bool)
-    return t, w, noise, flip
+    drop = torch.rand(shape[0], generator=gen) < label_drop if label_drop > 0 else torch.zeros(shape[0], dtype=torch.bool)
+    return t, w, noise, flip, drop
 
 
 def eval_batch(data, diffusion, cfg, device):
@@ -109,8 +112,9 @@ def forward_backward(run, batch, inputs, skip):
     :return: (the global micro-batch's loss terms [N, k] and t [N], the term names, skip).
     """
     cfg, acc = run.cfg, run.accelerator
-    (x, y), (t, w, noise, flip) = batch, inputs
+    (x, y), (t, w, noise, flip, drop) = batch, inputs
     x = torch.where(flip[:, None, None, None], x.flip(-1), x)
+    y = torch.where(drop, cfg.num_classes, y)  # the null label: classifier-free guidance's unconditional model
     x, y, t, w, noise = (v.to(acc.device) for v in (x, y, t, w, noise))
     with acc.accumulate(run.model):
         terms = run.diffusion.training_losses(run.train_model, x, t, model_kwargs={"y": y} if cfg.class_cond else None,
@@ -143,7 +147,8 @@ def train_step(run, step, loader):
     """
     cfg, acc = run.cfg, run.accelerator
     shape = (cfg.batch_size, cfg.channels, cfg.image_size, cfg.image_size)
-    inputs = draw_step_inputs(run.sampler, seeded_generator(run.data_seed, step), shape, cfg.random_flip)
+    inputs = draw_step_inputs(run.sampler, seeded_generator(run.data_seed, step), shape, cfg.random_flip,
+                              cfg.class_dropout_prob)
     skip, values, ts = False, [], []
     for micro in range(cfg.grad_accum):
         sl = batch_slice(micro, acc.process_index, cfg.batch_size, cfg.grad_accum, acc.num_processes)
@@ -266,10 +271,25 @@ def build_run(cfg, accelerator, log):
     # Compiled for the training forward/backward only: checkpoints, EMA, eval and sampling
     # keep using the plain module, so files and keys are the same either way.
     train_model = torch.compile(model) if cfg.compile else model
-    emas = {r: EMAModel(raw.parameters(), decay=r, foreach=True) for r in cfg.ema_rates}
+    emas = {r: make_ema(raw.parameters(), r, cfg.ema_warmup) for r in cfg.ema_rates}
     return Run(cfg=cfg, accelerator=accelerator, data=data, model=model, raw=raw, train_model=train_model,
                diffusion=diffusion, sampler=sampler, optimizer=optimizer, scheduler=scheduler, emas=emas,
                data_seed=cfg.seed if cfg.data_seed < 0 else cfg.data_seed)
+
+
+def make_ema(params, rate, warmup=True):
+    """
+    An EMA of ``params`` (diffusers' ``EMAModel``).
+
+    :param warmup: True: diffusers' decay min(rate, (1 + t) / (10 + t)), which lets early
+        weights fade quickly. False: improved-diffusion's constant ``rate`` from the first
+        update on, starting from the initial weights; with EMAModel that is ``min_decay=rate``
+        (the floor) and ``update_after_step=-1`` (its step count then never reads 0, where it
+        would copy the weights instead of averaging).
+    """
+    if warmup:
+        return EMAModel(params, decay=rate, foreach=True)
+    return EMAModel(params, decay=rate, min_decay=rate, update_after_step=-1, foreach=True)
 
 
 def resume(run, state, path, log):
