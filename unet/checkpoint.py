@@ -283,9 +283,3 @@ def check_state_dict(model, state_dict, path):
         parts = [f"{name} {len(keys)} (e.g. {keys[0]})" for name, keys in
                  (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong)) if keys]
         raise CheckpointError(f"checkpoint {path} does not match the model config: {'; '.join(parts)}")
-
-
-def load_model(path, ema=True, device="cpu"):
-    """``load_checkpoint`` for a checkpoint of this package, as (model, diffusion, TrainConfig)."""
-    loaded = load_checkpoint(path, ema=ema, device=device)
-    return loaded.model, loaded.diffusion(), loaded.config
