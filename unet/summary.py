@@ -311,6 +311,35 @@ def early_conclusion(fs, a, b):
     return f"Early training ({a} − {b} training loss at {b}'s optimal lr): " + "; ".join(parts) + "." if parts else ""
 
 
+def direction_words(fs, a, b):
+    """Per compared measure, in how many panels the point estimate favours A and B (or, where
+    neither is better, is higher / lower), whatever the tests say: consistency across panels."""
+    parts, order = [], []
+    for p in fs["panels"]:
+        for t in p["tests"]:
+            if (t["a"], t["b"]) == (a, b) and t["n"] >= 2 and t["label"] not in order:
+                order.append(t["label"])
+    for label in order:
+        ts = [t for p in fs["panels"] for t in p["tests"] if (t["a"], t["b"], t["label"]) == (a, b, label) and t["n"] >= 2]
+        sign = {"higher": 1, "lower": -1, None: 1}[ts[0]["better"]]
+        up, down = sum(sign * t["mean"] > 0 for t in ts), sum(sign * t["mean"] < 0 for t in ts)
+        kind = ("higher", "lower") if ts[0]["better"] is None else ("favours " + a, "favours " + b)
+        parts.append(f"{label.removeprefix('log10 ')}: {kind[0]} in {up}, {kind[1]} in {down} of {len(ts)}")
+    return (f"Direction of the point estimates across panels ({a} − {b}, significant or not): " + "; ".join(parts) + "."
+            if parts else "")
+
+
+def suggestive_words(fs, a, b):
+    """The tests of A against B with p < alpha before the correction but not after: named as
+    suggestive only, so a reader can check whether a second run repeats them."""
+    ts = [(cell_label(p["panel"]), t) for p in fs["panels"] for t in p["tests"]
+          if (t["a"], t["b"]) == (a, b) and t["n"] >= 2 and t["p"] < fs["alpha"] <= t["p_holm"]]
+    if not ts:
+        return ""
+    return (f"Below p = {fs['alpha']:g} before the correction only (suggestive, not claimed): "
+            + "; ".join(f"{label}: {effect_words(t)} (p = {fmt_num(t['p'], 2)})" for label, t in ts) + ".")
+
+
 def frontier_conclusions(fs):
     """The conclusions, generated from the frontier: per compared pair where A helps, hurts or
     does not matter; the early-training deficit; each panel's max stable lrs; the correction."""
@@ -318,9 +347,7 @@ def frontier_conclusions(fs):
     lines = []
     for a, b in pairs:
         lines.append(pair_conclusion(fs, a, b))
-        early = early_conclusion(fs, a, b)
-        if early:
-            lines.append(early)
+        lines += [w for w in (early_conclusion(fs, a, b), direction_words(fs, a, b), suggestive_words(fs, a, b)) if w]
         stable = [f"{cell_label(p['panel'])}: " + ", ".join(f"{arm} {fmt_lr(p['arms'][arm]['max_stable_lr'])}"
                                                              for arm in (a, b))
                   for p in fs["panels"] if a in p["arms"] and b in p["arms"]]
