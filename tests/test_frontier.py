@@ -5,7 +5,7 @@ import math
 import pytest
 
 from unet.frontier import SweepRun, arm_measures, best, early_losses, frontier_summary, holm, judge, lr_sensitivity, \
-    max_stable_lr, paired_test, seed_curves, sweep_runs
+    max_stable_lr, max_trainable_lr, paired_test, seed_curves, sweep_runs
 
 LRS = [1e-4, 3e-4, 1e-3, 3e-3, 1e-2]
 PANEL = (("norm", "none"), ("num_res_blocks", 2))
@@ -20,6 +20,10 @@ def test_max_stable_lr_is_the_largest_finished_lr():
     assert max_stable_lr(sweep("zero", 0, [0.5, 0.4, 0.3, None, None])) == 1e-3
     assert max_stable_lr(sweep("zero", 0, [0.5, 0.4, 0.3, 0.35, 0.6])) == 1e-2
     assert max_stable_lr(sweep("zero", 0, [None] * 5)) is None
+    # a run that finishes above its initial loss (1.0) is stable by the rule but has not trained
+    curve = sweep("zero", 0, [0.5, 0.4, 1.3, None, None])
+    assert (max_stable_lr(curve), max_trainable_lr(curve)) == (1e-3, 3e-4)
+    assert max_trainable_lr(sweep("zero", 0, [1.2, None, None, None, None])) is None
 
 
 def test_sensitivity_follows_wortsman_definition():
@@ -102,7 +106,8 @@ def test_frontier_summary_known_frontier_and_holm_family():
     assert tests["log10_max_stable_lr"]["verdict"] == "zero better"
     # every early loss equal (0.9): no evidence, and the family counts only tests with >= 2 pairs
     assert tests["loss_at_10"]["verdict"] == "no detectable difference" and tests["loss_at_10"]["lr"] == 3e-4
-    assert fs["tests"] == len(panel["tests"]) == 5
+    assert (z["max_trainable_lr"], st["max_trainable_lr"]) == (3e-3, 1e-3)  # every final below the initial 1.0
+    assert fs["tests"] == len(panel["tests"]) == 6
     # Holm: the adjusted p-values are the raw ones scaled by rank, so never smaller
     assert all(t["p_holm"] >= t["p"] for t in panel["tests"])
     # standard's optimum is 3e-4 (mean 0.458 against 0.5 at 1e-3): the early losses are compared there

@@ -137,7 +137,7 @@ def test_frontier_conclusions_follow_the_numbers():
     assert "training loss at step 10: favours zero in 0, favours standard in 2 of 2" in helps[2]
     assert helps[3] == ("Largest learning rate at which every seed finished (zero, standard): norm=none: zero 0.01, "
                         "standard 0.003; norm=group: zero 0.03, standard 0.03.")
-    assert "Holm's correction over all 10 tests" in helps[-1]
+    assert "Holm's correction over all 12 tests" in helps[-1]
     hurts = summarize(sweep_results(zero_stable=1, standard_stable=2))["conclusions"]
     assert hurts[0].startswith("**zero vs standard**: zero init hurts in norm=none (max stable lr x0.3")
     same = summarize(sweep_results(zero_stable=2, standard_stable=2))["conclusions"]

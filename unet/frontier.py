@@ -6,6 +6,8 @@ Pure functions of plain records; nothing here trains or plots.
 Definitions (each also printed in the report):
 - maximal stable learning rate: the largest swept learning rate at which every seed of the
   arm finished without divergence (per seed: the largest at which that seed did);
+- maximal trainable learning rate: the same, where every seed also ended below its initial
+  loss (a run the divergence rule lets finish can still end worse than it started);
 - learning-rate sensitivity (Wortsman et al. 2023, "Small-scale proxies for large-scale
   Transformer training instabilities", arXiv 2309.14322, section 3.1): the mean over the
   swept learning rates of min(final loss, initial loss) minus the best final loss over the
@@ -62,6 +64,14 @@ def max_stable_lr(curve):
     return max(ok) if ok else None
 
 
+def max_trainable_lr(curve):
+    """The largest lr of one seed's sweep whose run finished below its initial loss: a run that
+    does not diverge by the rule may still end worse than it started (None if none did better)."""
+    ok = [r.lr for r in curve if not r.diverged and _ok(r.final_loss) and _ok(r.initial_loss)
+          and r.final_loss < r.initial_loss]
+    return max(ok) if ok else None
+
+
 def lr_sensitivity(curve):
     """Wortsman et al.'s sensitivity of one seed's sweep: mean over lrs of min(final, initial)
     minus the best final loss; None when no run finished or no initial loss is known."""
@@ -90,13 +100,15 @@ def arm_measures(seeds):
     :param seeds: {seed: [SweepRun sorted by lr]} of one (panel, arm).
     :return: dict of per-seed values (``per_seed``: {measure: {seed: value}}) and summaries:
         ``max_stable_lr`` (all seeds stable there), ``sensitivity`` / ``best_loss`` /
-        ``log10_opt_lr`` / ``log10_max_stable_lr`` as (mean, 95% half-width), ``opt_lr`` (lowest mean final loss over the
+        ``log10_opt_lr`` / ``log10_max_stable_lr`` / ``log10_max_trainable_lr`` as (mean, 95%
+        half-width), ``max_trainable_lr`` (every seed ended below its initial loss), ``opt_lr`` (lowest mean final loss over the
         lrs every seed finished), ``diverged`` {lr: (k, n)}, ``initial_loss`` (median).
     """
-    per_seed = {"max_stable_lr": {}, "sensitivity": {}, "best_loss": {}, "log10_opt_lr": {}}
+    per_seed = {"max_stable_lr": {}, "max_trainable_lr": {}, "sensitivity": {}, "best_loss": {}, "log10_opt_lr": {}}
     for s, curve in seeds.items():
         lr_opt, loss = best(curve)
         per_seed["max_stable_lr"][s] = max_stable_lr(curve)
+        per_seed["max_trainable_lr"][s] = max_trainable_lr(curve)
         per_seed["sensitivity"][s] = lr_sensitivity(curve)
         per_seed["best_loss"][s] = loss
         per_seed["log10_opt_lr"][s] = None if lr_opt is None else math.log10(lr_opt)
@@ -112,7 +124,10 @@ def arm_measures(seeds):
            "n_seeds": len(seeds)}
     for k in ("sensitivity", "best_loss", "log10_opt_lr"):
         out[k] = t_interval(finite(per_seed[k].values()))
-    out["log10_max_stable_lr"] = t_interval(finite(log10_or_none(v) for v in per_seed["max_stable_lr"].values()))
+    for k in ("max_stable_lr", "max_trainable_lr"):
+        out[f"log10_{k}"] = t_interval(finite(log10_or_none(v) for v in per_seed[k].values()))
+    trains = [lr for lr in stable if all(r.final_loss < r.initial_loss for r in by_lr[lr] if _ok(r.initial_loss))]
+    out["max_trainable_lr"] = max(trains) if trains else None
     initial = sorted(finite(r.initial_loss for curve in seeds.values() for r in curve))
     out["initial_loss"] = initial[len(initial) // 2] if initial else None
     return out
@@ -162,7 +177,8 @@ def early_losses(seeds, steps, lr):
 
 # The measures compared between two arms of a panel, seed by seed: (key, label, which way is
 # better for the first arm: "higher", "lower", or None where neither is, e.g. the optimum's place).
-COMPARED = [("log10_max_stable_lr", "log10 max stable lr", "higher"), ("sensitivity", "lr sensitivity", "lower"),
+COMPARED = [("log10_max_stable_lr", "log10 max stable lr", "higher"),
+            ("log10_max_trainable_lr", "log10 max trainable lr", "higher"), ("sensitivity", "lr sensitivity", "lower"),
             ("best_loss", "best final loss", "lower"), ("log10_opt_lr", "log10 optimal lr", None)]
 ALPHA = 0.05
 
@@ -203,8 +219,8 @@ def loss_by_lr(seeds):
 
 def _per_seed(measures, key):
     """{seed: value} of one compared measure (the max stable lr on a log scale, as swept)."""
-    if key == "log10_max_stable_lr":
-        return {s: log10_or_none(v) for s, v in measures["per_seed"]["max_stable_lr"].items()}
+    if key in ("log10_max_stable_lr", "log10_max_trainable_lr"):
+        return {s: log10_or_none(v) for s, v in measures["per_seed"][key[len("log10_"):]].items()}
     return measures["per_seed"][key]
 
 

@@ -119,18 +119,18 @@ def _lr_interval(d):
 
 def frontier_table(frontier):
     """Per panel and arm: the max stable lr (all seeds; per seed as a geometric mean with its
-    interval), the sensitivity, the optimal lr and the best loss, with 95% intervals."""
+    interval), the max trainable lr, the sensitivity, the optimal lr and the best loss, with 95% intervals."""
     lines = [_row(["panel", "init", "max stable lr (all seeds)", "max stable lr per seed: geo. mean [95% CI]",
-                   "lr sensitivity (mean ± 95% CI)", "optimal lr (lowest mean loss)",
+                   "max trainable lr (all seeds)", "lr sensitivity (mean ± 95% CI)", "optimal lr (lowest mean loss)",
                    "optimal lr per seed: geo. mean [95% CI]", "best final loss (mean ± 95% CI)", "diverged runs"]),
-             "|" + "---|" * 9]
+             "|" + "---|" * 10]
     for p in frontier["panels"]:
         for arm, m in p["arms"].items():
             log_stable = m.get("log10_max_stable_lr") or (float("nan"), float("nan"))
             k = sum(d[0] for d in m["diverged"].values())
             n = sum(d[1] for d in m["diverged"].values())
             lines.append(_row([cell_label(p["panel"]), arm, fmt_lr(m["max_stable_lr"]), _lr_interval(log_stable),
-                               _mean_ci(m["sensitivity"]), fmt_lr(m["opt_lr"]), _lr_interval(m["log10_opt_lr"]),
+                               fmt_lr(m["max_trainable_lr"]), _mean_ci(m["sensitivity"]), fmt_lr(m["opt_lr"]), _lr_interval(m["log10_opt_lr"]),
                                _mean_ci(m["best_loss"]), f"{k}/{n}"]))
     return "\n".join(lines)
 
@@ -157,6 +157,8 @@ DEFINITIONS = [
     "diverging (per seed: the largest at which that seed did). Zeroed residual branches are argued for by how they "
     "move it, especially without normalisation and with depth: Fixup (Zhang et al. 2019), SkipInit (De & Smith "
     "2020), ReZero (Bachlechner et al. 2020).",
+    "*maximal trainable learning rate*: the largest swept learning rate at which every seed finished *and* ended "
+    "below its initial loss: the divergence rule (a loss 10x the initial) lets a run finish that has learnt nothing.",
     "*learning-rate sensitivity* (Wortsman et al. 2023, \"Small-scale proxies for large-scale Transformer training "
     "instabilities\", arXiv 2309.14322): per seed, the mean over the swept learning rates of min(final loss, initial "
     "loss) minus the best final loss of the sweep; a diverged run counts as the initial loss. 0 = the final loss does "
