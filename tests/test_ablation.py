@@ -30,8 +30,8 @@ TINY = {
     "base": dict(dataset="digits", image_size=8, model_channels=32, channel_mult=[1, 2], attention_resolutions=[4],
                  num_res_blocks=1, batch_size=8, max_steps=4, diffusion_steps=20, eval_batch_size=16, lr=1e-3,
                  warmup_steps=0, grad_clip=0.0, report_to="wandb", log_every=2),
-    # two arms x two seeds, and one arm whose learning rate wrecks the weights in one Adam step
-    "grid": [{"init": ["zero", "standard"]}, {"lr": 1000.0, "init": ["standard"]}],
+    # an lr sweep of two arms x two seeds, whose top learning rate wrecks the weights in one Adam step
+    "grid": [{"lr": [1e-3, 1000.0], "init": ["zero", "standard"]}],
 }
 
 
@@ -81,17 +81,32 @@ def test_report_has_every_section_and_results_json_is_valid(tiny_ablation):
 
     with open(os.path.join(out, "results.json")) as f:
         results = json.load(f, parse_constant=no_nan)
-    assert len(results["runs"]) == 6 and {r["run_id"] for r in results["runs"]} == {
-        "c00_zero_s0", "c00_standard_s0", "c00_zero_s1", "c00_standard_s1", "c01_standard_s0", "c01_standard_s1"}
+    assert len(results["runs"]) == 8 and {r["run_id"] for r in results["runs"]} == {
+        f"c0{c}_{arm}_s{s}" for c in (0, 1) for arm in ("zero", "standard") for s in (0, 1)}
     for r in results["runs"]:
         assert set(r["measures"]) >= {"initial_loss", "steps_to_threshold", "final_eval_loss", "max_grad_norm",
-                                      "median_grad_norm", "median_update_ratio", "spike_count", "diverged"}
+                                      "median_grad_norm", "median_update_ratio", "spike_count", "diverged",
+                                      "loss_at_10", "loss_at_50", "loss_at_100"}
+        assert r["config"]["lr"] == r["cell"]["lr"]
+        # a 4-step run has no loss at step 10; the training loss of step 1 is the initial loss
+        assert r["measures"]["loss_at_10"] is None
+    # the per-arm frontier measures are in results.json
+    (panel,) = results["summary"]["frontier"]["panels"]
+    for arm in ("zero", "standard"):
+        m = panel["arms"][arm]
+        assert m["max_stable_lr"] == 1e-3 and m["opt_lr"] == 1e-3 and m["diverged"] == {"0.001": [0, 2], "1000.0": [2, 2]}
+        assert m["best_loss"][0] == pytest.approx(sum(r["measures"]["final_eval_loss"] for r in results["runs"]
+                                                      if r["arm"] == arm and r["cell_id"] == "c00") / 2)
+        assert m["sensitivity"][0] is not None
         assert r["cell_id"] in ("c00", "c01") and r["seed"] in (0, 1)
     report = open(os.path.join(out, "report.md")).read()
-    for heading in ("## Main result", "## Conclusions", "## Training loss", "## Gradient norm",
-                    "## Activation RMS by depth at init", "## Per-cell tables", "## Symmetry"):
+    for heading in ("## The learning-rate frontier", "### Frontier measures per arm", "### Seed-paired comparisons",
+                    "### Early-training deficit", "## Conclusions", "### Definitions and sources", "## Per learning rate",
+                    "## Training loss", "## Gradient norm", "## Activation RMS by depth at init", "## Symmetry"):
         assert heading in report, heading
-    for png in ("loss_curves.png", "loss_difference.png", "grad_norm.png", "update_ratio.png", "activation_rms_init.png", "symmetry.png"):
+    assert report.index("lr_frontier.png") < report.index("### Frontier measures") < report.index("## Conclusions")
+    assert "Wortsman et al. 2023" in report and "Holm" in report
+    for png in ("lr_frontier.png", "loss_curves.png", "loss_difference.png", "grad_norm.png", "update_ratio.png", "activation_rms_init.png", "symmetry.png"):
         assert f"]({png})" in report
         with Image.open(os.path.join(out, png)) as im:
             assert im.format == "PNG" and im.width > 300
@@ -101,12 +116,14 @@ def test_report_has_every_section_and_results_json_is_valid(tiny_ablation):
     assert (comp["a"], comp["b"], d["n"]) == ("zero", "standard", 2)
     covers = d["mean"] - d["ci"] <= 0 <= d["mean"] + d["ci"]
     assert (d["verdict"] == "indistinguishable") == covers
-    assert f"| base | zero vs standard |" in report and d["verdict"] in report
+    assert f"| lr=0.001 | zero vs standard |" in report and d["verdict"] in report
     # save_models: false keeps each run's measures and logs, not its checkpoint
     assert os.path.isfile(os.path.join(out, "runs", "c00_zero_s0", "result.json"))
     assert not os.path.exists(os.path.join(out, "runs", "c00_zero_s0", "checkpoints"))
-    # one progress line per run
-    assert sum(line.startswith("[") for line in tiny_ablation["lines"]) == 6
+    # one progress line per run, with the count, the elapsed time and (before the last) the time left
+    progress = [line for line in tiny_ablation["lines"] if line.startswith("[")]
+    assert len(progress) == 8 and "runs 1/8, " in progress[0] and "left" in progress[0]
+    assert "runs 8/8, " in progress[-1] and "elapsed" in progress[-1]
 
 
 def test_diverging_arm_is_recorded_and_the_rest_run_on(tiny_ablation):
@@ -115,13 +132,15 @@ def test_diverging_arm_is_recorded_and_the_rest_run_on(tiny_ablation):
         bad = runs[f"c01_standard_s{seed}"]
         assert bad["measures"]["diverged"] and bad["steps"] < 4
         assert bad["measures"]["final_eval_loss"] is None
+        # the stop reason is training's own (diagnostics.DivergenceMonitor), not a rule of the ablation's
+        assert bad["stop_reason"].startswith(("non-finite", "median of", "loss above"))
         for arm in ("zero", "standard"):
             good = runs[f"c00_{arm}_s{seed}"]
             assert not good["measures"]["diverged"] and good["steps"] == 4
             assert math.isfinite(good["measures"]["final_eval_loss"])
     cell = tiny_ablation["results"]["summary"]["cells"][1]
     assert cell["arms"]["standard"]["diverged"] == 2
-    assert "| diverged | 2/2 |" in open(os.path.join(tiny_ablation["out"], "report.md")).read()
+    assert "| lr=1000 | 2/2 (at step" in open(os.path.join(tiny_ablation["out"], "report.md")).read()
 
 
 def test_same_seed_same_data_t_and_noise_in_every_arm(tiny_ablation):
@@ -188,12 +207,84 @@ def test_running_again_continues_without_redoing_runs(tiny_ablation, monkeypatch
     # the report can be rebuilt from results.json alone
     os.remove(os.path.join(tiny_ablation["out"], "report.md"))
     assert main(["--output_dir", tiny_ablation["out"], "--report_only"]) == 0
-    assert "## Main result" in open(os.path.join(tiny_ablation["out"], "report.md")).read()
+    assert "## The learning-rate frontier" in open(os.path.join(tiny_ablation["out"], "report.md")).read()
     # a changed grid in the same folder is refused rather than mixed in
     changed = dict(TINY, base={**TINY["base"], "batch_size": 16})
     path = write_grid(os.path.join(os.path.dirname(tiny_ablation["config"]), "changed.yaml"), changed)
     with pytest.raises(ConfigError, match="different config"):
         run_ablation(load_ablation(path), tiny_ablation["out"], log=lambda *a, **k: None)
+
+
+def test_the_ablation_uses_trainings_divergence_rule(tmp_path, monkeypatch):
+    """A run counts as diverged exactly when ``diagnostics.DivergenceMonitor`` says so: the
+    ablation has no rule of its own."""
+    from unet import diagnostics
+
+    calls, real = [], diagnostics.DivergenceMonitor.update
+
+    def update(self, loss, grad_norm=None):
+        calls.append(loss)
+        return "forced by the test" if len(calls) == 2 else real(self, loss, grad_norm)
+
+    monkeypatch.setattr(diagnostics.DivergenceMonitor, "update", update)
+    ab = load_ablation(write_grid(tmp_path / "g.yaml", {**TINY, "base": {**TINY["base"], "report_to": "none"}}))
+    res = ablation.run_one(expand(ab, str(tmp_path))[0], ab.threshold, ab.smooth)
+    assert res["measures"]["diverged"] and res["stop_reason"] == "forced by the test" and res["steps"] == 2
+    assert res["measures"]["final_eval_loss"] is None
+
+
+def test_bad_sweep_is_one_line_error_before_any_run(tmp_path, capsys):
+    cases = [({"lr": [], "init": ["zero"]}, "'lr' lists no values"),
+             ({"lr": [0.001, -0.01], "init": ["zero"]}, "a number > 0"),
+             ({"lr": [0.0], "init": ["zero"]}, "a number > 0"),
+             ({"lr": ["fast"], "init": ["zero"]}, "'fast'"),
+             ({"num_res_blocks": [0, 2], "init": ["zero"]}, "num_res_blocks"),
+             ]
+    for i, (grid, words) in enumerate(cases):
+        path = write_grid(tmp_path / f"bad{i}.yaml", {**TINY, "grid": [grid]})
+        assert main(["--config", path, "--output_dir", str(tmp_path / "o")]) == 2, grid
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("error: ") and "\n" not in err and words in err, err
+    path = write_grid(tmp_path / "one_seed.yaml", {**TINY, "seeds": 1})
+    assert main(["--config", path, "--output_dir", str(tmp_path / "o")]) == 2
+    assert "at least 2 seeds" in capsys.readouterr().err
+    assert main(["--config", write_grid(tmp_path / "g.yaml", TINY), "--seeds", "0", "--output_dir",
+                 str(tmp_path / "o")]) == 2
+    assert "at least 2 seeds" in capsys.readouterr().err
+    for key, value in (("processes", "0"), ("early_steps", "10,x")):
+        assert main(["--config", write_grid(tmp_path / "g.yaml", TINY), f"--{key}", value, "--output_dir",
+                     str(tmp_path / "o")]) == 2
+        assert f"'{key}'" in capsys.readouterr().err
+    assert not os.path.exists(tmp_path / "o")  # nothing started
+
+
+def test_combine_pools_two_ablations_with_different_seeds(tiny_ablation, tmp_path, capsys):
+    with open(os.path.join(tiny_ablation["out"], "results.json")) as f:
+        first = json.load(f)
+    second = json.loads(json.dumps(first))
+    for r in second["runs"]:
+        r["seed"] += 10
+        r["run_id"] = r["run_id"].replace("_s", "_s1")
+    second["ablation"]["seeds"] = [10, 11]
+    os.makedirs(tmp_path / "b")
+    with open(tmp_path / "b" / "results.json", "w") as f:
+        json.dump(second, f)
+    out = str(tmp_path / "both")
+    assert main(["--combine", f"{tiny_ablation['out']},{tmp_path / 'b'}", "--output_dir", out]) == 0
+    with open(os.path.join(out, "results.json")) as f:
+        both = json.load(f)
+    assert len(both["runs"]) == 16 and both["ablation"]["seeds"] == [0, 1, 10, 11]
+    zero = both["summary"]["frontier"]["panels"][0]["arms"]["zero"]
+    assert zero["n_seeds"] == 4 and zero["diverged"]["1000.0"] == [4, 4]
+    assert "seeds 0, 1, 10, 11" in open(os.path.join(out, "report.md")).read()
+    # the same seeds twice, or different grids, are refused with one line
+    assert main(["--combine", f"{tiny_ablation['out']},{tiny_ablation['out']}", "--output_dir", out]) == 2
+    assert "different seeds" in capsys.readouterr().err
+    second["ablation"]["threshold"] = 9.0
+    with open(tmp_path / "b" / "results.json", "w") as f:
+        json.dump(second, f)
+    assert main(["--combine", f"{tiny_ablation['out']},{tmp_path / 'b'}", "--output_dir", out]) == 2
+    assert "same grid" in capsys.readouterr().err
 
 
 def test_init_model_is_the_model_training_starts_from(tmp_path):
@@ -212,22 +303,30 @@ def test_init_model_is_the_model_training_starts_from(tmp_path):
 
 
 def test_shipped_grids():
+    """The shipped grids are learning-rate frontiers: a log-spaced lr axis for every init, depth
+    and norm, no warmup or clipping, at least 5 seeds; runs differ only in grid keys and seed."""
+    for name in ("digits", "digits_quick", "cifar10"):
+        ab = load_ablation(os.path.join(ROOT, "configs", "ablation", f"{name}.yaml"))
+        runs = expand(ab, "out")
+        assert len(ab.seeds) >= (2 if name == "digits_quick" else 5)
+        arms = {}
+        for r in runs:
+            arms.setdefault((r.cfg.norm, r.cfg.num_res_blocks), {}).setdefault(r.arm, set()).add(r.cfg.lr)
+            assert (r.cfg.warmup_steps, r.cfg.grad_clip) == (0, 0.0)
+        assert {k[0] for k in arms} == {"group", "none"} and len({k[1] for k in arms}) >= 2
+        for (norm, depth), by_arm in arms.items():
+            assert set(by_arm) == ({"zero", "standard"} if norm == "group" else {"zero", "standard", "kaiming", "fixup"})
+            lrs = sorted(next(iter(by_arm.values())))
+            assert all(v == set(lrs) for v in by_arm.values()) and len(lrs) >= 3
+            ratios = [b / a for a, b in zip(lrs, lrs[1:])]
+            assert all(3 <= q <= 10.01 for q in ratios)  # a log scale: half-decade or decade steps
+        base = {k: v for k, v in runs[0].cfg.to_dict().items()
+                if k not in ("init", "norm", "num_res_blocks", "lr", "seed", "output_dir", "run_name", "tags")}
+        assert all({k: r.cfg.to_dict()[k] for k in base} == base for r in runs)
     digits = load_ablation(os.path.join(ROOT, "configs", "ablation", "digits.yaml"))
-    runs = expand(digits, "out")
-    assert len(digits.seeds) >= 3
-    cells = {(r.cfg.norm, r.cfg.num_res_blocks, r.cfg.lr): set() for r in runs}
-    for r in runs:
-        cells[(r.cfg.norm, r.cfg.num_res_blocks, r.cfg.lr)].add(r.arm)
-    group = [k for k in cells if k[0] == "group" and {"zero", "standard"} <= cells[k]]
-    assert len({k[1] for k in group}) >= 2 and len({k[2] for k in group}) >= 2
-    assert any(k[0] == "none" and {"zero", "standard", "kaiming", "fixup"} <= v for k, v in cells.items())
-    # every run differs from the others only in grid keys and seed
-    base = {k: v for k, v in runs[0].cfg.to_dict().items()
-            if k not in ("init", "norm", "num_res_blocks", "lr", "seed", "output_dir", "run_name", "tags")}
-    assert all({k: r.cfg.to_dict()[k] for k in base} == base for r in runs)
-    cifar = load_ablation(os.path.join(ROOT, "configs", "ablation", "cifar10.yaml"))
-    c = expand(cifar, "out")[0].cfg
-    assert (c.image_size, c.model_channels, c.channels) == (32, 128, 3) and len(cifar.seeds) >= 3
+    assert {r.cfg.num_res_blocks for r in expand(digits, "out")} == {1, 2, 4} and digits.processes == 2
+    c = expand(load_ablation(os.path.join(ROOT, "configs", "ablation", "cifar10.yaml")), "out")[0].cfg
+    assert (c.image_size, c.model_channels, c.channels) == (32, 128, 3)
 
 
 def test_bad_grid_is_one_line_error(tmp_path, capsys):

@@ -17,8 +17,6 @@ run on its own GPU (the runs are independent, not data-parallel) and process 0 w
 report once every run is done.
 """
 
-import argparse
-import difflib
 import json
 import math
 import os
@@ -30,7 +28,8 @@ from dataclasses import asdict, replace
 
 import yaml
 
-from .ablation_grid import SYMMETRY_ARMS, Ablation, RunSpec, cell_label, expand, load_ablation, symmetry_config  # noqa: F401
+from .ablation_grid import (SYMMETRY_ARMS, Ablation, RunSpec, build_parser, cell_label, expand, load_ablation,  # noqa: F401
+                            parse_args, symmetry_config)
 from .ablation_store import (claim_process, clean_json, drop_claims, finished_runs, fresh_run_dir, load_result,
                              owns_run, progress_words, spawn_workers, write_json)
 from .config import FIELDS, ConfigError
@@ -298,61 +297,6 @@ def _log_report(ab, out_dir, files, results):
     acc.end_training()
 
 
-ABLATION_OPTIONS = {
-    "seeds": "N|a,b,c: a seed count or list (replaces the grid's seeds)",
-    "threshold": "X: the training loss that 'steps to threshold' waits for",
-    "smooth": "N: the running-mean window of the curves and of steps to threshold",
-    "group": "NAME: the wandb group (default: name and start time)",
-    "name": "NAME: names the report and the wandb group",
-    "save_models": "true|false: keep each run's final checkpoint",
-    "processes": "N: processes that split the runs (each with cores / N threads)",
-    "early_steps": "a,b,c: the steps of the early-training deficit",
-}
-
-
-class _Parser(argparse.ArgumentParser):
-    """argparse whose errors are ``ConfigError``s: one line, no usage block."""
-
-    def error(self, message):
-        raise ConfigError(message)
-
-
-def build_parser():
-    """The command line: the ablation's own options, then ``--KEY VALUE`` for every training
-    config key (applied to every run; values are parsed as the YAML's are)."""
-    p = _Parser(prog="python -m unet.ablation", add_help=False, allow_abbrev=False, argument_default=argparse.SUPPRESS,
-                usage="python -m unet.ablation --config configs/ablation/NAME.yaml --output_dir DIR [--key value ...]",
-                epilog="--KEY VALUE: any training config key not varied by the grid, for every run")
-    p.add_argument("-h", "--help", action="store_true", help="show this message and exit")
-    p.add_argument("--config", metavar="FILE", help="the grid (see configs/ablation/digits.yaml)")
-    p.add_argument("--output_dir", metavar="DIR", help="runs, results.json, report.md and plots; run again to continue")
-    p.add_argument("--report_only", action="store_true", help="rebuild report.md and plots from DIR/results.json")
-    for key, text in ABLATION_OPTIONS.items():
-        metavar, _, what = text.partition(": ")
-        p.add_argument(f"--{key}", metavar=metavar, help=what)
-    for key in FIELDS:
-        if key not in ABLATION_OPTIONS and key != "output_dir":
-            p.add_argument(f"--{key}", help=argparse.SUPPRESS)
-    return p
-
-
-def parse_args(argv):
-    """{option: value} of the given options; a ConfigError (one line) for a bad command line."""
-    parser = build_parser()
-    opts, rest = parser.parse_known_args(argv)
-    if rest:
-        key = rest[0][2:].partition("=")[0]
-        if not rest[0].startswith("--"):
-            raise ConfigError(f"unexpected argument {rest[0]!r}; use --key value")
-        if key.replace("-", "_") in {*ABLATION_OPTIONS, *FIELDS}:
-            raise ConfigError(f"unknown option '--{key}': did you mean '--{key.replace('-', '_')}'?")
-        close = difflib.get_close_matches(key, [*ABLATION_OPTIONS, *FIELDS], n=1)
-        hint = f" (did you mean '--{close[0]}'?)" if close else ""
-        raise ConfigError(f"unknown option '--{key}'{hint}: use an ablation key ({', '.join(ABLATION_OPTIONS)}) "
-                          "or a training config key")
-    return vars(opts)
-
-
 def report_only(out_dir):
     """Rebuild ``report.md``, the plots and the summary in ``results.json`` from that file."""
     path = os.path.join(out_dir, "results.json")
@@ -362,6 +306,37 @@ def report_only(out_dir):
         results = json.load(f)
     results["summary"] = write_report(results, out_dir)["summary"]
     write_json(path, results)
+    print(f"report: {os.path.join(out_dir, 'report.md')}")
+
+
+def combine(out_dir, sources):
+    """
+    One report over several finished ablations of the same grid run with different seeds (say
+    ``--seeds 0,1,2,3,4`` and ``--seeds 5,6,7,8,9``): their runs pooled, so the seed-paired
+    tests have every seed. Writes ``out_dir/results.json``, ``report.md`` and the plots.
+
+    :param sources: the ablations' output folders, each with its ``results.json``.
+    """
+    loaded = []
+    for src in sources:
+        path = os.path.join(src, "results.json")
+        if not os.path.isfile(path):
+            raise ConfigError(f"'{path}' does not exist: run that ablation first")
+        with open(path) as f:
+            loaded.append(json.load(f))
+    grid = [{k: v for k, v in r["ablation"].items() if k not in ("seeds", "group")} for r in loaded]
+    if any(g != grid[0] for g in grid):
+        raise ConfigError("--combine needs ablations of the same grid (only their seeds may differ)")
+    seeds = [s for r in loaded for s in r["ablation"]["seeds"]]
+    if len(set(seeds)) != len(seeds):
+        raise ConfigError(f"--combine needs different seeds in each ablation, got {seeds}")
+    first = loaded[0]
+    results = {**first, "ablation": {**first["ablation"], "seeds": seeds}, "runs": [x for r in loaded for x in r["runs"]],
+               "command": f"python -m unet.ablation --combine {','.join(sources)} --output_dir {out_dir}",
+               "seconds": sum(r["seconds"] for r in loaded), "run_seconds": sum(r["run_seconds"] for r in loaded)}
+    os.makedirs(out_dir, exist_ok=True)
+    results["summary"] = write_report(results, out_dir)["summary"]
+    write_json(os.path.join(out_dir, "results.json"), results)
     print(f"report: {os.path.join(out_dir, 'report.md')}")
 
 
@@ -403,6 +378,9 @@ def main(argv=None):
             raise ConfigError("--output_dir DIR is required")
         if opts.pop("report_only", False):
             report_only(out_dir)
+            return 0
+        if "combine" in opts:
+            combine(out_dir, [d for d in opts.pop("combine").split(",") if d])
             return 0
         config = opts.pop("config", None)
         if not config:

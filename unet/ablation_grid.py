@@ -2,9 +2,12 @@
 The ablation's grid: a YAML file of shared training keys (``base``) and sub-grids of values,
 read into an ``Ablation`` and expanded into one ``TrainConfig`` per cell, init arm and seed.
 Every config is built and checked here, before the first run starts, so a typo fails in a
-second with a one-line message naming the key or cell.
+second with a one-line message naming the key or cell; the command line's options are
+overrides of the grid file's keys, parsed here too.
 """
 
+import argparse
+import difflib
 import itertools
 import os
 import typing
@@ -295,3 +298,63 @@ def symmetry_config(ab, out_dir, arm):
     cfg = run_config(ab, out_dir, {"init": arm, **opts, "max_steps": ab.symmetry["steps"], "divergence_factor": 0.0},
                      ab.seeds[0], f"symmetry_{arm}", ["symmetry", f"init:{arm}"])
     return cfg.replace(output_dir=os.path.join(out_dir, "symmetry", arm), diagnostics_every=0, eval_every=0)
+
+
+# --------------------------------------------------------------------------- command line
+
+
+ABLATION_OPTIONS = {
+    "seeds": "N|a,b,c: a seed count or list (replaces the grid's seeds)",
+    "threshold": "X: the training loss that 'steps to threshold' waits for",
+    "smooth": "N: the running-mean window of the curves and of steps to threshold",
+    "group": "NAME: the wandb group (default: name and start time)",
+    "name": "NAME: names the report and the wandb group",
+    "save_models": "true|false: keep each run's final checkpoint",
+    "processes": "N: processes that split the runs (each with cores / N threads)",
+    "early_steps": "a,b,c: the steps of the early-training deficit",
+}
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse whose errors are ``ConfigError``s: one line, no usage block."""
+
+    def error(self, message):
+        raise ConfigError(message)
+
+
+def build_parser():
+    """The command line: the ablation's own options, then ``--KEY VALUE`` for every training
+    config key (applied to every run; values are parsed as the YAML's are)."""
+    p = _Parser(prog="python -m unet.ablation", add_help=False, allow_abbrev=False, argument_default=argparse.SUPPRESS,
+                usage="python -m unet.ablation --config configs/ablation/NAME.yaml --output_dir DIR [--key value ...]",
+                epilog="--KEY VALUE: any training config key not varied by the grid, for every run")
+    p.add_argument("-h", "--help", action="store_true", help="show this message and exit")
+    p.add_argument("--config", metavar="FILE", help="the grid (see configs/ablation/digits.yaml)")
+    p.add_argument("--output_dir", metavar="DIR", help="runs, results.json, report.md and plots; run again to continue")
+    p.add_argument("--report_only", action="store_true", help="rebuild report.md and plots from DIR/results.json")
+    p.add_argument("--combine", metavar="DIR1,DIR2", help="one report in DIR over finished ablations of the same "
+                   "grid with different seeds (their runs pooled)")
+    for key, text in ABLATION_OPTIONS.items():
+        metavar, _, what = text.partition(": ")
+        p.add_argument(f"--{key}", metavar=metavar, help=what)
+    for key in FIELDS:
+        if key not in ABLATION_OPTIONS and key != "output_dir":
+            p.add_argument(f"--{key}", help=argparse.SUPPRESS)
+    return p
+
+
+def parse_args(argv):
+    """{option: value} of the given options; a ConfigError (one line) for a bad command line."""
+    parser = build_parser()
+    opts, rest = parser.parse_known_args(argv)
+    if rest:
+        key = rest[0][2:].partition("=")[0]
+        if not rest[0].startswith("--"):
+            raise ConfigError(f"unexpected argument {rest[0]!r}; use --key value")
+        if key.replace("-", "_") in {*ABLATION_OPTIONS, *FIELDS}:
+            raise ConfigError(f"unknown option '--{key}': did you mean '--{key.replace('-', '_')}'?")
+        close = difflib.get_close_matches(key, [*ABLATION_OPTIONS, *FIELDS], n=1)
+        hint = f" (did you mean '--{close[0]}'?)" if close else ""
+        raise ConfigError(f"unknown option '--{key}'{hint}: use an ablation key ({', '.join(ABLATION_OPTIONS)}) "
+                          "or a training config key")
+    return vars(opts)
