@@ -277,7 +277,7 @@ def _where(items):
 def pair_conclusion(fs, a, b):
     """Where A helps, hurts or makes no detectable difference against B, panel by panel, from
     the Holm-judged frontier tests (max stable lr, sensitivity, best loss, optimum's place)."""
-    groups = {"helps": [], "hurts": [], "mixed": [], "same": [], "few": []}
+    groups = {"helps": [], "hurts": [], "mixed": [], "moves": [], "same": [], "few": []}
     for p in fs["panels"]:
         ts = [t for t in p["tests"] if (t["a"], t["b"]) == (a, b) and not t["measure"].startswith("loss_at_")]
         if not ts:
@@ -287,11 +287,12 @@ def pair_conclusion(fs, a, b):
         if all(t["n"] < 2 for t in ts):
             groups["few"].append((label, []))
         else:
-            kind = "mixed" if good and bad else "helps" if good else "hurts" if bad else "same"
+            kind = "mixed" if good and bad else "helps" if good else "hurts" if bad else "moves" if moved else "same"
             groups[kind].append((label, good + bad + moved))
     words = []
     for kind, text in (("helps", f"{a} init helps in"), ("hurts", f"{a} init hurts in"),
                        ("mixed", "it helps on some measures and hurts on others in"),
+                       ("moves", "it moves the optimal learning rate, and nothing else detectably, in"),
                        ("same", "no detectable difference in"), ("few", "too few finished runs of both to compare in")):
         if groups[kind]:
             words.append(f"{text} {_where(groups[kind])}")
