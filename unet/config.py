@@ -8,25 +8,14 @@ import argparse
 import dataclasses
 import difflib
 import os
+import re
 import typing
 from dataclasses import dataclass, field
 
 import yaml
 
-INIT_SCHEMES = ("zero", "standard", "kaiming", "fixup", "all-zero")  # mirrors unet.init.INIT_SCHEMES
-NORMS = ("group", "none")  # mirrors unet.model.NORMS
-CHOICES = {
-    "init": INIT_SCHEMES,
-    "norm": NORMS,
-    "mixed_precision": ("no", "fp16", "bf16"),
-    "report_to": ("wandb", "tensorboard", "none"),
-    "noise_schedule": ("linear", "cosine"),
-    "schedule_sampler": ("uniform", "loss-second-moment"),
-}
-
-
-class ConfigError(ValueError):
-    """A bad key or value; its message is the one line the user sees."""
+from .config_rules import (CHOICES, INIT_SCHEMES, NORMS, ConfigError, check_batch_split,  # noqa: F401 (re-exported)
+                           require, resume_changes, validate)
 
 
 @dataclass
@@ -50,7 +39,8 @@ class TrainConfig:
     mixed_precision: str = "no"
     checkpoint_every: int = 500  # 0 = only at the end (and when stopped)
     keep_checkpoints: int = 2
-    resume: str = ""  # "", "latest" or a checkpoint directory
+    resume: str = ""  # "" (fresh), "latest", "auto" (latest if any, else fresh) or a checkpoint/output folder
+    overwrite: bool = False  # a fresh run may replace the checkpoints already in output_dir
     cpu_threads: int = 0  # torch threads per process on a CPU; 0 = the cores / processes on this machine
     compile: bool = False  # torch.compile the training forward/backward (minutes of compiling first)
     max_nan_steps: int = 10  # stop after this many non-finite losses in a row
@@ -198,7 +188,7 @@ def parse_scalar(key, typ, v):
             if isinstance(v, bool):
                 raise ValueError
             return float(v)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):  # OverflowError: an int written 1e400
         raise ConfigError(f"config key '{key}': expected {typ.__name__}, got {v!r}") from None
     raise AssertionError(typ)
 
@@ -209,7 +199,9 @@ def parse_value(key, v):
     if typing.get_origin(typ) in (list, typing.List):
         (inner,) = typing.get_args(typ)
         if isinstance(v, str):
-            v = [s for s in v.replace(" ", "").split(",") if s]
+            # "1,2", "1, 2" and "1 2" are two numbers (never "12"); strings split on commas only
+            pieces = v.split(",") if inner is str else re.split(r"[\s,]+", v)
+            v = [p.strip() for p in pieces if p.strip()]
         elif not isinstance(v, (list, tuple)):
             v = [v]
         return [parse_scalar(key, inner, x) for x in v]
@@ -218,6 +210,7 @@ def parse_value(key, v):
 
 def unknown_key(key):
     """The one-line error for a key TrainConfig does not have, with the closest it does."""
+    key = str(key)  # a YAML key may be a number or a boolean
     close = difflib.get_close_matches(key, FIELDS, n=1)
     hint = f" (did you mean '{close[0]}'?)" if close else ""
     return ConfigError(f"unknown config key '{key}'{hint}; allowed keys: {', '.join(FIELDS)}")
@@ -238,70 +231,17 @@ def read_yaml(path):
     if not os.path.isfile(path):
         raise ConfigError(f"config file '{path}' does not exist")
     try:
-        with open(path) as f:
+        with open(path, encoding="utf-8") as f:
             d = yaml.safe_load(f) or {}
     except yaml.YAMLError as e:
         raise ConfigError(f"config file '{path}' is not valid YAML: {str(e).splitlines()[0]}") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"config file '{path}' is not UTF-8 text (byte {e.start})") from None
+    except OSError as e:
+        raise ConfigError(f"config file '{path}' cannot be read: {e.strerror}") from None
     if not isinstance(d, dict):
         raise ConfigError(f"config file '{path}' must be a mapping of key: value")
     return d
-
-
-def _require(cond, key, allowed, value):
-    if not cond:
-        raise ConfigError(f"config key '{key}': got {value!r}, allowed: {allowed}")
-
-
-def check_batch_split(batch_size, grad_accum, processes=1):
-    """The global batch is split into ``grad_accum`` micro-batches, each over ``processes``:
-    it must divide evenly (the one check config, training and data share)."""
-    if batch_size % (grad_accum * processes):
-        parts = f"grad_accum={grad_accum}" if processes == 1 else \
-            f"grad_accum x processes = {grad_accum} x {processes}"
-        raise ConfigError(f"config key 'batch_size': got {batch_size}, allowed: a multiple of {parts}")
-
-
-def validate(cfg):
-    """Check every value and the ones that depend on each other; raise ConfigError."""
-    for key, allowed in CHOICES.items():
-        v = getattr(cfg, key)
-        _require(v in allowed, key, "|".join(allowed), v)
-    for key in ("max_steps", "batch_size", "grad_accum", "keep_checkpoints",
-                "log_every", "num_samples", "sample_steps", "image_size", "channels", "model_channels",
-                "num_res_blocks", "diffusion_steps", "max_nan_steps", "num_heads", "eval_batch_size",
-                "divergence_window"):
-        _require(getattr(cfg, key) >= 1, key, "an integer >= 1", getattr(cfg, key))
-    for key in ("warmup_steps", "num_workers", "diagnostics_every", "eval_every", "cpu_threads", "checkpoint_every"):
-        _require(getattr(cfg, key) >= 0, key, "an integer >= 0", getattr(cfg, key))
-    _require(cfg.sample_every >= -1, "sample_every", "-1 (never), 0 (at the end) or a step interval",
-             cfg.sample_every)
-    _require(cfg.lr > 0, "lr", "a number > 0", cfg.lr)
-    for key in ("weight_decay", "grad_clip", "dropout", "divergence_factor"):
-        _require(getattr(cfg, key) >= 0, key, "a number >= 0", getattr(cfg, key))
-    _require(cfg.dropout < 1, "dropout", "a number in [0, 1)", cfg.dropout)
-    _require(0 <= cfg.eval_fraction < 1, "eval_fraction", "a number in [0, 1)", cfg.eval_fraction)
-    _require(len(cfg.ema_rates) >= 1 and all(0 < r < 1 for r in cfg.ema_rates), "ema_rates",
-             "one or more rates in (0, 1), e.g. 0.9999,0.999", cfg.ema_rates)
-    check_batch_split(cfg.batch_size, cfg.grad_accum)
-    _require(len(cfg.channel_mult) >= 1 and all(m >= 1 for m in cfg.channel_mult), "channel_mult",
-             "a list of integers >= 1, e.g. 1,2,2", cfg.channel_mult)
-    levels = 2 ** (len(cfg.channel_mult) - 1)
-    _require(cfg.image_size % levels == 0, "image_size",
-             f"a multiple of {levels} (2^(len(channel_mult)-1))", cfg.image_size)
-    sizes = [cfg.image_size // 2 ** i for i in range(len(cfg.channel_mult))]
-    _require(all(r in sizes for r in cfg.attention_resolutions), "attention_resolutions",
-             f"resolutions in pixels the U-Net has: a subset of {sizes}", cfg.attention_resolutions)
-    if cfg.norm == "group":
-        # GroupNorm32 uses 32 groups, as the original does.
-        _require(cfg.model_channels % 32 == 0, "model_channels", "a multiple of 32 with norm=group",
-                 cfg.model_channels)
-    if cfg.class_cond:
-        _require(cfg.num_classes >= 1, "num_classes", "an integer >= 1 when class_cond is true", cfg.num_classes)
-    _require(0 <= cfg.class_dropout_prob < 1, "class_dropout_prob", "a number in [0, 1)", cfg.class_dropout_prob)
-    _require(cfg.class_cond or cfg.class_dropout_prob == 0, "class_dropout_prob",
-             "0 for an unconditional model (class_cond false)", cfg.class_dropout_prob)
-    if cfg.dataset == "imagefolder":
-        _require(bool(cfg.data_dir), "data_dir", "a folder of images when dataset=imagefolder", cfg.data_dir)
 
 
 # --- the command line: generated from the dataclass --------------------------------------
@@ -362,7 +302,8 @@ def _parse(parser, argv):
     except argparse.ArgumentError as e:
         key = (e.argument_name or "").split("/")[0].lstrip("-")
         if "expected one argument" in e.message:
-            raise ConfigError(f"config key '{key}' needs a value: --{key} VALUE") from None
+            raise ConfigError(f"config key '{key}' needs a value: --{key} VALUE "
+                              f"(one that starts with '-' as --{key}=VALUE)") from None
         raise ConfigError(e.message) from None
 
 
