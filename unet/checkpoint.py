@@ -15,11 +15,11 @@ folders (or a run's latest) and original improved-diffusion ``.pt`` state dicts 
 
 import json
 import os
-import re
 import shutil
 from dataclasses import dataclass
 
 import torch
+from accelerate.utils import load as accelerate_load
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
@@ -27,37 +27,12 @@ from .config import ConfigError, TrainConfig
 from .diffusion import create_diffusion
 from .factory import architecture_from_config, create_model
 from .model import UNetModel
+from .run_dir import (CHECKPOINT_RE, TMP_PREFIX, CheckpointError, checkpoint_step,  # noqa: F401 (re-exported)
+                      checkpoints_root, clean_leftovers, fsync_path, fsync_tree, latest_checkpoint,
+                      list_checkpoints, publish, resolve_resume, rotate)
 
-CHECKPOINT_RE = re.compile(r"^checkpoint_(\d{8})$")
-TMP_PREFIX = ".tmp-"
-
-
-class CheckpointError(ValueError):
-    """A missing, incomplete or corrupt checkpoint; the message is one line."""
-
-
-def checkpoints_root(output_dir):
-    return os.path.join(output_dir, "checkpoints")
-
-
-def list_checkpoints(output_dir):
-    """Complete checkpoints of a run, oldest first (temporary folders are not listed)."""
-    root = checkpoints_root(output_dir)
-    if not os.path.isdir(root):
-        return []
-    names = sorted(n for n in os.listdir(root) if CHECKPOINT_RE.match(n))
-    return [os.path.join(root, n) for n in names]
-
-
-def latest_checkpoint(output_dir):
-    """The newest complete checkpoint folder under ``output_dir``, or None."""
-    found = list_checkpoints(output_dir)
-    return found[-1] if found else None
-
-
-def checkpoint_step(path):
-    m = CHECKPOINT_RE.match(os.path.basename(os.path.normpath(path)))
-    return int(m.group(1)) if m else None
+RNG_FILE = "random_states_{}.pkl"  # accelerate's RNG state of process i
+ACCELERATE_FILES = ("optimizer.bin", "scheduler.bin")  # read with torch.load(weights_only=True)
 
 
 def ema_filename(rate):
@@ -102,7 +77,10 @@ def _join_state(state, tensors):
 
 def save_checkpoint(accelerator, output_dir, step, cfg, model, emas, train_state, keep):
     """
-    Save everything needed to continue the run at ``step``. Call on every process.
+    Save everything needed to continue the run at ``step``. Call on every process. Every
+    process's files are in the temporary folder (a barrier) and flushed to disk before the
+    main process publishes it with one rename; a failed write (disk full, unwritable
+    folder) is a one-line ``CheckpointError`` on every process, the previous checkpoint kept.
 
     :param model: the prepared (possibly DDP-wrapped) model.
     :param emas: {rate: diffusers ``EMAModel``}.
@@ -113,60 +91,93 @@ def save_checkpoint(accelerator, output_dir, step, cfg, model, emas, train_state
     root = checkpoints_root(output_dir)
     final = os.path.join(root, f"checkpoint_{step:08d}")
     tmp = os.path.join(root, f"{TMP_PREFIX}checkpoint_{step:08d}")
-    if accelerator.is_main_process:
-        os.makedirs(root, exist_ok=True)
-        for n in os.listdir(root):  # leftovers of a save that was killed
-            if n.startswith(TMP_PREFIX):
-                shutil.rmtree(os.path.join(root, n), ignore_errors=True)
-    accelerator.wait_for_everyone()
-    accelerator.save_state(tmp)
+    error = None
+    try:
+        if accelerator.is_main_process:
+            os.makedirs(root, exist_ok=True)
+            clean_leftovers(output_dir)  # what a killed save left
+        accelerator.wait_for_everyone()
+        accelerator.save_state(tmp)
+        fsync_path(os.path.join(tmp, RNG_FILE.format(accelerator.process_index)))
+    except OSError as e:
+        error = e
     weights = accelerator.get_state_dict(model)  # on every process: sharded setups gather here
-    if accelerator.is_main_process:
-        unwrapped = accelerator.unwrap_model(model)
-        save_file(_strip_module(weights), os.path.join(tmp, "model.safetensors"))
-        for rate, ema in emas.items():
-            save_file(ema_state_dict(unwrapped, ema), os.path.join(tmp, ema_filename(rate)))
-        tensors = {}
-        meta = _split_state(train_state, "state", tensors)
-        if tensors:
-            save_file(tensors, os.path.join(tmp, "train_state.safetensors"))
-        with open(os.path.join(tmp, "train_state.json"), "w") as f:
-            json.dump(meta, f)
-        cfg.save(os.path.join(tmp, "config.yaml"))
-        _commit(tmp, final)
-        for old in list_checkpoints(output_dir)[:-keep]:
-            shutil.rmtree(old, ignore_errors=True)
+    accelerator.wait_for_everyone()  # every process's files are in before the main one publishes
+    if accelerator.is_main_process and error is None:
+        try:
+            write_own_files(tmp, accelerator.unwrap_model(model), weights, emas, train_state, cfg)
+            fsync_tree(tmp)
+            publish(tmp, final)
+            rotate(output_dir, final, keep)
+        except OSError as e:
+            error = e
+    if agree(accelerator, error is not None):
+        if accelerator.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)
+        accelerator.wait_for_everyone()
+        kept = latest_checkpoint(output_dir)
+        why = _one_line(error) if error is not None else "failed on another process"
+        raise CheckpointError(f"cannot write checkpoint {final}: {why}; the previous checkpoint "
+                              f"({kept or 'none'}) is kept")
     accelerator.wait_for_everyone()
     return final
 
 
-def _commit(tmp, final):
-    """Rename the finished folder into place (atomic on one file system)."""
-    if os.path.exists(final):  # the same step saved again: swap, then drop the old copy
-        old = final + ".old"
-        os.replace(final, old)
-        os.replace(tmp, final)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, final)
+def agree(accelerator, flag):
+    """True on every process if ``flag`` is true on any."""
+    if accelerator.num_processes == 1:
+        return flag
+    t = torch.tensor([float(flag)], device=accelerator.device)
+    return bool(accelerator.reduce(t, "sum").item() > 0)
 
 
-def resolve_resume(resume, output_dir):
-    """The checkpoint folder ``resume`` ("latest" or a path) points to, or None to start fresh."""
-    if not resume:
-        return None
-    if resume == "latest":
-        return latest_checkpoint(output_dir)  # nothing yet: start fresh, as a restarted job should
-    path = resume
-    if not CHECKPOINT_RE.match(os.path.basename(os.path.normpath(path))):
-        path = latest_checkpoint(path)  # an output_dir was given
-    if path is None or not os.path.isfile(os.path.join(path, "train_state.json")):
-        raise CheckpointError(f"config key 'resume': no complete checkpoint at '{resume}'")
-    return path
+def write_own_files(folder, unwrapped, weights, emas, train_state, cfg):
+    """What accelerate's ``save_state`` does not write: the UNetModel's keys, the EMAs, the
+    training state and the config."""
+    save_file(_strip_module(weights), os.path.join(folder, "model.safetensors"))
+    for rate, ema in emas.items():
+        save_file(ema_state_dict(unwrapped, ema), os.path.join(folder, ema_filename(rate)))
+    tensors = {}
+    meta = _split_state(train_state, "state", tensors)
+    if tensors:
+        save_file(tensors, os.path.join(folder, "train_state.safetensors"))
+    with open(os.path.join(folder, "train_state.json"), "w") as f:
+        json.dump(meta, f)
+    cfg.save(os.path.join(folder, "config.yaml"))
+
+
+def check_training_files(path, process_index, emas, scaler=False):
+    """
+    The files a resume reads, checked before anything is loaded: present, not empty, and
+    accelerate's pickled parts readable (it would otherwise fail with a traceback, or, for
+    an RNG file, silently go on without it). Each problem is a one-line ``CheckpointError``
+    naming the file.
+
+    :return: how many processes wrote RNG files (the process count of the saving run).
+    """
+    names = ["model.safetensors", "train_state.json", "config.yaml", *ACCELERATE_FILES,
+             *(ema_filename(r) for r in emas), *(["scaler.pt"] if scaler else [])]
+    writers = sum(1 for n in os.listdir(path) if n.startswith("random_states_") and n.endswith(".pkl"))
+    if process_index < writers or process_index == 0:
+        names.append(RNG_FILE.format(process_index))
+    for name in names:
+        file = os.path.join(path, name)
+        if not os.path.isfile(file) or os.path.getsize(file) == 0:
+            raise CheckpointError(f"cannot resume from '{path}': {name} is "
+                                  f"{'empty' if os.path.isfile(file) else 'missing'}")
+        if name.endswith((".bin", ".pkl", ".pt")):
+            try:
+                accelerate_load(file, map_location="cpu")
+            except Exception as e:  # truncated or foreign: EOFError, UnpicklingError, RuntimeError
+                raise CheckpointError(f"cannot resume from '{path}': {name} is unreadable "
+                                      f"({type(e).__name__}: {_one_line(e)})") from None
+    return writers
 
 
 def load_training_state(accelerator, path, model, emas):
-    """Restore a checkpoint saved by ``save_checkpoint`` into prepared objects; returns train_state."""
+    """Restore a checkpoint saved by ``save_checkpoint`` into prepared objects; returns
+    train_state (with ``"rng_writers"``: how many processes saved RNG states)."""
+    writers = check_training_files(path, accelerator.process_index, emas, scaler=accelerator.scaler is not None)
     try:
         # The model file holds unwrapped keys, which a DDP wrapper would not match: let
         # accelerate restore optimizer, scheduler and RNG, then load the weights strictly here.
@@ -180,9 +191,9 @@ def load_training_state(accelerator, path, model, emas):
             meta = json.load(f)
         tensors_file = os.path.join(path, "train_state.safetensors")
         tensors = load_file(tensors_file) if os.path.exists(tensors_file) else {}
-    except (OSError, KeyError, RuntimeError, SafetensorError, ValueError) as e:
+    except (OSError, KeyError, RuntimeError, SafetensorError, ValueError, EOFError) as e:
         raise CheckpointError(f"cannot resume from '{path}': {_one_line(e)}") from None
-    return _join_state(meta, tensors)
+    return {**_join_state(meta, tensors), "rng_writers": writers}
 
 
 def _one_line(e):
