@@ -53,6 +53,7 @@ CASES = [
     (["--ema_rates", "nan"], ["'ema_rates'", "(0, 1)"]),
     (["--class_dropout_prob", "1"], ["'class_dropout_prob'", "[0, 1)"]),
     (["--class_dropout_prob", "0.1", "--class_cond", "false"], ["'class_dropout_prob'", "unconditional"]),
+    (["--channel_mult", "2,2"], ["'channel_mult'", "starting with 1"]),
     (["--channel_mult", "1,0"], ["'channel_mult'", ">= 1"]),
     (["--channel_mult", ""], ["'channel_mult'", ">= 1"]),
     (["--channel_mult", "1,2,2,2,2"], ["'image_size'", "multiple of 16"]),

@@ -124,6 +124,9 @@ def check_model(cfg):
     require(cfg.channels in (1, 3), "channels", "1 (greyscale) or 3 (RGB)", cfg.channels)
     require(len(cfg.channel_mult) >= 1 and all(1 <= m < INT_LIMIT for m in cfg.channel_mult), "channel_mult",
             "a list of integers >= 1, e.g. 1,2,2", cfg.channel_mult)
+    # The output conv takes model_channels channels, as improved-diffusion's does: the first
+    # level must keep that width (2,2 used to fail at the first forward).
+    require(cfg.channel_mult[0] == 1, "channel_mult", "a list starting with 1, e.g. 1,2,2", cfg.channel_mult)
     levels = 2 ** (len(cfg.channel_mult) - 1)
     require(cfg.image_size % levels == 0, "image_size", f"a multiple of {levels} (2^(len(channel_mult)-1))",
             cfg.image_size)
