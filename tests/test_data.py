@@ -86,3 +86,47 @@ def test_missing_empty_and_mismatched_data_are_one_line_errors(tmp_path):
     _folder(tmp_path / "three", {"a": 1, "b": 1, "c": 1})
     with pytest.raises(DataError, match="'num_classes' is 10 but .* has 3 classes"):
         load_image_data(TrainConfig(dataset="imagefolder", data_dir=str(tmp_path / "three")), log=lambda *a: None)
+
+
+def test_decompression_bombs_and_decoder_eof_errors_are_skipped_and_counted(tmp_path, monkeypatch):
+    """issue 12 item 9: PIL refuses an image with more pixels than its limit before decoding it
+    (DecompressionBombError, not an OSError); some decoders end a truncated file with EOFError."""
+    _folder(tmp_path, {"a": 3, "b": 2})
+    Image.new("RGB", (64, 64)).save(tmp_path / "a" / "bomb.png")  # 4096 pixels: a bomb under the limit below
+    Image.new("RGB", (12, 12)).save(tmp_path / "b" / "eof.png")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # PIL raises above twice the limit
+    real_load = Image.Image.load
+
+    def load(self):
+        if str(getattr(self, "filename", "")).endswith("eof.png"):
+            raise EOFError("no more image data")
+        return real_load(self)
+
+    monkeypatch.setattr(Image.Image, "load", load)
+    logged = []
+    cfg = TrainConfig(dataset="imagefolder", data_dir=str(tmp_path), image_size=8, channels=3, num_classes=2,
+                      eval_fraction=0.0)
+    data = load_image_data(cfg, log=logged.append)
+    assert data.skipped == 2 and len(data.train) == 5 and "skipped 2 corrupt" in logged[0]
+    assert fixed_batch(data.train, 5)[0].shape == (5, 3, 8, 8)
+
+
+def test_a_folder_with_one_usable_image_trains_without_a_held_out_split(tmp_path):
+    _folder(tmp_path, {"a": 1})
+    (tmp_path / "a" / "broken.png").write_bytes(b"not an image")
+    logged = []
+    cfg = TrainConfig(dataset="imagefolder", data_dir=str(tmp_path), image_size=8, channels=3, class_cond=False)
+    data = load_image_data(cfg, log=logged.append)
+    assert len(data.train) == 1 and data.eval is None and data.skipped == 1
+    assert any("too few to hold 0.1 out" in line for line in logged)
+    x, _ = next(iter(train_loader(data, cfg.replace(batch_size=4, max_steps=1), 0, 0, 1, seed=0)))
+    assert x.shape == (4, 3, 8, 8)  # the one image, four times
+
+
+def test_a_held_out_split_with_no_readable_image_is_a_one_line_error(tmp_path):
+    _folder(tmp_path / "train", {"a": 2})
+    (tmp_path / "test" / "a").mkdir(parents=True)
+    (tmp_path / "test" / "a" / "broken.png").write_bytes(b"not an image")
+    cfg = TrainConfig(dataset="imagefolder", data_dir=str(tmp_path), image_size=8, channels=3, num_classes=1)
+    with pytest.raises(DataError, match="^the held-out split of dataset 'imagefolder' has no readable images$"):
+        load_image_data(cfg, log=lambda *a: None)

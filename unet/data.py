@@ -6,6 +6,7 @@ an iterator's state: resuming at step s replays exactly the batches a straight r
 have seen, and every init arm of the ablation sees the same data for the same seed."""
 
 import io
+import math
 import os
 from dataclasses import dataclass
 
@@ -79,7 +80,9 @@ def _decodes(example, column):
     try:
         _open(example[column]).load()
         return True
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError):
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError):
+        # EOFError: some decoders on a truncated file; DecompressionBombError: more pixels than
+        # PIL's limit (Image.MAX_IMAGE_PIXELS), refused before it is decoded into memory
         return False
 
 
@@ -148,6 +151,8 @@ def load_image_data(cfg, log=print):
         log(f"skipped {skipped} corrupt image file(s) in dataset '{cfg.dataset}'")
     if len(splits["train"]) == 0:
         raise DataError(f"dataset '{cfg.dataset}' has no readable images")
+    if "eval" in splits and len(splits["eval"]) == 0:
+        raise DataError(f"the held-out split of dataset '{cfg.dataset}' has no readable images")
 
     num_classes = ds.features[label_col].num_classes if label_col else 0
     if cfg.class_cond and not label_col:
@@ -156,9 +161,13 @@ def load_image_data(cfg, log=print):
         raise DataError(f"config key 'num_classes' is {cfg.num_classes} but dataset '{cfg.dataset}' "
                         f"has {num_classes} classes")
     if "eval" not in splits and cfg.eval_fraction > 0:
-        # A fixed split seed: the held-out set does not change with the run's seed.
-        parts = splits["train"].train_test_split(test_size=cfg.eval_fraction, seed=0)
-        splits = {"train": parts["train"], "eval": parts["test"]}
+        n = len(splits["train"])
+        if math.floor((1 - cfg.eval_fraction) * n) < 1 or n < 2:  # datasets' own split sizes
+            log(f"dataset '{cfg.dataset}' has {len(splits['train'])} image(s): too few to hold "
+                f"{cfg.eval_fraction:g} out; the eval loss is measured on training images")
+        else:  # a fixed split seed: the held-out set does not change with the run's seed
+            parts = splits["train"].train_test_split(test_size=cfg.eval_fraction, seed=0)
+            splits = {"train": parts["train"], "eval": parts["test"]}
 
     def transform(batch):
         out = {"image": [to_tensor(_open(v), cfg.image_size, cfg.channels) for v in batch[image_col]]}
@@ -251,3 +260,32 @@ def fixed_batch(split, count):
     """The first ``count`` examples of a split (e.g. the held-out batch for eval loss)."""
     rows = [split[i] for i in range(min(count, len(split)))]
     return _collate(rows)
+
+
+# --- what the model sees besides the examples -------------------------------------------
+
+def draw_step_inputs(sampler, gen, shape, random_flip, label_drop=0.0):
+    """t, importance weights, noise, flip mask and label-drop mask for a whole global batch
+    of ``shape``, drawn in one go so that they do not depend on the number of processes or
+    micro-batches (each takes the slice ``data.batch_slice`` gives it, as it does for the
+    examples). The drop mask is drawn last and only when ``label_drop`` > 0, so runs without
+    label dropout see exactly the t, noise and flips they saw before the option existed."""
+    t, w = sampler.sample(shape[0], "cpu", generator=gen)
+    noise = torch.randn(shape, generator=gen)
+    flip = torch.rand(shape[0], generator=gen) < 0.5 if random_flip else torch.zeros(shape[0], dtype=torch.bool)
+    drop = torch.rand(shape[0], generator=gen) < label_drop if label_drop > 0 else torch.zeros(shape[0], dtype=torch.bool)
+    return t, w, noise, flip, drop
+
+
+def eval_batch(data, diffusion, cfg, device):
+    """A fixed held-out batch with fixed t and noise (the same numbers for every run), and
+    its first 32 noised images for the stability diagnostics."""
+    x, y = fixed_batch(data.eval if data.eval is not None else data.train, cfg.eval_batch_size)
+    g = torch.Generator().manual_seed(0)
+    t = torch.randint(0, diffusion.num_timesteps, (x.shape[0],), generator=g)
+    noise = torch.randn(x.shape, generator=g)
+    y = y if cfg.class_cond else None
+    n = min(32, x.shape[0])
+    diag = (diffusion.q_sample(x[:n], t[:n], noise[:n]).to(device), diffusion.model_timesteps(t[:n]).to(device),
+            None if y is None else y[:n].to(device))
+    return dict(x=x, t=t, noise=noise, kwargs={} if y is None else {"y": y.to(device)}, diag=diag)
