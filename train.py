@@ -5,7 +5,9 @@
     accelerate launch train.py --resume latest --max_steps 6000
 
 Every config key can be given as --key value (see --help). Exit codes: 0 done, 2 bad
-configuration, 1 data/checkpoint/setup error, 3 stopped on non-finite or diverging loss."""
+configuration (also a resume that changes a fixed key, or a fresh run into an output_dir
+that holds checkpoints), 1 data/checkpoint/setup error, 3 stopped on non-finite or diverging
+loss, 75 stopped by SIGTERM/SIGUSR1 after writing a checkpoint (requeue with --resume auto)."""
 
 import sys
 
@@ -25,13 +27,21 @@ def main(argv=None):
     # Imported only now so that a bad flag is reported without loading torch.
     from unet.checkpoint import CheckpointError
     from unet.data import DataError
+    from unet.preemption import PREEMPTED_EXIT
     from unet.training import TrainingError, train
 
     try:
-        summary = train(cfg)
+        summary = train(cfg, stop_signals=True)
+    except ConfigError as e:  # found only against the output_dir or the checkpoint
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     except (TrainingError, DataError, CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+    if summary["stop_reason"] == "preempted":
+        print(f"stopped by {summary['signal']} at step {summary['steps']}; checkpoint: {summary['checkpoint']}; "
+              "continue with --resume auto", file=sys.stderr)
+        return PREEMPTED_EXIT
     if summary["diverged"]:
         print(f"error: training stopped at step {summary['steps']}: {summary['divergence_reason']}; "
               f"last good checkpoint: {summary['checkpoint'] or 'none'}", file=sys.stderr)

@@ -160,10 +160,11 @@ def test_nan_streak_stops_with_message_and_keeps_last_checkpoint(monkeypatch, tm
     cfg.save(tmp_path / "c.yaml")
     rc = train_script.main(["--config", str(tmp_path / "c.yaml")])
     err = capsys.readouterr().err
-    assert rc == 3 and "3 non-finite losses in a row" in err and "checkpoint_00000004" in err
+    assert rc == 3 and "3 non-finite losses in a row" in err and "checkpoint_00000002" in err
     assert len([ln for ln in err.splitlines() if "error" in ln]) == 1
-    # steps 4-6 were skipped; the step-4 checkpoint holds the step-3 weights, all finite
-    assert latest_checkpoint(str(tmp_path)).endswith("checkpoint_00000004")
+    # steps 4-6 were skipped, so no checkpoint was written after step 3 (issue 12: never while
+    # the last step was skipped); the latest is step 2's, all finite
+    assert latest_checkpoint(str(tmp_path)).endswith("checkpoint_00000002")
     model = load_checkpoint(str(tmp_path), ema=False).model
     assert all(torch.isfinite(p).all() for p in model.parameters())
 
@@ -210,13 +211,15 @@ DDP_WORKER = textwrap.dedent("""
     from unet.config import load_config
     from unet.training import train
     cfg = load_config(sys.argv[1:])
+    import torch
     seen = {}
-    summary = train(cfg, hooks=[lambda step, rec, model: seen.update(model=model)])
+    summary = train(cfg, hooks=[lambda step, rec, model: seen.update(model=model,
+                                                                 rng=torch.get_rng_state().tolist())])
     state = PartialState()
     assert state.num_processes == 2, state.num_processes
     sd = {k: v.detach().contiguous() for k, v in seen["model"].state_dict().items()}
     save_file(sd, f"{cfg.output_dir}/rank{state.process_index}.safetensors")
-    json.dump({"world": state.num_processes, "losses": [r["loss"] for r in summary["history"]]},
+    json.dump({"world": state.num_processes, "losses": [r["loss"] for r in summary["history"]], "rng": seen["rng"]},
               open(f"{cfg.output_dir}/rank{state.process_index}.json", "w"))
 """)
 
@@ -239,6 +242,7 @@ def test_two_process_ddp_matches_one_process(tmp_path):
     ranks = [json.load(open(out / f"rank{i}.json")) for i in range(2)]
     assert ranks[0]["world"] == ranks[1]["world"] == 2
     assert ranks[0]["losses"] == ranks[1]["losses"]  # each rank logs the all-gathered loss
+    assert ranks[0]["rng"] != ranks[1]["rng"]  # per-process dropout randomness (issue 12 item 8)
     p0, p1 = load_file(out / "rank0.safetensors"), load_file(out / "rank1.safetensors")
     assert all(torch.equal(p0[k], p1[k]) for k in p0)
     steps = [h["_step"] for h in read_run(str(out / "wandb")).history if "train/loss" in h]

@@ -10,9 +10,13 @@ import sys
 import torch
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState, is_initialized
+from accelerate.utils import DistributedType
 
 from .config import ConfigError, check_batch_split
 from .tracking import TrackerError, prepare_tracker
+
+
+SHARDED = (DistributedType.FSDP, DistributedType.DEEPSPEED, DistributedType.MEGATRON_LM)
 
 
 class TrainingError(RuntimeError):
@@ -86,6 +90,26 @@ def check_run(cfg, accelerator):
         check_batch_split(cfg.batch_size, cfg.grad_accum, accelerator.num_processes)
     except ConfigError as e:
         raise TrainingError(str(e)) from None
+    sharded = accelerator.distributed_type.value if accelerator.distributed_type in SHARDED else None
+    if sharded:
+        # EMA shadows, checkpoint files and the weight checks assume every process holds the
+        # whole model: refused rather than half-supported.
+        raise TrainingError(f"accelerate is configured for {sharded}, which this training loop does not support "
+                            "(EMA and checkpoints need whole weights on every process); use DDP (--multi_gpu)")
+    check_output_dir(cfg.output_dir, accelerator.process_index)
     if cfg.compile and accelerator.device.type == "cpu" and not cpu_compiler():
         raise TrainingError("compile: true on a CPU needs a C++ compiler for torch.compile (none found: "
                             "install g++ or set CXX, or set compile false)")
+
+
+def check_output_dir(output_dir, rank):
+    """``output_dir`` exists or can be made, and this process can write in it (a file is
+    written and removed): one line now rather than a traceback at the first checkpoint."""
+    probe = os.path.join(output_dir, f".write-test-{rank}")
+    try:
+        os.makedirs(output_dir, exist_ok=True)
+        with open(probe, "w") as f:
+            f.write("ok")
+        os.remove(probe)
+    except OSError as e:
+        raise TrainingError(f"output_dir '{output_dir}' is not writable: {e.strerror or e}") from None

@@ -106,11 +106,13 @@ class TrainState:
                                                                  "recent": []}))
 
 
-def should_stop(state, record, cfg, hook=False):
+def should_stop(state, record, cfg, hook=False, signalled=False):
     """
     Why the run stops after ``record``'s step, first rule first: "nan" (``max_nan_steps``
     skipped steps in a row), "diverged" (``divergence_factor`` > 0 and the divergence rule
-    fired), "hook" (a hook asked to stop), "max_steps", or None to go on.
+    fired), "hook" (a hook asked to stop), "max_steps", "preempted" (a stop signal arrived:
+    ``signalled``), or None to go on. The last step is "max_steps" even when signalled: the
+    run is complete.
     """
     if state.nan_streak >= cfg.max_nan_steps:
         return "nan"
@@ -120,6 +122,8 @@ def should_stop(state, record, cfg, hook=False):
         return "hook"
     if record.step >= cfg.max_steps:
         return "max_steps"
+    if signalled:
+        return "preempted"
     return None
 
 

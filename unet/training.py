@@ -27,12 +27,15 @@ from diffusers.training_utils import EMAModel
 from tqdm.auto import tqdm
 
 from . import diagnostics
-from .checkpoint import load_training_state, resolve_resume, save_checkpoint
-from .data import batch_slice, fixed_batch, load_image_data, seeded_generator, train_loader
+from .checkpoint import agree, save_checkpoint
+from .data import (batch_slice, draw_step_inputs, eval_batch, load_image_data,  # noqa: F401 (draw_step_inputs re-exported)
+                   seeded_generator, train_loader)
 from .factory import create_diffusion_from_config, create_model
 from .images import image_grid, save_png
 from .launch import TrainingError, adamw, check_run, make_accelerator  # noqa: F401 (TrainingError: what train raises)
+from .preemption import StopSignals
 from .resample import create_named_schedule_sampler
+from .resume import plan, restore, tidy
 from .sampling import generate
 from .tracking import init_trackers, log_image
 from .train_state import LOSS_TERMS, StepRecord, TrainState, log_window, should_stop, stop_message
@@ -59,35 +62,7 @@ class Run:
     eval_batch: dict = None
     sample_model: object = None
     wandb_dir: str = None
-
-
-# --- what the model sees ---------------------------------------------------------------
-
-def draw_step_inputs(sampler, gen, shape, random_flip, label_drop=0.0):
-    """t, importance weights, noise, flip mask and label-drop mask for a whole global batch
-    of ``shape``, drawn in one go so that they do not depend on the number of processes or
-    micro-batches (each takes the slice ``data.batch_slice`` gives it, as it does for the
-    examples). The drop mask is drawn last and only when ``label_drop`` > 0, so runs without
-    label dropout see exactly the t, noise and flips they saw before the option existed."""
-    t, w = sampler.sample(shape[0], "cpu", generator=gen)
-    noise = torch.randn(shape, generator=gen)
-    flip = torch.rand(shape[0], generator=gen) < 0.5 if random_flip else torch.zeros(shape[0], dtype=torch.bool)
-    drop = torch.rand(shape[0], generator=gen) < label_drop if label_drop > 0 else torch.zeros(shape[0], dtype=torch.bool)
-    return t, w, noise, flip, drop
-
-
-def eval_batch(data, diffusion, cfg, device):
-    """A fixed held-out batch with fixed t and noise (the same numbers for every run), and
-    its first 32 noised images for the stability diagnostics."""
-    x, y = fixed_batch(data.eval if data.eval is not None else data.train, cfg.eval_batch_size)
-    g = torch.Generator().manual_seed(0)
-    t = torch.randint(0, diffusion.num_timesteps, (x.shape[0],), generator=g)
-    noise = torch.randn(x.shape, generator=g)
-    y = y if cfg.class_cond else None
-    n = min(32, x.shape[0])
-    diag = (diffusion.q_sample(x[:n], t[:n], noise[:n]).to(device), diffusion.model_timesteps(t[:n]).to(device),
-            None if y is None else y[:n].to(device))
-    return dict(x=x, t=t, noise=noise, kwargs={} if y is None else {"y": y.to(device)}, diag=diag)
+    log: object = print  # the main process's log (a no-op on the others)
 
 
 # --- one optimizer step ----------------------------------------------------------------
@@ -228,11 +203,16 @@ def maybe_sample(run, state, done, final=False):
         state.last_samples = write_samples(run, done) or state.last_samples
 
 
-def maybe_checkpoint(run, state, done, stop):
-    """A checkpoint every ``checkpoint_every`` steps, at the last step and when a hook stops
-    the run (never after a non-finite or diverging step: the last good one stays the latest)."""
-    cfg = run.cfg
-    if not ((cfg.checkpoint_every and done % cfg.checkpoint_every == 0) or done == cfg.max_steps or stop == "hook"):
+def maybe_checkpoint(run, state, record, stop, log):
+    """A checkpoint every ``checkpoint_every`` steps, at the last step and when a hook or a
+    signal stops the run; never after a skipped (non-finite) step or with non-finite
+    weights, so that the latest checkpoint is always a good one."""
+    cfg, done = run.cfg, record.step
+    if not ((cfg.checkpoint_every and done % cfg.checkpoint_every == 0) or done == cfg.max_steps
+            or stop in ("hook", "preempted")):
+        return
+    if record.skipped or not all(torch.isfinite(p).all() for p in run.raw.parameters()):
+        log(f"step {done}: checkpoint not written (non-finite loss or weights); latest good: {state.last_checkpoint}")
         return
     train_state = {**state.state_dict(), "step": done, "sampler": run.sampler.state_dict(),
                    "ema_steps": {f"{r:g}": e.optimization_step for r, e in run.emas.items()}}
@@ -261,7 +241,10 @@ def build_run(cfg, accelerator, log):
     with accelerator.main_process_first():
         data = load_image_data(cfg, log=log)
     set_seed(cfg.seed)  # after data loading, so the init does not depend on it
-    model = create_model(cfg)
+    model = create_model(cfg)  # the same initial weights on every process
+    if accelerator.process_index:
+        # Dropout masks differ between processes; process 0 keeps the stream of a one-process run.
+        set_seed((cfg.seed * 1_000_003 + accelerator.process_index) % 2 ** 32)
     diffusion = create_diffusion_from_config(cfg)
     sampler = create_named_schedule_sampler(cfg.schedule_sampler, diffusion)
     optimizer = adamw(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -274,7 +257,7 @@ def build_run(cfg, accelerator, log):
     emas = {r: make_ema(raw.parameters(), r, cfg.ema_warmup) for r in cfg.ema_rates}
     return Run(cfg=cfg, accelerator=accelerator, data=data, model=model, raw=raw, train_model=train_model,
                diffusion=diffusion, sampler=sampler, optimizer=optimizer, scheduler=scheduler, emas=emas,
-               data_seed=cfg.seed if cfg.data_seed < 0 else cfg.data_seed)
+               data_seed=cfg.seed if cfg.data_seed < 0 else cfg.data_seed, log=log)
 
 
 def make_ema(params, rate, warmup=True):
@@ -292,57 +275,64 @@ def make_ema(params, rate, warmup=True):
     return EMAModel(params, decay=rate, min_decay=rate, update_after_step=-1, foreach=True)
 
 
-def resume(run, state, path, log):
-    """Restore model, optimizer, schedule, RNG, EMAs, sampler and counters from ``path``."""
-    loaded = load_training_state(run.accelerator, path, run.model, run.emas)
-    state.load_state_dict(loaded)
-    run.sampler.load_state_dict(loaded["sampler"])
-    for r, ema in run.emas.items():
-        ema.optimization_step = loaded["ema_steps"][f"{r:g}"]
-    log(f"resumed from {path} at step {state.step}")
-
-
 # --- the loop --------------------------------------------------------------------------
 
-def train(cfg, hooks=()):
+def train(cfg, hooks=(), stop_signals=False):
     """
     Train a U-Net as ``cfg`` says; resumable, multi-process through accelerate.
 
     :param cfg: a ``TrainConfig``.
     :param hooks: callables ``hook(step, record, model)`` run after every optimizer step on
         every process, with the unwrapped model; a hook returning True stops the run.
+    :param stop_signals: True: SIGTERM/SIGUSR1 stop the run after the current step with a
+        checkpoint (stop_reason "preempted"; ``train.py`` does this). False leaves the
+        caller's signal handling alone (the ablation's workers, library use).
     :return: dict with ``history`` (one dict per step: step, loss, mse, vb, grad_norm, lr,
         loss_q0..3, and where measured eval_loss, residual_ratios, activation_rms),
-        ``diverged``, ``stop_reason`` (max_steps | nan | diverged | hook),
+        ``diverged``, ``stop_reason`` (max_steps | nan | diverged | preempted | hook),
         ``divergence_reason`` (one line, or None), ``nan_skipped``, ``spike_count``,
         ``initial_loss``, ``final_loss``, ``final_eval_loss``, ``steps``, ``output_dir``,
-        ``checkpoint``, ``samples`` (last grid PNG), ``wandb_dir`` and ``skipped_images``
-        (corrupt image files left out of the data).
+        ``checkpoint`` (the latest good one), ``samples`` (last grid PNG), ``wandb_dir``,
+        ``skipped_images`` (corrupt image files left out of the data) and ``signal`` (the
+        stop signal received, e.g. "SIGTERM", or None; stop_reason "preempted").
     """
-    resume_path = resolve_resume(cfg.resume, cfg.output_dir)  # a bad path fails before anything starts
+    resume_path, stale, changes = plan(cfg)  # refusals and a bad resume path fail before anything starts
     accelerator = make_accelerator(cfg)
     try:
         check_run(cfg, accelerator)
         log = print if accelerator.is_main_process else (lambda *a, **k: None)
-        run = build_run(cfg, accelerator, log)
-        state = TrainState(divergence=diagnostics.DivergenceMonitor(cfg.divergence_factor, cfg.divergence_window),
-                           last_checkpoint=resume_path)
-        if resume_path:
-            resume(run, state, resume_path, log)
         if accelerator.is_main_process:
-            os.makedirs(cfg.output_dir, exist_ok=True)
-            cfg.save(os.path.join(cfg.output_dir, "config.yaml"))
-        run.wandb_dir = init_trackers(accelerator, cfg)
-        run.eval_batch = eval_batch(run.data, run.diffusion, cfg, accelerator.device)
-        if accelerator.is_main_process and cfg.sample_every >= 0:
-            run.sample_model = copy.deepcopy(run.raw).eval().requires_grad_(False)
-        return train_loop(run, state, hooks)
+            tidy(cfg.output_dir, stale, log)
+        accelerator.wait_for_everyone()
+        with StopSignals(install=stop_signals) as signals:  # SIGTERM/SIGUSR1: stop with a checkpoint
+            run = build_run(cfg, accelerator, log)
+            state = TrainState(divergence=diagnostics.DivergenceMonitor(cfg.divergence_factor,
+                                                                        cfg.divergence_window),
+                               last_checkpoint=resume_path)
+            if resume_path:
+                restore(run, state, resume_path, changes, log)
+            return start_loop(run, state, hooks, signals)
     finally:
         accelerator.end_training()  # close the wandb run even when training raised
 
 
-def train_loop(run, state, hooks):
-    """Steps from ``state.step`` to ``max_steps`` or a stop rule; returns ``train``'s result."""
+def start_loop(run, state, hooks, signals):
+    """The config next to the checkpoints, trackers, the fixed eval batch and the sampling
+    copy of the model, then ``train_loop``."""
+    cfg, accelerator = run.cfg, run.accelerator
+    if accelerator.is_main_process:
+        os.makedirs(cfg.output_dir, exist_ok=True)
+        cfg.save(os.path.join(cfg.output_dir, "config.yaml"))
+    run.wandb_dir = init_trackers(accelerator, cfg)
+    run.eval_batch = eval_batch(run.data, run.diffusion, cfg, accelerator.device)
+    if accelerator.is_main_process and cfg.sample_every >= 0:
+        run.sample_model = copy.deepcopy(run.raw).eval().requires_grad_(False)
+    return train_loop(run, state, hooks, signals)
+
+
+def train_loop(run, state, hooks, signals):
+    """Steps from ``state.step`` to ``max_steps`` or a stop rule; returns ``train``'s result.
+    ``signals`` (``StopSignals``): a stop signal on any process ends the run after the step."""
     cfg, acc = run.cfg, run.accelerator
     start, stop, why = state.step, None, None
     loader = iter(train_loader(run.data, cfg, start, acc.process_index, acc.num_processes, run.data_seed))
@@ -366,12 +356,13 @@ def train_loop(run, state, hooks):
         bar.update(1)
         # Stop rules (every hook runs), then the grid and checkpoint of this step.
         hook_stop = any([bool(h(record.step, row, run.raw)) for h in hooks])
-        stop = should_stop(state, record, cfg, hook=hook_stop)
+        signalled = agree(acc, signals.received is not None)
+        stop = should_stop(state, record, cfg, hook=hook_stop, signalled=signalled)
         if stop in ("nan", "diverged"):
             why = stop_message(stop, record, cfg)
             break  # no checkpoint: the last good one stays the latest
         maybe_sample(run, state, record.step)
-        maybe_checkpoint(run, state, record.step, stop)
+        maybe_checkpoint(run, state, record, stop, run.log)
         state.step = record.step
         if stop:
             break
@@ -380,7 +371,7 @@ def train_loop(run, state, hooks):
     if stop in ("max_steps", "hook") and state.step > start:
         maybe_sample(run, state, state.step, final=True)
     acc.wait_for_everyone()
-    return result(run, state, stop, why)
+    return {**result(run, state, stop, why), "signal": signals.received}
 
 
 def result(run, state, stop_reason, divergence_reason):
