@@ -4,6 +4,7 @@ seeds independent of batching and processes, and what ``sample.py`` writes and r
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -14,6 +15,7 @@ import torch
 import yaml
 
 from checkpoint_files import write_checkpoint
+from cli_errors import refused
 from unet.config import TrainConfig
 from unet.diffusion import create_diffusion
 from unet.model import UNetModel
@@ -203,17 +205,18 @@ def test_sample_cli_loads_ema_by_default(run_dir, tmp_path):
     (["--checkpoint", "/nonexistent/run"], "checkpoint not found: /nonexistent/run"),
     (["--steps", "51"], "out of range: this model was trained with 50 diffusion steps"),
     (["--class_labels", "12"], "out of range for a model with 10 classes"),
+    (["--class_labels", "3,x"], "--class_labels takes integers such as '3' or '0,1,2', got '3,x'"),
+    (["--steps", "0"], "--steps 0 is out of range"),  # it used to mean all T steps, silently
+    (["--seed", "-1"], "--seed -1 is out of range"),  # it used to be numpy's traceback
+    (["--num_samples", "0"], "--num_samples and --batch_size must be at least 1"),
 ])
-def test_sample_cli_errors_are_one_line(run_dir, tmp_path, args, message):
+def test_sample_cli_errors_are_one_line(run_dir, tmp_path, capsys, args, message):
     argv = ["--checkpoint", str(run_dir), "--out", str(tmp_path / "x"), *args]
-    with pytest.raises(SystemExit) as e:
-        main(argv)
-    text = str(e.value)
-    assert text.startswith("error: ") and message in text and "\n" not in text
+    assert message in refused(main, argv, capsys)
     assert not (tmp_path / "x").exists()
 
 
-def test_improved_diffusion_pt_loads_from_its_flags(tmp_path):
+def test_improved_diffusion_pt_loads_from_its_flags(tmp_path, capsys):
     """The fixture's state dict, saved as an original ``.pt`` file and described by
     improved-diffusion's flags, gives the original's model output."""
     d = torch.load(FIXTURE, weights_only=True)
@@ -235,15 +238,16 @@ def test_improved_diffusion_pt_loads_from_its_flags(tmp_path):
     # wrong architecture: one line naming the mismatch
     bad = {**flags, "num_channels": 64}
     (tmp_path / "bad.yaml").write_text(yaml.safe_dump(bad))
-    with pytest.raises(SystemExit, match=r"^error: checkpoint .* does not match the model config: .*wrong shape"):
-        main(["--checkpoint", str(tmp_path / "ema_0.9999_000010.pt"), "--config", str(tmp_path / "bad.yaml"),
-              "--out", str(tmp_path / "b")])
+    message = refused(main, ["--checkpoint", str(tmp_path / "ema_0.9999_000010.pt"), "--config", str(tmp_path / "bad.yaml"),
+                             "--out", str(tmp_path / "b")], capsys)
+    assert re.match(r"^error: checkpoint .* does not match the model config: .*wrong shape", message)
 
 
-def test_corrupt_pt_is_one_line_error(tmp_path):
+def test_corrupt_pt_is_one_line_error(tmp_path, capsys):
     (tmp_path / "bad.pt").write_bytes(b"not a checkpoint")
-    with pytest.raises(SystemExit, match=r"^error: cannot read checkpoint"):
-        main(["--checkpoint", str(tmp_path / "bad.pt"), "--config", "--image_size 32", "--out", str(tmp_path / "o")])
+    message = refused(main, ["--checkpoint", str(tmp_path / "bad.pt"), "--config", "--image_size 32",
+                             "--out", str(tmp_path / "o")], capsys)
+    assert message.startswith("error: cannot read checkpoint")
 
 
 def test_same_seed_same_images_with_two_processes(run_dir, tmp_path):
@@ -282,3 +286,40 @@ def test_fast_samplers_clip_the_x0_estimate_like_ddpm(scheduler):
     gens = sample_generators(0, range(2))
     x = sample_batch(Wild(), make_scheduler(scheduler, dk), dk, 10, (2, 1, 8, 8), gens)
     assert x.abs().max() <= 1.0 + 1e-6 and x.abs().max() > 0.99
+
+
+# --- the output folder: checked before any sampling -------------------------------------
+
+def no_sampling(*args, **kwargs):
+    raise AssertionError("sampling started before the output folder was checked")
+
+
+@pytest.mark.parametrize("below", ["", "sub"], ids=["out-is-a-file", "out-below-a-file"])
+def test_sample_cli_refuses_an_out_it_cannot_write_before_sampling(run_dir, tmp_path, capsys, monkeypatch, below):
+    (tmp_path / "file").write_text("x")
+    out = tmp_path / "file" / below if below else tmp_path / "file"
+    monkeypatch.setattr("sample.generate", no_sampling)
+    message = refused(main, ["--checkpoint", str(run_dir), "--out", str(out)], capsys)
+    assert message.startswith(f"error: --out {out}: cannot create the output folder")
+    assert (tmp_path / "file").read_text() == "x"
+
+
+def test_sample_cli_refuses_a_read_only_out_before_sampling(run_dir, tmp_path, capsys, monkeypatch):
+    """A folder this user may not write (simulated through os.access: root, who runs the CI
+    here, may write anywhere)."""
+    (tmp_path / "ro").mkdir()
+    monkeypatch.setattr("sample.generate", no_sampling)
+    monkeypatch.setattr("sample.os.access", lambda path, mode: os.path.abspath(path) != str(tmp_path / "ro"))
+    message = refused(main, ["--checkpoint", str(run_dir), "--out", str(tmp_path / "ro")], capsys)
+    assert message == f"error: --out {tmp_path / 'ro'}: the output folder is not writable"
+
+
+def test_reused_out_keeps_no_stale_pngs(run_dir, tmp_path):
+    common = ["--checkpoint", str(run_dir), "--steps", "2", "--scheduler", "ddim", "--out", str(tmp_path / "o")]
+    main([*common, "--num_samples", "5", "--png"])
+    (tmp_path / "o" / "images" / "notes.txt").write_text("mine")
+    main([*common, "--num_samples", "2", "--png"])
+    assert sorted(os.listdir(tmp_path / "o" / "images")) == ["000000.png", "000001.png", "notes.txt"]
+    main([*common, "--num_samples", "3"])  # no --png: the last run's PNGs would no longer match samples.npz
+    assert os.listdir(tmp_path / "o" / "images") == ["notes.txt"]
+    assert np.load(tmp_path / "o" / "samples.npz")["arr_0"].shape[0] == 3

@@ -4,7 +4,8 @@ The pipeline that ``python -m unet.export`` writes beside a class-conditional mo
 generates by class label with stock libraries:
 
     from diffusers import DiffusionPipeline
-    pipe = DiffusionPipeline.from_pretrained("exported/digits", custom_pipeline="exported/digits")
+    pipe = DiffusionPipeline.from_pretrained("exported/digits", custom_pipeline="exported/digits",
+                                             trust_remote_code=True)  # runs this file, copied there
     images = pipe(class_labels=[0, 1, 2, 3], guidance_scale=2.0, num_inference_steps=100).images
 
 Classifier-free guidance (Ho & Salimans 2022): for a model trained with label dropout, whose
@@ -13,9 +14,12 @@ last class embedding is the "no label" class, the mean channels of the output be
 pass, as improved-DDPM's sampler needs the model's own variance. ``w = 1`` is plain
 conditional sampling (one pass per step).
 
-This file is source text for export: nothing in ``unet`` imports it.
+This file is copied into every class-conditional export, so it may import nothing from
+``unet``; ``unet.sampling`` imports its two rules (``guided_output``, ``scheduler_input``)
+so that the package and the exported pipeline sample by the same code.
 """
 
+import math
 from typing import List, Optional, Union
 
 import torch
@@ -24,10 +28,29 @@ from diffusers.utils.torch_utils import randn_tensor
 
 
 def guided_output(cond, uncond, scale, channels):
-    """The guided model output: mean channels extrapolated from ``uncond`` towards ``cond`` by
-    ``scale``, any further (variance) channels from ``cond``."""
-    mean = uncond[:, :channels] + scale * (cond[:, :channels] - uncond[:, :channels])
+    """
+    Classifier-free guidance (Ho & Salimans 2022; their ``(1 + w) cond - w uncond`` with
+    ``scale = 1 + w``): the mean channels ``uncond + scale * (cond - uncond)``, any further
+    (learned-variance) channels from ``cond``.
+
+    Written as ``cond + (scale - 1) * (cond - uncond)``, the same value, so that ``scale = 1``
+    returns ``cond`` exactly and equal predictions give ``cond`` for any scale.
+
+    :param cond: [N x K x ...] output for the requested labels.
+    :param uncond: the same for the null label.
+    :param channels: C, the image channels (the mean part of a K = 2C output).
+    """
+    mean = cond[:, :channels] + (scale - 1) * (cond[:, :channels] - uncond[:, :channels])
     return torch.cat([mean, cond[:, channels:]], dim=1)
+
+
+def scheduler_input(model_output, channels, scheduler):
+    """The model output a scheduler's ``step`` expects: DDPM with learned variance takes all
+    2C channels; the others (DDIM, DPM-Solver) take the mean part only, whatever C is
+    (diffusers' DPM-Solver would keep ``[:, :3]``, wrong for 1- or 4-channel images)."""
+    if isinstance(scheduler, DDPMScheduler) and scheduler.config.variance_type in ("learned", "learned_range"):
+        return model_output
+    return model_output[:, :channels]
 
 
 class ClassConditionalDDPMPipeline(DiffusionPipeline):
@@ -50,36 +73,31 @@ class ClassConditionalDDPMPipeline(DiffusionPipeline):
 
     def _model_output(self, x, t, labels, scale):
         channels = self.unet.config.in_channels
-        if scale == 1.0:
+        if scale == 1:
             return self.unet(x, t, class_labels=labels).sample
         null = torch.full_like(labels, self.config.null_class_label)
         both = self.unet(torch.cat([x, x]), t, class_labels=torch.cat([labels, null])).sample
         cond, uncond = both.chunk(2)
         return guided_output(cond, uncond, scale, channels)
 
-    def _scheduler_input(self, out):
-        # A DDPM scheduler with learned variance reads all 2C channels; the others read the mean part.
-        learned = isinstance(self.scheduler, DDPMScheduler) and \
-            self.scheduler.config.variance_type in ("learned", "learned_range")
-        return out if learned else out[:, :self.unet.config.in_channels]
-
     @torch.no_grad()
     def __call__(self, class_labels: Union[int, List[int]], guidance_scale: float = 1.0,
                  num_inference_steps: int = 1000, generator: Optional[torch.Generator] = None,
                  output_type: str = "pil", return_dict: bool = True):
         """
-        :param class_labels: one label per image (an int gives one image).
+        :param class_labels: one label per image: a list, tensor or array, or an int for one image.
         :param guidance_scale: classifier-free guidance weight w >= 0; 1 = conditional sampling.
         :param num_inference_steps: scheduler steps.
         :param output_type: "pil", "np" (NHWC floats in [0, 1]) or "pt" (NCHW in [0, 1]).
         """
-        labels = [class_labels] if isinstance(class_labels, int) else list(class_labels)
-        num_classes = self.unet.config.num_class_embeds
-        if any(not 0 <= c < num_classes or c == self.config.null_class_label for c in labels):
-            raise ValueError(f"class labels must be in [0, {num_classes}) and not the null label; got {labels}")
-        if guidance_scale < 0:
-            raise ValueError(f"guidance_scale must be >= 0, got {guidance_scale}")
-        if guidance_scale != 1.0 and self.config.null_class_label is None:
+        labels = torch.as_tensor(class_labels).reshape(-1).tolist()
+        null = self.config.null_class_label
+        num_classes = self.unet.config.num_class_embeds if null is None else null  # the real classes
+        if not labels or any(not 0 <= c < num_classes for c in labels):
+            raise ValueError(f"class labels must be in [0, {num_classes}), one per image; got {labels}")
+        if not (math.isfinite(guidance_scale) and guidance_scale >= 0):
+            raise ValueError(f"guidance_scale must be a finite number >= 0, got {guidance_scale}")
+        if guidance_scale != 1 and null is None:
             raise ValueError("this model was trained without label dropout, so it has no unconditional "
                              "prediction: classifier-free guidance needs guidance_scale=1")
         size = self.unet.config.sample_size
@@ -89,7 +107,8 @@ class ClassConditionalDDPMPipeline(DiffusionPipeline):
         self.scheduler.set_timesteps(num_inference_steps)
         for t in self.progress_bar(self.scheduler.timesteps):
             out = self._model_output(self.scheduler.scale_model_input(x, t), t, y, guidance_scale)
-            x = self.scheduler.step(self._scheduler_input(out), t, x, generator=generator).prev_sample
+            out = scheduler_input(out, self.unet.config.in_channels, self.scheduler)
+            x = self.scheduler.step(out, t, x, generator=generator).prev_sample
         images = (x / 2 + 0.5).clamp(0, 1)
         if output_type == "pt":
             return ImagePipelineOutput(images=images) if return_dict else (images,)

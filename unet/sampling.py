@@ -8,8 +8,13 @@ sampler (learned-range variance, respaced to any K by ``timestep_spacing="linspa
 keeps the same steps as the original's ``space_timesteps(T, "K")``), ``ddim`` and
 ``dpm-solver++`` are the deterministic fast samplers. Randomness is drawn per sample index,
 so a seed gives the same images whatever the batch size or the number of processes.
+
+Classifier-free guidance (Ho & Salimans 2022) works with every scheduler: the model output
+is replaced by ``hub_pipeline.guided_output`` of one batched pass over [cond; null labels],
+the same rule the exported pipeline applies.
 """
 
+import math
 
 import numpy as np
 import torch
@@ -19,6 +24,7 @@ from diffusers.utils.torch_utils import randn_tensor
 from tqdm.auto import tqdm
 
 from .diffusion import get_named_beta_schedule
+from .hub_pipeline import guided_output, scheduler_input
 from .images import to_uint8
 
 SCHEDULERS = ("ddpm", "ddim", "dpm-solver++")
@@ -93,14 +99,6 @@ def float64_schedule(scheduler, diffusion_kwargs):
     return scheduler
 
 
-def scheduler_input(model_output, channels, scheduler):
-    """The model output a scheduler's ``step`` expects: DDPM with a learned range takes all
-    2C channels; the others take the mean part only, whatever C is."""
-    if isinstance(scheduler, DDPMScheduler) and scheduler.config.variance_type in ("learned", "learned_range"):
-        return model_output
-    return model_output[:, :channels]
-
-
 def model_timesteps(t, diffusion_kwargs, batch_size):
     """The timesteps the model is called with at scheduler step ``t`` (an original-process
     index): scaled to [0, 1000) when the model was trained with ``rescale_timesteps``."""
@@ -114,7 +112,63 @@ def check_steps(steps, diffusion_kwargs):
     """Reject a step count the scheduler cannot take, in one line."""
     total = diffusion_kwargs.get("steps", 1000)
     if not 1 <= steps <= total:
-        raise ValueError(f"--steps {steps} is out of range: this model was trained with {total} diffusion steps")
+        raise ValueError(f"--steps {steps} is out of range: this model was trained with {total} diffusion steps "
+                         f"(give 1 to {total})")
+
+
+def check_seed(seed):
+    """Seeds are non-negative integers (numpy's SeedSequence takes no negative entropy)."""
+    if not 0 <= seed < 2 ** 63:
+        raise ValueError(f"--seed {seed} is out of range: give an integer from 0 to 2**63 - 1")
+
+
+# --- classifier-free guidance --------------------------------------------------------
+
+def null_class_label(cfg):
+    """The label meaning "no label" of a model trained with label dropout (``class_dropout_prob``
+    > 0: the extra, last embedding, index ``num_classes``); None for any other model."""
+    if cfg is None or not cfg.class_cond or not cfg.class_dropout_prob > 0:
+        return None
+    return cfg.num_classes
+
+
+def real_class_count(model, null_label):
+    """How many classes labels are drawn from: the model's embeddings but the null one."""
+    return model.num_classes if null_label is None else null_label
+
+
+def check_guidance(guidance_scale, num_classes, null_label):
+    """
+    Refuse a guidance scale the model cannot follow, in one line: a negative or non-finite
+    one, or any scale but 1 for a model without an unconditional prediction (unconditional,
+    or class-conditional trained without label dropout). Refusing, not warning: a run asked
+    for guidance would otherwise give plain samples that look like a failed guidance.
+
+    :param num_classes: the model's label embeddings (None: unconditional).
+    """
+    if not (math.isfinite(guidance_scale) and guidance_scale >= 0):
+        raise ValueError(f"--guidance_scale must be a finite number >= 0 (1 = no guidance), got {guidance_scale}")
+    if guidance_scale != 1 and null_label is None:
+        what = "is unconditional" if num_classes is None else "was trained without label dropout (class_dropout_prob 0)"
+        raise ValueError(f"--guidance_scale {guidance_scale:g} needs a model trained with class_dropout_prob > 0; "
+                         f"this one {what}: use --guidance_scale 1")
+    if null_label is not None and num_classes != null_label + 1:
+        raise ValueError(f"null label {null_label} is not the last of the model's {num_classes} label embeddings")
+
+
+def model_output(model, x, t, y=None, null_label=None, guidance_scale=1.0):
+    """
+    The model's output at (x, t): conditional (one pass) when ``guidance_scale`` is 1 or the
+    model is unconditional; otherwise classifier-free guided, from one pass over the batch
+    twice, with labels ``y`` and with ``null_label``.
+    """
+    if y is None:
+        return model(x, t)
+    if guidance_scale == 1:
+        return model(x, t, y=y)
+    both = model(torch.cat([x, x]), torch.cat([t, t]), y=torch.cat([y, torch.full_like(y, null_label)]))
+    cond, uncond = both.chunk(2)
+    return guided_output(cond, uncond, guidance_scale, x.shape[1])
 
 
 # --- randomness per sample -----------------------------------------------------------
@@ -142,7 +196,8 @@ def draw_labels(indices, generators, num_classes, class_labels=None):
 # --- the loop ------------------------------------------------------------------------
 
 @torch.no_grad()
-def sample_batch(model, scheduler, diffusion_kwargs, steps, shape, generators, y=None, device="cpu", progress=None):
+def sample_batch(model, scheduler, diffusion_kwargs, steps, shape, generators, y=None, device="cpu", progress=None,
+                 guidance_scale=1.0, null_label=None):
     """
     Run a scheduler from pure noise to images.
 
@@ -152,13 +207,16 @@ def sample_batch(model, scheduler, diffusion_kwargs, steps, shape, generators, y
     :param generators: N per-sample generators (``sample_generators``).
     :param y: [N] labels for a class-conditional model.
     :param progress: an optional tqdm bar, advanced once per step.
+    :param guidance_scale: classifier-free guidance weight (1: none).
+    :param null_label: the "no label" class, for ``guidance_scale`` != 1.
     :return: [N x C x H x W] float images, nominally in [-1, 1].
     """
     scheduler.set_timesteps(steps)
     x = randn_tensor(shape, generator=generators).to(device)
-    kwargs = {} if y is None else {"y": y.to(device)}
+    y = None if y is None else y.to(device)
     for t in scheduler.timesteps:
-        out = model(scheduler.scale_model_input(x, t), model_timesteps(t, diffusion_kwargs, shape[0]).to(device), **kwargs)
+        out = model_output(model, scheduler.scale_model_input(x, t),
+                           model_timesteps(t, diffusion_kwargs, shape[0]).to(device), y, null_label, guidance_scale)
         out = scheduler_input(out, shape[1], scheduler).cpu()
         # Step on the CPU so that the per-sample CPU generators drive the noise.
         x = scheduler.step(out, t, x.cpu(), generator=generators).prev_sample.to(device)
@@ -168,7 +226,8 @@ def sample_batch(model, scheduler, diffusion_kwargs, steps, shape, generators, y
 
 
 def generate(model, diffusion_kwargs, image_size, num_samples, scheduler="ddpm", steps=None, batch_size=64,
-             seed=0, class_labels=None, accelerator=None, progress=True, device=None):
+             seed=0, class_labels=None, accelerator=None, progress=True, device=None, guidance_scale=1.0,
+             null_label=None):
     """
     Sample ``num_samples`` images, each process its share, gathered on every process.
 
@@ -180,10 +239,17 @@ def generate(model, diffusion_kwargs, image_size, num_samples, scheduler="ddpm",
     :param class_labels: labels to cycle through (class-conditional models); None: random.
     :param accelerator: an ``Accelerator``; None runs in this process alone.
     :param device: where the model is, without an accelerator (default: the CPU).
+    :param guidance_scale: classifier-free guidance weight w >= 0 (1: none; 0: the
+        unconditional prediction's mean); needs ``null_label``.
+    :param null_label: the "no label" class of a model trained with label dropout
+        (``null_class_label(cfg)``); random labels are drawn from the classes below it.
     :return: (NHWC uint8 images, [N] int64 labels or None), in sample-index order.
     """
-    steps = steps or diffusion_kwargs.get("steps", 1000)
+    steps = diffusion_kwargs.get("steps", 1000) if steps is None else steps
     check_steps(steps, diffusion_kwargs)
+    check_seed(seed)
+    check_guidance(guidance_scale, model.num_classes, null_label)
+    num_classes = real_class_count(model, null_label)  # never draw the null label
     sched = make_scheduler(scheduler, diffusion_kwargs)
     device = accelerator.device if accelerator else torch.device(device or "cpu")
     is_main = accelerator.is_main_process if accelerator else True
@@ -196,9 +262,9 @@ def generate(model, diffusion_kwargs, image_size, num_samples, scheduler="ddpm",
     results = []
     for batch in batches:
         gens = sample_generators(seed, batch)
-        y = draw_labels(batch, gens, model.num_classes, class_labels)
+        y = draw_labels(batch, gens, num_classes, class_labels)
         x = sample_batch(model, sched, diffusion_kwargs, steps, (len(batch), model.in_channels, image_size, image_size),
-                         gens, y=y, device=device, progress=bar)
+                         gens, y=y, device=device, progress=bar, guidance_scale=guidance_scale, null_label=null_label)
         results += [(i, img, None if y is None else int(y[j])) for j, (i, img) in enumerate(zip(batch, to_uint8(x)))]
     bar.close()
     if accelerator is not None and accelerator.num_processes > 1:
