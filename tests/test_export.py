@@ -12,8 +12,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from checkpoint_files import write_checkpoint
+from cli_errors import refused
 from unet.config import TrainConfig
 from unet.diffusion import create_diffusion
 from unet.export import ExportError, export_scheduler, main, max_output_difference, to_unet2d
@@ -144,8 +146,98 @@ def test_export_cli_pipeline_runs_without_this_package(tmp_path):
     assert np.abs(theirs - ours[0].astype(np.float64)).max() <= 1.0  # rounding to uint8 at most
 
 
-def test_export_cli_errors_are_one_line(tmp_path):
-    with pytest.raises(SystemExit) as e:
-        main([str(tmp_path / "missing"), str(tmp_path / "out")])
-    assert str(e.value) == f"error: checkpoint not found: {tmp_path / 'missing'}"
+def test_export_cli_errors_are_one_line(tmp_path, capsys):
+    message = refused(main, [str(tmp_path / "missing"), str(tmp_path / "out")], capsys)
+    assert message == f"error: checkpoint not found: {tmp_path / 'missing'}"
     assert not (tmp_path / "out").exists()
+
+
+# --- class-conditional models: the copied pipeline, with guidance ----------------------
+
+CONDITIONAL_SCRIPT = textwrap.dedent("""
+    import sys, json, re
+    sys.modules["unet"] = None  # this package must not be needed, even if it is installed
+    try:
+        import unet
+        raise SystemExit("unet is importable")
+    except ImportError:
+        pass
+    import numpy as np, torch
+    folder, seed, steps, result = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
+    # the model card's three lines, run as they are written
+    code = re.search(r"```python\\n(.*?)```", open(folder + "/README.md").read(), re.S).group(1)
+    assert len(code.strip().splitlines()) == 3, code
+    exec(code)
+    images = {}
+    for label in (3, 7):
+        for w in (1.0, 2.0):
+            try:
+                images[f"{label}_{w:g}"] = pipe(class_labels=[label], guidance_scale=w, num_inference_steps=steps,
+                                                generator=torch.Generator().manual_seed(seed), output_type="np").images
+            except ValueError as e:
+                print("refused:", e)
+    np.savez(result, **images)
+    print(json.dumps(dict(pipeline=type(pipe).__name__, null=pipe.config.null_class_label)))
+""")
+
+
+@pytest.mark.parametrize("dropout", [0.1, 0.0], ids=["label-dropout", "no-label-dropout"])
+def test_class_conditional_export_runs_without_this_package(tmp_path, dropout):
+    """The default digits architecture (random weights, so that labels matter): exported, it
+    loads with stock diffusers and torch in a process where ``unet`` cannot be imported; the
+    model card's three lines write a labelled grid; for a label and guidance scale the pipeline
+    samples what ``sample.py`` samples for the same noise; guidance is refused without a null label."""
+    cfg = TrainConfig(init="standard", class_dropout_prob=dropout, report_to="none")
+    torch.manual_seed(0)
+    model = UNetModel(**cfg.model_kwargs()).eval()
+    write_checkpoint(tmp_path / "run", cfg, model)
+    main([str(tmp_path / "run"), str(tmp_path / "pipe")])
+    card = (tmp_path / "pipe" / "README.md").read_text()
+    assert f"class_dropout_prob: {dropout}" in card and '"model_channels": 32' in card
+    assert (tmp_path / "pipe" / "pipeline.py").exists()
+
+    seed, steps = 5, 4
+    g_seed = sample_generators(seed, [0])[0].initial_seed()  # sample 0's generator in sample.py
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    r = subprocess.run([sys.executable, "-c", CONDITIONAL_SCRIPT, str(tmp_path / "pipe"), str(g_seed), str(steps),
+                        str(tmp_path / "theirs.npz")], capture_output=True, text=True, cwd=tmp_path, env=env, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    info = json.loads(r.stdout.strip().splitlines()[-1])
+    null = 10 if dropout else None
+    assert info == dict(pipeline="ClassConditionalDDPMPipeline", null=null)
+    with Image.open(tmp_path / "grid.png") as grid:
+        assert grid.size == (640, 128)  # 2 rows of the 10 classes, 8x8 digits shown at 64x64
+    theirs = dict(np.load(tmp_path / "theirs.npz"))
+    assert sorted(theirs) == (["3_1", "3_2", "7_1", "7_2"] if dropout else ["3_1", "7_1"])
+    assert ("refused: this model was trained without label dropout" in r.stdout) == (not dropout)
+    for key, img in theirs.items():
+        label, w = int(key.split("_")[0]), float(key.split("_")[1])
+        ours, _ = generate(model, cfg.diffusion_kwargs(), 8, 1, "ddpm", steps, seed=seed, class_labels=[label],
+                           guidance_scale=w, null_label=null, progress=False)
+        assert np.abs(img[0] * 255 - ours[0].astype(np.float64)).max() <= 1.0  # rounding to uint8 at most
+    assert np.abs(theirs["3_1"] - theirs["7_1"]).max() > 0.1  # the label is used
+    if dropout:
+        assert np.abs(theirs["3_1"] - theirs["3_2"]).max() > 0.1  # and so is the guidance scale
+
+
+def test_export_refuses_an_out_that_is_a_file_before_loading(tmp_path, capsys):
+    (tmp_path / "file").write_text("x")
+    message = refused(main, [str(tmp_path / "missing"), str(tmp_path / "file")], capsys)
+    assert message == f"error: the output {tmp_path / 'file'} is a file; give a folder (it is created if missing)"
+    assert (tmp_path / "file").read_text() == "x"
+
+
+def test_export_model_card_shows_measured_quality(tmp_path, capsys):
+    cfg = TrainConfig(image_size=8, channel_mult=[1, 2], attention_resolutions=[4], num_res_blocks=1, num_heads=2,
+                      diffusion_steps=50, class_cond=False, init="standard", report_to="none")
+    write_checkpoint(tmp_path / "run", cfg, UNetModel(**cfg.model_kwargs()).eval())
+    rows = [dict(scheduler="ddpm", steps=50, guidance_scale=1.0, images_per_s=3.0, fd=1.234, fd_floor=0.987)]
+    (tmp_path / "rows.json").write_text(json.dumps(rows))
+    main([str(tmp_path / "run"), str(tmp_path / "pipe"), "--quality", str(tmp_path / "rows.json")])
+    card = (tmp_path / "pipe" / "README.md").read_text()
+    assert "| ddpm | 50 | 1 | 1.23 (0.99) | - | 3.0 |" in card and "DDPMPipeline.from_pretrained" in card
+    assert not (tmp_path / "pipe" / "pipeline.py").exists()
+    (tmp_path / "bad.json").write_text("{}")
+    message = refused(main, [str(tmp_path / "run"), str(tmp_path / "pipe2"), "--quality", str(tmp_path / "bad.json")],
+                      capsys)
+    assert "expected the JSON rows of 'unet.evaluate benchmark --json'" in message

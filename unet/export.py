@@ -1,9 +1,14 @@
 """
-Export a trained model as a stock diffusers pipeline (``UNet2DModel`` + ``DDPMScheduler``)
-that loads and runs without this package:
+Export a trained model as a diffusers pipeline (``UNet2DModel`` + ``DDPMScheduler``) that
+loads and runs with stock ``diffusers`` and ``torch``, without this package:
 
     python -m unet.export outputs/digits exported/digits
-    python -c "from diffusers import DDPMPipeline; DDPMPipeline.from_pretrained('exported/digits')(num_inference_steps=100)"
+
+An unconditional model becomes a stock ``DDPMPipeline``. A class-conditional one becomes
+``hub_pipeline.ClassConditionalDDPMPipeline``, whose source is copied into the folder as
+``pipeline.py`` (diffusers' custom-pipeline mechanism), with classifier-free guidance when
+the model was trained with label dropout. Either way the folder gets a ``README.md`` model
+card that says how to load it.
 
 The improved-DDPM U-Net maps exactly onto ``UNet2DModel`` with scale-shift time
 conditioning, flipped sinusoids, 32-group norms (the mid-block attention's included) and
@@ -11,16 +16,20 @@ one attention head width for the whole model; a model outside that gets a one-li
 """
 
 import argparse
+import json
 import os
+import shutil
 
 import numpy as np
 import torch
+import yaml
 from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
 
+from . import hub_pipeline
 from .diffusion import get_named_beta_schedule, respaced_betas
 from .model import AttentionBlock, Downsample, ResBlock, Upsample
 from .checkpoint import ema_from_flags, load_checkpoint
-from .sampling import ddpm_variance_type, make_scheduler, scheduler_kwargs
+from .sampling import ddpm_variance_type, make_scheduler, null_class_label, scheduler_kwargs
 
 
 class ExportError(ValueError):
@@ -189,38 +198,143 @@ def max_output_difference(loaded, unet, batch=2, seed=0):
     return (ours - theirs).abs().max().item()
 
 
-def export_pipeline(loaded, out_dir, tolerance=1e-4):
-    """
-    Write ``out_dir`` as a ``DDPMPipeline`` (``model_index.json``, ``unet/``, ``scheduler/``),
-    after checking that the converted U-Net computes what ours does.
+def check_out_dir(out_dir):
+    """Refuse, before any work, an output path that is a file or a folder that cannot be written."""
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise ExportError(f"the output {out_dir} is a file; give a folder (it is created if missing)")
+    parent = out_dir if os.path.isdir(out_dir) else os.path.dirname(os.path.abspath(out_dir))
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent) or not os.access(parent, os.W_OK | os.X_OK):
+        raise ExportError(f"cannot write the output folder {out_dir}: {parent} is not a writable folder")
 
+
+def build_pipeline(loaded, unet):
+    """``DDPMPipeline`` for an unconditional model, else the class-conditional pipeline with
+    the null label of label dropout (None without it: no guidance)."""
+    scheduler = export_scheduler(loaded.diffusion_kwargs)
+    if loaded.model.num_classes is None:
+        return DDPMPipeline(unet=unet, scheduler=scheduler)
+    return hub_pipeline.ClassConditionalDDPMPipeline(unet=unet, scheduler=scheduler,
+                                                     null_class_label=null_class_label(loaded.config))
+
+
+def export_pipeline(loaded, out_dir, tolerance=1e-4, quality=None):
+    """
+    Write ``out_dir`` (``model_index.json``, ``unet/``, ``scheduler/``, ``README.md``, and
+    ``pipeline.py`` for a class-conditional model), after checking that the converted U-Net
+    computes what ours does.
+
+    :param quality: rows of ``unet.evaluate benchmark --json`` for the model card, if measured.
     :return: the measured largest output difference.
     """
+    check_out_dir(out_dir)
     unet = to_unet2d(loaded)
     diff = max_output_difference(loaded, unet)
     if not diff <= tolerance:
         raise ExportError(f"the converted U-Net differs from ours by {diff:.3g} (> {tolerance:g}); nothing written")
-    DDPMPipeline(unet=unet, scheduler=export_scheduler(loaded.diffusion_kwargs)).save_pretrained(out_dir)
+    pipe = build_pipeline(loaded, unet)
+    pipe.save_pretrained(out_dir)
+    code = os.path.join(out_dir, "pipeline.py")
+    if isinstance(pipe, DDPMPipeline):
+        if os.path.exists(code):  # an earlier class-conditional export into the same folder
+            os.remove(code)
+    else:
+        shutil.copyfile(hub_pipeline.__file__, code)
+    with open(os.path.join(out_dir, "README.md"), "w") as fh:
+        fh.write(model_card(loaded, out_dir, diff, quality))
     return diff
 
 
+# --- the model card ------------------------------------------------------------------
+
+def usage_lines(loaded, out_dir):
+    """The three lines that generate from the export with stock diffusers (a labelled grid,
+    one row per repeat of the classes, for a class-conditional model)."""
+    if loaded.model.num_classes is None:
+        return ["from diffusers import DDPMPipeline",
+                f"pipe = DDPMPipeline.from_pretrained({out_dir!r})",
+                "pipe(batch_size=16, num_inference_steps=100).images[0].save('sample.png')"]
+    null = null_class_label(loaded.config)
+    classes = loaded.model.num_classes if null is None else null
+    guidance = ", guidance_scale=2.0" if null is not None else ""
+    resize = ", resize=64" if loaded.image_size < 64 else ""  # small images: a grid big enough to see
+    return ["import diffusers",
+            f"pipe = diffusers.DiffusionPipeline.from_pretrained({out_dir!r}, custom_pipeline={out_dir!r}, "
+            "trust_remote_code=True)",
+            f"diffusers.utils.make_image_grid(pipe(class_labels=list(range({classes})) * 2{guidance}, "
+            f"num_inference_steps=100).images, rows=2, cols={classes}{resize}).save('grid.png')"]
+
+
+def quality_table(rows):
+    """Markdown table of ``unet.evaluate benchmark`` rows."""
+    lines = ["| sampler | steps | guidance | Frechet distance (real floor) | accuracy | images/s |", "|---|---|---|---|---|---|"]
+    for r in rows:
+        acc = r.get("accuracy")
+        lines.append(f"| {r['scheduler']} | {r['steps']} | {r.get('guidance_scale', 1):g} | {r['fd']:.2f} "
+                     f"({r['fd_floor']:.2f}) | {'-' if acc is None else f'{acc:.3f}'} | {r['images_per_s']:.1f} |")
+    return "\n".join(lines)
+
+
+def model_card(loaded, out_dir, diff, quality=None):
+    """``README.md`` of an export: architecture, training config, how to generate, quality."""
+    m, null = loaded.model, null_class_label(loaded.config)
+    kind = ("unconditional" if m.num_classes is None else
+            f"class-conditional ({m.num_classes if null is None else null} classes"
+            + (f", trained with label dropout: classifier-free guidance, null label {null})" if null is not None
+               else "; trained without label dropout, so no guidance)"))
+    params = sum(p.numel() for p in m.parameters())
+    arch = {k: list(v) if isinstance(v, tuple) else v for k, v in loaded.model_kwargs.items()}
+    config = loaded.config.to_dict() if loaded.config is not None else {"model": arch, "diffusion": loaded.diffusion_kwargs}
+    text = [f"# {os.path.basename(os.path.normpath(out_dir))}: an improved-DDPM U-Net, {kind}", "",
+            f"{params:,} parameters, {loaded.image_size}x{loaded.image_size} images with {m.in_channels} channel(s), "
+            f"{loaded.diffusion_kwargs.get('steps', 1000)} diffusion steps "
+            f"({loaded.diffusion_kwargs.get('noise_schedule', 'linear')} schedule), "
+            f"{'learned' if loaded.diffusion_kwargs.get('learn_sigma') else 'fixed'} variance. Exported by the `unet` "
+            f"package as a diffusers `UNet2DModel` (largest output difference to the original model: {diff:.2g}).",
+            "", "## Generate (needs only `torch` and `diffusers`)", "", "```python", *usage_lines(loaded, out_dir), "```",
+            "", "## Architecture (`UNetModel` arguments)", "", "```json", json.dumps(arch, indent=1), "```",
+            "", "## Training configuration", "", "```yaml", yaml.safe_dump(config, sort_keys=False).strip(), "```",
+            "", "## Measured quality", ""]
+    if quality:
+        text += [quality_table(quality), "", "Frechet distance in a digit classifier's features against held-out "
+                 "real digits; accuracy: the classifier agrees with the requested label (`python -m unet.evaluate "
+                 "benchmark`)."]
+    else:
+        text += ["Not measured at export; `python -m unet.evaluate benchmark --checkpoint CHECKPOINT` measures it "
+                 "for digits, and `unet.export --quality rows.json` puts its `--json` rows here."]
+    return "\n".join(text) + "\n"
+
+
+def read_quality(path):
+    """Rows written by ``unet.evaluate benchmark --json``, or a one-line error."""
+    try:
+        with open(path) as fh:
+            rows = json.load(fh)
+        assert isinstance(rows, list) and all({"scheduler", "steps", "fd", "fd_floor", "images_per_s"} <= set(r) for r in rows)
+    except (OSError, ValueError, AssertionError, TypeError):
+        raise ExportError(f"--quality {path}: expected the JSON rows of 'unet.evaluate benchmark --json'") from None
+    return rows
+
+
 def main(argv=None):
-    p = argparse.ArgumentParser(description="Export a checkpoint as a stock diffusers DDPMPipeline.")
+    p = argparse.ArgumentParser(description="Export a checkpoint as a diffusers pipeline that runs without this package.")
     p.add_argument("checkpoint", help="checkpoint dir, training output dir, or improved-diffusion .pt")
-    p.add_argument("out", help="output directory for the pipeline")
+    p.add_argument("out", help="output folder for the pipeline (created if missing)")
     p.add_argument("--config", help="for a .pt checkpoint: its improved-diffusion flags (YAML or '--flag value' string)")
     p.add_argument("--raw", action="store_true", help="export the trained weights, not the EMA")
     p.add_argument("--ema_rate", type=float, default=None)
+    p.add_argument("--quality", default=None, help="JSON rows of 'unet.evaluate benchmark --json' for the model card")
     args = p.parse_args(argv)
     try:
+        check_out_dir(args.out)
+        quality = read_quality(args.quality) if args.quality else None
         loaded = load_checkpoint(args.checkpoint, ema=ema_from_flags(args.raw, args.ema_rate), config=args.config)
-        diff = export_pipeline(loaded, args.out)
+        diff = export_pipeline(loaded, args.out, quality=quality)
     except (FileNotFoundError, ValueError) as e:
-        raise SystemExit(f"error: {e}")
-    print(f"wrote {args.out} (UNet2DModel + DDPMScheduler; max output difference to ours {diff:.2g})")
-    if loaded.model.num_classes is not None:
-        print("note: the model is class-conditional; DDPMPipeline passes no labels, so call "
-              "pipeline.unet(x, t, class_labels=y) in your own loop with pipeline.scheduler")
+        p.exit(2, f"error: {e}\n")  # one line, exit status 2 as for argparse's own errors
+    kind = "DDPMPipeline" if loaded.model.num_classes is None else "ClassConditionalDDPMPipeline (pipeline.py)"
+    print(f"wrote {args.out}: {kind}, UNet2DModel + DDPMScheduler, README.md; max output difference to ours {diff:.2g}")
 
 
 if __name__ == "__main__":
