@@ -6,6 +6,7 @@ for RGB data, and a benchmark of the samplers.
     python -m unet.evaluate quality --samples samples/samples.npz
     python -m unet.evaluate fid --samples samples/samples.npz --ref path/to/real/images
     python -m unet.evaluate benchmark --checkpoint outputs/digits --num_samples 200
+    python -m unet.evaluate benchmark --checkpoint outputs/digits-cfg --runs ddpm:100 --guidance 0,1,2,3
 
 Digit quality uses a small classifier trained on scikit-learn's real digits (the training
 split of the same held-out split the training loop makes): its accuracy on the samples'
@@ -32,7 +33,7 @@ from tqdm.auto import tqdm
 
 from .checkpoint import load_checkpoint
 from .images import to_pil, to_uint8
-from .sampling import SCHEDULERS, generate, sample_generators
+from .sampling import SCHEDULERS, check_guidance, check_seed, check_steps, generate, null_class_label, sample_generators
 
 # --- bits/dim ------------------------------------------------------------------------
 
@@ -155,6 +156,12 @@ def frechet_distance(a, b):
     return max(float(fd), 0.0)  # rounding can give -1e-13 for identical sets
 
 
+def check_sample_count(n):
+    """The Frechet distance fits a covariance: it needs at least two samples."""
+    if n < 2:
+        raise ValueError(f"digit quality needs at least 2 samples (the Frechet distance fits a covariance), got {n}")
+
+
 def digit_quality(images, labels=None, seed=0):
     """
     Quality of digit samples (NHWC uint8, 1 channel, the training image size).
@@ -167,6 +174,7 @@ def digit_quality(images, labels=None, seed=0):
     """
     if images.ndim != 4 or images.shape[-1] != 1:
         raise ValueError(f"digit quality needs 1-channel NHWC samples, got shape {images.shape}; use fid for RGB")
+    check_sample_count(len(images))
     judge, (train_x, _), (eval_x, eval_y) = digit_judge(images.shape[1], seed)
     probs = judge.predict_proba(images)
     pred = probs.argmax(1)
@@ -241,28 +249,62 @@ def parse_runs(spec, total_steps):
         name, _, steps = item.strip().partition(":")
         if name not in SCHEDULERS:
             raise ValueError(f"unknown scheduler {name!r} in --runs; valid: {', '.join(SCHEDULERS)}")
-        runs.append((name, total_steps if steps in ("", "full") else int(steps)))
+        if steps not in ("", "full") and not steps.isdigit():
+            raise ValueError(f"--runs {item.strip()!r}: steps must be a whole number or 'full'")
+        n = total_steps if steps in ("", "full") else int(steps)
+        check_steps(n, dict(steps=total_steps))
+        runs.append((name, n))
     return runs
 
 
-def benchmark(loaded, runs, num_samples, batch_size=256, seed=0):
-    """Images/s and digit quality of each (scheduler, steps) on the same seeds."""
+def parse_guidance(spec, loaded):
+    """``"0,1,2"`` -> [0.0, 1.0, 2.0], each checked against the model (``sampling.check_guidance``)."""
+    try:
+        scales = [float(s) for s in spec.split(",") if s.strip()]
+    except ValueError:
+        raise ValueError(f"--guidance takes numbers such as '1' or '0,1,2,3', got {spec!r}") from None
+    if not scales:
+        raise ValueError("--guidance needs at least one scale, e.g. '1' or '0,1,2,3'")
+    for w in scales:
+        check_guidance(w, loaded.model.num_classes, null_class_label(loaded.config))
+    return scales
+
+
+def benchmark(loaded, runs, num_samples, batch_size=256, seed=0, guidance_scales=(1.0,)):
+    """Images/s and digit quality of each (scheduler, steps) at each guidance scale, on the same
+    seeds (so the same labels and initial noise in every row)."""
+    null = null_class_label(loaded.config)
     rows = []
     for name, steps in runs:
-        start = time.perf_counter()
-        images, labels = generate(loaded.model, loaded.diffusion_kwargs, loaded.image_size, num_samples, name, steps,
-                                  batch_size, seed, progress=False)
-        seconds = time.perf_counter() - start
-        rows.append(dict(scheduler=name, steps=steps, images_per_s=num_samples / seconds, seconds=seconds,
-                         **digit_quality(images, labels, seed=seed)))
+        for w in guidance_scales:
+            start = time.perf_counter()
+            images, labels = generate(loaded.model, loaded.diffusion_kwargs, loaded.image_size, num_samples, name,
+                                      steps, batch_size, seed, progress=False, guidance_scale=w, null_label=null)
+            seconds = time.perf_counter() - start
+            rows.append(dict(scheduler=name, steps=steps, guidance_scale=w, images_per_s=num_samples / seconds,
+                             seconds=seconds, **digit_quality(images, labels, seed=seed)))
     return rows
 
 
 def format_table(rows):
-    head = "| sampler | steps | images/s | Frechet dist. (floor) | accuracy | confidence |\n|---|---|---|---|---|---|"
-    body = [f"| {r['scheduler']} | {r['steps']} | {r['images_per_s']:.1f} | {r['fd']:.2f} ({r['fd_floor']:.2f}) | "
-            f"{r.get('accuracy', float('nan')):.3f} | {r['confidence']:.3f} |" for r in rows]
+    head = ("| sampler | steps | guidance | images/s | Frechet dist. (floor) | accuracy | confidence |\n"
+            "|---|---|---|---|---|---|---|")
+    body = [f"| {r['scheduler']} | {r['steps']} | {r.get('guidance_scale', 1):g} | {r['images_per_s']:.1f} | "
+            f"{r['fd']:.2f} ({r['fd_floor']:.2f}) | {r.get('accuracy', float('nan')):.3f} | {r['confidence']:.3f} |"
+            for r in rows]
     return "\n".join([head, *body])
+
+
+def check_output_file(path, flag):
+    """Refuse, before any work, an output file that is a folder or whose folder is missing or
+    read-only."""
+    folder = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(path):
+        raise ValueError(f"{flag} {path} is a folder; give a file name")
+    if not os.path.isdir(folder):
+        raise ValueError(f"{flag} {path}: the folder {folder} does not exist")
+    if not os.access(folder, os.W_OK) or (os.path.exists(path) and not os.access(path, os.W_OK)):
+        raise ValueError(f"{flag} {path} is not writable")
 
 
 # --- command line --------------------------------------------------------------------
@@ -298,6 +340,8 @@ def build_parser():
     m.add_argument("--num_samples", type=int, default=200)
     m.add_argument("--batch_size", type=int, default=256)
     m.add_argument("--runs", default=DEFAULT_RUNS)
+    m.add_argument("--guidance", default="1", help="classifier-free guidance scales, e.g. '0,1,2,3' (each run at each "
+                   "scale; needs a model trained with class_dropout_prob > 0 for scales other than 1)")
     m.add_argument("--seed", type=int, default=0)
     m.add_argument("--json", default=None, help="also write the rows to this file")
     return p
@@ -306,6 +350,9 @@ def build_parser():
 def run_bpd(args):
     if os.path.isfile(args.checkpoint):
         raise ValueError("bpd needs a checkpoint of this package: its config names the held-out data")
+    check_seed(args.seed)
+    if args.num_images < 0 or args.batch_size < 1:
+        raise ValueError("--num_images must be >= 0 (0: all) and --batch_size >= 1")
     loaded = load_checkpoint(args.checkpoint, ema=not args.raw)
     images, labels = held_out_data(loaded.config)
     if args.num_images:
@@ -327,9 +374,16 @@ def run_fid(args):
 
 
 def run_benchmark(args):
+    if args.json:
+        check_output_file(args.json, "--json")
+    check_sample_count(args.num_samples)
+    check_seed(args.seed)
+    if args.batch_size < 1:
+        raise ValueError(f"--batch_size must be at least 1, got {args.batch_size}")
     loaded = load_checkpoint(args.checkpoint)
     runs = parse_runs(args.runs, loaded.diffusion_kwargs.get("steps", 1000))
-    rows = benchmark(loaded, runs, args.num_samples, args.batch_size, args.seed)
+    scales = parse_guidance(args.guidance, loaded)
+    rows = benchmark(loaded, runs, args.num_samples, args.batch_size, args.seed, scales)
     print(format_table(rows))
     if args.json:
         with open(args.json, "w") as fh:
@@ -345,11 +399,12 @@ COMMANDS = dict(bpd=run_bpd, quality=run_quality, fid=run_fid, benchmark=run_ben
 
 
 def main(argv=None):
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     try:
         COMMANDS[args.command](args)
     except (FileNotFoundError, ValueError) as e:
-        raise SystemExit(f"error: {e}")
+        parser.exit(2, f"error: {e}\n")  # one line, exit status 2 as for argparse's own errors
 
 
 if __name__ == "__main__":
