@@ -92,12 +92,12 @@ KILLER = textwrap.dedent("""
     import unet.checkpoint as c
     from unet.config import TrainConfig
     from unet.training import train
-    real = c._commit
-    def commit(tmp, final):  # die while the step-4 checkpoint is still a temporary folder
+    real = c.publish
+    def publish(tmp, final):  # die while the step-4 checkpoint is still a temporary folder
         if final.endswith("checkpoint_00000004"):
             os.kill(os.getpid(), signal.SIGKILL)
         real(tmp, final)
-    c._commit = commit
+    c.publish = publish
     train(TrainConfig.load(sys.argv[1]))
 """)
 
