@@ -235,8 +235,8 @@ def test_the_ablation_uses_trainings_divergence_rule(tmp_path, monkeypatch):
 
 def test_bad_sweep_is_one_line_error_before_any_run(tmp_path, capsys):
     cases = [({"lr": [], "init": ["zero"]}, "'lr' lists no values"),
-             ({"lr": [0.001, -0.01], "init": ["zero"]}, "a number > 0"),
-             ({"lr": [0.0], "init": ["zero"]}, "a number > 0"),
+             ({"lr": [0.001, -0.01], "init": ["zero"]}, "got -0.01"),
+             ({"lr": [0.0], "init": ["zero"]}, "got 0.0"),
              ({"lr": ["fast"], "init": ["zero"]}, "'fast'"),
              ({"num_res_blocks": [0, 2], "init": ["zero"]}, "num_res_blocks"),
              ]
@@ -248,7 +248,7 @@ def test_bad_sweep_is_one_line_error_before_any_run(tmp_path, capsys):
     path = write_grid(tmp_path / "one_seed.yaml", {**TINY, "seeds": 1})
     assert main(["--config", path, "--output_dir", str(tmp_path / "o")]) == 2
     assert "at least 2 seeds" in capsys.readouterr().err
-    assert main(["--config", write_grid(tmp_path / "g.yaml", TINY), "--seeds", "0", "--output_dir",
+    assert main(["--config", write_grid(tmp_path / "g.yaml", TINY), "--seeds", "1", "--output_dir",
                  str(tmp_path / "o")]) == 2
     assert "at least 2 seeds" in capsys.readouterr().err
     for key, value in (("processes", "0"), ("early_steps", "10,x")):
@@ -319,7 +319,7 @@ def test_shipped_grids():
             lrs = sorted(next(iter(by_arm.values())))
             assert all(v == set(lrs) for v in by_arm.values()) and len(lrs) >= 3
             ratios = [b / a for a, b in zip(lrs, lrs[1:])]
-            assert all(3 <= q <= 10.01 for q in ratios)  # a log scale: half-decade or decade steps
+            assert all(2.99 <= q <= 10.01 for q in ratios)  # a log scale: half-decade or decade steps
         base = {k: v for k, v in runs[0].cfg.to_dict().items()
                 if k not in ("init", "norm", "num_res_blocks", "lr", "seed", "output_dir", "run_name", "tags")}
         assert all({k: r.cfg.to_dict()[k] for k in base} == base for r in runs)
