@@ -11,7 +11,8 @@ from checkpoint_files import write_checkpoint
 from cli_errors import refused
 from unet.config import TrainConfig
 from unet.diffusion import create_diffusion
-from unet.evaluate import bits_per_dim, digit_judge, digit_quality, fid_unavailable_reason, frechet_distance, main
+from unet.digit_quality import digit_judge, digit_quality, frechet_distance
+from unet.evaluate import bits_per_dim, fid_unavailable_reason, main
 from unet.model import UNetModel
 
 
