@@ -5,9 +5,9 @@ import pytest
 import torch
 
 from unet.config import ConfigError, TrainConfig
-from unet.data import seeded_generator
+from unet.data import draw_step_inputs, seeded_generator
 from unet.resample import UniformSampler
-from unet.training import draw_step_inputs, make_ema, train
+from unet.training import make_ema, train
 
 SHAPE = (64, 1, 8, 8)
 

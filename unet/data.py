@@ -191,7 +191,13 @@ def seeded_generator(seed, index):
     """A CPU generator for one (seed, index) pair, e.g. (data seed, epoch) here or (data
     seed, step) for training's t and noise: the two mixed into one integer (a prime stride,
     so nearby seeds do not share streams), a pure function of both."""
-    return torch.Generator().manual_seed(int(seed) * 1_000_003 + int(index))
+    return torch.Generator().manual_seed(mixed_seed(seed, index))
+
+
+def mixed_seed(seed, index):
+    """One integer seed for the pair (seed, index), a prime stride apart so that nearby seeds
+    do not share streams: the one mixing rule for step generators and per-process seeds."""
+    return int(seed) * 1_000_003 + int(index)
 
 
 def positions_to_indices(positions, n, seed):

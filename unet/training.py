@@ -28,8 +28,7 @@ from tqdm.auto import tqdm
 
 from . import diagnostics
 from .checkpoint import agree, save_checkpoint
-from .data import (batch_slice, draw_step_inputs, eval_batch, load_image_data,  # noqa: F401 (draw_step_inputs re-exported)
-                   seeded_generator, train_loader)
+from .data import batch_slice, draw_step_inputs, eval_batch, load_image_data, mixed_seed, seeded_generator, train_loader
 from .factory import create_diffusion_from_config, create_model
 from .images import image_grid, save_png
 from .launch import TrainingError, adamw, check_run, make_accelerator  # noqa: F401 (TrainingError: what train raises)
@@ -244,7 +243,7 @@ def build_run(cfg, accelerator, log):
     model = create_model(cfg)  # the same initial weights on every process
     if accelerator.process_index:
         # Dropout masks differ between processes; process 0 keeps the stream of a one-process run.
-        set_seed((cfg.seed * 1_000_003 + accelerator.process_index) % 2 ** 32)
+        set_seed(mixed_seed(cfg.seed, accelerator.process_index) % 2 ** 32)
     diffusion = create_diffusion_from_config(cfg)
     sampler = create_named_schedule_sampler(cfg.schedule_sampler, diffusion)
     optimizer = adamw(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
