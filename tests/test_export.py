@@ -103,14 +103,30 @@ def test_unexpressible_models_are_refused(overrides, message):
         to_unet2d(loaded(**overrides))
 
 
-PIPELINE_SCRIPT = textwrap.dedent("""
-    import sys, json
-    sys.modules["unet"] = None  # this package must not be needed, even if it is installed
+# A subprocess in which this package cannot be imported, even though it is installed: what
+# runs there needs only stock torch and diffusers.
+WITHOUT_UNET = textwrap.dedent("""
+    import sys
+    sys.modules["unet"] = None
     try:
         import unet
-        raise SystemExit("unet is importable")
     except ImportError:
-        pass
+        unet = None
+    assert unet is None, "unet is importable"
+""")
+
+
+def run_without_unet(script, args, cwd, timeout):
+    """Run ``script`` with ``args`` where ``unet`` is unimportable: (its stdout, its last stdout line as JSON)."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    r = subprocess.run([sys.executable, "-c", script, *map(str, args)], capture_output=True, text=True, cwd=cwd,
+                       env=env, timeout=timeout)
+    assert r.returncode == 0, r.stderr[-2000:]
+    return r.stdout, json.loads(r.stdout.strip().splitlines()[-1])
+
+
+PIPELINE_SCRIPT = WITHOUT_UNET + textwrap.dedent("""
+    import json
     import numpy as np, torch
     from diffusers import DDPMPipeline
     pipe = DDPMPipeline.from_pretrained(sys.argv[1])
@@ -135,11 +151,7 @@ def test_export_cli_pipeline_runs_without_this_package(tmp_path):
 
     seed, steps = 5, 4
     g_seed = sample_generators(seed, [0])[0].initial_seed()  # sample 0's generator in sample.py
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    r = subprocess.run([sys.executable, "-c", PIPELINE_SCRIPT, str(tmp_path / "pipe"), str(g_seed), str(steps),
-                        str(tmp_path / "img.npy")], capture_output=True, text=True, cwd=tmp_path, env=env, timeout=300)
-    assert r.returncode == 0, r.stderr[-2000:]
-    info = json.loads(r.stdout.strip().splitlines()[-1])
+    _, info = run_without_unet(PIPELINE_SCRIPT, [tmp_path / "pipe", g_seed, steps, tmp_path / "img.npy"], tmp_path, 300)
     assert info == dict(variance_type="learned_range", shape=[1, 8, 8, 1])
     theirs = np.load(tmp_path / "img.npy")[0] * 255
     ours, _ = generate(model, cfg.diffusion_kwargs(), 8, 1, "ddpm", steps, seed=seed, progress=False)
@@ -154,14 +166,8 @@ def test_export_cli_errors_are_one_line(tmp_path, capsys):
 
 # --- class-conditional models: the copied pipeline, with guidance ----------------------
 
-CONDITIONAL_SCRIPT = textwrap.dedent("""
-    import sys, json, re
-    sys.modules["unet"] = None  # this package must not be needed, even if it is installed
-    try:
-        import unet
-        raise SystemExit("unet is importable")
-    except ImportError:
-        pass
+CONDITIONAL_SCRIPT = WITHOUT_UNET + textwrap.dedent("""
+    import json, re
     import numpy as np, torch
     folder, seed, steps, result = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
     # the model card's three lines, run as they are written
@@ -198,18 +204,15 @@ def test_class_conditional_export_runs_without_this_package(tmp_path, dropout):
 
     seed, steps = 5, 4
     g_seed = sample_generators(seed, [0])[0].initial_seed()  # sample 0's generator in sample.py
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    r = subprocess.run([sys.executable, "-c", CONDITIONAL_SCRIPT, str(tmp_path / "pipe"), str(g_seed), str(steps),
-                        str(tmp_path / "theirs.npz")], capture_output=True, text=True, cwd=tmp_path, env=env, timeout=600)
-    assert r.returncode == 0, r.stderr[-2000:]
-    info = json.loads(r.stdout.strip().splitlines()[-1])
+    out, info = run_without_unet(CONDITIONAL_SCRIPT, [tmp_path / "pipe", g_seed, steps, tmp_path / "theirs.npz"],
+                                 tmp_path, 600)
     null = 10 if dropout else None
     assert info == dict(pipeline="ClassConditionalDDPMPipeline", null=null)
     with Image.open(tmp_path / "grid.png") as grid:
         assert grid.size == (640, 128)  # 2 rows of the 10 classes, 8x8 digits shown at 64x64
     theirs = dict(np.load(tmp_path / "theirs.npz"))
     assert sorted(theirs) == (["3_1", "3_2", "7_1", "7_2"] if dropout else ["3_1", "7_1"])
-    assert ("refused: this model was trained without label dropout" in r.stdout) == (not dropout)
+    assert ("refused: this model was trained without label dropout" in out) == (not dropout)
     for key, img in theirs.items():
         label, w = int(key.split("_")[0]), float(key.split("_")[1])
         ours, _ = generate(model, cfg.diffusion_kwargs(), 8, 1, "ddpm", steps, seed=seed, class_labels=[label],
