@@ -104,6 +104,9 @@ def save_checkpoint(accelerator, output_dir, step, cfg, model, emas, train_state
     weights = accelerator.get_state_dict(model)  # on every process: sharded setups gather here
     accelerator.wait_for_everyone()  # every process's files are in before the main one publishes
     if accelerator.is_main_process and error is None:
+        # The process count is written down, so that a resume can tell a lost RNG file (an
+        # error) from a process that did not exist when this checkpoint was saved.
+        train_state = {**train_state, "num_processes": accelerator.num_processes}
         try:
             write_own_files(tmp, accelerator.unwrap_model(model), weights, emas, train_state, cfg)
             fsync_tree(tmp)
@@ -146,20 +149,36 @@ def write_own_files(folder, unwrapped, weights, emas, train_state, cfg):
     cfg.save(os.path.join(folder, "config.yaml"))
 
 
-def check_training_files(path, process_index, emas, scaler=False):
+def rng_writers(path):
+    """How many processes saved the checkpoint at ``path``: ``num_processes`` of its
+    ``train_state.json`` (the count of RNG files for checkpoints written before it was kept)."""
+    try:
+        with open(os.path.join(path, "train_state.json")) as f:
+            saved = json.load(f).get("num_processes")
+    except (OSError, ValueError, AttributeError):
+        saved = None  # an unreadable file is reported when the state is loaded
+    if isinstance(saved, int) and saved >= 1:
+        return saved
+    return max(1, sum(1 for n in os.listdir(path) if n.startswith("random_states_") and n.endswith(".pkl")))
+
+
+def check_training_files(path, num_processes, emas, scaler=False):
     """
     The files a resume reads, checked before anything is loaded: present, not empty, and
     accelerate's pickled parts readable (it would otherwise fail with a traceback, or, for
     an RNG file, silently go on without it). Each problem is a one-line ``CheckpointError``
-    naming the file.
+    naming the file. Every process checks the RNG files of all processes that have one to
+    read (the folder is shared), so all of them fail alike; a process whose index is beyond
+    the saving run's process count has none (the resume logs that it starts from its process
+    seed).
 
-    :return: how many processes wrote RNG files (the process count of the saving run).
+    :param num_processes: the resuming run's process count.
+    :return: how many processes saved the checkpoint (``rng_writers``).
     """
     names = ["model.safetensors", "train_state.json", "config.yaml", *ACCELERATE_FILES,
              *(ema_filename(r) for r in emas), *(["scaler.pt"] if scaler else [])]
-    writers = sum(1 for n in os.listdir(path) if n.startswith("random_states_") and n.endswith(".pkl"))
-    if process_index < writers or process_index == 0:
-        names.append(RNG_FILE.format(process_index))
+    writers = rng_writers(path)
+    names += [RNG_FILE.format(i) for i in range(min(writers, num_processes))]
     for name in names:
         file = os.path.join(path, name)
         if not os.path.isfile(file) or os.path.getsize(file) == 0:
@@ -176,8 +195,8 @@ def check_training_files(path, process_index, emas, scaler=False):
 
 def load_training_state(accelerator, path, model, emas):
     """Restore a checkpoint saved by ``save_checkpoint`` into prepared objects; returns
-    train_state (with ``"rng_writers"``: how many processes saved RNG states)."""
-    writers = check_training_files(path, accelerator.process_index, emas, scaler=accelerator.scaler is not None)
+    train_state (with ``"rng_writers"``: how many processes saved the checkpoint)."""
+    writers = check_training_files(path, accelerator.num_processes, emas, scaler=accelerator.scaler is not None)
     try:
         # The model file holds unwrapped keys, which a DDP wrapper would not match: let
         # accelerate restore optimizer, scheduler and RNG, then load the weights strictly here.

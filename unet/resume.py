@@ -52,19 +52,33 @@ def restore(run, state, path, changes, log):
     run.sampler.load_state_dict(loaded["sampler"])
     for r, ema in run.emas.items():
         ema.optimization_step = loaded["ema_steps"][f"{r:g}"]
-    writers, n = loaded["rng_writers"], run.accelerator.num_processes
-    if writers != n:
-        # The data stream is a function of the step alone, so it continues the same; each
-        # process's dropout randomness cannot (a process without a saved state starts from
-        # its process seed).
-        log(f"resume: the checkpoint was written by {writers} process(es), this run has {n}: the same data "
-            "stream, but dropout randomness differs from an uninterrupted run")
+    log_process_count_change(loaded["rng_writers"], run.accelerator.num_processes, log)
     log(f"resumed from {path} at step {state.step}")
     for key, (old, new) in changes.items():
         if key not in QUIET_KEYS:
             log(f"resume: {key} changed from {old!r} to {new!r}")
     if any(k in changes for k in OPTIMIZER_KEYS):
         apply_optimizer_settings(run.optimizer, run.scheduler.scheduler, run.cfg)
+
+
+def log_process_count_change(writers, n, log):
+    """
+    A checkpoint saved by ``writers`` processes, resumed by ``n``: the data stream (examples,
+    t, noise, flips of each step) is a function of the step alone and continues the same; the
+    global RNG (dropout) cannot. Processes below min(writers, n) restore their own saved state;
+    a process with no saved state starts from its process seed, as in a fresh run, and saved
+    states beyond ``n`` are not used. Logged, never silent.
+    """
+    if writers == n:
+        return
+    if n > writers:
+        fallback = (f"process(es) {', '.join(map(str, range(writers, n)))} have no saved RNG state and start "
+                    "from their process seed")
+    else:
+        fallback = f"the RNG state(s) of process(es) {', '.join(map(str, range(n, writers)))} are not used"
+    log(f"resume: the checkpoint was written by {writers} process(es), this run has {n}: the same data stream "
+        f"(examples, t and noise of every step); {fallback}: the weights follow an uninterrupted run's up to "
+        "float rounding without dropout, and differ (other dropout masks) with it")
 
 
 def apply_optimizer_settings(optimizer, scheduler, cfg):
