@@ -3,6 +3,7 @@ checkpoints, non-finite weights, keys changed on resume, corrupt checkpoint part
 writes, the barrier before publishing, and SIGTERM/SIGUSR1 preemption."""
 
 import errno
+import json
 import os
 import shutil
 import signal
@@ -19,6 +20,7 @@ from unet import checkpoint as ckpt_mod
 from unet.checkpoint import CheckpointError, latest_checkpoint, list_checkpoints, load_checkpoint
 from unet.config import ConfigError
 from unet.preemption import PREEMPTED_EXIT
+from unet.resume import log_process_count_change
 from unet.training import train
 
 from test_bad_input import tree_digest
@@ -146,6 +148,33 @@ def test_a_corrupt_checkpoint_part_is_one_line_naming_the_file(straight, tmp_pat
     with pytest.raises(CheckpointError) as e:
         train(cfg.replace(output_dir=str(tmp_path / "run"), resume="latest", max_steps=7))
     assert words in str(e.value) and "\n" not in str(e.value)
+
+
+def test_a_lost_rng_file_of_a_process_that_saved_one_is_an_error(straight, tmp_path):
+    """A checkpoint records how many processes saved it, so a missing random_states_<i>.pkl of
+    one of them is an error, not mistaken for a process count change (which is an explicit,
+    logged fallback: tests/test_multinode.py)."""
+    cfg, _ = straight
+    shutil.copytree(cfg.output_dir, tmp_path / "run")
+    ckpt, emas = latest_checkpoint(str(tmp_path / "run")), {r: None for r in cfg.ema_rates}
+    meta_file = os.path.join(ckpt, "train_state.json")
+    with open(meta_file) as f:
+        meta = json.load(f)
+    assert meta["num_processes"] == 1 and ckpt_mod.check_training_files(ckpt, 2, emas) == 1
+    with open(meta_file, "w") as f:
+        json.dump({**meta, "num_processes": 2}, f)  # as if saved by 2, random_states_1.pkl lost
+    with pytest.raises(CheckpointError, match="random_states_1.pkl is missing"):
+        ckpt_mod.check_training_files(ckpt, 2, emas)
+    assert ckpt_mod.check_training_files(ckpt, 1, emas) == 2  # one process reads only process 0's
+    with open(meta_file, "w") as f:
+        json.dump({k: v for k, v in meta.items() if k != "num_processes"}, f)
+    assert ckpt_mod.rng_writers(ckpt) == 1  # older checkpoints: the RNG files are counted
+    lines = []
+    log_process_count_change(1, 3, lines.append)
+    log_process_count_change(4, 2, lines.append)
+    log_process_count_change(2, 2, lines.append)
+    assert len(lines) == 2 and "process(es) 1, 2 have no saved RNG state" in lines[0]
+    assert "the RNG state(s) of process(es) 2, 3 are not used" in lines[1]
 
 
 # --- item 5: failed writes, the barrier ----------------------------------------------------
