@@ -165,3 +165,15 @@ def test_bad_arguments_are_one_line_errors(tmp_path, args, message):
     r, report = run_script(tmp_path, *args, timeout=60)
     assert r.returncode == 2 and report is None
     assert r.stderr.startswith("error: ") and r.stderr.count("\n") == 1 and message in r.stderr, r.stderr
+
+
+def test_a_part_over_its_time_limit_is_stopped_and_recorded(tmp_path):
+    r, report = run_script(tmp_path, "--parts", "bench", "--bench_timeout_s", "1", timeout=120)
+    assert r.returncode == 1, r.stderr[-3000:]
+    part = report["parts"]["bench/tiny/eager"]
+    assert part["status"] == "failed" and part["returncode"] is None and part["timeout_s"] == 1
+    assert part["reason"] == "timed out after 1 s" and 1 <= part["seconds"] < 30
+    assert "result" not in part and "benchmarks/bench.py" in part["output_tail"]
+    # the whole process group was stopped: no bench.py of this run is left
+    ps = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
+    assert part["command_line"] not in ps
