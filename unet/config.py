@@ -26,6 +26,7 @@ class TrainConfig:
     # --- run ---
     output_dir: str = "outputs/digits"
     max_steps: int = 3000
+    max_minutes: float = 0.0  # stop after the first step ending past this many minutes of training; 0 = off
     batch_size: int = 64  # global: split over processes and accumulation steps
     grad_accum: int = 1
     lr: float = 1e-3

@@ -20,7 +20,7 @@ POSITIVE_INTS = ("max_steps", "batch_size", "grad_accum", "keep_checkpoints", "l
                  "eval_batch_size", "divergence_window")
 NON_NEGATIVE_INTS = ("warmup_steps", "num_workers", "diagnostics_every", "eval_every", "cpu_threads",
                      "checkpoint_every")
-NON_NEGATIVE_FLOATS = ("weight_decay", "grad_clip", "dropout", "divergence_factor")
+NON_NEGATIVE_FLOATS = ("weight_decay", "grad_clip", "dropout", "divergence_factor", "max_minutes")
 INT_LIMIT = 2 ** 31  # step counts and sizes beyond this overflow int32 indices and int64 positions
 SEED_LIMIT = 2 ** 32  # numpy's seed range (accelerate's set_seed seeds numpy too)
 
@@ -29,7 +29,7 @@ SEED_LIMIT = 2 ** 32  # numpy's seed range (accelerate's set_seed seeds numpy to
 # other key (architecture, diffusion, data, batch, seeds, EMA, precision) describes what
 # the checkpoint is, and a different value is refused.
 RESUME_CHANGEABLE = frozenset((
-    "output_dir", "max_steps", "lr", "weight_decay", "warmup_steps", "grad_clip", "grad_accum",
+    "output_dir", "max_steps", "max_minutes", "lr", "weight_decay", "warmup_steps", "grad_clip", "grad_accum",
     "checkpoint_every", "keep_checkpoints", "resume", "overwrite", "cpu_threads", "compile", "max_nan_steps",
     "divergence_factor", "divergence_window", "report_to", "project", "run_name", "group", "tags", "log_every",
     "diagnostics_every", "eval_every", "eval_batch_size", "sample_every", "num_samples", "sample_steps",

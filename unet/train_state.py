@@ -66,6 +66,7 @@ class TrainState:
     step: int = 0
     nan_skipped: int = 0
     nan_streak: int = 0
+    elapsed: float = 0.0  # seconds of the training loop so far, summed over resumes (what max_minutes reads)
     spikes: SpikeDetector = field(default_factory=SpikeDetector)
     # not saved: this call's history, files written, and the current log window's throughput
     history: list = field(default_factory=list)
@@ -96,11 +97,12 @@ class TrainState:
         # "initial_loss" stays at the top level: checkpoints written before the monitor have only it.
         return {"step": self.step, "nan_skipped": self.nan_skipped, "nan_streak": self.nan_streak,
                 "initial_loss": self.divergence.initial_loss, "spikes": self.spikes.state_dict(),
-                "divergence": self.divergence.state_dict()}
+                "divergence": self.divergence.state_dict(), "elapsed_seconds": self.elapsed}
 
     def load_state_dict(self, state):
         self.step, self.nan_skipped = state.get("step", 0), state.get("nan_skipped", 0)
         self.nan_streak = state.get("nan_streak", 0)
+        self.elapsed = state.get("elapsed_seconds", 0.0)  # checkpoints from before the clock: 0
         self.spikes.load_state_dict(state["spikes"])
         self.divergence.load_state_dict(state.get("divergence", {"initial_loss": state.get("initial_loss"),
                                                                  "recent": []}))
@@ -110,8 +112,9 @@ def should_stop(state, record, cfg, hook=False, signalled=False):
     """
     Why the run stops after ``record``'s step, first rule first: "nan" (``max_nan_steps``
     skipped steps in a row), "diverged" (``divergence_factor`` > 0 and the divergence rule
-    fired), "hook" (a hook asked to stop), "max_steps", "preempted" (a stop signal arrived:
-    ``signalled``), or None to go on. The last step is "max_steps" even when signalled: the
+    fired), "hook" (a hook asked to stop), "max_steps", "max_minutes" (``max_minutes`` > 0 and
+    ``state.elapsed`` has reached it), "preempted" (a stop signal arrived: ``signalled``), or
+    None to go on. The last step is "max_steps" (or "max_minutes") even when signalled: the
     run is complete.
     """
     if state.nan_streak >= cfg.max_nan_steps:
@@ -122,6 +125,8 @@ def should_stop(state, record, cfg, hook=False, signalled=False):
         return "hook"
     if record.step >= cfg.max_steps:
         return "max_steps"
+    if cfg.max_minutes and state.elapsed >= 60 * cfg.max_minutes:
+        return "max_minutes"
     if signalled:
         return "preempted"
     return None

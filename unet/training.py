@@ -208,7 +208,7 @@ def maybe_checkpoint(run, state, record, stop, log):
     weights, so that the latest checkpoint is always a good one."""
     cfg, done = run.cfg, record.step
     if not ((cfg.checkpoint_every and done % cfg.checkpoint_every == 0) or done == cfg.max_steps
-            or stop in ("hook", "preempted")):
+            or stop in ("hook", "preempted", "max_minutes")):
         return
     if record.skipped or not all(torch.isfinite(p).all() for p in run.raw.parameters()):
         log(f"step {done}: checkpoint not written (non-finite loss or weights); latest good: {state.last_checkpoint}")
@@ -288,11 +288,12 @@ def train(cfg, hooks=(), stop_signals=False):
         caller's signal handling alone (the ablation's workers, library use).
     :return: dict with ``history`` (one dict per step: step, loss, mse, vb, grad_norm, lr,
         loss_q0..3, and where measured eval_loss, residual_ratios, activation_rms),
-        ``diverged``, ``stop_reason`` (max_steps | nan | diverged | preempted | hook),
+        ``diverged``, ``stop_reason`` (max_steps | max_minutes | nan | diverged | preempted | hook),
         ``divergence_reason`` (one line, or None), ``nan_skipped``, ``spike_count``,
         ``initial_loss``, ``final_loss``, ``final_eval_loss``, ``steps``, ``output_dir``,
         ``checkpoint`` (the latest good one), ``samples`` (last grid PNG), ``wandb_dir``,
-        ``skipped_images`` (corrupt image files left out of the data) and ``signal`` (the
+        ``skipped_images`` (corrupt image files left out of the data), ``elapsed_seconds`` (the
+        training loop's wall time, over resumes: what ``max_minutes`` reads) and ``signal`` (the
         stop signal received, e.g. "SIGTERM", or None; stop_reason "preempted").
     """
     resume_path, stale, changes = plan(cfg)  # refusals and a bad resume path fail before anything starts
@@ -337,6 +338,7 @@ def train_loop(run, state, hooks, signals):
     loader = iter(train_loader(run.data, cfg, start, acc.process_index, acc.num_processes, run.data_seed))
     bar = tqdm(total=cfg.max_steps, initial=start, disable=not (acc.is_main_process and cfg.progress), desc="train")
     run.model.train()
+    clock = time.perf_counter() - state.elapsed  # the run's training clock, continued on resume
     for step in range(start, cfg.max_steps):
         t0 = time.perf_counter()  # training time only: eval, samples and checkpoints excluded
         # Diagnostics before the update, the step, its counters and divergence verdict.
@@ -356,6 +358,9 @@ def train_loop(run, state, hooks, signals):
         # Stop rules (every hook runs), then the grid and checkpoint of this step.
         hook_stop = any([bool(h(record.step, row, run.raw)) for h in hooks])
         signalled = agree(acc, signals.received is not None)
+        state.elapsed = time.perf_counter() - clock
+        if cfg.max_minutes and acc.num_processes > 1:  # one clock for all, so that all stop at the same step
+            state.elapsed = acc.reduce(torch.tensor([state.elapsed], device=acc.device), "mean").item()
         stop = should_stop(state, record, cfg, hook=hook_stop, signalled=signalled)
         if stop in ("nan", "diverged"):
             why = stop_message(stop, record, cfg)
@@ -367,7 +372,9 @@ def train_loop(run, state, hooks, signals):
             break
     bar.close()
     stop = stop or "max_steps"
-    if stop in ("max_steps", "hook") and state.step > start:
+    if stop == "max_minutes":
+        run.log(f"max_minutes: stopped after step {state.step}, {state.elapsed:.1f} s of training")
+    if stop in ("max_steps", "hook", "max_minutes") and state.step > start:
         maybe_sample(run, state, state.step, final=True)
     acc.wait_for_everyone()
     return {**result(run, state, stop, why), "signal": signals.received}
@@ -382,4 +389,4 @@ def result(run, state, stop_reason, divergence_reason):
                 initial_loss=state.divergence.initial_loss, final_loss=losses[-1] if losses else None,
                 final_eval_loss=evals[-1] if evals else None, steps=state.step, output_dir=run.cfg.output_dir,
                 checkpoint=state.last_checkpoint, samples=state.last_samples, wandb_dir=run.wandb_dir,
-                skipped_images=run.data.skipped)
+                skipped_images=run.data.skipped, elapsed_seconds=state.elapsed)
