@@ -22,6 +22,7 @@ from unet.checkpoint import ema_from_flags, load_checkpoint
 from unet.images import image_grid, save_png
 from unet.sampling import (SCHEDULERS, check_guidance, check_seed, check_steps, generate, null_class_label,
                           real_class_count)
+from unet.speed import LAYOUTS, apply_layout
 
 
 def build_parser():
@@ -40,6 +41,8 @@ def build_parser():
     p.add_argument("--raw", action="store_true", help="use the trained weights, not the EMA")
     p.add_argument("--ema_rate", type=float, default=None)
     p.add_argument("--png", action="store_true", help="also write one PNG per image")
+    p.add_argument("--memory_format", choices=LAYOUTS, default="auto",
+                   help="the network's layout; auto: the faster of the two for this batch, measured first")
     return p
 
 
@@ -123,6 +126,9 @@ def main(argv=None):
     # Without cpu=True accelerate ignores a multi-process CPU launch and runs each process alone.
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
     model = loaded.model.to(accelerator.device)
+    shape = (min(args.batch_size, args.num_samples), model.in_channels, loaded.image_size, loaded.image_size)
+    apply_layout(model, args.memory_format, shape, train=False, timesteps=loaded.diffusion_kwargs.get("steps", 1000),
+                 num_classes=model.num_classes)
     images, y = generate(model, loaded.diffusion_kwargs, loaded.image_size, args.num_samples, args.scheduler, steps,
                          args.batch_size, args.seed, labels, accelerator, guidance_scale=args.guidance_scale,
                          null_label=null_label)

@@ -19,6 +19,7 @@ It is a tool that measures the package, not part of it, hence its place outside 
 
 import argparse
 import contextlib
+import copy
 import json
 import multiprocessing as mp
 import platform
@@ -35,6 +36,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from unet.config import TrainConfig
 from unet.export import check_expressible, unet2d_config
 from unet.factory import config_from_iddpm_flags, create_diffusion_from_config, create_model
+from unet.speed import LAYOUTS, apply_layout, compile_res_blocks
 from unet.stats import paired_ratio_ci
 from unet.training import adamw
 
@@ -284,7 +286,7 @@ def _status_bytes(field):
     return int(line.split()[1]) * 1024
 
 
-def _peak_memory_child(preset, which, steps, threads, queue):
+def _peak_memory_child(preset, which, steps, threads, layout, queue):
     torch.set_num_threads(threads)
     config = peer_kwargs(preset)
     diffusion, batch = make_batch(preset, "cpu")
@@ -293,20 +295,22 @@ def _peak_memory_child(preset, which, steps, threads, queue):
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")
     before = _status_bytes("VmRSS")
-    runner = Runner(build(which, preset, config), diffusion, batch, "cpu", torch.float32,
-                    optimizer=OPTIMIZERS[which])
+    model = build(which, preset, config)
+    if which == "ours":
+        model.set_channels_last(layout == "channels_last")
+    runner = Runner(model, diffusion, batch, "cpu", torch.float32, optimizer=OPTIMIZERS[which])
     for _ in range(steps):
         runner.train_step()
     queue.put(_status_bytes("VmHWM") - before)
 
 
-def peak_train_memory(preset, which, steps=2):
+def peak_train_memory(preset, which, steps=2, layout="contiguous"):
     """Peak memory of training ``which`` on CPU, in bytes: the peak RSS of a fresh process
     running ``steps`` training steps, minus its RSS just before the model is built (so
     parameters, gradients, AdamW state and activations count; the interpreter does not)."""
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
-    proc = ctx.Process(target=_peak_memory_child, args=(preset, which, steps, torch.get_num_threads(), queue))
+    proc = ctx.Process(target=_peak_memory_child, args=(preset, which, steps, torch.get_num_threads(), layout, queue))
     proc.start()
     result = queue.get()
     proc.join()
@@ -317,21 +321,34 @@ def peak_train_memory(preset, which, steps=2):
 
 def time_alternating(runners, kind, warmup, repeats, steps):
     """Per-repeat seconds per step (and optimizer seconds) of each model, after ``warmup``
-    untimed steps; the two models alternate, their order flipping every repeat."""
+    untimed steps; the models take turns, their order reversing every repeat."""
     for r in runners.values():
         for _ in range(warmup):
             r.train_step() if kind == "train" else r.sample_step()
-    times, opt_times = {"ours": [], "peer": []}, {"ours": [], "peer": []}
+    names = list(runners)
+    times, opt_times = {k: [] for k in names}, {k: [] for k in names}
     for i in range(repeats):
-        for k in (("ours", "peer") if i % 2 == 0 else ("peer", "ours")):
+        for k in (names if i % 2 == 0 else names[::-1]):
             seconds, opt_seconds = runners[k].time_steps(kind, steps)
             times[k].append(seconds)
             opt_times[k].append(opt_seconds)
     return times, opt_times
 
 
+def variant_figures(times, batch_size):
+    """Each fixed-layout variant of ours against the peer, timed in the same repeats."""
+    out = {}
+    for k in times:
+        if k not in ("ours", "peer"):
+            out[k] = dict(median_seconds=statistics.median(times[k]),
+                          images_per_second=batch_size / statistics.median(times[k]),
+                          **compare({"peer": times["peer"], "ours": times[k]}))
+    return out
+
+
 def summarize(times, flops, batch_size, peak):
     """Medians, images/s, the median and paired ratios, and the share of the matmul peak."""
+    times = {k: times[k] for k in ("ours", "peer")}
     med = {k: statistics.median(v) for k, v in times.items()}
     return dict(seconds_per_step=times, median_seconds=med,
                 images_per_second={k: batch_size / med[k] for k in med}, ratio=med["peer"] / med["ours"],
@@ -341,7 +358,7 @@ def summarize(times, flops, batch_size, peak):
 
 def network_share(times, opt_times, flops, peak):
     """The networks alone: each training step minus its optimizer update."""
-    net = {k: [t - o for t, o in zip(times[k], opt_times[k])] for k in times}
+    net = {k: [t - o for t, o in zip(times[k], opt_times[k])] for k in ("ours", "peer")}
     net_med = {k: statistics.median(v) for k, v in net.items()}
     return dict(seconds_per_step=net, median_seconds=net_med, **compare(net),
                 fraction_of_matmul_peak={k: flops[k] / net_med[k] / peak for k in net_med})
@@ -358,17 +375,20 @@ def summary_line(kind, r):
                  f"{r['network']['fraction_of_matmul_peak']['peer']:.0%} of matmul peak; optimizer "
                  f"{statistics.median(opt['ours']) * 1e3:.0f} ms (fused AdamW) / "
                  f"{statistics.median(opt['peer']) * 1e3:.0f} ms (AdamW)")
+    for name, v in r.get("variants", {}).items():
+        line += f"\n         {name}: {v['images_per_second']:.1f} img/s, against diffusers (paired) {_ci_text(v)}"
     return line
 
 
-def measure_memory(preset, runners, device):
+def measure_memory(preset, runners, device, layout="contiguous"):
     """(method, {model: peak training bytes}): CUDA's allocator peak over warm steps, or on
     CPU the peak RSS of a fresh process per model."""
     if not device.startswith("cuda"):
         return ("peak RSS (VmHWM) of a fresh process over 2 training steps minus its RSS before the model",
-                {k: peak_train_memory(preset, k) for k in ("ours", "peer")})
+                {k: peak_train_memory(preset, k, layout=layout) for k in ("ours", "peer")})
     peaks = {}
-    for k, r in runners.items():
+    for k in ("ours", "peer"):
+        r = runners[k]
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
         r.time_steps("train", 2)
@@ -377,7 +397,8 @@ def measure_memory(preset, runners, device):
 
 
 def run(preset_name, device="cpu", dtype="fp32", compile=False, warmup=2, repeats=10, steps=2,
-        memory=True, batch_size=None, flush_denormal=False, log=print):
+        memory=True, batch_size=None, flush_denormal=False, layout="auto", regional_compile=False,
+        ab_layouts=False, log=print):
     """
     Benchmark one preset and return every figure as a JSON-ready dict.
 
@@ -387,6 +408,11 @@ def run(preset_name, device="cpu", dtype="fp32", compile=False, warmup=2, repeat
     :param memory: also measure peak training memory.
     :param batch_size: override the preset's batch size.
     :param flush_denormal: recorded only; ``main`` sets it before torch starts its threads.
+    :param layout: our model's layout, as the ``memory_format`` config key takes it ("auto"
+        measures, separately for training and sampling, as training and sample.py do).
+    :param regional_compile: ``torch.compile`` our ResBlocks (``unet.speed.compile_res_blocks``).
+    :param ab_layouts: also time ours fixed channels-last and fixed contiguous in the same
+        repeats (``variants`` in the JSON), so the layout choice can be checked.
     """
     preset = PRESETS[preset_name]()
     if batch_size:
@@ -394,28 +420,49 @@ def run(preset_name, device="cpu", dtype="fp32", compile=False, warmup=2, repeat
     torch.manual_seed(0)
     diffusion, batch = make_batch(preset, device)
     models = dict(zip(("ours", "peer"), build_models(preset)))
-    runners = {k: Runner(m, diffusion, batch, device, DTYPES[dtype], compile, optimizer=OPTIMIZERS[k])
+    if ab_layouts:
+        for fixed in ("channels_last", "contiguous"):
+            models[f"ours_{fixed}"] = copy.deepcopy(models["ours"]).set_channels_last(fixed == "channels_last")
+
+    def choose(train):
+        return apply_layout(models["ours"].to(device), layout, batch["x"].shape, train, diffusion.num_timesteps,
+                            preset.num_classes if preset.class_cond else None)
+    layouts = dict(setting=layout, train=choose(True))
+    runners = {k: Runner(m, diffusion, batch, device, DTYPES[dtype], compile, optimizer=OPTIMIZERS["peer" if k == "peer" else "ours"])
                for k, m in models.items()}
     result = dict(
         preset=preset_name, config=describe(preset), device=device,
         device_name=torch.cuda.get_device_name() if device.startswith("cuda") else cpu_name(),
-        dtype=dtype, compile=compile, threads=torch.get_num_threads(), torch=torch.__version__,
-        flush_denormal=flush_denormal, warmup=warmup, repeats=repeats, steps_per_repeat=steps,
-        params={k: count_params(m) for k, m in models.items()},
+        dtype=dtype, compile=compile, regional_compile=regional_compile, threads=torch.get_num_threads(),
+        torch=torch.__version__, flush_denormal=flush_denormal, warmup=warmup, repeats=repeats,
+        steps_per_repeat=steps, params={k: count_params(models[k]) for k in ("ours", "peer")}, layout=layouts,
     )
     log(f"{preset_name}: {result['params']['ours']:,} parameters in each model, batch {preset.batch_size}, "
-        f"{dtype} on {device}{' compiled' if compile else ''}")
-    result["flops"] = {kind: {k: r.flops(kind) for k, r in runners.items()} for kind in ("train", "sample")}
+        f"{dtype} on {device}{' compiled' if compile else ''}{' (our ResBlocks compiled)' if regional_compile else ''}")
+    result["flops"] = {kind: {k: runners[k].flops(kind) for k in ("ours", "peer")} for kind in ("train", "sample")}
+    if regional_compile:  # after the FLOP count, which needs the eager ops
+        start = time.perf_counter()
+        for k in models:
+            if k != "peer":
+                compile_res_blocks(models[k])
+                runners[k].train_step(), runners[k].sample_step()
+        result["regional_compile_seconds"] = time.perf_counter() - start
+        log(f"  compiling our ResBlocks (forward and backward, training and sampling): "
+            f"{result['regional_compile_seconds']:.0f} s")
     peak = result["matmul_peak_flops"] = matmul_peak(device, DTYPES[dtype])
     for kind in ("train", "sample"):
+        if kind == "sample":
+            layouts["sample"] = choose(False)
+        log(f"  {kind}: ours {layouts[kind]}")
         times, opt_times = time_alternating(runners, kind, warmup, repeats, steps)
         r = result[kind] = summarize(times, result["flops"][kind], preset.batch_size, peak)
         if kind == "train":
-            r["optimizer_seconds_per_step"] = opt_times
+            r["optimizer_seconds_per_step"] = {k: opt_times[k] for k in ("ours", "peer")}
             r["network"] = network_share(times, opt_times, result["flops"][kind], peak)
+        r["variants"] = variant_figures(times, preset.batch_size)
         log(summary_line(kind, r))
     if memory:
-        result["peak_memory_method"], m = measure_memory(preset, runners, device)
+        result["peak_memory_method"], m = measure_memory(preset, runners, device, layouts["train"])
         result["peak_train_memory_bytes"] = m
         log(f"  memory ours {m['ours'] / 2**20:.0f} MiB  diffusers {m['peer'] / 2**20:.0f} MiB")
     log(f"  FLOPs per training step {result['flops']['train']['ours'] / 1e9:.2f} G (ours), "
@@ -430,6 +477,11 @@ def build_parser():
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="fp32", choices=sorted(DTYPES), help="autocast dtype (fp32: none)")
     p.add_argument("--compile", action="store_true", help="torch.compile both models")
+    p.add_argument("--layout", default="auto", choices=LAYOUTS,
+                   help="our model's layout (the memory_format config key); auto measures")
+    p.add_argument("--regional_compile", action="store_true", help="torch.compile our ResBlocks")
+    p.add_argument("--ab_layouts", action="store_true",
+                   help="also time ours fixed channels-last and fixed contiguous in the same repeats")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--repeats", type=int, default=10)
     p.add_argument("--steps", type=int, default=2, help="steps per model per repeat")
@@ -452,7 +504,8 @@ def main(argv=None):
         sys.exit("error: --device cuda given but no CUDA device is available")
     try:
         result = run(args.preset, args.device, args.dtype, args.compile, args.warmup, args.repeats, args.steps,
-                     not args.no_memory, args.batch_size or None, flush_denormal=not args.keep_denormals)
+                     not args.no_memory, args.batch_size or None, flush_denormal=not args.keep_denormals,
+                     layout=args.layout, regional_compile=args.regional_compile, ab_layouts=args.ab_layouts)
     finally:
         torch.set_flush_denormal(False)  # main() may run inside a longer-lived process (tests)
     if args.json:

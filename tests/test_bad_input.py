@@ -53,6 +53,7 @@ CASES = [
     (["--ema_rates", "nan"], ["'ema_rates'", "(0, 1)"]),
     (["--class_dropout_prob", "1"], ["'class_dropout_prob'", "[0, 1)"]),
     (["--class_dropout_prob", "0.1", "--class_cond", "false"], ["'class_dropout_prob'", "unconditional"]),
+    (["--memory_format", "nchw"], ["'memory_format'", "channels_last", "contiguous", "auto"]),
     (["--channel_mult", "2,2"], ["'channel_mult'", "starting with 1"]),
     (["--channel_mult", "1,0"], ["'channel_mult'", ">= 1"]),
     (["--channel_mult", ""], ["'channel_mult'", ">= 1"]),

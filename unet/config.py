@@ -44,6 +44,7 @@ class TrainConfig:
     overwrite: bool = False  # a fresh run may replace the checkpoints already in output_dir
     cpu_threads: int = 0  # torch threads per process on a CPU; 0 = the cores / processes on this machine
     compile: bool = False  # torch.compile the training forward/backward (minutes of compiling first)
+    memory_format: str = "auto"  # channels_last | contiguous | auto (measured at start; unet.speed)
     max_nan_steps: int = 10  # stop after this many non-finite losses in a row
     divergence_factor: float = 0.0  # stop on a non-finite loss, or when loss > factor * initial loss; 0 = never
     divergence_window: int = 1  # the loss compared is the median of the last N finite losses

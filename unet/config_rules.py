@@ -11,6 +11,7 @@ CHOICES = {
     "init": INIT_SCHEMES,
     "norm": NORMS,
     "mixed_precision": ("no", "fp16", "bf16"),
+    "memory_format": ("auto", "channels_last", "contiguous"),  # mirrors unet.speed.LAYOUTS
     "report_to": ("wandb", "tensorboard", "none"),
     "noise_schedule": ("linear", "cosine"),
     "schedule_sampler": ("uniform", "loss-second-moment"),
@@ -30,7 +31,7 @@ SEED_LIMIT = 2 ** 32  # numpy's seed range (accelerate's set_seed seeds numpy to
 # the checkpoint is, and a different value is refused.
 RESUME_CHANGEABLE = frozenset((
     "output_dir", "max_steps", "max_minutes", "lr", "weight_decay", "warmup_steps", "grad_clip", "grad_accum",
-    "checkpoint_every", "keep_checkpoints", "resume", "overwrite", "cpu_threads", "compile", "max_nan_steps",
+    "checkpoint_every", "keep_checkpoints", "resume", "overwrite", "cpu_threads", "compile", "memory_format", "max_nan_steps",
     "divergence_factor", "divergence_window", "report_to", "project", "run_name", "group", "tags", "log_every",
     "diagnostics_every", "eval_every", "eval_batch_size", "sample_every", "num_samples", "sample_steps",
     "progress", "data_dir", "num_workers"))

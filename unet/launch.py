@@ -3,6 +3,7 @@ Starting a run: the ``Accelerator`` (processes, mixed precision, CPU threads, th
 prerequisites), the checks that need it, and the optimizer.
 """
 
+import json
 import os
 import shutil
 import sys
@@ -10,9 +11,10 @@ import sys
 import torch
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState, is_initialized
-from accelerate.utils import DistributedType
+from accelerate.utils import DistributedType, broadcast_object_list
 
 from .config import ConfigError, check_batch_split
+from .speed import apply_layout
 from .tracking import TrackerError, prepare_tracker
 
 
@@ -81,6 +83,28 @@ def make_accelerator(cfg):
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
         torch.set_num_threads(cfg.cpu_threads or max(1, cores // local))
     return accelerator
+
+
+def run_layout(cfg, model, accelerator, resume_path, log):
+    """
+    Put ``model`` in the layout it trains in (``memory_format``) and return it. "auto" is
+    measured on the main process for the micro-batch shape and shared with the others (every
+    process must hold the same parameter layout); a resumed run keeps its checkpoint's
+    layout, since another one would round differently and resume would no longer be exact.
+    """
+    layout = cfg.memory_format
+    if layout == "auto" and resume_path:
+        with open(os.path.join(resume_path, "train_state.json")) as f:
+            layout = json.load(f).get("memory_format", "auto")
+    shape = (cfg.batch_size // (cfg.grad_accum * accelerator.num_processes), cfg.channels,
+             cfg.image_size, cfg.image_size)
+    if layout == "auto":
+        model.to(accelerator.device)
+        measured = [apply_layout(model, "auto", shape, True, cfg.diffusion_steps,
+                                 cfg.num_classes if cfg.class_cond else None)] if accelerator.is_main_process else [None]
+        layout = broadcast_object_list(measured)[0] if accelerator.num_processes > 1 else measured[0]
+        log(f"memory_format auto: {layout} (the faster for a training step at {shape} on this machine)")
+    return apply_layout(model, layout, shape)
 
 
 def check_run(cfg, accelerator):

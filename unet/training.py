@@ -31,7 +31,7 @@ from .checkpoint import agree, save_checkpoint
 from .data import batch_slice, draw_step_inputs, eval_batch, load_image_data, mixed_seed, seeded_generator, train_loader
 from .factory import create_diffusion_from_config, create_model
 from .images import image_grid, save_png
-from .launch import TrainingError, adamw, check_run, make_accelerator  # noqa: F401 (TrainingError: what train raises)
+from .launch import TrainingError, adamw, check_run, make_accelerator, run_layout  # noqa: F401 (TrainingError: what train raises)
 from .preemption import StopSignals
 from .resample import create_named_schedule_sampler
 from .resume import plan, restore, tidy
@@ -62,6 +62,7 @@ class Run:
     sample_model: object = None
     wandb_dir: str = None
     log: object = print  # the main process's log (a no-op on the others)
+    layout: str = "contiguous"  # the memory format it trains in (unet.speed)
 
 
 # --- one optimizer step ----------------------------------------------------------------
@@ -213,7 +214,7 @@ def maybe_checkpoint(run, state, record, stop, log):
     if record.skipped or not all(torch.isfinite(p).all() for p in run.raw.parameters()):
         log(f"step {done}: checkpoint not written (non-finite loss or weights); latest good: {state.last_checkpoint}")
         return
-    train_state = {**state.state_dict(), "step": done, "sampler": run.sampler.state_dict(),
+    train_state = {**state.state_dict(), "step": done, "sampler": run.sampler.state_dict(), "memory_format": run.layout,
                    "ema_steps": {f"{r:g}": e.optimization_step for r, e in run.emas.items()}}
     state.last_checkpoint = save_checkpoint(run.accelerator, cfg.output_dir, done, cfg, run.model, run.emas,
                                             train_state, cfg.keep_checkpoints)
@@ -234,13 +235,14 @@ def maybe_log(run, state, bar):
 
 # --- setup -----------------------------------------------------------------------------
 
-def build_run(cfg, accelerator, log):
+def build_run(cfg, accelerator, log, resume_path=None):
     """Data, then (seeded) model, diffusion, importance sampler, optimizer, lr schedule and
     EMAs, prepared by accelerate: the parts of a ``Run`` (the eval batch and trackers follow)."""
     with accelerator.main_process_first():
         data = load_image_data(cfg, log=log)
     set_seed(cfg.seed)  # after data loading, so the init does not depend on it
     model = create_model(cfg)  # the same initial weights on every process
+    layout = run_layout(cfg, model, accelerator, resume_path, log)  # before the optimizer sees the weights
     if accelerator.process_index:
         # Dropout masks differ between processes; process 0 keeps the stream of a one-process run.
         set_seed(mixed_seed(cfg.seed, accelerator.process_index) % 2 ** 32)
@@ -256,7 +258,7 @@ def build_run(cfg, accelerator, log):
     emas = {r: make_ema(raw.parameters(), r, cfg.ema_warmup) for r in cfg.ema_rates}
     return Run(cfg=cfg, accelerator=accelerator, data=data, model=model, raw=raw, train_model=train_model,
                diffusion=diffusion, sampler=sampler, optimizer=optimizer, scheduler=scheduler, emas=emas,
-               data_seed=cfg.seed if cfg.data_seed < 0 else cfg.data_seed, log=log)
+               data_seed=cfg.seed if cfg.data_seed < 0 else cfg.data_seed, log=log, layout=layout)
 
 
 def make_ema(params, rate, warmup=True):
@@ -305,7 +307,7 @@ def train(cfg, hooks=(), stop_signals=False):
             tidy(cfg.output_dir, stale, log)
         accelerator.wait_for_everyone()
         with StopSignals(install=stop_signals) as signals:  # SIGTERM/SIGUSR1: stop with a checkpoint
-            run = build_run(cfg, accelerator, log)
+            run = build_run(cfg, accelerator, log, resume_path)
             state = TrainState(divergence=diagnostics.DivergenceMonitor(cfg.divergence_factor,
                                                                         cfg.divergence_window),
                                last_checkpoint=resume_path)

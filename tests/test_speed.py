@@ -1,0 +1,155 @@
+"""unet.speed: speed choices by measurement (the layout), and regional compilation."""
+
+import itertools
+import os
+
+import pytest
+import torch
+
+from unet.launch import cpu_compiler
+from unet.model import UNetModel
+from unet.speed import MIN_CHANNELS_LAST, apply_layout, choose_layout, compile_res_blocks, fastest
+
+
+class FakeClock:
+    """A clock that advances by the cost of whatever ran since the last reading."""
+
+    def __init__(self):
+        self.now, self.pending = 0.0, 0.0
+
+    def __call__(self):
+        self.now += self.pending
+        self.pending = 0.0
+        return self.now
+
+
+def costing(clock, seconds, calls, name):
+    def run():
+        calls.append(name)
+        clock.pending += seconds.pop(0) if isinstance(seconds, list) else seconds
+    return run
+
+
+def test_fastest_takes_the_lowest_median_alternating_the_order_and_caches_it():
+    clock, calls, cache = FakeClock(), [], {}
+    # b is faster in 2 of 3 rounds: the median, not the mean (a's one fast round), decides.
+    candidates = {"a": costing(clock, [9, 1.0, 3.0, 3.0], calls, "a"),
+                  "b": costing(clock, [9, 2.0, 2.0, 2.0], calls, "b")}
+    assert fastest(candidates, key="k", repeats=3, timer=clock, cache=cache) == "b"
+    # one untimed call each, then rounds in an order that reverses every round
+    assert calls == ["a", "b", "a", "b", "b", "a", "a", "b"]
+    assert cache == {"k": "b"}
+    assert fastest({"a": None, "b": None}, key="k", cache=cache) == "b"  # cached: nothing runs
+
+
+def test_fastest_breaks_ties_by_order():
+    clock, calls = FakeClock(), []
+    candidates = {"x": costing(clock, 1.0, calls, "x"), "y": costing(clock, 1.0, calls, "y")}
+    assert fastest(candidates, timer=clock, cache={}) == "x"
+
+
+def model(channels, dropout=0.0):
+    torch.manual_seed(0)
+    return UNetModel(in_channels=3, model_channels=channels, out_channels=6, num_res_blocks=1,
+                     attention_resolutions=(2,), dropout=dropout, channel_mult=(1, 2), num_classes=3, num_heads=2,
+                     use_scale_shift_norm=True)
+
+
+def test_small_models_stay_contiguous_without_measuring():
+    m, cache = model(32), {}
+    m.set_channels_last(True)
+    assert choose_layout(m, (2, 3, 8, 8), cache=cache) == "contiguous"
+    assert not m.channels_last and cache == {}
+    assert MIN_CHANNELS_LAST == 64
+
+
+@pytest.mark.parametrize("train", [True, False])
+def test_the_measurement_leaves_no_trace_but_the_layout(train):
+    # dropout draws from the global RNG: the measurement must not shift the run's stream
+    m, cache = model(64, dropout=0.3), {}
+    m.eval()
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    rng = torch.get_rng_state()
+    layout = choose_layout(m, (2, 3, 8, 8), train=train, timesteps=100, num_classes=3, repeats=1, cache=cache)
+    assert torch.equal(torch.get_rng_state(), rng)
+    assert layout in ("channels_last", "contiguous") and list(cache.values()) == [layout]
+    assert m.channels_last == (layout == "channels_last")
+    assert not m.training  # mode restored
+    assert all(p.grad is None for p in m.parameters())
+    assert all(torch.equal(before[k], v) for k, v in m.state_dict().items())  # no update, standard layout out
+
+
+def test_the_choice_is_cached_per_shape_and_mode():
+    m = model(64)
+    cache = {}
+    for shape, train in itertools.product([(2, 3, 8, 8), (4, 3, 8, 8)], [True, False]):
+        choose_layout(m, shape, train=train, timesteps=100, num_classes=3, repeats=1, cache=cache)
+    assert len(cache) == 4
+    # a cached answer is applied without measuring again
+    key = next(k for k in cache if k[1] == (2, 3, 8, 8) and k[2])
+    cache[key] = "channels_last"
+    m.set_channels_last(False)
+    assert choose_layout(m, (2, 3, 8, 8), timesteps=100, num_classes=3, cache=cache) == "channels_last"
+    assert m.channels_last
+
+
+def test_fixed_layouts_are_taken_as_given():
+    m = model(64)
+    assert apply_layout(m, "contiguous", (2, 3, 8, 8)) == "contiguous" and not m.channels_last
+    assert apply_layout(m, "channels_last", (2, 3, 8, 8)) == "channels_last" and m.channels_last
+
+
+@pytest.mark.skipif(not cpu_compiler(), reason="torch.compile on CPU needs a C++ compiler")
+def test_regional_compilation_computes_the_same_model():
+    torch.manual_seed(0)
+    eager = UNetModel(in_channels=1, model_channels=32, out_channels=2, num_res_blocks=1, attention_resolutions=(),
+                      channel_mult=(1,), use_scale_shift_norm=True, init="standard")
+    compiled = UNetModel(in_channels=1, model_channels=32, out_channels=2, num_res_blocks=1,
+                         attention_resolutions=(), channel_mult=(1,), use_scale_shift_norm=True, init="standard")
+    compiled.load_state_dict(eager.state_dict())
+    assert compile_res_blocks(compiled) == len(compiled.res_blocks()) == 5  # 1 encoder, 2 middle, 2 decoder
+    x, t = torch.randn(2, 1, 8, 8), torch.tensor([3, 70])
+    outs, grads = [], []
+    for m in (eager, compiled):
+        out = m(x, t)
+        out.square().sum().backward()
+        outs.append(out.detach())
+        grads.append({n: p.grad for n, p in m.named_parameters()})
+    # Inductor fuses and reorders float32 sums (GroupNorm statistics, the residual adds);
+    # values of order 1 then differ by a few ulps per op, far below 1e-4.
+    torch.testing.assert_close(outs[1], outs[0], rtol=1e-4, atol=1e-5)
+    for n in grads[0]:
+        torch.testing.assert_close(grads[1][n], grads[0][n], rtol=1e-3, atol=1e-5, msg=n)
+    assert compiled.state_dict().keys() == eager.state_dict().keys()  # no _orig_mod prefixes
+
+
+def test_training_measures_the_layout_once_and_a_resume_keeps_the_checkpoints(tmp_path, capsys):
+    import json
+
+    from unet.config import TrainConfig
+    from unet.training import train
+
+    seen = []
+
+    def record_layout(step, record, model):
+        seen.append(model.channels_last)
+
+    cfg = TrainConfig(output_dir=str(tmp_path / "run"), max_steps=2, batch_size=4, model_channels=64,
+                      num_res_blocks=1, channel_mult=[1], attention_resolutions=[], diffusion_steps=20,
+                      report_to="none", progress=False, checkpoint_every=2, diagnostics_every=0, eval_every=0,
+                      sample_every=-1, warmup_steps=0)
+    first = train(cfg, hooks=[record_layout])
+    assert "memory_format auto:" in capsys.readouterr().out
+    path = os.path.join(first["checkpoint"], "train_state.json")
+    saved = json.load(open(path))["memory_format"]
+    assert saved in ("channels_last", "contiguous") and seen == [saved == "channels_last"] * 2
+    # The checkpoint says the other layout: an "auto" resume takes it instead of measuring.
+    other = "contiguous" if saved == "channels_last" else "channels_last"
+    state = {**json.load(open(path)), "memory_format": other}
+    with open(path, "w") as f:
+        json.dump(state, f)
+    seen.clear()
+    train(cfg.replace(max_steps=3, resume="latest"), hooks=[record_layout])
+    assert "memory_format auto:" not in capsys.readouterr().out
+    assert seen == [other == "channels_last"]
+    assert first["steps"] == 2

@@ -1,0 +1,138 @@
+"""
+Speed choices made by measuring on the machine at hand, the way cuDNN's benchmark mode picks
+convolution algorithms: time the candidates on the real shapes for a few steps and keep the
+fastest, once per shape and process. Never chosen by CPU vendor or model name: which layout
+wins depends on the instruction set, the core count and the library versions (on 2 cores of
+an AVX-512 Intel Xeon channels-last trained the CIFAR models ~7% faster; on 2 cores of an
+AVX2 AMD EPYC NCHW did; docs/performance.md).
+
+The one choice made here is the activation and conv-weight layout of a 2-D ``UNetModel``
+(``model.set_channels_last``); the outputs are the same either way up to float rounding.
+``compile_res_blocks`` is the regional alternative to compiling the whole model.
+"""
+
+import statistics
+import time
+
+import torch
+
+LAYOUTS = ("auto", "channels_last", "contiguous")
+# Below this many base channels GroupNorm has one or two channels per group, where PyTorch's
+# channels-last GroupNorm kernel is several times slower than its NCHW one (7x at 32 channels,
+# forward); there is no contest to measure and the layout stays NCHW.
+MIN_CHANNELS_LAST = 64
+
+_CHOICES = {}  # (what was measured) -> the fastest candidate's name, for this process
+
+
+def fastest(candidates, key=None, repeats=3, timer=time.perf_counter, cache=_CHOICES):
+    """
+    The name of the fastest of ``candidates`` (name -> zero-argument callable running one
+    step): one untimed call each, then ``repeats`` rounds in which every candidate runs once,
+    in an order that flips each round so a slow drift of the machine hits all alike; the
+    lowest median wins (ties go to the first). Cached under ``key`` when one is given.
+
+    :param candidates: an ordered dict of name -> callable.
+    :param key: a hashable description of what is measured (shapes, dtype, device, threads).
+    :param repeats: timed rounds.
+    :param timer: the clock (a stand-in in tests).
+    """
+    if key is not None and key in cache:
+        return cache[key]
+    names = list(candidates)
+    for name in names:
+        candidates[name]()
+    seconds = {name: [] for name in names}
+    for i in range(repeats):
+        for name in names if i % 2 == 0 else names[::-1]:
+            start = timer()
+            candidates[name]()
+            seconds[name].append(timer() - start)
+    best = min(names, key=lambda n: (statistics.median(seconds[n]), names.index(n)))
+    if key is not None:
+        cache[key] = best
+    return best
+
+
+def layout_key(model, shape, train):
+    """What a layout measurement depends on: the network's parameter shapes, the input shape,
+    training or sampling, dtype, device and the thread count."""
+    p = next(model.parameters())
+    params = tuple(tuple(q.shape) for q in model.parameters())
+    return (hash(params), tuple(shape), bool(train), p.dtype, p.device.type, torch.get_num_threads())
+
+
+def _step(model, x, timesteps, y, train):
+    kwargs = {"y": y} if y is not None else {}
+
+    def forward_backward():
+        model(x, timesteps, **kwargs).float().square().mean().backward()
+
+    @torch.no_grad()
+    def forward():
+        model(x, timesteps, **kwargs)
+    return forward_backward if train else forward
+
+
+def choose_layout(model, shape, train=True, timesteps=1000, num_classes=None, repeats=3, cache=_CHOICES):
+    """
+    Set ``model`` (a ``UNetModel``) to the faster layout for inputs of ``shape`` and return
+    it ("channels_last" or "contiguous"). Small models (under ``MIN_CHANNELS_LAST`` base
+    channels) and non-2-D ones stay contiguous without measuring. The measurement runs on
+    random inputs, leaves no gradients behind and restores the global RNG (dropout draws
+    from it), so a run's random stream is the same whichever layout is chosen.
+
+    :param shape: the input batch's shape, (N, C, H, W).
+    :param train: time forward + backward (True) or a forward pass without autograd.
+    :param timesteps: the diffusion's step count (the timesteps drawn are below it).
+    :param num_classes: labels to draw for a class-conditional model.
+    """
+    if model.dims != 2 or model.model_channels < MIN_CHANNELS_LAST:
+        model.set_channels_last(False)
+        return "contiguous"
+    key = layout_key(model, shape, train)
+    if key not in cache:
+        was_training = model.training
+        device = next(model.parameters()).device
+        g = torch.Generator().manual_seed(0)
+        x = torch.randn(*shape, generator=g).to(device)
+        t = torch.randint(0, timesteps, (shape[0],), generator=g).to(device)
+        y = torch.randint(0, num_classes, (shape[0],), generator=g).to(device) if num_classes else None
+        step = _step(model, x, t, y, train)
+
+        def run_as(layout):
+            def run():
+                model.set_channels_last(layout == "channels_last")
+                step()
+            return run
+        with torch.random.fork_rng(devices=[]):
+            model.train(train)
+            try:
+                fastest({name: run_as(name) for name in ("channels_last", "contiguous")}, key, repeats, cache=cache)
+            finally:
+                model.train(was_training)
+                model.zero_grad(set_to_none=True)
+    model.set_channels_last(cache[key] == "channels_last")
+    return cache[key]
+
+
+def apply_layout(model, layout, shape, train=True, timesteps=1000, num_classes=None):
+    """The ``memory_format`` setting: "auto" measures (``choose_layout``), the others are
+    taken as given. Returns the layout in use."""
+    if layout == "auto":
+        return choose_layout(model, shape, train, timesteps, num_classes)
+    model.set_channels_last(layout == "channels_last")
+    return layout
+
+
+def compile_res_blocks(model, **compile_kwargs):
+    """
+    Regional compilation: ``torch.compile`` each ResBlock rather than the whole network, so
+    inductor can fuse the GroupNorm, SiLU, scale-shift, dropout and residual sum around the
+    convolutions (which it leaves to oneDNN) while compiling only one graph per distinct
+    block shape. Returns the number of blocks compiled.
+    """
+    blocks = [m for _, m in model.res_blocks()]
+    for block in blocks:
+        block.compile(dynamic=False, **compile_kwargs)
+    return len(blocks)
