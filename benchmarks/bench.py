@@ -36,7 +36,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from unet.config import TrainConfig
 from unet.export import check_expressible, unet2d_config
 from unet.factory import config_from_iddpm_flags, create_diffusion_from_config, create_model
-from unet.speed import LAYOUTS, apply_layout, compile_res_blocks
+from unet.speed import LAYOUTS, apply_layout
 from unet.stats import paired_ratio_ci
 from unet.training import adamw
 
@@ -92,6 +92,24 @@ PRESETS = {
     "cifar-small": lambda: _cifar(64, 2, 0.0, 16),
     "cifar10": lambda: _cifar(128, 3, 0.3, 8),  # the paper's CIFAR-10 model (its batch is 128)
 }
+
+
+def compile_res_blocks(model):
+    """
+    Regional compilation: ``torch.compile`` each of our ResBlocks rather than the whole
+    network, so that inductor can fuse the GroupNorm, SiLU, scale-shift and residual sum
+    around the convolutions (which it leaves to oneDNN). Each block instance is its own graph
+    (22 at cifar-small), more than dynamo's default recompile limit of 8 per code object, so
+    the limit is raised here, in the benchmark; on 2 AMD EPYC cores this did not pay off
+    (docs/performance.md), so the package does not offer it. Returns the number of blocks.
+    """
+    import torch._dynamo  # the limit has no public setting
+
+    blocks = [m for _, m in model.res_blocks()]
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 4 * len(blocks))
+    for block in blocks:
+        block.compile(dynamic=False)
+    return len(blocks)
 
 
 def describe(preset):
@@ -426,7 +444,8 @@ def run(preset_name, device="cpu", dtype="fp32", compile=False, warmup=2, repeat
 
     def choose(train):
         return apply_layout(models["ours"].to(device), layout, batch["x"].shape, train, diffusion.num_timesteps,
-                            preset.num_classes if preset.class_cond else None)
+                            preset.num_classes if preset.class_cond else None,
+                            DTYPES[dtype] if dtype != "fp32" else None)
     layouts = dict(setting=layout, train=choose(True))
     runners = {k: Runner(m, diffusion, batch, device, DTYPES[dtype], compile, optimizer=OPTIMIZERS["peer" if k == "peer" else "ours"])
                for k, m in models.items()}

@@ -6,9 +6,8 @@ import os
 import pytest
 import torch
 
-from unet.launch import cpu_compiler
 from unet.model import UNetModel
-from unet.speed import MIN_CHANNELS_LAST, apply_layout, choose_layout, compile_res_blocks, fastest
+from unet.speed import MIN_CHANNELS_LAST, apply_layout, choose_layout, fastest
 
 
 class FakeClock:
@@ -97,30 +96,6 @@ def test_fixed_layouts_are_taken_as_given():
     m = model(64)
     assert apply_layout(m, "contiguous", (2, 3, 8, 8)) == "contiguous" and not m.channels_last
     assert apply_layout(m, "channels_last", (2, 3, 8, 8)) == "channels_last" and m.channels_last
-
-
-@pytest.mark.skipif(not cpu_compiler(), reason="torch.compile on CPU needs a C++ compiler")
-def test_regional_compilation_computes_the_same_model():
-    torch.manual_seed(0)
-    eager = UNetModel(in_channels=1, model_channels=32, out_channels=2, num_res_blocks=1, attention_resolutions=(),
-                      channel_mult=(1,), use_scale_shift_norm=True, init="standard")
-    compiled = UNetModel(in_channels=1, model_channels=32, out_channels=2, num_res_blocks=1,
-                         attention_resolutions=(), channel_mult=(1,), use_scale_shift_norm=True, init="standard")
-    compiled.load_state_dict(eager.state_dict())
-    assert compile_res_blocks(compiled) == len(compiled.res_blocks()) == 5  # 1 encoder, 2 middle, 2 decoder
-    x, t = torch.randn(2, 1, 8, 8), torch.tensor([3, 70])
-    outs, grads = [], []
-    for m in (eager, compiled):
-        out = m(x, t)
-        out.square().sum().backward()
-        outs.append(out.detach())
-        grads.append({n: p.grad for n, p in m.named_parameters()})
-    # Inductor fuses and reorders float32 sums (GroupNorm statistics, the residual adds);
-    # values of order 1 then differ by a few ulps per op, far below 1e-4.
-    torch.testing.assert_close(outs[1], outs[0], rtol=1e-4, atol=1e-5)
-    for n in grads[0]:
-        torch.testing.assert_close(grads[1][n], grads[0][n], rtol=1e-3, atol=1e-5, msg=n)
-    assert compiled.state_dict().keys() == eager.state_dict().keys()  # no _orig_mod prefixes
 
 
 def test_training_measures_the_layout_once_and_a_resume_keeps_the_checkpoints(tmp_path, capsys):

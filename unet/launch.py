@@ -100,8 +100,10 @@ def run_layout(cfg, model, accelerator, resume_path, log):
              cfg.image_size, cfg.image_size)
     if layout == "auto":
         model.to(accelerator.device)
+        autocast = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.mixed_precision)
         measured = [apply_layout(model, "auto", shape, True, cfg.diffusion_steps,
-                                 cfg.num_classes if cfg.class_cond else None)] if accelerator.is_main_process else [None]
+                                 cfg.num_classes if cfg.class_cond else None, autocast)] \
+            if accelerator.is_main_process else [None]
         layout = broadcast_object_list(measured)[0] if accelerator.num_processes > 1 else measured[0]
         log(f"memory_format auto: {layout} (the faster for a training step at {shape} on this machine)")
     return apply_layout(model, layout, shape)

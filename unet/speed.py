@@ -8,9 +8,9 @@ AVX2 AMD EPYC NCHW did; docs/performance.md).
 
 The one choice made here is the activation and conv-weight layout of a 2-D ``UNetModel``
 (``model.set_channels_last``); the outputs are the same either way up to float rounding.
-``compile_res_blocks`` is the regional alternative to compiling the whole model.
 """
 
+import contextlib
 import statistics
 import time
 
@@ -54,27 +54,34 @@ def fastest(candidates, key=None, repeats=3, timer=time.perf_counter, cache=_CHO
     return best
 
 
-def layout_key(model, shape, train):
+def layout_key(model, shape, train, autocast=None):
     """What a layout measurement depends on: the network's parameter shapes, the input shape,
-    training or sampling, dtype, device and the thread count."""
+    training or sampling, dtypes, device and the thread count."""
     p = next(model.parameters())
     params = tuple(tuple(q.shape) for q in model.parameters())
-    return (hash(params), tuple(shape), bool(train), p.dtype, p.device.type, torch.get_num_threads())
+    return (hash(params), tuple(shape), bool(train), p.dtype, autocast, p.device.type, torch.get_num_threads())
 
 
-def _step(model, x, timesteps, y, train):
+def _step(model, x, timesteps, y, train, autocast):
     kwargs = {"y": y} if y is not None else {}
 
+    def precision():
+        return torch.autocast(x.device.type, dtype=autocast) if autocast else contextlib.nullcontext()
+
     def forward_backward():
-        model(x, timesteps, **kwargs).float().square().mean().backward()
+        with precision():
+            loss = model(x, timesteps, **kwargs).float().square().mean()
+        loss.backward()
 
     @torch.no_grad()
     def forward():
-        model(x, timesteps, **kwargs)
+        with precision():
+            model(x, timesteps, **kwargs)
     return forward_backward if train else forward
 
 
-def choose_layout(model, shape, train=True, timesteps=1000, num_classes=None, repeats=3, cache=_CHOICES):
+def choose_layout(model, shape, train=True, timesteps=1000, num_classes=None, repeats=3, autocast=None,
+                  cache=_CHOICES):
     """
     Set ``model`` (a ``UNetModel``) to the faster layout for inputs of ``shape`` and return
     it ("channels_last" or "contiguous"). Small models (under ``MIN_CHANNELS_LAST`` base
@@ -86,11 +93,12 @@ def choose_layout(model, shape, train=True, timesteps=1000, num_classes=None, re
     :param train: time forward + backward (True) or a forward pass without autograd.
     :param timesteps: the diffusion's step count (the timesteps drawn are below it).
     :param num_classes: labels to draw for a class-conditional model.
+    :param autocast: the mixed-precision dtype the model will run under (None: none).
     """
     if model.dims != 2 or model.model_channels < MIN_CHANNELS_LAST:
         model.set_channels_last(False)
         return "contiguous"
-    key = layout_key(model, shape, train)
+    key = layout_key(model, shape, train, autocast)
     if key not in cache:
         was_training = model.training
         device = next(model.parameters()).device
@@ -98,7 +106,7 @@ def choose_layout(model, shape, train=True, timesteps=1000, num_classes=None, re
         x = torch.randn(*shape, generator=g).to(device)
         t = torch.randint(0, timesteps, (shape[0],), generator=g).to(device)
         y = torch.randint(0, num_classes, (shape[0],), generator=g).to(device) if num_classes else None
-        step = _step(model, x, t, y, train)
+        step = _step(model, x, t, y, train, autocast)
 
         def run_as(layout):
             def run():
@@ -116,23 +124,10 @@ def choose_layout(model, shape, train=True, timesteps=1000, num_classes=None, re
     return cache[key]
 
 
-def apply_layout(model, layout, shape, train=True, timesteps=1000, num_classes=None):
+def apply_layout(model, layout, shape, train=True, timesteps=1000, num_classes=None, autocast=None):
     """The ``memory_format`` setting: "auto" measures (``choose_layout``), the others are
     taken as given. Returns the layout in use."""
     if layout == "auto":
-        return choose_layout(model, shape, train, timesteps, num_classes)
+        return choose_layout(model, shape, train, timesteps, num_classes, autocast=autocast)
     model.set_channels_last(layout == "channels_last")
     return layout
-
-
-def compile_res_blocks(model, **compile_kwargs):
-    """
-    Regional compilation: ``torch.compile`` each ResBlock rather than the whole network, so
-    inductor can fuse the GroupNorm, SiLU, scale-shift, dropout and residual sum around the
-    convolutions (which it leaves to oneDNN) while compiling only one graph per distinct
-    block shape. Returns the number of blocks compiled.
-    """
-    blocks = [m for _, m in model.res_blocks()]
-    for block in blocks:
-        block.compile(dynamic=False, **compile_kwargs)
-    return len(blocks)
