@@ -128,3 +128,14 @@ def test_training_measures_the_layout_once_and_a_resume_keeps_the_checkpoints(tm
     assert "memory_format auto:" not in capsys.readouterr().out
     assert seen == [other == "channels_last"]
     assert first["steps"] == 2
+
+
+def test_a_checkpoints_layout_is_read_only_when_it_is_one(tmp_path):
+    from unet.launch import saved_layout
+
+    state = tmp_path / "train_state.json"
+    assert saved_layout(str(tmp_path)) == "auto"  # no file: the resume reports it
+    for text, expected in [('{"memory_format": "channels_last"}', "channels_last"), ('{"step": 3}', "auto"),
+                           ('{"memory_format": "nchw"}', "auto"), ('{"memory', "auto"), ("[1, 2]", "auto")]:
+        state.write_text(text)
+        assert saved_layout(str(tmp_path)) == expected, text

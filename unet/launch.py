@@ -14,7 +14,7 @@ from accelerate.state import AcceleratorState, is_initialized
 from accelerate.utils import DistributedType, broadcast_object_list
 
 from .config import ConfigError, check_batch_split
-from .speed import apply_layout
+from .speed import LAYOUTS, apply_layout
 from .tracking import TrackerError, prepare_tracker
 
 
@@ -94,8 +94,7 @@ def run_layout(cfg, model, accelerator, resume_path, log):
     """
     layout = cfg.memory_format
     if layout == "auto" and resume_path:
-        with open(os.path.join(resume_path, "train_state.json")) as f:
-            layout = json.load(f).get("memory_format", "auto")
+        layout = saved_layout(resume_path)
     shape = (cfg.batch_size // (cfg.grad_accum * accelerator.num_processes), cfg.channels,
              cfg.image_size, cfg.image_size)
     if layout == "auto":
@@ -107,6 +106,17 @@ def run_layout(cfg, model, accelerator, resume_path, log):
         layout = broadcast_object_list(measured)[0] if accelerator.num_processes > 1 else measured[0]
         log(f"memory_format auto: {layout} (the faster for a training step at {shape} on this machine)")
     return apply_layout(model, layout, shape)
+
+
+def saved_layout(checkpoint):
+    """The layout a checkpoint was trained in, or "auto" where it does not say (older
+    checkpoints) or cannot be read (the resume itself then reports the file in one line)."""
+    try:
+        with open(os.path.join(checkpoint, "train_state.json")) as f:
+            layout = json.load(f).get("memory_format", "auto")
+    except (OSError, ValueError, AttributeError):
+        return "auto"
+    return layout if layout in LAYOUTS else "auto"
 
 
 def check_run(cfg, accelerator):
