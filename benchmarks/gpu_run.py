@@ -328,9 +328,11 @@ def launch(processes, port):
 
 def train_args(args, output_dir, steps, extra):
     """train.py flags: configs/cifar10.yaml on the synthetic folder, nothing but training steps
-    (no eval, samples, diagnostics or tracker; one checkpoint at the end)."""
+    (no eval, samples, diagnostics or tracker; one checkpoint at the end), always from step 0
+    (the config resumes by default; a reused --work_dir must not turn a timing into a no-op)."""
     flags = ["--config", CIFAR10, "--dataset", "imagefolder", "--data_dir", args.data_dir,
-             "--output_dir", output_dir, "--max_steps", str(steps), "--eval_every", "0", "--sample_every", "-1",
+             "--output_dir", output_dir, "--resume", "", "--overwrite", "true", "--max_steps", str(steps),
+             "--eval_every", "0", "--sample_every", "-1",
              "--diagnostics_every", "0", "--checkpoint_every", "0", "--keep_checkpoints", "1", "--report_to", "none",
              "--progress", "false", "--log_every", str(max(1, min(100, steps)))]
     return flags + (CPU_MODEL if args.device == "cpu" else []) + list(extra)

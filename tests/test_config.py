@@ -28,6 +28,7 @@ def test_cifar10_is_the_papers_setup():
     assert cfg.learn_sigma and not cfg.use_kl and cfg.rescale_learned_sigmas  # L_hybrid
     assert (cfg.noise_schedule, cfg.diffusion_steps, cfg.lr, cfg.batch_size) == ("cosine", 4000, 1e-4, 128)
     assert cfg.ema_rates == [0.9999]
+    assert cfg.resume == "auto"  # a requeued or restarted job continues its run (docs/cluster.md)
     kw = cfg.model_kwargs()
     # attention at 16 and 8 pixels of a 32-pixel image are downsample factors 2 and 4
     assert kw["attention_resolutions"] == (2, 4) and kw["out_channels"] == 6
@@ -40,6 +41,7 @@ def test_imagenet64_loads():
     cfg = load_config(["--config", cfg_path("imagenet64.yaml")])
     assert cfg.model_kwargs()["attention_resolutions"] == (4, 8)
     assert cfg.channel_mult == [1, 2, 3, 4]
+    assert cfg.resume == "auto"
 
 
 def test_overrides_are_typed():

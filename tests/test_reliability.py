@@ -242,7 +242,7 @@ def test_every_process_has_saved_before_the_main_one_publishes(tmp_path, monkeyp
 
 # --- preemption ----------------------------------------------------------------------------
 
-def test_sigterm_stops_after_the_step_with_a_checkpoint_and_resumes_exactly(straight, tmp_path, monkeypatch):
+def test_sigterm_stops_after_the_step_with_a_checkpoint_and_resumes_exactly(straight, tmp_path, monkeypatch, capsys):
     cfg, full = straight
     real = ckpt_mod.publish
 
@@ -265,6 +265,11 @@ def test_sigterm_stops_after_the_step_with_a_checkpoint_and_resumes_exactly(stra
     assert [r["loss"] for r in s["history"] + rest["history"]] == [r["loss"] for r in full["history"]]
     a, b = latest_checkpoint(cfg.output_dir), latest_checkpoint(str(tmp_path))
     assert files_equal(a, b, "model.safetensors") and files_equal(a, b, "ema_0.999.safetensors")
+    # the same command once more: the run is finished, which it says, and nothing changes
+    capsys.readouterr()
+    again = train(run)
+    assert again["history"] == [] and latest_checkpoint(str(tmp_path)) == b
+    assert "max_steps is 6: nothing left to train" in capsys.readouterr().out
 
 
 def wait_for(path, timeout=240):

@@ -54,6 +54,8 @@ def restore(run, state, path, changes, log):
         ema.optimization_step = loaded["ema_steps"][f"{r:g}"]
     log_process_count_change(loaded["rng_writers"], run.accelerator.num_processes, log)
     log(f"resumed from {path} at step {state.step}")
+    if state.step >= run.cfg.max_steps:
+        log(f"max_steps is {run.cfg.max_steps}: nothing left to train (raise --max_steps to continue this run)")
     for key, (old, new) in changes.items():
         if key not in QUIET_KEYS:
             log(f"resume: {key} changed from {old!r} to {new!r}")
