@@ -114,7 +114,8 @@ def main(argv=None):
         if args.num_samples < 1 or args.batch_size < 1:
             raise ValueError("--num_samples and --batch_size must be at least 1")
         loaded = load_checkpoint(args.checkpoint, ema=ema_from_flags(args.raw, args.ema_rate), config=args.config)
-        steps = loaded.diffusion_kwargs.get("steps", 1000) if args.steps is None else args.steps
+        trained_steps = loaded.diffusion_kwargs.get("steps", 1000)
+        steps = trained_steps if args.steps is None else args.steps
         check_steps(steps, loaded.diffusion_kwargs)
         check_seed(args.seed)
         null_label = null_class_label(loaded.config)
@@ -127,8 +128,7 @@ def main(argv=None):
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
     model = loaded.model.to(accelerator.device)
     shape = (min(args.batch_size, args.num_samples), model.in_channels, loaded.image_size, loaded.image_size)
-    apply_layout(model, args.memory_format, shape, train=False, timesteps=loaded.diffusion_kwargs.get("steps", 1000),
-                 num_classes=model.num_classes)
+    apply_layout(model, args.memory_format, shape, train=False, timesteps=trained_steps, num_classes=model.num_classes)
     images, y = generate(model, loaded.diffusion_kwargs, loaded.image_size, args.num_samples, args.scheduler, steps,
                          args.batch_size, args.seed, labels, accelerator, guidance_scale=args.guidance_scale,
                          null_label=null_label)

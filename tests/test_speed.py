@@ -131,7 +131,7 @@ def test_training_measures_the_layout_once_and_a_resume_keeps_the_checkpoints(tm
 
 
 def test_a_checkpoints_layout_is_read_only_when_it_is_one(tmp_path):
-    from unet.launch import saved_layout
+    from unet.checkpoint import saved_layout
 
     state = tmp_path / "train_state.json"
     assert saved_layout(str(tmp_path)) == "auto"  # no file: the resume reports it

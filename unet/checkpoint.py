@@ -30,6 +30,7 @@ from .model import UNetModel
 from .run_dir import (CHECKPOINT_RE, TMP_PREFIX, CheckpointError, checkpoint_step,  # noqa: F401 (re-exported)
                       checkpoints_root, clean_leftovers, fsync_path, fsync_tree, latest_checkpoint,
                       list_checkpoints, publish, resolve_resume, rotate)
+from .speed import LAYOUTS
 
 RNG_FILE = "random_states_{}.pkl"  # accelerate's RNG state of process i
 ACCELERATE_FILES = ("optimizer.bin", "scheduler.bin")  # read with torch.load(weights_only=True)
@@ -149,14 +150,28 @@ def write_own_files(folder, unwrapped, weights, emas, train_state, cfg):
     cfg.save(os.path.join(folder, "config.yaml"))
 
 
+def saved_train_state(path):
+    """The ``train_state.json`` of the checkpoint at ``path`` as a dict, for a look before the
+    state is loaded; {} where it cannot be read (loading the state reports that in one line)."""
+    try:
+        with open(os.path.join(path, "train_state.json")) as f:
+            state = json.load(f)
+    except (OSError, ValueError):
+        return {}
+    return state if isinstance(state, dict) else {}
+
+
+def saved_layout(path):
+    """The layout (``memory_format``) the checkpoint at ``path`` was trained in, or "auto"
+    where it does not say (older checkpoints) or cannot be read."""
+    layout = saved_train_state(path).get("memory_format")
+    return layout if layout in LAYOUTS else "auto"
+
+
 def rng_writers(path):
     """How many processes saved the checkpoint at ``path``: ``num_processes`` of its
     ``train_state.json`` (the count of RNG files for checkpoints written before it was kept)."""
-    try:
-        with open(os.path.join(path, "train_state.json")) as f:
-            saved = json.load(f).get("num_processes")
-    except (OSError, ValueError, AttributeError):
-        saved = None  # an unreadable file is reported when the state is loaded
+    saved = saved_train_state(path).get("num_processes")
     if isinstance(saved, int) and saved >= 1:
         return saved
     return max(1, sum(1 for n in os.listdir(path) if n.startswith("random_states_") and n.endswith(".pkl")))

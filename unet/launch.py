@@ -3,7 +3,6 @@ Starting a run: the ``Accelerator`` (processes, mixed precision, CPU threads, th
 prerequisites), the checks that need it, and the optimizer.
 """
 
-import json
 import os
 import shutil
 import sys
@@ -14,7 +13,8 @@ from accelerate.state import AcceleratorState, is_initialized
 from accelerate.utils import DistributedType, broadcast_object_list
 
 from .config import ConfigError, check_batch_split
-from .speed import LAYOUTS, apply_layout
+from .checkpoint import saved_layout
+from .speed import apply_layout, choose_layout
 from .tracking import TrackerError, prepare_tracker
 
 
@@ -100,23 +100,11 @@ def run_layout(cfg, model, accelerator, resume_path, log):
     if layout == "auto":
         model.to(accelerator.device)
         autocast = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.mixed_precision)
-        measured = [apply_layout(model, "auto", shape, True, cfg.diffusion_steps,
-                                 cfg.num_classes if cfg.class_cond else None, autocast)] \
-            if accelerator.is_main_process else [None]
-        layout = broadcast_object_list(measured)[0] if accelerator.num_processes > 1 else measured[0]
+        measured = [choose_layout(model, shape, True, cfg.diffusion_steps, cfg.num_classes if cfg.class_cond else None,
+                                  autocast=autocast)] if accelerator.is_main_process else [None]
+        layout = broadcast_object_list(measured)[0]  # as it is with one process
         log(f"memory_format auto: {layout} (the faster for a training step at {shape} on this machine)")
     return apply_layout(model, layout, shape)
-
-
-def saved_layout(checkpoint):
-    """The layout a checkpoint was trained in, or "auto" where it does not say (older
-    checkpoints) or cannot be read (the resume itself then reports the file in one line)."""
-    try:
-        with open(os.path.join(checkpoint, "train_state.json")) as f:
-            layout = json.load(f).get("memory_format", "auto")
-    except (OSError, ValueError, AttributeError):
-        return "auto"
-    return layout if layout in LAYOUTS else "auto"
 
 
 def check_run(cfg, accelerator):
