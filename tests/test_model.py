@@ -117,3 +117,41 @@ def test_channels_last_is_a_layout_not_a_different_function():
     assert small.set_channels_last(False)(x, t).allclose(ref, rtol=1e-5, atol=1e-5)  # summation order differs by layout
     with pytest.raises(ValueError, match="2-D data"):
         make(dims=1).set_channels_last(True)
+
+
+def _upsample_then_conv(x, w, b):
+    return torch.nn.functional.conv2d(torch.nn.functional.interpolate(x, scale_factor=2, mode="nearest"), w, b,
+                                      padding=1)
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("size", [(8, 11), (4, 4)])
+def test_upsample_conv_is_nearest_upsampling_then_the_3x3_conv(channels_last, size):
+    """``Upsample`` (fused above SUBPIXEL_MIN_SIZE, two ops below it) against the two ops
+    in float64: output and the gradients of input, weight and bias. Every figure is a sum of
+    n products in float32, so each must lie within (n + 2) * eps times the same sum taken over
+    absolute values (the first-order float summation bound), in whatever order it was summed."""
+    from unet.model import Upsample
+    torch.manual_seed(0)
+    up = Upsample(5, use_conv=True)
+    x, g = torch.randn(2, 5, *size), torch.randn(2, 5, 2 * size[0], 2 * size[1])
+    if channels_last:
+        up, x = up.to(memory_format=torch.channels_last), x.contiguous(memory_format=torch.channels_last)
+    x.requires_grad_()
+    out = up(x)
+    assert out.shape == g.shape and out.is_contiguous(
+        memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+    got = [out, *torch.autograd.grad(out, (x, up.conv.weight, up.conv.bias), g)]
+
+    def in_float64(absolute):
+        f = torch.abs if absolute else (lambda t: t)
+        x64, w64, b64 = (f(t.detach().double()).requires_grad_() for t in (x, up.conv.weight, up.conv.bias))
+        y = _upsample_then_conv(x64, w64, b64)
+        return [y, *torch.autograd.grad(y, (x64, w64, b64), f(g.double()))]
+
+    terms = [5 * 9 + 1, 5 * 9 * 4, 2 * 4 * size[0] * size[1], 2 * 4 * size[0] * size[1]]  # products per figure
+    eps = torch.finfo(torch.float32).eps
+    for name, a, ref, ref_abs, n in zip(("output", "grad x", "grad weight", "grad bias"), got, in_float64(False),
+                                        in_float64(True), terms):
+        err = (a.double() - ref).abs()
+        assert (err <= (n + 2) * eps * ref_abs + 1e-30).all(), (name, (err / ref_abs).max().item())

@@ -8,7 +8,7 @@ from einops import rearrange
 from torch.utils.checkpoint import checkpoint
 
 from .init import apply_init
-from .nn import Dropout, avg_pool_nd, conv_nd, normalization, timestep_embedding
+from .nn import Dropout, avg_pool_nd, conv_nd, normalization, timestep_embedding, upsample_conv2d
 
 NORMS = ("group", "none")
 
@@ -37,7 +37,14 @@ class TimestepEmbedSequential(nn.Sequential):
 
 
 class Upsample(nn.Module):
-    """Nearest-neighbour x2 upsampling (the inner two dims for 3-D data), optionally followed by a 3x3 conv."""
+    """
+    Nearest-neighbour x2 upsampling (the inner two dims for 3-D data), optionally followed by
+    a 3x3 conv. In 2-D, from ``SUBPIXEL_MIN_SIZE`` pixels up, the two run fused as
+    ``upsample_conv2d`` (the same function in under half the multiplies); below it the 2x2
+    convs' extra border row and the interleave cost more than they save (docs/performance.md).
+    """
+
+    SUBPIXEL_MIN_SIZE = 8
 
     def __init__(self, channels, use_conv, dims=2):
         super().__init__()
@@ -46,6 +53,8 @@ class Upsample(nn.Module):
             self.conv = conv_nd(dims, channels, channels, 3, padding=1)
 
     def forward(self, x):
+        if self.use_conv and self.dims == 2 and min(x.shape[2:]) >= self.SUBPIXEL_MIN_SIZE:
+            return upsample_conv2d(x, self.conv.weight, self.conv.bias)
         if self.dims == 3:
             x = F.interpolate(x, (x.shape[2], x.shape[3] * 2, x.shape[4] * 2), mode="nearest")
         else:

@@ -5,6 +5,8 @@ import math
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
+from einops import rearrange
 
 
 class GroupNorm32(nn.GroupNorm):
@@ -32,6 +34,42 @@ class Dropout(nn.Dropout):
             return super().forward(x)
         keep = torch.rand_like(x).ge_(self.p).mul_(1 / (1 - self.p))  # 0 or 1/(1-p), in place: one buffer
         return x.mul_(keep) if self.inplace else x * keep
+
+
+def _fold_taps(weight, dim):
+    """Fold a 3-tap axis of ``weight`` into the two 2-tap kernels it becomes on a x2 nearest
+    upsampled input: even outputs see taps (0 | 1+2), odd outputs (0+1 | 2). Returns the
+    axis with 4 entries, even phase first."""
+    t0, t1, t2 = weight.unbind(dim)
+    return torch.stack([t0, t1 + t2, t0 + t1, t2], dim)
+
+
+def upsample_conv2d(x, weight, bias=None):
+    """
+    ``conv2d(interpolate(x, scale_factor=2, mode="nearest"), weight, bias, padding=1)`` for a
+    3x3 ``weight``, computed without building the upsampled image. Each output pixel of a
+    given parity (row and column even or odd) sees the same 2x2 input window through the same
+    summed taps (``_fold_taps``), so the four parities are one 2x2 conv with four times the
+    output channels on the original grid, interleaved afterwards: 16 (H+1)(W+1) multiplies per
+    channel pair instead of 36 HW, the same function up to float rounding. Gradients reach
+    ``weight`` through the folding, so the parameters (and checkpoints) are the 3x3 ones.
+    The result keeps ``x``'s memory format.
+
+    :param x: (B, C, H, W).
+    :param weight: (O, C, 3, 3).
+    :param bias: (O,) or None.
+    """
+    (b, _, h, w), o = x.shape, weight.shape[0]
+    kernels = rearrange(_fold_taps(_fold_taps(weight, 2), 3), "o i (a y) (c x) -> (a c o) i y x", a=2, c=2)
+    # Parity (a, c)'s window for output (2i+a, 2j+c) starts at padded-grid position (i+a, j+c).
+    z = F.conv2d(x, kernels, None if bias is None else bias.repeat(4), padding=1)
+    if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
+        z = z.permute(0, 2, 3, 1).unflatten(3, (2, 2, o))  # b, h+1, w+1, a, c, o
+        rows = [torch.stack([z[:, a:a + h, c:c + w, a, c] for c in (0, 1)], 3) for a in (0, 1)]
+        return torch.stack(rows, 2).reshape(b, 2 * h, 2 * w, o).permute(0, 3, 1, 2)
+    z = z.unflatten(1, (2, 2, o))  # b, a, c, o, h+1, w+1
+    rows = [torch.stack([z[:, a, c, :, a:a + h, c:c + w] for c in (0, 1)], -1) for a in (0, 1)]
+    return torch.stack(rows, 3).reshape(b, o, 2 * h, 2 * w)
 
 
 def normalization(channels, norm="group"):
