@@ -47,6 +47,17 @@ def test_fastest_breaks_ties_by_order():
     assert fastest(candidates, timer=clock, cache={}) == "x"
 
 
+def test_fastest_leaves_the_switch_out_of_the_timing():
+    """A costly switch before every call of "a" (converting the weights, for the layout) must
+    not make "a" look slower than it is."""
+    clock, calls = FakeClock(), []
+    candidates = {"a": costing(clock, 1.0, calls, "a"), "b": costing(clock, 2.0, calls, "b")}
+    prepare = {"a": costing(clock, 100.0, calls, "switch to a")}
+    assert fastest(candidates, repeats=3, timer=clock, cache={}, prepare=prepare) == "a"
+    assert calls == ["switch to a", "a", "b"] + ["switch to a", "a", "b", "b", "switch to a", "a",
+                                                  "switch to a", "a", "b"]
+
+
 def model(channels, dropout=0.0):
     torch.manual_seed(0)
     return UNetModel(in_channels=3, model_channels=channels, out_channels=6, num_res_blocks=1,
