@@ -58,6 +58,28 @@ def test_fastest_leaves_the_switch_out_of_the_timing():
                                                   "switch to a", "a", "b"]
 
 
+def rounds_run(calls):
+    return (len(calls) - 2) // 2  # after one untimed call of each of the two
+
+
+def test_fastest_goes_on_until_the_two_are_told_apart():
+    # A clear 2x: resolved after the least rounds.
+    clock, calls = FakeClock(), []
+    candidates = {"a": costing(clock, 1.0, calls, "a"), "b": costing(clock, 2.0, calls, "b")}
+    assert fastest(candidates, repeats=3, max_repeats=12, timer=clock, cache={}) == "a"
+    assert rounds_run(calls) == 3
+    # Noise far larger than the difference: every round allowed is run, then the median decides.
+    clock, calls = FakeClock(), []
+    candidates = {"a": costing(clock, 1.0, calls, "a"), "b": costing(clock, [1.0] + [0.8, 1.4] * 20, calls, "b")}
+    assert fastest(candidates, repeats=3, max_repeats=12, timer=clock, cache={}) == "a"
+    assert rounds_run(calls) == 12
+    # Known to be within SAME_WITHIN of each other: stops early, neither is worth more rounds.
+    clock, calls = FakeClock(), []
+    candidates = {"a": costing(clock, 1.0, calls, "a"), "b": costing(clock, [1.0] + [0.995, 1.005] * 20, calls, "b")}
+    fastest(candidates, repeats=3, max_repeats=12, timer=clock, cache={})
+    assert 3 <= rounds_run(calls) < 12
+
+
 def model(channels, dropout=0.0):
     torch.manual_seed(0)
     return UNetModel(in_channels=3, model_channels=channels, out_channels=6, num_res_blocks=1,

@@ -16,6 +16,8 @@ import time
 
 import torch
 
+from .stats import paired_ratio_ci
+
 LAYOUTS = ("auto", "channels_last", "contiguous")
 # Below this many base channels GroupNorm has one or two channels per group, where PyTorch's
 # channels-last GroupNorm kernel is several times slower than its NCHW one (7x at 32 channels,
@@ -23,21 +25,29 @@ LAYOUTS = ("auto", "channels_last", "contiguous")
 MIN_CHANNELS_LAST = 64
 
 _CHOICES = {}  # (what was measured) -> the fastest candidate's name, for this process
+# Two candidates whose time ratio is known to lie within this of 1 are as good as each other.
+SAME_WITHIN = 1.03
 
 
-def fastest(candidates, key=None, repeats=3, timer=time.perf_counter, cache=_CHOICES, prepare=None):
+def fastest(candidates, key=None, repeats=3, timer=time.perf_counter, cache=_CHOICES, prepare=None,
+            max_repeats=None):
     """
     The name of the fastest of ``candidates`` (name -> zero-argument callable running one
     step): one untimed call each, then ``repeats`` rounds in which every candidate runs once,
     in an order that flips each round so a slow drift of the machine hits all alike; the
     lowest median wins (ties go to the first). Cached under ``key`` when one is given.
 
+    With ``max_repeats``, rounds go on until the two fastest are told apart: the 95% interval
+    of their per-round time ratio (neighbours in time, so blind to slow drift) excludes 1, or
+    lies within ``SAME_WITHIN`` of it (too close to matter), or ``max_repeats`` rounds have run.
+
     :param candidates: an ordered dict of name -> callable.
     :param key: a hashable description of what is measured (shapes, dtype, device, threads).
-    :param repeats: timed rounds.
+    :param repeats: timed rounds (the least, with ``max_repeats``).
     :param timer: the clock (a stand-in in tests).
     :param prepare: name -> callable run, untimed, before each of that candidate's calls
         (switching to it), so the switch's cost is not charged to the step.
+    :param max_repeats: the most timed rounds (None: exactly ``repeats``).
     """
     if key is not None and key in cache:
         return cache[key]
@@ -47,16 +57,27 @@ def fastest(candidates, key=None, repeats=3, timer=time.perf_counter, cache=_CHO
         switch.get(name, lambda: None)()
         candidates[name]()
     seconds = {name: [] for name in names}
-    for i in range(repeats):
+
+    def ranked():
+        return sorted(names, key=lambda n: (statistics.median(seconds[n]), names.index(n)))
+    for i in range(max(repeats, max_repeats or 0)):
+        if i >= repeats and (max_repeats is None or _resolved(seconds[ranked()[0]], seconds[ranked()[1]])):
+            break
         for name in names if i % 2 == 0 else names[::-1]:
             switch.get(name, lambda: None)()
             start = timer()
             candidates[name]()
             seconds[name].append(timer() - start)
-    best = min(names, key=lambda n: (statistics.median(seconds[n]), names.index(n)))
+    best = ranked()[0]
     if key is not None:
         cache[key] = best
     return best
+
+
+def _resolved(a, b):
+    """Whether per-round times ``a`` and ``b`` are told apart (see ``fastest``)."""
+    _, lo, hi = paired_ratio_ci([y / x for x, y in zip(a, b)])
+    return lo > 1 or hi < 1 or (lo > 1 / SAME_WITHIN and hi < SAME_WITHIN)
 
 
 def layout_key(model, shape, train, autocast=None):
@@ -85,6 +106,11 @@ def _step(model, x, timesteps, y, train, autocast):
     return forward_backward if train else forward
 
 
+# The most measuring rounds (two steps each) for a training and for a sampling layout choice:
+# ~1.7 min of a 4.3 s cifar10 training step, ~1 min of its 1.2 s sampling forward, at worst.
+MAX_ROUNDS = {True: 12, False: 24}
+
+
 def choose_layout(model, shape, train=True, timesteps=1000, num_classes=None, repeats=None, autocast=None,
                   cache=_CHOICES):
     """
@@ -96,9 +122,9 @@ def choose_layout(model, shape, train=True, timesteps=1000, num_classes=None, re
 
     :param shape: the input batch's shape, (N, C, H, W).
     :param train: time forward + backward (True) or a forward pass without autograd.
-    :param repeats: timed rounds; by default 3 for training and 7 for sampling, whose steps
-        are about a third as long (one wrong pick at ``cifar10`` sampling, from 3 rounds,
-        cost 7%; docs/performance.md).
+    :param repeats: exactly this many timed rounds. By default at least 3, going on (up to
+        ``MAX_ROUNDS``) until the two layouts are told apart (``fastest``): on a noisy machine
+        a fixed 3 rounds picked the slower layout, costing 6-7% (docs/performance.md).
     :param timesteps: the diffusion's step count (the timesteps drawn are below it).
     :param num_classes: labels to draw for a class-conditional model.
     :param autocast: the mixed-precision dtype the model will run under (None: none).
@@ -121,7 +147,8 @@ def choose_layout(model, shape, train=True, timesteps=1000, num_classes=None, re
         with torch.random.fork_rng(devices=[]):
             model.train(train)
             try:
-                fastest(dict.fromkeys(names, step), key, repeats or (3 if train else 7), cache=cache, prepare=switch)
+                fastest(dict.fromkeys(names, step), key, repeats or 3, cache=cache, prepare=switch,
+                        max_repeats=None if repeats else MAX_ROUNDS[bool(train)])
             finally:
                 model.train(was_training)
                 model.zero_grad(set_to_none=True)
