@@ -300,6 +300,7 @@ def train(cfg, hooks=(), stop_signals=False):
     """
     resume_path, stale, changes = plan(cfg)  # refusals and a bad resume path fail before anything starts
     accelerator = make_accelerator(cfg)
+    run = None
     try:
         check_run(cfg, accelerator)
         log = print if accelerator.is_main_process else (lambda *a, **k: None)
@@ -315,7 +316,22 @@ def train(cfg, hooks=(), stop_signals=False):
                 restore(run, state, resume_path, changes, log)
             return start_loop(run, state, hooks, signals)
     finally:
+        release_wrappers(accelerator, run)
         accelerator.end_training()  # close the wandb run even when training raised
+
+
+def release_wrappers(accelerator, run):
+    """
+    Drop the DDP wrapper before ``end_training`` destroys the process group. Otherwise the
+    wrapper's reducer outlives the group and, freed later with the GIL held, runs the gloo
+    group's destructor, which joins a worker thread that may need the GIL to free its last
+    work: a deadlock at the end of a multi-process run (seen once in
+    ``test_two_machines_train_together_like_one_two_process_launch``). The plain module
+    (``run.raw``, what hooks got) stays usable.
+    """
+    if run is not None:
+        run.model = run.train_model = None
+    accelerator.free_memory()  # accelerate's own references to the prepared objects, then gc
 
 
 def start_loop(run, state, hooks, signals):
