@@ -22,7 +22,6 @@ import contextlib
 import copy
 import json
 import multiprocessing as mp
-import platform
 import statistics
 import sys
 import time
@@ -36,6 +35,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from unet.config import TrainConfig
 from unet.export import check_expressible, unet2d_config
 from unet.factory import config_from_iddpm_flags, create_diffusion_from_config, create_model
+from unet.machine import cpu_name
 from unet.speed import LAYOUTS, apply_layout
 from unet.stats import paired_ratio_ci
 from unet.training import adamw
@@ -287,14 +287,6 @@ def matmul_peak(device, dtype, n=2048, reps=10):
         best = min(best, time.perf_counter() - start)
     return 2 * n ** 3 / best
 
-
-def cpu_name():
-    """The CPU's model name (Linux), else the architecture."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        return platform.machine()
 
 
 def _status_bytes(field):

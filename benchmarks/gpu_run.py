@@ -429,6 +429,8 @@ def machine_info_child():
 
 
 def machine_info():
+    from unet.machine import cpu_name  # torch-free, like everything this driver imports itself
+
     info = dict(python=platform.python_version(), platform=platform.platform(), cpu=cpu_name(),
                 cpu_count=os.cpu_count())
     r = subprocess.run([sys.executable, os.path.abspath(__file__), "machine-info"], cwd=ROOT, env=child_env(),
@@ -445,13 +447,6 @@ def machine_info():
     info["git"] = git_state()
     return info
 
-
-def cpu_name():
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        return platform.machine()
 
 
 def git_state():

@@ -28,22 +28,16 @@ import json
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import time
 
 from unet.config import ConfigError, load_config
+from unet.machine import cpu_name
 
 
 def machine():
-    """The CPU's model name (lscpu) and its core count: what the timings belong to."""
-    name = platform.processor() or platform.machine()
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
-        name = next(line.split(":", 1)[1].strip() for line in out.splitlines() if line.startswith("Model name"))
-    except (OSError, subprocess.SubprocessError, StopIteration):
-        pass
-    return {"cpu": name, "cores": os.cpu_count(), "platform": platform.platform()}
+    """The CPU's model name and its core count: what the timings belong to."""
+    return {"cpu": cpu_name(), "cores": os.cpu_count(), "platform": platform.platform()}
 
 
 def parse_list(text, flag, kind):
