@@ -52,19 +52,19 @@ def fastest(candidates, key=None, repeats=3, timer=time.perf_counter, cache=_CHO
     if key is not None and key in cache:
         return cache[key]
     names = list(candidates)
-    switch = prepare or {}
+    switch = {name: (prepare or {}).get(name, lambda: None) for name in names}
     for name in names:
-        switch.get(name, lambda: None)()
+        switch[name]()
         candidates[name]()
     seconds = {name: [] for name in names}
 
     def ranked():
         return sorted(names, key=lambda n: (statistics.median(seconds[n]), names.index(n)))
-    for i in range(max(repeats, max_repeats or 0)):
-        if i >= repeats and (max_repeats is None or _resolved(seconds[ranked()[0]], seconds[ranked()[1]])):
+    for i in range(max(repeats, max_repeats or repeats)):
+        if i >= repeats and (len(names) < 2 or _resolved(*(seconds[n] for n in ranked()[:2]))):
             break
         for name in names if i % 2 == 0 else names[::-1]:
-            switch.get(name, lambda: None)()
+            switch[name]()
             start = timer()
             candidates[name]()
             seconds[name].append(timer() - start)
