@@ -107,6 +107,22 @@ def run_layout(cfg, model, accelerator, resume_path, log):
     return apply_layout(model, layout, shape)
 
 
+def end_run(accelerator, run):
+    """
+    ``accelerator.end_training()`` (trackers closed, process group destroyed), after dropping
+    the DDP wrapper of ``run`` (a ``training.Run``, or None). Otherwise the wrapper's reducer
+    outlives the group and, freed later with the GIL held, runs the gloo group's destructor,
+    which joins a worker thread that may need the GIL to free its last work: a deadlock at the
+    end of a multi-process run (seen once in
+    ``test_two_machines_train_together_like_one_two_process_launch``). The plain module
+    (``run.raw``, what hooks got) stays usable.
+    """
+    if run is not None:
+        run.model = run.train_model = None
+    accelerator.free_memory()  # accelerate's own references to the prepared objects, then gc
+    accelerator.end_training()
+
+
 def check_run(cfg, accelerator):
     """What the config cannot know alone (the process count, a compiler): one-line errors
     before any data or model work."""

@@ -31,7 +31,7 @@ from .checkpoint import agree, save_checkpoint
 from .data import batch_slice, draw_step_inputs, eval_batch, load_image_data, mixed_seed, seeded_generator, train_loader
 from .factory import create_diffusion_from_config, create_model
 from .images import image_grid, save_png
-from .launch import TrainingError, adamw, check_run, make_accelerator, run_layout  # noqa: F401 (TrainingError: what train raises)
+from .launch import TrainingError, adamw, check_run, end_run, make_accelerator, run_layout  # noqa: F401 (TrainingError: what train raises)
 from .preemption import StopSignals
 from .resample import create_named_schedule_sampler
 from .resume import plan, restore, tidy
@@ -316,22 +316,7 @@ def train(cfg, hooks=(), stop_signals=False):
                 restore(run, state, resume_path, changes, log)
             return start_loop(run, state, hooks, signals)
     finally:
-        release_wrappers(accelerator, run)
-        accelerator.end_training()  # close the wandb run even when training raised
-
-
-def release_wrappers(accelerator, run):
-    """
-    Drop the DDP wrapper before ``end_training`` destroys the process group. Otherwise the
-    wrapper's reducer outlives the group and, freed later with the GIL held, runs the gloo
-    group's destructor, which joins a worker thread that may need the GIL to free its last
-    work: a deadlock at the end of a multi-process run (seen once in
-    ``test_two_machines_train_together_like_one_two_process_launch``). The plain module
-    (``run.raw``, what hooks got) stays usable.
-    """
-    if run is not None:
-        run.model = run.train_model = None
-    accelerator.free_memory()  # accelerate's own references to the prepared objects, then gc
+        end_run(accelerator, run)  # close the wandb run even when training raised
 
 
 def start_loop(run, state, hooks, signals):
