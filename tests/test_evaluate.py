@@ -12,7 +12,7 @@ from cli_errors import refused
 from unet.config import TrainConfig
 from unet.diffusion import create_diffusion
 from unet.digit_quality import digit_judge, digit_quality, frechet_distance
-from unet.evaluate import bits_per_dim, fid_unavailable_reason, main
+from unet.evaluate import bits_per_dim, fid_unavailable_reason, format_table, main, summarize_seeds
 from unet.model import UNetModel
 
 
@@ -123,6 +123,41 @@ def test_benchmark_sweeps_the_guidance_scale(tmp_path, capsys):
     assert len({r["fd"] for r in rows}) == 3 and all(0 <= r["accuracy"] <= 1 for r in rows)
 
 
+def test_summarize_seeds_gives_each_cell_its_mean_and_t_interval_over_seeds():
+    """Per (sampler, steps, guidance): the mean over seeds and the half-width t_{0.975, n-1} s/sqrt(n)
+    (here n = 3: t = 4.302653), the median images/s; one seed gives no interval."""
+    rows = [dict(scheduler="ddpm", steps=100, guidance_scale=w, seed=s, images_per_s=ips, fd=fd, fd_floor=1.2,
+                 accuracy=acc, confidence=0.9)
+            for w, s, ips, fd, acc in [(1.0, 0, 10, 1.0, 0.99), (2.0, 0, 5, 1.4, 1.0), (1.0, 1, 12, 1.2, 0.97),
+                                       (2.0, 1, 6, 1.6, 1.0), (1.0, 2, 11, 1.1, 0.98), (2.0, 2, 4, 1.5, 1.0)]]
+    one, two = summarize_seeds(rows)
+    assert (one["guidance_scale"], one["seeds"], two["guidance_scale"]) == (1.0, [0, 1, 2], 2.0)
+    assert one["images_per_s"] == 11 and two["images_per_s"] == 5
+    assert one["fd"] == pytest.approx(1.1) and two["fd"] == pytest.approx(1.5)
+    # sample sd of (1.0, 1.2, 1.1) is 0.1, of (0.99, 0.97, 0.98) 0.01; accuracy 1.0 thrice has none
+    assert one["fd_ci"] == pytest.approx(4.302653 * 0.1 / 3 ** 0.5, rel=1e-6)
+    assert one["accuracy_ci"] == pytest.approx(4.302653 * 0.01 / 3 ** 0.5, rel=1e-6) and two["accuracy_ci"] == 0
+    assert "| ddpm | 100 | 1 | 11.0 | 1.10 ± 0.25 (1.20) | 0.980 ± 0.025 |" in format_table([one, two])
+    single = summarize_seeds(rows[:1])[0]
+    assert single["fd"] == 1.0 and single["fd_ci"] != single["fd_ci"]  # NaN: no interval from one seed
+    assert "| 1.00 (1.20) | 0.990 | 0.900 |" in format_table([single])
+
+
+def test_benchmark_over_seeds_keeps_every_seed_and_prints_the_summary(run_dir, tmp_path, capsys):
+    """--seeds 2: the JSON has each seed's rows (seed 3's are seed 3's alone: the same as a --seed 3
+    run), the table one row per run with intervals."""
+    main(["benchmark", "--checkpoint", str(run_dir), "--num_samples", "12", "--runs", "ddim:3", "--seed", "2",
+          "--seeds", "2", "--json", str(tmp_path / "rows.json")])
+    table = capsys.readouterr().out.strip().splitlines()
+    assert len(table) == 3 and table[2].startswith("| ddim | 3 | 1 |") and " ± " in table[2]
+    rows = json.loads((tmp_path / "rows.json").read_text())
+    assert [r["seed"] for r in rows] == [2, 3] and rows[0]["fd"] != rows[1]["fd"]
+    main(["benchmark", "--checkpoint", str(run_dir), "--num_samples", "12", "--runs", "ddim:3", "--seed", "3",
+          "--json", str(tmp_path / "three.json")])
+    three = json.loads((tmp_path / "three.json").read_text())[0]
+    assert {k: three[k] for k in ("fd", "accuracy", "confidence")} == {k: rows[1][k] for k in ("fd", "accuracy", "confidence")}
+
+
 @pytest.mark.parametrize("args,message", [
     (["--guidance", "2"], "was trained without label dropout"),
     (["--guidance", "1,-2"], "--guidance_scale must be a finite number >= 0"),
@@ -130,6 +165,7 @@ def test_benchmark_sweeps_the_guidance_scale(tmp_path, capsys):
     (["--runs", "ddpm:0"], "--steps 0 is out of range"),
     (["--runs", "ddpm:ten"], "steps must be a whole number or 'full'"),
     (["--seed", "-1"], "--seed -1 is out of range"),
+    (["--seeds", "0"], "--seeds must be at least 1"),
     (["--num_samples", "1"], "needs at least 2 samples"),
     (["--json", "{tmp}"], "is a folder; give a file name"),
     (["--json", "{tmp}/missing/rows.json"], "does not exist"),

@@ -29,6 +29,7 @@ from .checkpoint import load_checkpoint
 from .digit_quality import check_sample_count, digit_quality, format_quality
 from .images import to_pil
 from .sampling import SCHEDULERS, check_guidance, check_seed, check_steps, generate, null_class_label, sample_generators
+from .stats import finite, t_interval
 
 # --- bits/dim ------------------------------------------------------------------------
 
@@ -142,27 +143,57 @@ def parse_guidance(spec, loaded):
     return scales
 
 
-def benchmark(loaded, runs, num_samples, batch_size=256, seed=0, guidance_scales=(1.0,)):
-    """Images/s and digit quality of each (scheduler, steps) at each guidance scale, on the same
-    seeds (so the same labels and initial noise in every row)."""
+def benchmark(loaded, runs, num_samples, batch_size=256, seeds=(0,), guidance_scales=(1.0,)):
+    """Images/s and digit quality of each (scheduler, steps) at each guidance scale and seed;
+    within a seed every row has the same labels and initial noise. A seed also draws the real
+    digits the Frechet distance is measured against, so rows of different seeds differ in all
+    the randomness a reader's rerun would."""
     null = null_class_label(loaded.config)
     rows = []
-    for name, steps in runs:
-        for w in guidance_scales:
-            start = time.perf_counter()
-            images, labels = generate(loaded.model, loaded.diffusion_kwargs, loaded.image_size, num_samples, name,
-                                      steps, batch_size, seed, progress=False, guidance_scale=w, null_label=null)
-            seconds = time.perf_counter() - start
-            rows.append(dict(scheduler=name, steps=steps, guidance_scale=w, images_per_s=num_samples / seconds,
-                             seconds=seconds, **digit_quality(images, labels, seed=seed)))
+    for seed in seeds:
+        for name, steps in runs:
+            for w in guidance_scales:
+                start = time.perf_counter()
+                images, labels = generate(loaded.model, loaded.diffusion_kwargs, loaded.image_size, num_samples, name,
+                                          steps, batch_size, seed, progress=False, guidance_scale=w, null_label=null)
+                seconds = time.perf_counter() - start
+                rows.append(dict(scheduler=name, steps=steps, guidance_scale=w, seed=seed, images_per_s=num_samples / seconds,
+                                 seconds=seconds, **digit_quality(images, labels, seed=seed)))
     return rows
 
 
+SEED_MEASURES = ("fd", "fd_floor", "accuracy", "confidence")
+
+
+def summarize_seeds(rows):
+    """
+    One row per (scheduler, steps, guidance) over the seeds in ``rows``: the median images/s,
+    and for each quality measure its mean over seeds and the half-width of its 95% t-interval
+    (``<measure>_ci``; NaN with one seed). Seeds are the unit of replication here: one seed's
+    500 samples give one value of each measure, whose draw-to-draw spread only seeds show.
+    """
+    groups = {}
+    for r in rows:
+        groups.setdefault((r["scheduler"], r["steps"], r.get("guidance_scale", 1.0)), []).append(r)
+    out = []
+    for (name, steps, w), group in groups.items():
+        row = dict(scheduler=name, steps=steps, guidance_scale=w, seeds=[r.get("seed") for r in group],
+                   images_per_s=float(np.median([r["images_per_s"] for r in group])))
+        for key in SEED_MEASURES:
+            row[key], row[f"{key}_ci"] = t_interval(finite([r.get(key) for r in group]))
+        out.append(row)
+    return out
+
+
 def format_table(rows):
+    """Markdown table of benchmark rows, or of ``summarize_seeds`` rows (mean +- 95% interval)."""
+    def cell(r, key, digits):
+        half = r.get(f"{key}_ci", float("nan"))
+        return f"{r.get(key, float('nan')):.{digits}f}" + ("" if half != half else f" ± {half:.{digits}f}")
     head = ("| sampler | steps | guidance | images/s | Frechet dist. (floor) | accuracy | confidence |\n"
             "|---|---|---|---|---|---|---|")
     body = [f"| {r['scheduler']} | {r['steps']} | {r.get('guidance_scale', 1):g} | {r['images_per_s']:.1f} | "
-            f"{r['fd']:.2f} ({r['fd_floor']:.2f}) | {r.get('accuracy', float('nan')):.3f} | {r['confidence']:.3f} |"
+            f"{cell(r, 'fd', 2)} ({r['fd_floor']:.2f}) | {cell(r, 'accuracy', 3)} | {cell(r, 'confidence', 3)} |"
             for r in rows]
     return "\n".join([head, *body])
 
@@ -215,6 +246,8 @@ def build_parser():
     m.add_argument("--guidance", default="1", help="classifier-free guidance scales, e.g. '0,1,2,3' (each run at each "
                    "scale; needs a model trained with class_dropout_prob > 0 for scales other than 1)")
     m.add_argument("--seed", type=int, default=0)
+    m.add_argument("--seeds", type=int, default=1, help="repeat everything with seeds seed .. seed+N-1 and print each "
+                   "measure's mean over them with its 95%% t-interval (the JSON keeps every seed's rows)")
     m.add_argument("--json", default=None, help="also write the rows to this file")
     return p
 
@@ -250,13 +283,16 @@ def run_benchmark(args):
         check_output_file(args.json, "--json")
     check_sample_count(args.num_samples)
     check_seed(args.seed)
+    if args.seeds < 1:
+        raise ValueError(f"--seeds must be at least 1, got {args.seeds}")
+    check_seed(args.seed + args.seeds - 1)
     if args.batch_size < 1:
         raise ValueError(f"--batch_size must be at least 1, got {args.batch_size}")
     loaded = load_checkpoint(args.checkpoint)
     runs = parse_runs(args.runs, loaded.diffusion_kwargs.get("steps", 1000))
     scales = parse_guidance(args.guidance, loaded)
-    rows = benchmark(loaded, runs, args.num_samples, args.batch_size, args.seed, scales)
-    print(format_table(rows))
+    rows = benchmark(loaded, runs, args.num_samples, args.batch_size, range(args.seed, args.seed + args.seeds), scales)
+    print(format_table(rows if args.seeds == 1 else summarize_seeds(rows)))
     if args.json:
         with open(args.json, "w") as fh:
             json.dump(rows, fh, indent=1)
