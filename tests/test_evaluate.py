@@ -12,7 +12,7 @@ from cli_errors import refused
 from unet.config import TrainConfig
 from unet.diffusion import create_diffusion
 from unet.digit_quality import digit_judge, digit_quality, frechet_distance
-from unet.evaluate import bits_per_dim, fid_unavailable_reason, format_table, main, summarize_seeds
+from unet.evaluate import bits_per_dim, fid_unavailable_reason, format_table, guidance_differences, main, summarize_seeds
 from unet.model import UNetModel
 
 
@@ -141,6 +141,36 @@ def test_summarize_seeds_gives_each_cell_its_mean_and_t_interval_over_seeds():
     single = summarize_seeds(rows[:1])[0]
     assert single["fd"] == 1.0 and single["fd_ci"] != single["fd_ci"]  # NaN: no interval from one seed
     assert "| 1.00 (1.20) | 0.990 | 0.900 |" in format_table([single])
+
+
+def test_guidance_differences_pair_each_scale_with_w1_of_the_same_seed():
+    """The change from W = 1 is taken within a seed (same labels, noise and reference digits), then
+    averaged: a shift shared by both rows of a seed cancels, so a small effect under a large
+    seed-to-seed spread is resolved. A seed that lacks its W = 1 row is left out."""
+    rows = [dict(scheduler="ddim", steps=5, guidance_scale=w, seed=s, fd=base + 0.3 * (w == 2) + 0.01 * s * (w == 2),
+                 accuracy=0.9 + 0.05 * (w == 2), fd_floor=1.0, images_per_s=1.0)
+            for s, base in enumerate([1.0, 3.0, 0.5]) for w in (1.0, 2.0)]
+    rows.append(dict(rows[-1], seed=9))  # a W = 2 row whose seed has no W = 1 row
+    (d,) = guidance_differences(rows)
+    assert (d["guidance_scale"], d["reference"], d["seeds"]) == (2.0, 1.0, [0, 1, 2])
+    assert d["fd"] == pytest.approx(0.31) and d["accuracy"] == pytest.approx(0.05)
+    assert d["fd_ci"] == pytest.approx(4.302653 * 0.01 / 3 ** 0.5, rel=1e-6)  # sd of (0.30, 0.31, 0.32)
+    assert d["accuracy_ci"] == pytest.approx(0, abs=1e-12)
+    assert summarize_seeds(rows[:6])[0]["fd_ci"] > 2  # the unpaired interval: the seed spread swamps 0.31
+    assert guidance_differences([r for r in rows if r["guidance_scale"] == 2.0]) == []
+
+
+def test_summary_reads_saved_rows_and_refuses_other_files(tmp_path, capsys):
+    rows = [dict(scheduler="ddpm", steps=10, guidance_scale=w, seed=s, images_per_s=1.0, fd=1.0 + w / 10 + s / 100,
+                 fd_floor=1.0, accuracy=0.9, confidence=0.9) for s in (0, 1) for w in (1.0, 3.0)]
+    (tmp_path / "rows.json").write_text(json.dumps(rows))
+    main(["summary", "--rows", str(tmp_path / "rows.json")])
+    out = capsys.readouterr().out
+    assert "| ddpm | 10 | 3 | 1.0 | 1.31 ± 0.06 (1.00) |" in out and "| ddpm | 10 | 3 | +0.20 ± 0.00 | +0.000 ± 0.000 | 2 |" in out
+    (tmp_path / "bad.json").write_text("{}")
+    assert refused(main, ["summary", "--rows", str(tmp_path / "bad.json")], capsys) == \
+        f"error: {tmp_path / 'bad.json'}: expected the JSON rows of 'unet.evaluate benchmark --json'"
+    assert refused(main, ["summary", "--rows", str(tmp_path / "none.json")], capsys) == f"error: {tmp_path / 'none.json'}: not found"
 
 
 def test_benchmark_over_seeds_keeps_every_seed_and_prints_the_summary(run_dir, tmp_path, capsys):

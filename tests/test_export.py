@@ -200,7 +200,7 @@ def test_class_conditional_export_runs_without_this_package(tmp_path, dropout):
     main([str(tmp_path / "run"), str(tmp_path / "pipe")])
     card = (tmp_path / "pipe" / "README.md").read_text()
     assert f"class_dropout_prob: {dropout}" in card and '"model_channels": 32' in card
-    assert (tmp_path / "pipe" / "pipeline.py").exists()
+    assert (tmp_path / "pipe" / "pipeline.py").exists() and (tmp_path / "pipe" / "guidance.py").exists()
 
     seed, steps = 5, 4
     g_seed = sample_generators(seed, [0])[0].initial_seed()  # sample 0's generator in sample.py
@@ -236,10 +236,13 @@ def test_export_model_card_shows_measured_quality(tmp_path, capsys):
     write_checkpoint(tmp_path / "run", cfg, UNetModel(**cfg.model_kwargs()).eval())
     rows = [dict(scheduler="ddpm", steps=50, guidance_scale=1.0, images_per_s=3.0, fd=1.234, fd_floor=0.987)]
     (tmp_path / "rows.json").write_text(json.dumps(rows))
+    (tmp_path / "pipe").mkdir()
+    for stale in ("pipeline.py", "guidance.py"):  # left by a class-conditional export into the same folder
+        (tmp_path / "pipe" / stale).write_text("# stale")
     main([str(tmp_path / "run"), str(tmp_path / "pipe"), "--quality", str(tmp_path / "rows.json")])
     card = (tmp_path / "pipe" / "README.md").read_text()
     assert "| ddpm | 50 | 1 | 1.23 (0.99) | - | 3.0 |" in card and "DDPMPipeline.from_pretrained" in card
-    assert not (tmp_path / "pipe" / "pipeline.py").exists()
+    assert not (tmp_path / "pipe" / "pipeline.py").exists() and not (tmp_path / "pipe" / "guidance.py").exists()
     (tmp_path / "bad.json").write_text("{}")
     message = refused(main, [str(tmp_path / "run"), str(tmp_path / "pipe2"), "--quality", str(tmp_path / "bad.json")],
                       capsys)

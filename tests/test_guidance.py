@@ -1,4 +1,4 @@
-"""Classifier-free guidance: the rule (``hub_pipeline.guided_output``), the sampler's one batched
+"""Classifier-free guidance: the rule (``guidance.guided_output``), the sampler's one batched
 pass over [cond; null], labels never drawn from the null class, every scheduler, and what
 ``sample.py --guidance_scale`` refuses."""
 
@@ -10,7 +10,7 @@ from checkpoint_files import write_checkpoint
 from cli_errors import refused
 from sample import main
 from unet.config import TrainConfig
-from unet.hub_pipeline import guided_output
+from unet.guidance import guided_output
 from unet.model import UNetModel
 from unet.sampling import SCHEDULERS, generate, model_output, null_class_label
 

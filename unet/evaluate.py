@@ -6,7 +6,8 @@ for RGB data, and a benchmark of the samplers.
     python -m unet.evaluate quality --samples samples/samples.npz
     python -m unet.evaluate fid --samples samples/samples.npz --ref path/to/real/images
     python -m unet.evaluate benchmark --checkpoint outputs/digits --num_samples 200
-    python -m unet.evaluate benchmark --checkpoint outputs/digits-cfg --runs ddpm:100 --guidance 0,1,2,3
+    python -m unet.evaluate benchmark --checkpoint outputs/digits-cfg --runs ddpm:100 --guidance 0,1,2,3 --seeds 4 --json rows.json
+    python -m unet.evaluate summary --rows rows.json
 
 Digit quality (accuracy of a small real-digit classifier, Frechet distance in its
 features) is ``unet.digit_quality``'s.
@@ -29,7 +30,7 @@ from .checkpoint import load_checkpoint
 from .digit_quality import check_sample_count, digit_quality, format_quality
 from .images import to_pil
 from .sampling import SCHEDULERS, check_guidance, check_seed, check_steps, generate, null_class_label, sample_generators
-from .stats import finite, t_interval
+from .stats import finite, paired_differences, t_interval
 
 # --- bits/dim ------------------------------------------------------------------------
 
@@ -185,6 +186,40 @@ def summarize_seeds(rows):
     return out
 
 
+def guidance_differences(rows, reference=1.0):
+    """
+    Each guidance scale's change from ``reference`` (no guidance) in Frechet distance and
+    accuracy, paired by seed: per seed the two rows share labels, initial noise and reference
+    digits, so the per-seed difference is far less noisy than either value. Mean and 95%
+    t-interval half-width (``<measure>_ci``) per (scheduler, steps, guidance).
+    """
+    cells = {(r["scheduler"], r["steps"], r.get("guidance_scale", 1.0), r.get("seed")): r for r in rows}
+    out = []
+    for name, steps, w in dict.fromkeys(k[:3] for k in cells):
+        if w == reference:
+            continue
+        seeds = [k[3] for k in cells if k[:3] == (name, steps, w) and (name, steps, reference, k[3]) in cells]
+        if not seeds:
+            continue
+        row = dict(scheduler=name, steps=steps, guidance_scale=w, reference=reference, seeds=seeds)
+        for key in ("fd", "accuracy"):
+            at = {s: cells[(name, steps, w, s)].get(key) for s in seeds}
+            ref = {s: cells[(name, steps, reference, s)].get(key) for s in seeds}
+            row[key], row[f"{key}_ci"] = t_interval(paired_differences(at, ref))
+        out.append(row)
+    return out
+
+
+def format_differences(diffs):
+    """Markdown table of ``guidance_differences``."""
+    lines = ["| sampler | steps | guidance | Frechet dist. minus at W = 1 | accuracy minus at W = 1 | seeds |",
+             "|---|---|---|---|---|---|"]
+    for d in diffs:
+        lines.append(f"| {d['scheduler']} | {d['steps']} | {d['guidance_scale']:g} | {d['fd']:+.2f} ± {d['fd_ci']:.2f} | "
+                     f"{d['accuracy']:+.3f} ± {d['accuracy_ci']:.3f} | {len(d['seeds'])} |")
+    return "\n".join(lines)
+
+
 def format_table(rows):
     """Markdown table of benchmark rows, or of ``summarize_seeds`` rows (mean +- 95% interval)."""
     def cell(r, key, digits):
@@ -249,6 +284,8 @@ def build_parser():
     m.add_argument("--seeds", type=int, default=1, help="repeat everything with seeds seed .. seed+N-1 and print each "
                    "measure's mean over them with its 95%% t-interval (the JSON keeps every seed's rows)")
     m.add_argument("--json", default=None, help="also write the rows to this file")
+    r = sub.add_parser("summary", help="the over-seeds tables of saved 'benchmark --json' rows (no sampling)")
+    r.add_argument("--rows", required=True, help="JSON rows written by 'benchmark --json', of one or more seeds")
     return p
 
 
@@ -292,10 +329,34 @@ def run_benchmark(args):
     runs = parse_runs(args.runs, loaded.diffusion_kwargs.get("steps", 1000))
     scales = parse_guidance(args.guidance, loaded)
     rows = benchmark(loaded, runs, args.num_samples, args.batch_size, range(args.seed, args.seed + args.seeds), scales)
-    print(format_table(rows if args.seeds == 1 else summarize_seeds(rows)))
     if args.json:
         with open(args.json, "w") as fh:
             json.dump(rows, fh, indent=1)
+    print(format_table(rows) if args.seeds == 1 else format_seed_summary(rows))
+
+
+def format_seed_summary(rows):
+    """The mean-over-seeds table and, when the rows have W = 1 and other scales, the paired
+    differences from W = 1."""
+    diffs = guidance_differences(rows)
+    return format_table(summarize_seeds(rows)) + (f"\n\n{format_differences(diffs)}" if diffs else "")
+
+
+def read_rows(path):
+    """Rows of ``benchmark --json``, or a one-line error."""
+    try:
+        with open(path) as fh:
+            rows = json.load(fh)
+        assert isinstance(rows, list) and all({"scheduler", "steps", "fd", "fd_floor", "images_per_s"} <= set(r) for r in rows)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: not found") from None
+    except (OSError, ValueError, AssertionError, TypeError):
+        raise ValueError(f"{path}: expected the JSON rows of 'unet.evaluate benchmark --json'") from None
+    return rows
+
+
+def run_summary(args):
+    print(format_seed_summary(read_rows(args.rows)))
 
 
 def run_quality(args):
@@ -303,7 +364,7 @@ def run_quality(args):
     print(json.dumps(q) if args.json else format_quality(q))
 
 
-COMMANDS = dict(bpd=run_bpd, quality=run_quality, fid=run_fid, benchmark=run_benchmark)
+COMMANDS = dict(bpd=run_bpd, quality=run_quality, fid=run_fid, benchmark=run_benchmark, summary=run_summary)
 
 
 def main(argv=None):

@@ -25,10 +25,11 @@ import torch
 import yaml
 from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
 
-from . import hub_pipeline
+from . import guidance, hub_pipeline
 from .diffusion import get_named_beta_schedule, respaced_betas
 from .model import AttentionBlock, Downsample, ResBlock, Upsample
 from .checkpoint import ema_from_flags, load_checkpoint
+from .evaluate import read_rows
 from .sampling import ddpm_variance_type, make_scheduler, null_class_label, scheduler_kwargs
 
 
@@ -235,12 +236,12 @@ def export_pipeline(loaded, out_dir, tolerance=1e-4, quality=None):
         raise ExportError(f"the converted U-Net differs from ours by {diff:.3g} (> {tolerance:g}); nothing written")
     pipe = build_pipeline(loaded, unet)
     pipe.save_pretrained(out_dir)
-    code = os.path.join(out_dir, "pipeline.py")
-    if isinstance(pipe, DDPMPipeline):
-        if os.path.exists(code):  # an earlier class-conditional export into the same folder
-            os.remove(code)
-    else:
-        shutil.copyfile(hub_pipeline.__file__, code)
+    code = {"pipeline.py": hub_pipeline.__file__, "guidance.py": guidance.__file__}  # pipeline.py imports .guidance
+    for name, source in code.items():
+        if not isinstance(pipe, DDPMPipeline):
+            shutil.copyfile(source, os.path.join(out_dir, name))
+        elif os.path.exists(os.path.join(out_dir, name)):  # an earlier class-conditional export into the same folder
+            os.remove(os.path.join(out_dir, name))
     with open(os.path.join(out_dir, "README.md"), "w") as fh:
         fh.write(model_card(loaded, out_dir, diff, quality))
     return diff
@@ -309,12 +310,9 @@ def model_card(loaded, out_dir, diff, quality=None):
 def read_quality(path):
     """Rows written by ``unet.evaluate benchmark --json``, or a one-line error."""
     try:
-        with open(path) as fh:
-            rows = json.load(fh)
-        assert isinstance(rows, list) and all({"scheduler", "steps", "fd", "fd_floor", "images_per_s"} <= set(r) for r in rows)
-    except (OSError, ValueError, AssertionError, TypeError):
-        raise ExportError(f"--quality {path}: expected the JSON rows of 'unet.evaluate benchmark --json'") from None
-    return rows
+        return read_rows(path)
+    except (FileNotFoundError, ValueError) as e:
+        raise ExportError(f"--quality {e}") from None
 
 
 def main(argv=None):

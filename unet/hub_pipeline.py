@@ -14,43 +14,20 @@ last class embedding is the "no label" class, the mean channels of the output be
 pass, as improved-DDPM's sampler needs the model's own variance. ``w = 1`` is plain
 conditional sampling (one pass per step).
 
-This file is copied into every class-conditional export, so it may import nothing from
-``unet``; ``unet.sampling`` imports its two rules (``guided_output``, ``scheduler_input``)
-so that the package and the exported pipeline sample by the same code.
+This file is copied into every class-conditional export as ``pipeline.py``, with
+``guidance.py`` beside it (the two rules, ``guided_output`` and ``scheduler_input``, which
+``unet.sampling`` uses too, so the package and the exported pipeline sample by the same code);
+so neither may import anything from ``unet`` but each other.
 """
 
 import math
 from typing import List, Optional, Union
 
 import torch
-from diffusers import DDPMScheduler, DiffusionPipeline, ImagePipelineOutput, UNet2DModel
+from diffusers import DiffusionPipeline, ImagePipelineOutput, UNet2DModel
 from diffusers.utils.torch_utils import randn_tensor
 
-
-def guided_output(cond, uncond, scale, channels):
-    """
-    Classifier-free guidance (Ho & Salimans 2022; their ``(1 + w) cond - w uncond`` with
-    ``scale = 1 + w``): the mean channels ``uncond + scale * (cond - uncond)``, any further
-    (learned-variance) channels from ``cond``.
-
-    Written as ``cond + (scale - 1) * (cond - uncond)``, the same value, so that ``scale = 1``
-    returns ``cond`` exactly and equal predictions give ``cond`` for any scale.
-
-    :param cond: [N x K x ...] output for the requested labels.
-    :param uncond: the same for the null label.
-    :param channels: C, the image channels (the mean part of a K = 2C output).
-    """
-    mean = cond[:, :channels] + (scale - 1) * (cond[:, :channels] - uncond[:, :channels])
-    return torch.cat([mean, cond[:, channels:]], dim=1)
-
-
-def scheduler_input(model_output, channels, scheduler):
-    """The model output a scheduler's ``step`` expects: DDPM with learned variance takes all
-    2C channels; the others (DDIM, DPM-Solver) take the mean part only, whatever C is
-    (diffusers' DPM-Solver would keep ``[:, :3]``, wrong for 1- or 4-channel images)."""
-    if isinstance(scheduler, DDPMScheduler) and scheduler.config.variance_type in ("learned", "learned_range"):
-        return model_output
-    return model_output[:, :channels]
+from .guidance import guided_output, scheduler_input  # guidance.py, beside this file in an export
 
 
 class ClassConditionalDDPMPipeline(DiffusionPipeline):

@@ -10,7 +10,7 @@ keeps the same steps as the original's ``space_timesteps(T, "K")``), ``ddim`` an
 so a seed gives the same images whatever the batch size or the number of processes.
 
 Classifier-free guidance (Ho & Salimans 2022) works with every scheduler: the model output
-is replaced by ``hub_pipeline.guided_output`` of one batched pass over [cond; null labels],
+is replaced by ``guidance.guided_output`` of one batched pass over [cond; null labels],
 the same rule the exported pipeline applies.
 """
 
@@ -24,7 +24,7 @@ from diffusers.utils.torch_utils import randn_tensor
 from tqdm.auto import tqdm
 
 from .diffusion import get_named_beta_schedule
-from .hub_pipeline import guided_output, scheduler_input
+from .guidance import guided_output, scheduler_input
 from .images import to_uint8
 
 SCHEDULERS = ("ddpm", "ddim", "dpm-solver++")
