@@ -20,7 +20,6 @@ It is a tool that measures the package, not part of it, hence its place outside 
 import argparse
 import contextlib
 import copy
-import json
 import multiprocessing as mp
 import statistics
 import sys
@@ -35,6 +34,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from unet.config import TrainConfig
 from unet.export import check_expressible, unet2d_config
 from unet.factory import config_from_iddpm_flags, create_diffusion_from_config, create_model
+from unet.jsonfile import write_json
 from unet.machine import cpu_name
 from unet.speed import LAYOUTS, apply_layout
 from unet.stats import paired_ratio_ci
@@ -408,7 +408,7 @@ def measure_memory(preset, runners, device, layout="contiguous"):
 
 def run(preset_name, device="cpu", dtype="fp32", compile=False, warmup=2, repeats=10, steps=2,
         memory=True, batch_size=None, flush_denormal=False, layout="auto", regional_compile=False,
-        ab_layouts=False, log=print):
+        ab_layouts=False, log=print, save=None):
     """
     Benchmark one preset and return every figure as a JSON-ready dict.
 
@@ -423,6 +423,8 @@ def run(preset_name, device="cpu", dtype="fp32", compile=False, warmup=2, repeat
     :param regional_compile: ``torch.compile`` our ResBlocks (``unet.speed.compile_res_blocks``).
     :param ab_layouts: also time ours fixed channels-last and fixed contiguous in the same
         repeats (``variants`` in the JSON), so the layout choice can be checked.
+    :param save: called with the figures so far (``complete`` false) after each measured part,
+        so that a long run stopped midway keeps what it measured; and once at the end.
     """
     preset = PRESETS[preset_name]()
     if batch_size:
@@ -472,12 +474,17 @@ def run(preset_name, device="cpu", dtype="fp32", compile=False, warmup=2, repeat
             r["network"] = network_share(times, opt_times, result["flops"][kind], peak)
         r["variants"] = variant_figures(times, preset.batch_size)
         log(summary_line(kind, r))
+        if save:
+            save(dict(result, complete=False))
     if memory:
         result["peak_memory_method"], m = measure_memory(preset, runners, device, layouts["train"])
         result["peak_train_memory_bytes"] = m
         log(f"  memory ours {m['ours'] / 2**20:.0f} MiB  diffusers {m['peer'] / 2**20:.0f} MiB")
     log(f"  FLOPs per training step {result['flops']['train']['ours'] / 1e9:.2f} G (ours), "
         f"{result['flops']['train']['peer'] / 1e9:.2f} G (diffusers); matmul peak {peak / 1e9:.1f} GFLOP/s")
+    result["complete"] = True
+    if save:
+        save(result)
     return result
 
 
@@ -514,14 +521,12 @@ def main(argv=None):
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         sys.exit("error: --device cuda given but no CUDA device is available")
     try:
-        result = run(args.preset, args.device, args.dtype, args.compile, args.warmup, args.repeats, args.steps,
-                     not args.no_memory, args.batch_size or None, flush_denormal=not args.keep_denormals,
-                     layout=args.layout, regional_compile=args.regional_compile, ab_layouts=args.ab_layouts)
+        run(args.preset, args.device, args.dtype, args.compile, args.warmup, args.repeats, args.steps,
+            not args.no_memory, args.batch_size or None, flush_denormal=not args.keep_denormals,
+            layout=args.layout, regional_compile=args.regional_compile, ab_layouts=args.ab_layouts,
+            save=(lambda r: write_json(args.json, r, indent=1)) if args.json else None)
     finally:
         torch.set_flush_denormal(False)  # main() may run inside a longer-lived process (tests)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=1)
 
 
 if __name__ == "__main__":

@@ -262,10 +262,9 @@ def last_line(text):
 
 
 def write_json(path, report):
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(report, f, indent=1, allow_nan=True)
-    os.replace(tmp, path)
+    from unet.jsonfile import write_json as write_whole  # torch-free
+
+    write_whole(path, report, indent=1, allow_nan=True)
 
 
 # --- the parts -------------------------------------------------------------------------------

@@ -42,7 +42,18 @@ def test_cli_writes_every_figure(tmp_path):
         assert all(0 < o < t for o, t in zip(opt, r["train"]["seconds_per_step"][who]))
         assert net["seconds_per_step"][who] == pytest.approx([t - o for t, o in zip(r["train"]["seconds_per_step"][who], opt)])
     assert net["paired_ratios"] == sorted(p / o for p, o in zip(net["seconds_per_step"]["peer"], net["seconds_per_step"]["ours"]))
-    assert r["flush_denormal"] is True
+    assert r["flush_denormal"] is True and r["complete"] is True
+
+
+def test_run_saves_what_it_measured_after_each_part():
+    """A long run stopped midway keeps its figures: training's before sampling starts."""
+    saved = []
+    bench.run("tiny", warmup=0, repeats=2, steps=1, memory=False, log=lambda *a: None,
+              save=lambda r: saved.append(json.loads(json.dumps(r))))
+    assert [s["complete"] for s in saved] == [False, False, True]
+    assert "train" in saved[0] and "sample" not in saved[0]
+    assert saved[0]["train"]["seconds_per_step"] == saved[-1]["train"]["seconds_per_step"]
+    assert "sample" in saved[1] and "sample" in saved[2]
 
 
 def test_each_model_gets_its_training_scripts_optimizer():

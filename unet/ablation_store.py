@@ -12,6 +12,7 @@ import subprocess
 import sys
 import time
 
+from . import jsonfile
 from .config import ConfigError
 
 
@@ -33,11 +34,9 @@ def claim_process():
 
 
 def write_json(path, obj):
-    """Write ``obj`` (cleaned of NaN/inf) to ``path`` atomically."""
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(clean_json(obj), f)
-    os.replace(tmp, path)  # a run's result appears whole or not at all
+    """Write ``obj`` (cleaned of NaN/inf) to ``path`` atomically: a run's result appears whole
+    or not at all."""
+    jsonfile.write_json(path, clean_json(obj))
 
 
 def clean_json(obj):
