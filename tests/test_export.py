@@ -243,6 +243,12 @@ def test_export_model_card_shows_measured_quality(tmp_path, capsys):
     card = (tmp_path / "pipe" / "README.md").read_text()
     assert "| ddpm | 50 | 1 | 1.23 (0.99) | - | 3.0 |" in card and "DDPMPipeline.from_pretrained" in card
     assert not (tmp_path / "pipe" / "pipeline.py").exists() and not (tmp_path / "pipe" / "guidance.py").exists()
+    seeds = [dict(rows[0], seed=s, fd=1.0 + s / 10, fd_floor=1.0) for s in range(3)]  # benchmark --seeds 3
+    (tmp_path / "seeds.json").write_text(json.dumps(seeds))
+    main([str(tmp_path / "run"), str(tmp_path / "pipe3"), "--quality", str(tmp_path / "seeds.json")])
+    card = (tmp_path / "pipe3" / "README.md").read_text()
+    assert card.count("| ddpm | 50 | 1 |") == 1 and "| ddpm | 50 | 1 | 1.10 (1.00) | - | 3.0 |" in card
+    assert "means over 3 seeds" in card
     (tmp_path / "bad.json").write_text("{}")
     message = refused(main, [str(tmp_path / "run"), str(tmp_path / "pipe2"), "--quality", str(tmp_path / "bad.json")],
                       capsys)

@@ -29,7 +29,7 @@ from . import guidance, hub_pipeline
 from .diffusion import get_named_beta_schedule, respaced_betas
 from .model import AttentionBlock, Downsample, ResBlock, Upsample
 from .checkpoint import ema_from_flags, load_checkpoint
-from .evaluate import read_rows
+from .evaluate import read_rows, summarize_seeds
 from .sampling import ddpm_variance_type, make_scheduler, null_class_label, scheduler_kwargs
 
 
@@ -268,12 +268,12 @@ def usage_lines(loaded, out_dir):
 
 
 def quality_table(rows):
-    """Markdown table of ``unet.evaluate benchmark`` rows."""
+    """Markdown table of ``unet.evaluate benchmark`` rows (accuracy "-" where not measured: unconditional models)."""
     lines = ["| sampler | steps | guidance | Frechet distance (real floor) | accuracy | images/s |", "|---|---|---|---|---|---|"]
     for r in rows:
         acc = r.get("accuracy")
         lines.append(f"| {r['scheduler']} | {r['steps']} | {r.get('guidance_scale', 1):g} | {r['fd']:.2f} "
-                     f"({r['fd_floor']:.2f}) | {'-' if acc is None else f'{acc:.3f}'} | {r['images_per_s']:.1f} |")
+                     f"({r['fd_floor']:.2f}) | {'-' if acc is None or acc != acc else f'{acc:.3f}'} | {r['images_per_s']:.1f} |")
     return "\n".join(lines)
 
 
@@ -298,9 +298,11 @@ def model_card(loaded, out_dir, diff, quality=None):
             "", "## Training configuration", "", "```yaml", yaml.safe_dump(config, sort_keys=False).strip(), "```",
             "", "## Measured quality", ""]
     if quality:
-        text += [quality_table(quality), "", "Frechet distance in a digit classifier's features against held-out "
+        seeds = {r.get("seed") for r in quality}
+        rows = summarize_seeds(quality) if len(seeds) > 1 else quality  # one row per run: the mean over seeds
+        text += [quality_table(rows), "", "Frechet distance in a digit classifier's features against held-out "
                  "real digits; accuracy: the classifier agrees with the requested label (`python -m unet.evaluate "
-                 "benchmark`)."]
+                 "benchmark`)" + (f"; means over {len(seeds)} seeds." if len(seeds) > 1 else ".")]
     else:
         text += ["Not measured at export; `python -m unet.evaluate benchmark --checkpoint CHECKPOINT` measures it "
                  "for digits, and `unet.export --quality rows.json` puts its `--json` rows here."]
