@@ -496,8 +496,7 @@ def train_worker(argv):
     summary = train(cfg, hooks=[hook])
     state = PartialState()
     result = worker_result(cfg, stamps, started, own.timed_from, state, summary, weights)
-    with open(own.result_file.format(rank=state.process_index), "w") as f:
-        json.dump(result, f, indent=1)
+    write_json(own.result_file.format(rank=state.process_index), result)
     return 0 if summary["stop_reason"] == "max_steps" else 3
 
 

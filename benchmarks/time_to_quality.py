@@ -32,6 +32,7 @@ import sys
 import time
 
 from unet.config import ConfigError, load_config
+from unet.jsonfile import write_json
 from unet.machine import cpu_name
 
 
@@ -187,8 +188,7 @@ def measure(argv):
                points=points, wall_seconds=time.perf_counter() - start)
     print(format_table(points))
     if args.json:
-        with open(args.json, "w") as fh:
-            json.dump(out, fh, indent=1)
+        write_json(args.json, out, indent=1)
     return out
 
 

@@ -196,6 +196,7 @@ def test_benchmark_over_seeds_keeps_every_seed_and_prints_the_summary(run_dir, t
     (["--runs", "ddpm:ten"], "steps must be a whole number or 'full'"),
     (["--seed", "-1"], "--seed -1 is out of range"),
     (["--seeds", "0"], "--seeds must be at least 1"),
+    (["--seed", str(2 ** 63 - 1), "--seeds", "2"], "--seeds 2 goes past the largest seed, 2**63 - 1"),
     (["--num_samples", "1"], "needs at least 2 samples"),
     (["--json", "{tmp}"], "is a folder; give a file name"),
     (["--json", "{tmp}/missing/rows.json"], "does not exist"),

@@ -29,6 +29,7 @@ from tqdm.auto import tqdm
 from .checkpoint import load_checkpoint
 from .digit_quality import check_sample_count, digit_quality, format_quality
 from .images import to_pil
+from .jsonfile import write_json
 from .sampling import SCHEDULERS, check_guidance, check_seed, check_steps, generate, null_class_label, sample_generators
 from .stats import finite, paired_differences, t_interval
 
@@ -322,7 +323,8 @@ def run_benchmark(args):
     check_seed(args.seed)
     if args.seeds < 1:
         raise ValueError(f"--seeds must be at least 1, got {args.seeds}")
-    check_seed(args.seed + args.seeds - 1)
+    if args.seed + args.seeds - 1 >= 2 ** 63:  # the last seed must be one check_seed accepts
+        raise ValueError(f"--seed {args.seed} with --seeds {args.seeds} goes past the largest seed, 2**63 - 1")
     if args.batch_size < 1:
         raise ValueError(f"--batch_size must be at least 1, got {args.batch_size}")
     loaded = load_checkpoint(args.checkpoint)
@@ -330,8 +332,7 @@ def run_benchmark(args):
     scales = parse_guidance(args.guidance, loaded)
     rows = benchmark(loaded, runs, args.num_samples, args.batch_size, range(args.seed, args.seed + args.seeds), scales)
     if args.json:
-        with open(args.json, "w") as fh:
-            json.dump(rows, fh, indent=1)
+        write_json(args.json, rows, indent=1)
     print(format_table(rows) if args.seeds == 1 else format_seed_summary(rows))
 
 

@@ -238,10 +238,11 @@ def export_pipeline(loaded, out_dir, tolerance=1e-4, quality=None):
     pipe.save_pretrained(out_dir)
     code = {"pipeline.py": hub_pipeline.__file__, "guidance.py": guidance.__file__}  # pipeline.py imports .guidance
     for name, source in code.items():
+        path = os.path.join(out_dir, name)
         if not isinstance(pipe, DDPMPipeline):
-            shutil.copyfile(source, os.path.join(out_dir, name))
-        elif os.path.exists(os.path.join(out_dir, name)):  # an earlier class-conditional export into the same folder
-            os.remove(os.path.join(out_dir, name))
+            shutil.copyfile(source, path)
+        elif os.path.exists(path):  # an earlier class-conditional export into the same folder
+            os.remove(path)
     with open(os.path.join(out_dir, "README.md"), "w") as fh:
         fh.write(model_card(loaded, out_dir, diff, quality))
     return diff
