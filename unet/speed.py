@@ -94,15 +94,22 @@ def _step(model, x, timesteps, y, train, autocast):
     def precision():
         return torch.autocast(x.device.type, dtype=autocast) if autocast else contextlib.nullcontext()
 
+    def wait():
+        # CUDA runs kernels asynchronously: without this the timer would see launch time only.
+        if x.device.type == "cuda":
+            torch.cuda.synchronize(x.device)
+
     def forward_backward():
         with precision():
             loss = model(x, timesteps, **kwargs).float().square().mean()
         loss.backward()
+        wait()
 
     @torch.no_grad()
     def forward():
         with precision():
             model(x, timesteps, **kwargs)
+        wait()
     return forward_backward if train else forward
 
 
