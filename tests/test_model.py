@@ -155,3 +155,22 @@ def test_upsample_conv_is_nearest_upsampling_then_the_3x3_conv(channels_last, si
                                         in_float64(True), terms):
         err = (a.double() - ref).abs()
         assert (err <= (n + 2) * eps * ref_abs + 1e-30).all(), (name, (err / ref_abs).max().item())
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_torch_compile_traces_the_whole_unet_as_one_graph(channels_last):
+    """A graph break in the U-Net's block loop makes dynamo skip the whole forward and compile
+    each block apart (one recompile per shape, past its limit of 8): compiled, the model ran
+    no faster than eager on a GPU (docs/performance.md). ``fullgraph=True`` turns any break
+    into an error; the "eager" backend traces without compiling and runs the same ops."""
+    torch._dynamo.reset()
+    m = make(model_channels=64, channel_mult=(1, 2), num_classes=3, dropout=0.1).set_channels_last(channels_last)
+    x, t, y = torch.randn(2, 3, 16, 16), torch.tensor([3, 700]), torch.tensor([0, 2])  # fused upsample at 8 px
+    compiled = torch.compile(m, fullgraph=True, backend="eager")
+    with torch.no_grad():
+        assert torch.equal(compiled.eval()(x, t, y), m(x, t, y))
+    torch.manual_seed(1)
+    out = compiled.train()(x, t, y)
+    out.square().mean().backward()
+    torch.manual_seed(1)
+    assert torch.equal(out, m(x, t, y))

@@ -68,9 +68,10 @@ def upsample_conv2d(x, weight, bias=None):
     z = F.conv2d(x, kernels, None if bias is None else bias.repeat(4), padding=1).unflatten(1, (2, 2, o))
     # Parity (a, c)'s output (2i+a, 2j+c) is z[:, a, c, :, i+a, j+c], which is linear in (i, a)
     # and (j, c): the interleaved image is a strided view of z (whose backward is ~3x cheaper
-    # than stacking the four crops).
+    # than stacking the four crops). The view starts where z does (no offset argument: an
+    # explicit z.storage_offset() is an int torch.compile cannot trace, and broke the graph).
     sb, sa, sc, so, sh, sw = z.stride()
-    y = z.as_strided((b, o, h, 2, w, 2), (sb, so, sh, sa + sh, sw, sc + sw), z.storage_offset())
+    y = z.as_strided((b, o, h, 2, w, 2), (sb, so, sh, sa + sh, sw, sc + sw))
     if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
         return y.permute(0, 2, 3, 4, 5, 1).reshape(b, 2 * h, 2 * w, o).permute(0, 3, 1, 2)
     return y.reshape(b, o, 2 * h, 2 * w)
