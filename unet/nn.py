@@ -62,7 +62,9 @@ def upsample_conv2d(x, weight, bias=None):
     """
     (b, _, h, w), (o, c) = x.shape, weight.shape[:2]
     with torch.autocast(x.device.type, enabled=False):  # the folded taps in the weights' own precision
-        folded = _fold_matrix(weight.device, weight.dtype) @ weight.reshape(o * c, 9).t()  # (a c y x), (o i)
+        # Under torch.compile the 16x9 constant is built inside the graph: dynamo cannot use the cache.
+        fold = (_fold_matrix.__wrapped__ if torch.compiler.is_compiling() else _fold_matrix)(weight.device, weight.dtype)
+        folded = fold @ weight.reshape(o * c, 9).t()  # (a c y x), (o i)
     # One transposing copy; a rearrange of the (o, i, 4, 4) form straight away was 8x slower.
     kernels = folded.view(4, 4, o * c).transpose(1, 2).reshape(4 * o, c, 2, 2)
     z = F.conv2d(x, kernels, None if bias is None else bias.repeat(4), padding=1).unflatten(1, (2, 2, o))
