@@ -11,4 +11,5 @@
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 export PYTHONPATH="$root${PYTHONPATH:+:$PYTHONPATH}"
-exec "${PYTHON:-python}" "$root/benchmarks/gpu_run.py" "$@"
+# python3, not python: some images (the lent H200 among them) hold torch under python3 alone.
+exec "${PYTHON:-python3}" "$root/benchmarks/gpu_run.py" "$@"

@@ -177,3 +177,28 @@ def test_a_part_over_its_time_limit_is_stopped_and_recorded(tmp_path):
     # the whole process group was stopped: no bench.py of this run is left
     ps = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
     assert part["command_line"] not in ps
+
+
+def test_cuda_benchmarks_run_at_batch_128_unless_told_otherwise(tmp_path):
+    """On CUDA the presets' CPU batches (8 to 64) left the H200 waiting on the host, so the
+    GPU run benchmarks at the paper's CIFAR-10 batch; the CPU dry run keeps the presets'."""
+    class Recorder:
+        logs = str(tmp_path)
+
+        def __init__(self, args):
+            self.args, self.commands = args, []
+
+        def run(self, name, cmd, timeout, read_result, env=None):
+            self.commands.append(cmd)
+
+    def bench_command(*argv):
+        r = Recorder(gpu_run.parse_args(["--out", str(tmp_path / "g.json"), *argv]))
+        gpu_run.bench_part(r, "cifar10", "eager")
+        return r.commands[0]
+
+    cuda = bench_command()
+    assert cuda[cuda.index("--batch_size") + 1] == "128" and cuda[cuda.index("--device") + 1] == "cuda"
+    assert "--batch_size" not in bench_command("--bench_batch_size", "0")
+    assert "--batch_size" not in bench_command("--device", "cpu")
+    own = bench_command("--bench_batch_size", "32")
+    assert own[own.index("--batch_size") + 1] == "32"
