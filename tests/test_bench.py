@@ -151,3 +151,18 @@ def test_regional_compilation_computes_the_same_model():
     for n in grads[0]:
         torch.testing.assert_close(grads[1][n], grads[0][n], rtol=1e-3, atol=1e-5, msg=n)
     assert compiled.state_dict().keys() == eager.state_dict().keys()  # no _orig_mod prefixes
+
+
+def test_op_count_counts_each_conv_once_per_forward():
+    """benchmarks/op_count.py counts operators at the dispatcher: a sampling forward pass runs
+    every conv layer exactly once (tiny's upsample, at 4 px, is not fused), and a training
+    step's backward adds operators of its own."""
+    from benchmarks.op_count import count_ops
+
+    counts = count_ops("tiny")
+    ours, peer = bench.build_models(bench.PRESETS["tiny"]())
+    for who, model in (("ours", ours), ("peer", peer)):
+        convs = sum(isinstance(m, torch.nn.Conv2d) for m in model.modules())
+        assert counts[who]["sample"]["aten.convolution"] == convs > 0
+        assert counts[who]["train"]["aten.convolution_backward"] > 0
+        assert sum(counts[who]["train"].values()) > sum(counts[who]["sample"].values())
