@@ -194,13 +194,19 @@ class Runner:
         self.autocast = (torch.autocast(self.device.type, dtype=dtype) if dtype != torch.float32
                          else contextlib.nullcontext())
 
-    def train_step(self):
+    def forward_backward(self, fn):
+        """A training step without the optimizer, through ``fn`` (the model as timed, or the
+        eager model where counters must see its operators): forward, hybrid loss, backward."""
         self.model.train()
-        self.opt.zero_grad(set_to_none=True)
         with self.autocast:
             b = self.batch
-            loss = self.diffusion.training_losses(self.fn, b["x"], b["t"], self.kwargs, b["noise"])["loss"].mean()
+            loss = self.diffusion.training_losses(fn, b["x"], b["t"], self.kwargs, b["noise"])["loss"].mean()
         loss.backward()
+        return loss
+
+    def train_step(self):
+        self.opt.zero_grad(set_to_none=True)
+        loss = self.forward_backward(self.fn)
         self.sync()
         start = time.perf_counter()
         self.opt.step()
@@ -237,12 +243,7 @@ class Runner:
         counter = FlopCounterMode(display=False)
         with counter:
             if kind == "train":
-                # Eager model: the counter sees the aten ops, not a compiled graph.
-                self.model.train()
-                with self.autocast:
-                    b = self.batch
-                    loss = self.diffusion.training_losses(self.model, b["x"], b["t"], self.kwargs, b["noise"])["loss"].mean()
-                loss.backward()
+                self.forward_backward(self.model)  # eager: the counter sees the aten ops, not a compiled graph
             else:
                 fn, self.fn = self.fn, self.model
                 try:

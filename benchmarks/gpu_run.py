@@ -60,15 +60,14 @@ DEFAULTS = {
     # Benchmarks at the paper's CIFAR-10 batch (128): the presets' CPU batches (8 to 64) leave
     # a large GPU waiting on kernel launches.
     "cuda": dict(presets="digits,cifar-small,cifar10", modes="eager,compile", dtype="bf16", repeats=10,
-                 bench_steps=5, bench_warmup=3, bench_batch_size=128, train_steps=500, timed_from=50, ddp_steps=20,
-                 images=1024,
-                 budget_s=480, bench_timeout_s=150, compile_timeout_s=240, train_timeout_s=300,
-                 ddp_timeout_s=180),
+                 bench_steps=5, bench_warmup=3, bench_batch_size=128, train_steps=500, timed_from=50,
+                 ddp_steps=20, images=1024, budget_s=480, bench_timeout_s=150, compile_timeout_s=240,
+                 train_timeout_s=300, ddp_timeout_s=180),
     # fp32: bench.py times 2048x2048 matmuls in --dtype for its peak, and a bf16 one takes ~60 s
     # on a CPU without AVX512-BF16 (measured on an AMD EPYC; fp32: 0.14 s).
-    "cpu": dict(presets="tiny", modes="eager", dtype="fp32", repeats=2, bench_steps=1, bench_warmup=1, bench_batch_size=0,
-                train_steps=6, timed_from=2, ddp_steps=3, images=48, budget_s=600, bench_timeout_s=180,
-                compile_timeout_s=600, train_timeout_s=180, ddp_timeout_s=240),
+    "cpu": dict(presets="tiny", modes="eager", dtype="fp32", repeats=2, bench_steps=1, bench_warmup=1,
+                bench_batch_size=0, train_steps=6, timed_from=2, ddp_steps=3, images=48, budget_s=600,
+                bench_timeout_s=180, compile_timeout_s=600, train_timeout_s=180, ddp_timeout_s=240),
 }
 # The dry run trains a small model on the same 32x32 data (the CIFAR-10 model is ~1 s a step here).
 CPU_MODEL = ["--model_channels", "32", "--num_res_blocks", "1", "--channel_mult", "1,2",

@@ -35,16 +35,6 @@ class OpCounter(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def forward_backward(runner):
-    """A training step without the optimizer: forward, hybrid loss, backward."""
-    runner.model.train()
-    with runner.autocast:
-        b = runner.batch
-        loss = runner.diffusion.training_losses(runner.model, b["x"], b["t"], runner.kwargs, b["noise"])["loss"]
-    loss.mean().backward()
-    runner.model.zero_grad(set_to_none=True)
-
-
 def count_ops(preset_name, dtype="fp32", batch_size=2):
     """{model: {step kind: Counter of operator calls}} for "ours" and "peer" (diffusers)."""
     preset = PRESETS[preset_name]().replace(batch_size=batch_size)
@@ -52,7 +42,10 @@ def count_ops(preset_name, dtype="fp32", batch_size=2):
     counts = {}
     for who, model in zip(("ours", "peer"), build_models(preset)):
         runner = Runner(model, diffusion, batch, "cpu", DTYPES[dtype], optimizer=OPTIMIZERS[who])
-        steps = {"train": lambda: forward_backward(runner), "sample": runner.sample_step}
+        def train():  # as a training step starts: no gradients yet
+            runner.model.zero_grad(set_to_none=True)
+            runner.forward_backward(runner.model)
+        steps = {"train": train, "sample": runner.sample_step}
         counts[who] = {}
         for kind, step in steps.items():
             step()  # once untimed, so lazily built state (autocast's weight cache, buffers) is there
