@@ -121,8 +121,8 @@ def parse_args(argv):
             setattr(args, key, value)
     args.parts, args.modes = _names(p, args.parts, PARTS, "--parts"), _names(p, args.modes, MODES, "--modes")
     args.presets = [s for s in args.presets.split(",") if s]  # bench.py owns the list and refuses a bad name
-    for key, least in (("repeats", 1), ("bench_steps", 1), ("bench_warmup", 0), ("train_steps", 2),
-                       ("ddp_steps", 2), ("images", 1)):
+    for key, least in (("repeats", 1), ("bench_steps", 1), ("bench_warmup", 0), ("bench_batch_size", 0),
+                       ("train_steps", 2), ("ddp_steps", 2), ("images", 1)):
         if getattr(args, key) < least:
             p.error(f"--{key} must be at least {least}")
     if not 0 <= args.timed_from < args.train_steps - 1:

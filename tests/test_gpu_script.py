@@ -158,6 +158,7 @@ def test_spent_budget_skips_every_part(tmp_path):
     (["--parts", "bench,nope"], "--parts: unknown nope"),
     (["--modes", "jit"], "--modes: unknown jit"),
     (["--train_steps", "1"], "--train_steps must be at least 2"),
+    (["--bench_batch_size", "-8"], "--bench_batch_size must be at least 0"),
     (["--timed_from", "5", "--train_steps", "6"], "--timed_from must be in [0, --train_steps - 1)"),
     (["--device", "tpu"], "argument --device: invalid choice"),
 ])
