@@ -80,6 +80,24 @@ def test_fastest_goes_on_until_the_two_are_told_apart():
     assert 3 <= rounds_run(calls) < 12
 
 
+def test_a_default_keeps_its_place_unless_another_is_measurably_faster():
+    # "b" has the lower median but the rounds do not tell the two apart: "a", the default, stays.
+    clock, calls = FakeClock(), []
+    candidates = {"a": costing(clock, 1.0, calls, "a"), "b": costing(clock, [1.0] + [0.8, 1.1] * 20, calls, "b")}
+    assert fastest(candidates, repeats=5, timer=clock, cache={}) == "b"
+    clock, calls = FakeClock(), []
+    candidates = {"a": costing(clock, 1.0, calls, "a"), "b": costing(clock, [1.0] + [0.8, 1.1] * 20, calls, "b")}
+    assert fastest(candidates, repeats=5, timer=clock, cache={}, default="a") == "a"
+    # Measurably faster (every round 10% quicker, with some noise): the default gives way.
+    clock, calls = FakeClock(), []
+    candidates = {"a": costing(clock, 1.0, calls, "a"), "b": costing(clock, [1.0] + [0.88, 0.92] * 20, calls, "b")}
+    assert fastest(candidates, repeats=5, timer=clock, cache={}, default="a") == "b"
+    # The default wins outright when its own median is lowest.
+    clock, calls = FakeClock(), []
+    candidates = {"a": costing(clock, 1.0, calls, "a"), "b": costing(clock, 2.0, calls, "b")}
+    assert fastest(candidates, repeats=3, timer=clock, cache={}, default="a") == "a"
+
+
 def model(channels, dropout=0.0):
     torch.manual_seed(0)
     return UNetModel(in_channels=3, model_channels=channels, out_channels=6, num_res_blocks=1,

@@ -30,7 +30,7 @@ SAME_WITHIN = 1.03
 
 
 def fastest(candidates, key=None, repeats=3, timer=time.perf_counter, cache=_CHOICES, prepare=None,
-            max_repeats=None):
+            max_repeats=None, default=None):
     """
     The name of the fastest of ``candidates`` (name -> zero-argument callable running one
     step): one untimed call each, then ``repeats`` rounds in which every candidate runs once,
@@ -48,6 +48,10 @@ def fastest(candidates, key=None, repeats=3, timer=time.perf_counter, cache=_CHO
     :param prepare: name -> callable run, untimed, before each of that candidate's calls
         (switching to it), so the switch's cost is not charged to the step.
     :param max_repeats: the most timed rounds (None: exactly ``repeats``).
+    :param default: a candidate that keeps its place unless another is measurably faster
+        (``_faster``): when the fastest median is another's but the interval of their
+        per-round time ratio reaches 1, the measurement has not told them apart and a coin
+        toss should not decide (None: the lowest median always wins).
     """
     if key is not None and key in cache:
         return cache[key]
@@ -69,9 +73,17 @@ def fastest(candidates, key=None, repeats=3, timer=time.perf_counter, cache=_CHO
             candidates[name]()
             seconds[name].append(timer() - start)
     best = ranked()[0]
+    if default in seconds and best != default and not _faster(seconds[best], seconds[default]):
+        best = default
     if key is not None:
         cache[key] = best
     return best
+
+
+def _faster(a, b):
+    """Whether per-round times ``a`` are measurably lower than ``b``: the 95% interval of the
+    ratio b/a lies above 1 (never with fewer than 2 rounds)."""
+    return paired_ratio_ci([y / x for x, y in zip(a, b)])[1] > 1
 
 
 def _resolved(a, b):
@@ -122,8 +134,12 @@ def choose_layout(model, shape, train=True, timesteps=1000, num_classes=None, re
                   cache=_CHOICES):
     """
     Set ``model`` (a ``UNetModel``) to the faster layout for inputs of ``shape`` and return
-    it ("channels_last" or "contiguous"). Small models (under ``MIN_CHANNELS_LAST`` base
-    channels) and non-2-D ones stay contiguous without measuring. The measurement runs on
+    it ("channels_last" or "contiguous"). Channels-last is taken only when it is measurably
+    faster; where the measurement cannot tell the two apart, the model stays contiguous, the
+    layout everything else expects (a near tie went either way on an AMD EPYC, and the
+    benchmark against diffusers favoured contiguous there; docs/performance.md). Small models
+    (under ``MIN_CHANNELS_LAST`` base channels) and non-2-D ones stay contiguous without
+    measuring. The measurement runs on
     random inputs, leaves no gradients behind and restores the global RNG (dropout draws
     from it), so a run's random stream is the same whichever layout is chosen.
 
@@ -155,7 +171,7 @@ def choose_layout(model, shape, train=True, timesteps=1000, num_classes=None, re
             model.train(train)
             try:
                 fastest(dict.fromkeys(names, step), key, repeats or 3, cache=cache, prepare=switch,
-                        max_repeats=None if repeats else MAX_ROUNDS[bool(train)])
+                        max_repeats=None if repeats else MAX_ROUNDS[bool(train)], default="contiguous")
             finally:
                 model.train(was_training)
                 model.zero_grad(set_to_none=True)
