@@ -36,7 +36,7 @@ from unet.export import check_expressible, unet2d_config
 from unet.factory import config_from_iddpm_flags, create_diffusion_from_config, create_model
 from unet.jsonfile import write_json
 from unet.machine import cpu_name
-from unet.speed import LAYOUTS, apply_layout
+from unet.speed import LAYOUTS, MEASURED, apply_layout, describe_measurement, layout_key
 from unet.stats import paired_ratio_ci
 from unet.training import adamw
 
@@ -442,10 +442,15 @@ def run(preset_name, device="cpu", dtype="fp32", compile=False, warmup=2, repeat
             models[f"ours_{fixed}"] = copy.deepcopy(models["ours"]).set_channels_last(fixed == "channels_last")
 
     def choose(train):
-        return apply_layout(models["ours"].to(device), layout, batch["x"].shape, train, diffusion.num_timesteps,
-                            preset.num_classes if preset.class_cond else None,
-                            DTYPES[dtype] if dtype != "fp32" else None)
-    layouts = dict(setting=layout, train=choose(True))
+        autocast = DTYPES[dtype] if dtype != "fp32" else None
+        chosen = apply_layout(models["ours"].to(device), layout, batch["x"].shape, train, diffusion.num_timesteps,
+                              preset.num_classes if preset.class_cond else None, autocast)
+        measured = MEASURED.get(layout_key(models["ours"], batch["x"].shape, train, autocast)) if layout == "auto" else None
+        if measured:
+            layouts.setdefault("measured", {})["train" if train else "sample"] = measured
+        return chosen, describe_measurement(measured)
+    layouts = dict(setting=layout)
+    layouts["train"], how = choose(True)
     runners = {k: Runner(m, diffusion, batch, device, DTYPES[dtype], compile, optimizer=OPTIMIZERS["peer" if k == "peer" else "ours"])
                for k, m in models.items()}
     result = dict(
@@ -470,8 +475,8 @@ def run(preset_name, device="cpu", dtype="fp32", compile=False, warmup=2, repeat
     peak = result["matmul_peak_flops"] = matmul_peak(device, DTYPES[dtype])
     for kind in ("train", "sample"):
         if kind == "sample":
-            layouts["sample"] = choose(False)
-        log(f"  {kind}: ours {layouts[kind]}")
+            layouts["sample"], how = choose(False)
+        log(f"  {kind}: ours {layouts[kind]}" + (f" ({how})" if how else ""))
         times, opt_times = time_alternating(runners, kind, warmup, repeats, steps)
         r = result[kind] = summarize(times, result["flops"][kind], preset.batch_size, peak)
         if kind == "train":

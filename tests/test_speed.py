@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from unet.model import UNetModel
-from unet.speed import MIN_CHANNELS_LAST, apply_layout, choose_layout, fastest
+from unet.speed import (MEASURED, MIN_CHANNELS_LAST, apply_layout, choose_layout, describe_measurement,
+                        fastest, layout_key)
 
 
 class FakeClock:
@@ -129,6 +130,25 @@ def test_the_measurement_leaves_no_trace_but_the_layout(train):
     assert all(torch.equal(before[k], v) for k, v in m.state_dict().items())  # no update, standard layout out
 
 
+def test_fastest_records_what_it_measured():
+    clock, calls, record = FakeClock(), [], {}
+    candidates = {"a": costing(clock, 1.0, calls, "a"), "b": costing(clock, [1.0] + [1.9, 2.1] * 20, calls, "b")}
+    assert fastest(candidates, repeats=4, timer=clock, cache={}, record=record) == "a"
+    assert record["rounds"] == 4 and record["seconds"] == {"a": 1.0, "b": 2.0}
+    g, lo, hi = record["ratio_to_chosen"]["b"]
+    assert lo < g < hi and abs(g - (1.9 * 2.1) ** 0.5) < 1e-12  # the geometric mean of the per-round ratios
+    assert describe_measurement(record).startswith(f"b took {g:.3f}x [{lo:.3f}, {hi:.3f}] the time, 4 rounds")
+    assert describe_measurement({}) == ""
+
+
+def test_choose_layout_records_the_measurement():
+    m = model(64)
+    layout = choose_layout(m, (2, 3, 8, 8), train=False, timesteps=100, num_classes=3, repeats=2, cache={})
+    record = MEASURED[layout_key(m, (2, 3, 8, 8), False)]
+    assert record["rounds"] == 2 and set(record["seconds"]) == {"channels_last", "contiguous"}
+    assert list(record["ratio_to_chosen"]) == [{"channels_last": "contiguous", "contiguous": "channels_last"}[layout]]
+
+
 def test_the_choice_is_cached_per_shape_and_mode():
     m = model(64)
     cache = {}
@@ -165,7 +185,8 @@ def test_training_measures_the_layout_once_and_a_resume_keeps_the_checkpoints(tm
                       report_to="none", progress=False, checkpoint_every=2, diagnostics_every=0, eval_every=0,
                       sample_every=-1, warmup_steps=0)
     first = train(cfg, hooks=[record_layout])
-    assert "memory_format auto:" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "memory_format auto:" in out and " the time, " in out  # the measurement's ratio and rounds
     path = os.path.join(first["checkpoint"], "train_state.json")
     saved = json.load(open(path))["memory_format"]
     assert saved in ("channels_last", "contiguous") and seen == [saved == "channels_last"] * 2

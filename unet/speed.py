@@ -25,12 +25,13 @@ LAYOUTS = ("auto", "channels_last", "contiguous")
 MIN_CHANNELS_LAST = 64
 
 _CHOICES = {}  # (what was measured) -> the fastest candidate's name, for this process
+MEASURED = {}  # the same keys -> how the layout was measured (``fastest``'s record), for logs
 # Two candidates whose time ratio is known to lie within this of 1 are as good as each other.
 SAME_WITHIN = 1.03
 
 
 def fastest(candidates, key=None, repeats=3, timer=time.perf_counter, cache=_CHOICES, prepare=None,
-            max_repeats=None, default=None):
+            max_repeats=None, default=None, record=None):
     """
     The name of the fastest of ``candidates`` (name -> zero-argument callable running one
     step): one untimed call each, then ``repeats`` rounds in which every candidate runs once,
@@ -52,6 +53,9 @@ def fastest(candidates, key=None, repeats=3, timer=time.perf_counter, cache=_CHO
         (``_faster``): when the fastest median is another's but the interval of their
         per-round time ratio reaches 1, the measurement has not told them apart and a coin
         toss should not decide (None: the lowest median always wins).
+    :param record: a dict to fill with what was measured: ``rounds``, each candidate's median
+        ``seconds`` and its per-round time over the chosen one's (``ratio_to_chosen``:
+        geometric mean, 95% interval). Left empty when the answer comes from the cache.
     """
     if key is not None and key in cache:
         return cache[key]
@@ -75,6 +79,10 @@ def fastest(candidates, key=None, repeats=3, timer=time.perf_counter, cache=_CHO
     best = ranked()[0]
     if default in seconds and best != default and not _faster(seconds[best], seconds[default]):
         best = default
+    if record is not None:
+        record.update(rounds=len(seconds[best]), seconds={n: statistics.median(seconds[n]) for n in names},
+                      ratio_to_chosen={n: paired_ratio_ci([y / x for x, y in zip(seconds[best], seconds[n])])
+                                       for n in names if n != best})
     if key is not None:
         cache[key] = best
     return best
@@ -125,6 +133,14 @@ def _step(model, x, timesteps, y, train, autocast):
     return forward_backward if train else forward
 
 
+# The layout kept where the measurement cannot tell the two apart (a gap of a few percent on a
+# noisy machine): the one that won that mode on every machine measured so far. Sampling ran
+# faster channels-last on both an AVX-512 Intel Xeon and an AVX2 AMD EPYC; training went
+# channels-last on the one and contiguous on the other, so there the standard layout stays.
+# Left to the lower median, a near tie picked the layout that lost to diffusers by 5-7% more
+# in the same benchmark (docs/performance.md, item 8).
+PREFERRED = {True: "contiguous", False: "channels_last"}
+
 # The most measuring rounds (two steps each) for a training and for a sampling layout choice:
 # ~1.7 min of a 4.3 s cifar10 training step, ~1 min of its 1.2 s sampling forward, at worst.
 MAX_ROUNDS = {True: 12, False: 24}
@@ -134,14 +150,12 @@ def choose_layout(model, shape, train=True, timesteps=1000, num_classes=None, re
                   cache=_CHOICES):
     """
     Set ``model`` (a ``UNetModel``) to the faster layout for inputs of ``shape`` and return
-    it ("channels_last" or "contiguous"). Channels-last is taken only when it is measurably
-    faster; where the measurement cannot tell the two apart, the model stays contiguous, the
-    layout everything else expects (a near tie went either way on an AMD EPYC, and the
-    benchmark against diffusers favoured contiguous there; docs/performance.md). Small models
-    (under ``MIN_CHANNELS_LAST`` base channels) and non-2-D ones stay contiguous without
-    measuring. The measurement runs on
-    random inputs, leaves no gradients behind and restores the global RNG (dropout draws
-    from it), so a run's random stream is the same whichever layout is chosen.
+    it ("channels_last" or "contiguous"). Where the measurement cannot tell the two apart,
+    ``PREFERRED`` decides rather than whichever median came out lower. Small models (under
+    ``MIN_CHANNELS_LAST`` base channels) and non-2-D ones stay contiguous without measuring.
+    The measurement runs on random inputs, leaves no gradients behind and restores the global
+    RNG (dropout draws from it), so a run's random stream is the same whichever layout is
+    chosen; ``MEASURED[layout_key(...)]`` keeps what it measured.
 
     :param shape: the input batch's shape, (N, C, H, W).
     :param train: time forward + backward (True) or a forward pass without autograd.
@@ -167,16 +181,27 @@ def choose_layout(model, shape, train=True, timesteps=1000, num_classes=None, re
         names = ("channels_last", "contiguous")
         # Converting the weights is the switch, not the step: it is left out of the timing.
         switch = {name: (lambda on=(name == "channels_last"): model.set_channels_last(on)) for name in names}
+        MEASURED[key] = {}
         with torch.random.fork_rng(devices=[]):
             model.train(train)
             try:
                 fastest(dict.fromkeys(names, step), key, repeats or 3, cache=cache, prepare=switch,
-                        max_repeats=None if repeats else MAX_ROUNDS[bool(train)], default="contiguous")
+                        max_repeats=None if repeats else MAX_ROUNDS[bool(train)], default=PREFERRED[bool(train)],
+                        record=MEASURED[key])
             finally:
                 model.train(was_training)
                 model.zero_grad(set_to_none=True)
     model.set_channels_last(cache[key] == "channels_last")
     return cache[key]
+
+
+def describe_measurement(record):
+    """One line on a ``fastest`` record: "channels_last took 1.04x [1.01, 1.07] the time,
+    12 rounds" (empty for an empty record: the answer came from the cache or no measuring)."""
+    if not record:
+        return ""
+    others = [f"{n} took {g:.3f}x [{lo:.3f}, {hi:.3f}] the time" for n, (g, lo, hi) in record["ratio_to_chosen"].items()]
+    return f"{'; '.join(others)}, {record['rounds']} rounds"
 
 
 def apply_layout(model, layout, shape, train=True, timesteps=1000, num_classes=None, autocast=None):
