@@ -36,7 +36,7 @@ from unet.export import check_expressible, unet2d_config
 from unet.factory import config_from_iddpm_flags, create_diffusion_from_config, create_model
 from unet.jsonfile import write_json
 from unet.machine import cpu_name
-from unet.speed import LAYOUTS, MEASURED, apply_layout, describe_measurement, layout_key
+from unet.speed import LAYOUTS, MEASURED, apply_layout, describe_measurement, layout_key, wait_for
 from unet.stats import paired_ratio_ci
 from unet.training import adamw
 
@@ -222,8 +222,7 @@ class Runner:
             return self.fn(b["x"], self.diffusion.model_timesteps(b["t"]), **self.kwargs)
 
     def sync(self):
-        if self.device.type == "cuda":
-            torch.cuda.synchronize()
+        wait_for(self.device)
 
     def time_steps(self, kind, n):
         """Seconds per step and, for training, seconds of it in the optimizer step, both
@@ -280,15 +279,14 @@ def matmul_peak(device, dtype, n=None, reps=10):
     n = n or (8192 if cuda else 2048)
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)
-    sync = torch.cuda.synchronize if cuda else (lambda: None)
     for _ in range(2):
         a @ b
     best = float("inf")
     for _ in range(reps):
-        sync()
+        wait_for(device)
         start = time.perf_counter()
         a @ b
-        sync()
+        wait_for(device)
         best = min(best, time.perf_counter() - start)
     return 2 * n ** 3 / best
 

@@ -478,17 +478,15 @@ def train_worker(argv):
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    import torch
     from accelerate import PartialState
 
+    from unet.speed import wait_for
     from unet.training import train
 
-    cuda = torch.cuda.is_available()
     stamps, weights = [], {}
 
     def hook(step, row, model):
-        if cuda:
-            torch.cuda.synchronize()
+        wait_for(next(model.parameters()).device)  # the step's kernels, not only their launch
         stamps.append((step, time.perf_counter(), row["loss"]))
         if step == cfg.max_steps:
             weights["checksum"] = sum(float(t.detach().double().sum()) for t in model.state_dict().values())

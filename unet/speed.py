@@ -100,6 +100,15 @@ def _resolved(a, b):
     return lo > 1 or hi < 1 or (lo > 1 / SAME_WITHIN and hi < SAME_WITHIN)
 
 
+def wait_for(device):
+    """Block until ``device`` has run everything queued on it, so that a clock read next sees
+    the work and not only its launch. CPU ops run synchronously: nothing to wait for there
+    (and ``torch.accelerator.synchronize`` raises on a machine without an accelerator)."""
+    device = torch.device(device)
+    if device.type != "cpu":
+        torch.accelerator.synchronize(device)
+
+
 def layout_key(model, shape, train, autocast=None):
     """What a layout measurement depends on: the network's parameter shapes, the input shape,
     training or sampling, dtypes, device and the thread count."""
@@ -114,22 +123,17 @@ def _step(model, x, timesteps, y, train, autocast):
     def precision():
         return torch.autocast(x.device.type, dtype=autocast) if autocast else contextlib.nullcontext()
 
-    def wait():
-        # CUDA runs kernels asynchronously: without this the timer would see launch time only.
-        if x.device.type == "cuda":
-            torch.cuda.synchronize(x.device)
-
     def forward_backward():
         with precision():
             loss = model(x, timesteps, **kwargs).float().square().mean()
         loss.backward()
-        wait()
+        wait_for(x.device)
 
     @torch.no_grad()
     def forward():
         with precision():
             model(x, timesteps, **kwargs)
-        wait()
+        wait_for(x.device)
     return forward_backward if train else forward
 
 
