@@ -8,6 +8,7 @@ AVX2 AMD EPYC NCHW did; docs/performance.md).
 
 The one choice made here is the activation and conv-weight layout of a 2-D ``UNetModel``
 (``model.set_channels_last``); the outputs are the same either way up to float rounding.
+``wait_for`` is the clock's helper for asynchronous devices, shared with the benchmarks.
 """
 
 import contextlib
