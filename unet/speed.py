@@ -82,22 +82,26 @@ def fastest(candidates, key=None, repeats=3, timer=time.perf_counter, cache=_CHO
         best = default
     if record is not None:
         record.update(rounds=len(seconds[best]), seconds={n: statistics.median(seconds[n]) for n in names},
-                      ratio_to_chosen={n: paired_ratio_ci([y / x for x, y in zip(seconds[best], seconds[n])])
-                                       for n in names if n != best})
+                      ratio_to_chosen={n: _time_ratio(seconds[best], seconds[n]) for n in names if n != best})
     if key is not None:
         cache[key] = best
     return best
 
 
+def _time_ratio(a, b):
+    """Per-round times ``b`` over ``a`` (neighbours in time): geometric mean and 95% interval."""
+    return paired_ratio_ci([y / x for x, y in zip(a, b)])
+
+
 def _faster(a, b):
     """Whether per-round times ``a`` are measurably lower than ``b``: the 95% interval of the
     ratio b/a lies above 1 (never with fewer than 2 rounds)."""
-    return paired_ratio_ci([y / x for x, y in zip(a, b)])[1] > 1
+    return _time_ratio(a, b)[1] > 1
 
 
 def _resolved(a, b):
     """Whether per-round times ``a`` and ``b`` are told apart (see ``fastest``)."""
-    _, lo, hi = paired_ratio_ci([y / x for x, y in zip(a, b)])
+    _, lo, hi = _time_ratio(a, b)
     return lo > 1 or hi < 1 or (lo > 1 / SAME_WITHIN and hi < SAME_WITHIN)
 
 
