@@ -22,7 +22,7 @@ from unet.checkpoint import ema_from_flags, load_checkpoint
 from unet.images import image_grid, save_png
 from unet.sampling import (SCHEDULERS, check_guidance, check_seed, check_steps, generate, null_class_label,
                           real_class_count)
-from unet.speed import LAYOUTS, apply_layout
+from unet.speed import LAYOUTS, apply_layout, layout_report
 
 
 def build_parser():
@@ -128,7 +128,10 @@ def main(argv=None):
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
     model = loaded.model.to(accelerator.device)
     shape = (min(args.batch_size, args.num_samples), model.in_channels, loaded.image_size, loaded.image_size)
-    apply_layout(model, args.memory_format, shape, train=False, timesteps=trained_steps, num_classes=model.num_classes)
+    layout = apply_layout(model, args.memory_format, shape, train=False, timesteps=trained_steps,
+                          num_classes=model.num_classes)
+    if args.memory_format == "auto" and accelerator.is_main_process:
+        print(layout_report(model, layout, shape, train=False))
     images, y = generate(model, loaded.diffusion_kwargs, loaded.image_size, args.num_samples, args.scheduler, steps,
                          args.batch_size, args.seed, labels, accelerator, guidance_scale=args.guidance_scale,
                          null_label=null_label)

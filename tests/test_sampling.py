@@ -190,6 +190,15 @@ def test_sample_cli_writes_grid_npz_and_pngs(run_dir, tmp_path):
     assert (out / "grid.png").exists() and len(os.listdir(out / "images")) == 6
 
 
+def test_sample_cli_says_which_layout_auto_took(run_dir, tmp_path, capsys):
+    common = ["--checkpoint", str(run_dir), "--num_samples", "2", "--steps", "2", "--scheduler", "ddim"]
+    main([*common, "--out", str(tmp_path / "a")])
+    assert ("memory_format auto: contiguous for a sampling step at (2, 1, 8, 8) on this machine "
+            "(32 base channels, under 64: not measured)") in capsys.readouterr().out
+    main([*common, "--memory_format", "channels_last", "--out", str(tmp_path / "c")])
+    assert "memory_format" not in capsys.readouterr().out  # a fixed layout is what the user asked for
+
+
 def test_sample_cli_loads_ema_by_default(run_dir, tmp_path):
     """The hand-written EMA weights (all zero) differ from the raw ones, so the same seed
     gives other images; naming the EMA rate gives the default's."""

@@ -8,7 +8,7 @@ import torch
 
 from unet.model import UNetModel
 from unet.speed import (MEASURED, MIN_CHANNELS_LAST, apply_layout, choose_layout, describe_measurement,
-                        fastest, layout_key)
+                        fastest, layout_key, layout_report)
 
 
 class FakeClock:
@@ -147,6 +147,17 @@ def test_choose_layout_records_the_measurement():
     record = MEASURED[layout_key(m, (2, 3, 8, 8), False)]
     assert record["rounds"] == 2 and set(record["seconds"]) == {"channels_last", "contiguous"}
     assert list(record["ratio_to_chosen"]) == [{"channels_last": "contiguous", "contiguous": "channels_last"}[layout]]
+    line = layout_report(m, layout, (2, 3, 8, 8), train=False)
+    assert line == (f"memory_format auto: {layout} for a sampling step at (2, 3, 8, 8) on this machine "
+                    f"({describe_measurement(record)})")
+
+
+def test_the_layout_report_says_why_nothing_was_measured():
+    line = layout_report(model(32), "contiguous", [2, 3, 8, 8], train=True)
+    assert line == ("memory_format auto: contiguous for a training step at (2, 3, 8, 8) on this machine "
+                    "(32 base channels, under 64: not measured)")
+    # a layout answered from the cache, with no record of this process's own: said so, not left blank
+    assert layout_report(model(64), "contiguous", (5, 3, 8, 8)).endswith("(measured earlier)")
 
 
 def test_the_choice_is_cached_per_shape_and_mode():

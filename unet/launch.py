@@ -14,7 +14,7 @@ from accelerate.utils import DistributedType, broadcast_object_list
 
 from .config import ConfigError, check_batch_split
 from .checkpoint import saved_layout
-from .speed import MEASURED, apply_layout, choose_layout, describe_measurement, layout_key
+from .speed import apply_layout, choose_layout, layout_report
 from .tracking import TrackerError, prepare_tracker
 
 
@@ -103,8 +103,7 @@ def run_layout(cfg, model, accelerator, resume_path, log):
         measured = [choose_layout(model, shape, True, cfg.diffusion_steps, cfg.num_classes if cfg.class_cond else None,
                                   autocast=autocast)] if accelerator.is_main_process else [None]
         layout = broadcast_object_list(measured)[0]  # as it is with one process
-        how = describe_measurement(MEASURED.get(layout_key(model, shape, True, autocast))) if accelerator.is_main_process else ""
-        log(f"memory_format auto: {layout} for a training step at {shape} on this machine" + (f" ({how})" if how else ""))
+        log(layout_report(model, layout, shape, True, autocast))
     return apply_layout(model, layout, shape)
 
 

@@ -213,6 +213,17 @@ def describe_measurement(record):
     return f"{'; '.join(others)}, {record['rounds']} rounds"
 
 
+def layout_report(model, layout, shape, train=True, autocast=None):
+    """The one line a run prints about ``memory_format: auto``: the layout it took for which
+    step, and why (what this process measured, or that the model is too small to measure)."""
+    step = "training" if train else "sampling"
+    if model.dims != 2 or model.model_channels < MIN_CHANNELS_LAST:
+        why = f"{model.model_channels} base channels, under {MIN_CHANNELS_LAST}: not measured"
+    else:
+        why = describe_measurement(MEASURED.get(layout_key(model, shape, train, autocast))) or "measured earlier"
+    return f"memory_format auto: {layout} for a {step} step at {tuple(shape)} on this machine ({why})"
+
+
 def apply_layout(model, layout, shape, train=True, timesteps=1000, num_classes=None, autocast=None):
     """The ``memory_format`` setting: "auto" measures (``choose_layout``), the others are
     taken as given. Returns the layout in use."""
