@@ -5,9 +5,10 @@ classifier's accuracy on the requested labels, and the Frechet distance in its f
 against the held-out digits, beside the real-vs-real floor).
 
     python benchmarks/time_to_quality.py --budgets 2,4,8 --json ttq.json --output_dir outputs/ttq
-    python benchmarks/time_to_quality.py --budgets 2,4,8 --no_full --json ttq_lr2e-3.json \\
-        --output_dir outputs/ttq_lr2e-3 --lr 2e-3            # any training key, as train.py takes it
-    python benchmarks/time_to_quality.py plot ttq.json ttq_lr2e-3.json --out curve.png
+    python benchmarks/time_to_quality.py --budgets 2,4,8 --no_full --json ttq_lr1e-3.json \\
+        --output_dir outputs/ttq_lr1e-3 --lr 1e-3            # any training key, as train.py takes it
+    python benchmarks/time_to_quality.py plot ttq.json ttq_lr1e-3.json --out curve.png
+    python benchmarks/time_to_quality.py judge CKPT_A CKPT_B --judge_seeds 3,4,5,6 --json j.json   # judge again, paired
 
 How: one run, stopped at each budget by the ``max_minutes`` key and resumed from that stop's
 checkpoint with the next budget (``max_minutes`` counts the training loop's wall time over
@@ -67,20 +68,20 @@ def build_parser():
                                 "it does not know are training keys (--key value, as train.py takes them).")
     p.add_argument("--budgets", default="2,4,8", help="training minutes, comma-separated (default 2,4,8)")
     p.add_argument("--no_full", action="store_true", help="stop at the last budget (default: then train to max_steps)")
+    add_judge_args(p)
+    return p
+
+
+def add_judge_args(p):
     p.add_argument("--json", default=None, help="write the results here")
     p.add_argument("--judge_samples", type=int, default=500)
     p.add_argument("--judge_seeds", default="0,1,2", help="sampling seeds per checkpoint (their spread: judge noise)")
     p.add_argument("--judge_sampler", default="ddpm:100", help="SCHEDULER:STEPS (default ddpm:100, the training grid's)")
     p.add_argument("--judge_batch", type=int, default=250)
-    return p
 
 
-def parse_args(argv):
-    """(benchmark args, the run's TrainConfig); every check before any training."""
-    args, rest = build_parser().parse_known_args(argv)
-    args.budgets = sorted(parse_list(args.budgets, "--budgets", float))
-    if any(not 0 < b < 1e6 for b in args.budgets):
-        raise ValueError(f"--budgets must be minutes > 0, got {args.budgets}")
+def check_judge_args(args):
+    """Parse and check the judge's arguments (and that --json can be written) in place."""
     args.judge_seeds = parse_list(args.judge_seeds, "--judge_seeds", int)
     if any(s < 0 for s in args.judge_seeds):
         raise ValueError(f"--judge_seeds must be >= 0, got {args.judge_seeds}")
@@ -92,6 +93,15 @@ def parse_args(argv):
         from unet.evaluate import check_output_file
 
         check_output_file(args.json, "--json")
+
+
+def parse_args(argv):
+    """(benchmark args, the run's TrainConfig); every check before any training."""
+    args, rest = build_parser().parse_known_args(argv)
+    args.budgets = sorted(parse_list(args.budgets, "--budgets", float))
+    if any(not 0 < b < 1e6 for b in args.budgets):
+        raise ValueError(f"--budgets must be minutes > 0, got {args.budgets}")
+    check_judge_args(args)
     # Tracking and the progress bar do not change the model; off unless asked for. Every
     # checkpoint is kept, so that each stop's model can be judged again later.
     cfg = load_config(["--report_to", "none", "--progress", "false", "--keep_checkpoints", "1000", *rest])
@@ -174,6 +184,11 @@ def format_table(points):
     return "\n".join([head, *body])
 
 
+def judge_settings(args, cfg):
+    return dict(samples=args.judge_samples, seeds=args.judge_seeds, sampler=list(args.judge_sampler),
+                labels="0-9 in turn", weights=f"EMA {cfg.ema_rates[0]:g}", judge_seed=0)
+
+
 def measure(argv):
     args, cfg = parse_args(argv)
     import torch
@@ -183,10 +198,62 @@ def measure(argv):
     out = dict(machine=machine(), torch=torch.__version__, threads=torch.get_num_threads(),
                command="python benchmarks/time_to_quality.py " + " ".join(argv), config=cfg.to_dict(),
                budgets_minutes=args.budgets, full=not args.no_full,
-               judge=dict(samples=args.judge_samples, seeds=args.judge_seeds, sampler=list(args.judge_sampler),
-                          labels="0-9 in turn", weights=f"EMA {cfg.ema_rates[0]:g}", judge_seed=0),
+               judge=judge_settings(args, cfg),
                points=points, wall_seconds=time.perf_counter() - start)
     print(format_table(points))
+    if args.json:
+        write_json(args.json, out, indent=1)
+    return out
+
+
+def paired(rows, first, key):
+    """``rows`` minus ``first`` in ``key``, seed by seed (the same seed draws the same labels
+    and noise for both): the differences and their mean with its 95% t half-width."""
+    from unet.stats import t_interval
+
+    diffs = [r[key] - f[key] for r, f in zip(rows, first)]
+    mean, half = t_interval(diffs)
+    return dict(mean=mean, half_width=half, per_seed=diffs)
+
+
+def rejudge(argv):
+    """
+    Judge kept checkpoints (again), e.g. with more sampling seeds than a curve had: each
+    checkpoint's per-seed numbers, and each one's seed-paired difference from the first.
+
+        python benchmarks/time_to_quality.py judge CKPT_A CKPT_B --judge_seeds 0,1,2,3,4,5 --json F
+    """
+    p = argparse.ArgumentParser(prog="time_to_quality.py judge")
+    p.add_argument("checkpoints", nargs="+", help="checkpoint folders (or run output_dirs: their latest)")
+    add_judge_args(p)
+    args = p.parse_args(argv)
+    check_judge_args(args)
+    for c in args.checkpoints:
+        if not os.path.isdir(c):
+            raise ValueError(f"checkpoint not found: {c}")
+    import torch
+
+    from unet.checkpoint import load_checkpoint
+
+    start = time.perf_counter()
+    judged = []
+    for c in args.checkpoints:
+        rows = judge(c, args)
+        acc, fd = mean_sd([r["accuracy"] for r in rows]), mean_sd([r["fd"] for r in rows])
+        judged.append(dict(checkpoint=c, accuracy=acc[0], accuracy_sd=acc[1], fd=fd[0], fd_sd=fd[1], per_seed=rows))
+        print(f"{c}: accuracy {acc[0]:.4f} ± {acc[1]:.4f}, Frechet distance {fd[0]:.3f} ± {fd[1]:.3f} "
+              f"({len(rows)} seeds)")
+    first = judged[0]["per_seed"]
+    for j in judged[1:]:
+        j["minus_first"] = {k: paired(j["per_seed"], first, k) for k in ("accuracy", "fd")}
+        a, f = j["minus_first"]["accuracy"], j["minus_first"]["fd"]
+        print(f"{j['checkpoint']} minus {judged[0]['checkpoint']}, paired by seed: accuracy "
+              f"{a['mean']:+.4f} ± {a['half_width']:.4f}, Frechet distance {f['mean']:+.3f} ± {f['half_width']:.3f} "
+              "(95% t half-widths)")
+    out = dict(machine=machine(), torch=torch.__version__, threads=torch.get_num_threads(),
+               command="python benchmarks/time_to_quality.py judge " + " ".join(argv),
+               judge=judge_settings(args, load_checkpoint(args.checkpoints[0]).config), checkpoints=judged,
+               wall_seconds=time.perf_counter() - start)
     if args.json:
         write_json(args.json, out, indent=1)
     return out
@@ -209,7 +276,8 @@ def plot(argv):
         with open(path) as fh:
             d = json.load(fh)
         pts, cfg = d["points"], d["config"]
-        label = f"lr {cfg['lr']:g}, batch {cfg['batch_size']}, EMA {cfg['ema_rates'][0]:g}, {cfg['schedule_sampler']}"
+        label = (f"lr {cfg['lr']:g}, {cfg['max_steps']} steps, batch {cfg['batch_size']}, EMA {cfg['ema_rates'][0]:g}, "
+                 f"{cfg['schedule_sampler']}")
         x = [q["train_seconds"] / 60 for q in pts]
         ax_a.errorbar(x, [q["accuracy"] for q in pts], [q["accuracy_sd"] for q in pts], marker="o", capsize=3,
                       label=label)
@@ -229,6 +297,9 @@ def main(argv=None):
     try:
         if argv[:1] == ["plot"]:
             return plot(argv[1:])
+        if argv[:1] == ["judge"]:
+            rejudge(argv[1:])
+            return 0
         measure(argv)
     except (ConfigError, ValueError) as e:  # bad arguments; also a CheckpointError or DataError
         print(f"error: {e}", file=sys.stderr)

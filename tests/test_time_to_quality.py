@@ -203,6 +203,34 @@ def test_benchmark_models_are_a_straight_runs(curve, tmp_path):
         assert files_equal(d["points"][-1]["checkpoint"], straight["checkpoint"], name), name
 
 
+def test_judge_again_pairs_checkpoints_by_seed(curve):
+    """``judge`` re-judges kept checkpoints: a seed the curve used gives the curve's numbers
+    again (sampling is seeded), and the paired differences are the per-seed differences."""
+    d, _, tmp = curve
+    first, last = d["points"][0], d["points"][-1]
+    r = run_bench("judge", first["checkpoint"], last["checkpoint"], "--judge_samples", "20", "--judge_seeds", "1,2,3",
+                  "--judge_sampler", "ddpm:5", "--json", str(tmp / "judged.json"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    with open(tmp / "judged.json") as fh:
+        j = json.load(fh)
+    assert j["judge"]["seeds"] == [1, 2, 3] and j["command"].startswith("python benchmarks/time_to_quality.py judge ")
+    a, b = j["checkpoints"]
+    assert [s["seed"] for s in a["per_seed"]] == [1, 2, 3] and "minus_first" not in a
+    for mine, theirs in ((a, first), (b, last)):  # seed 1 again: the same samples, the same judgement
+        assert mine["per_seed"][0]["accuracy"] == theirs["per_seed"][1]["accuracy"]
+        assert mine["per_seed"][0]["fd"] == pytest.approx(theirs["per_seed"][1]["fd"], rel=1e-9)
+    diff = b["minus_first"]["accuracy"]
+    assert diff["per_seed"] == [y["accuracy"] - x["accuracy"] for x, y in zip(a["per_seed"], b["per_seed"])]
+    assert diff["mean"] == pytest.approx(sum(diff["per_seed"]) / 3, abs=1e-12) and diff["half_width"] >= 0
+    assert "minus" in r.stdout and "paired by seed" in r.stdout
+
+
+def test_judge_refuses_a_missing_checkpoint_before_judging(tmp_path):
+    r = run_bench("judge", str(tmp_path / "nowhere"), "--json", str(tmp_path / "j.json"))
+    assert r.returncode == 2 and r.stderr.startswith("error: checkpoint not found: ") and r.stderr.count("\n") == 1
+    assert not (tmp_path / "j.json").exists()
+
+
 def test_benchmark_plot_writes_a_png(curve):
     d, _, tmp = curve
     out = tmp / "curve.png"
