@@ -12,7 +12,8 @@ from cli_errors import refused
 from unet.config import TrainConfig
 from unet.diffusion import create_diffusion
 from unet.digit_quality import digit_judge, digit_quality, frechet_distance
-from unet.evaluate import bits_per_dim, fid_unavailable_reason, format_table, guidance_differences, main, summarize_seeds
+from unet.evaluate import (bits_per_dim, fid_unavailable_reason, format_table, guidance_differences, held_out_losses, main,
+                           summarize_seeds)
 from unet.model import UNetModel
 
 
@@ -68,11 +69,63 @@ def run_dir(tmp_path_factory):
     return root
 
 
-def test_bpd_cli(run_dir, capsys):
+@pytest.fixture(scope="module")
+def other_run_dir(tmp_path_factory):
+    """The run_dir model with other weights: something to compare it with."""
+    cfg = TrainConfig(diffusion_steps=10, num_res_blocks=1, init="standard", report_to="none")
+    torch.manual_seed(1)
+    root = tmp_path_factory.mktemp("other")
+    write_checkpoint(root, cfg, UNetModel(**cfg.model_kwargs()))
+    return root
+
+
+def mean_of(line):
+    return float(line.split(": ")[1].split()[0])
+
+
+def test_bpd_cli_compares_checkpoints_paired(run_dir, other_run_dir, capsys):
     main(["bpd", "--checkpoint", str(run_dir), "--num_images", "6", "--batch_size", "4"])
     line = capsys.readouterr().out.strip()
-    assert line.startswith("bits/dim on 6 held-out images: ")
-    assert float(line.split(": ")[1].split()[0]) > 0
+    assert line.startswith(f"bits/dim of {run_dir}: ") and line.endswith("(standard error over 6 held-out images)")
+    assert mean_of(line) > 0
+    main(["bpd", "--checkpoint", str(run_dir), "--checkpoint", str(other_run_dir), "--checkpoint", str(run_dir),
+          "--num_images", "6", "--batch_size", "4"])
+    a, b, again, b_minus_a, again_minus_a = capsys.readouterr().out.strip().splitlines()
+    assert a == line == again  # the same images and noise every time
+    assert b_minus_a.startswith(f"  {other_run_dir} minus {run_dir}: ") and "paired by held-out image" in b_minus_a
+    assert mean_of(b_minus_a) == pytest.approx(mean_of(b) - mean_of(a), abs=2e-4)  # printed to 4 decimals
+    assert again_minus_a.split(": ")[1].startswith("+0.0000 +- 0.0000")
+
+
+def test_held_out_losses_are_the_objective_on_seeded_draws():
+    cfg = TrainConfig(diffusion_steps=10, num_res_blocks=1, init="standard", report_to="none")
+    torch.manual_seed(0)
+    model = UNetModel(**cfg.model_kwargs()).eval()
+    diffusion = create_diffusion(**cfg.diffusion_kwargs())
+    x, y = torch.randn(6, 1, 8, 8).clamp(-1, 1), torch.arange(6)
+    got = held_out_losses(model, diffusion, x, y, draws=3, seed=5, batch_size=4)  # two batches per draw
+    assert set(got) == {"loss", "mse", "vb"} and all(v.shape == (3,) for v in got.values())
+    gen = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for d in range(3):  # the same draws, all six images in one batch
+            t = torch.randint(0, 10, (6,), generator=gen)
+            terms = diffusion.training_losses(model, x, t, {"y": y}, torch.randn(x.shape, generator=gen))
+            for k in got:
+                # float32 losses summed in another batching: rounding of a few ulps of the largest term
+                assert got[k][d] == pytest.approx(terms[k].double().mean().item(), rel=1e-5, abs=1e-7), (k, d)
+    np.testing.assert_allclose(got["loss"], got["mse"] + got["vb"], rtol=1e-6)
+
+
+def test_loss_cli_reports_each_term_paired_by_draw(run_dir, other_run_dir, capsys):
+    main(["loss", "--checkpoint", str(run_dir), "--checkpoint", str(other_run_dir), "--num_images", "6",
+          "--draws", "4"])
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert [ln.split(" of ")[0] for ln in lines[::3]] == ["held-out loss", "held-out mse", "held-out vb"]
+    assert all(ln.endswith("(standard error over 4 draws)") for ln in lines[::3] + lines[1::3])
+    assert all("paired by draw" in ln and ln.startswith(f"  {other_run_dir} minus {run_dir}: ") for ln in lines[2::3])
+    loss_a, loss_b = mean_of(lines[0]), mean_of(lines[1])
+    assert mean_of(lines[2]) == pytest.approx(loss_b - loss_a, abs=2e-4)
+    assert "--draws must be at least 2" in refused(main, ["loss", "--checkpoint", str(run_dir), "--draws", "1"], capsys)
 
 
 def test_quality_and_benchmark_cli(run_dir, tmp_path, capsys, digits):

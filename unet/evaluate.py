@@ -3,6 +3,7 @@ Evaluating a trained model: bits/dim on held-out data, sample quality on the dig
 for RGB data, and a benchmark of the samplers.
 
     python -m unet.evaluate bpd --checkpoint outputs/digits
+    python -m unet.evaluate loss --checkpoint outputs/run_a --checkpoint outputs/run_b   # paired by draw
     python -m unet.evaluate quality --samples samples/samples.npz
     python -m unet.evaluate fid --samples samples/samples.npz --ref path/to/real/images
     python -m unet.evaluate benchmark --checkpoint outputs/digits --num_samples 200
@@ -65,6 +66,50 @@ def bits_per_dim(model, diffusion, images, labels=None, batch_size=64, seed=0, a
         results = gather_object(results)
     results.sort()
     return np.array([r[1] for r in results])
+
+
+@torch.no_grad()
+def held_out_losses(model, diffusion, images, labels=None, draws=16, seed=0, batch_size=256):
+    """
+    The training objective on held-out images: ``draws`` passes over all of them, each with
+    its own t and noise per image from one seeded generator, so that every model evaluated
+    with the same ``seed`` sees the same (image, t, noise) triples and can be compared pass
+    by pass. The training loop's ``eval/loss`` is one such pass over a fixed 256-image batch
+    with the raw weights: noisier, since each image has one t.
+
+    :return: {term: [draws] numpy array of the pass's mean} for ``loss`` and, where the
+        objective has them, ``mse`` and ``vb``.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    device = next(model.parameters()).device
+    passes = {}
+    for _ in range(draws):
+        t = torch.randint(0, diffusion.num_timesteps, (len(images),), generator=gen)
+        noise = torch.randn(images.shape, generator=gen)
+        sums = {}
+        for i in range(0, len(images), batch_size):
+            sl = slice(i, i + batch_size)
+            kwargs = {} if labels is None or model.num_classes is None else {"y": labels[sl].to(device)}
+            terms = diffusion.training_losses(model, images[sl].to(device), t[sl].to(device), kwargs,
+                                              noise[sl].to(device))
+            for k, v in terms.items():
+                sums[k] = sums.get(k, 0.0) + v.double().sum().item()
+        for k, v in sums.items():
+            passes.setdefault(k, []).append(v / len(images))
+    return {k: np.array(v) for k, v in passes.items()}
+
+
+def paired_report(names, values, what, unit):
+    """Lines: each checkpoint's mean +- standard error, then each one's difference from the
+    first, paired by ``unit`` (same images, t and noise), with its 95% t half-width."""
+    lines = []
+    for name, v in zip(names, values):
+        sem = stats.sem(v) if len(v) > 1 else float("nan")
+        lines.append(f"{what} of {name}: {v.mean():.4f} +- {sem:.4f} (standard error over {len(v)} {unit})")
+    for name, v in zip(names[1:], values[1:]):
+        mean, half = t_interval(v - values[0])
+        lines.append(f"  {name} minus {names[0]}: {mean:+.4f} +- {half:.4f} (95% t half-width, paired by {unit[:-1]})")
+    return lines
 
 
 def held_out_data(cfg):
@@ -262,11 +307,10 @@ def build_parser():
     p = argparse.ArgumentParser(description="Evaluate a trained model or its samples.")
     sub = p.add_subparsers(dest="command", required=True)
     b = sub.add_parser("bpd", help="bits/dim on the held-out split")
-    b.add_argument("--checkpoint", required=True)
-    b.add_argument("--num_images", type=int, default=0, help="first N held-out images (0: all)")
-    b.add_argument("--batch_size", type=int, default=256)
-    b.add_argument("--raw", action="store_true")
-    b.add_argument("--seed", type=int, default=0)
+    held_out_args(b)
+    h = sub.add_parser("loss", help="the training loss (L_hybrid: mse + vb) on the held-out split, over many draws of t")
+    held_out_args(h)
+    h.add_argument("--draws", type=int, default=16, help="passes over the held-out images, each with new t and noise")
     q = sub.add_parser("quality", help="digit sample quality (classifier accuracy, Frechet distance)")
     q.add_argument("--samples", required=True, help="samples.npz written by sample.py")
     q.add_argument("--json", action="store_true")
@@ -290,22 +334,48 @@ def build_parser():
     return p
 
 
-def run_bpd(args):
-    if os.path.isfile(args.checkpoint):
-        raise ValueError("bpd needs a checkpoint of this package: its config names the held-out data")
+def held_out_args(p):
+    p.add_argument("--checkpoint", required=True, action="append",
+                   help="repeat to compare checkpoints: each against the first, paired (same images and noise)")
+    p.add_argument("--num_images", type=int, default=0, help="first N held-out images (0: all)")
+    p.add_argument("--batch_size", type=int, default=256)
+    p.add_argument("--raw", action="store_true")
+    p.add_argument("--seed", type=int, default=0)
+
+
+def load_held_out(args):
+    """Every checkpoint (checked before any is evaluated) and the first one's held-out split."""
+    for c in args.checkpoint:
+        if os.path.isfile(c):
+            raise ValueError(f"{c}: held-out measures need a checkpoint of this package (its config names the data)")
     check_seed(args.seed)
     if args.num_images < 0 or args.batch_size < 1:
         raise ValueError("--num_images must be >= 0 (0: all) and --batch_size >= 1")
-    loaded = load_checkpoint(args.checkpoint, ema=not args.raw)
-    images, labels = held_out_data(loaded.config)
+    loaded = [load_checkpoint(c, ema=not args.raw) for c in args.checkpoint]
+    images, labels = held_out_data(loaded[0].config)
     if args.num_images:
         images, labels = images[:args.num_images], labels[:args.num_images]
+    return loaded, images, labels
+
+
+def run_bpd(args):
+    loaded, images, labels = load_held_out(args)
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
-    bpd = bits_per_dim(loaded.model.to(accelerator.device), loaded.diffusion(timestep_respacing=""), images, labels,
-                       args.batch_size, args.seed, accelerator)
+    bpd = [bits_per_dim(m.model.to(accelerator.device), m.diffusion(timestep_respacing=""), images, labels,
+                        args.batch_size, args.seed, accelerator) for m in loaded]
     if accelerator.is_main_process:
-        sem = stats.sem(bpd) if len(bpd) > 1 else float("nan")
-        print(f"bits/dim on {len(bpd)} held-out images: {bpd.mean():.4f} +- {sem:.4f} (standard error)")
+        print("\n".join(paired_report(args.checkpoint, bpd, "bits/dim", "held-out images")))
+
+
+def run_loss(args):
+    if args.draws < 2:
+        raise ValueError(f"--draws must be at least 2 (the spread over draws is the error), got {args.draws}")
+    loaded, images, labels = load_held_out(args)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    terms = [held_out_losses(m.model.to(device), m.diffusion(timestep_respacing=""), images, labels, args.draws,
+                             args.seed, args.batch_size) for m in loaded]
+    for term in sorted(terms[0], key=lambda k: (k != "loss", k)):  # the objective first, then its parts
+        print("\n".join(paired_report(args.checkpoint, [t[term] for t in terms], f"held-out {term}", "draws")))
 
 
 def run_fid(args):
@@ -365,7 +435,7 @@ def run_quality(args):
     print(json.dumps(q) if args.json else format_quality(q))
 
 
-COMMANDS = dict(bpd=run_bpd, quality=run_quality, fid=run_fid, benchmark=run_benchmark, summary=run_summary)
+COMMANDS = dict(bpd=run_bpd, loss=run_loss, quality=run_quality, fid=run_fid, benchmark=run_benchmark, summary=run_summary)
 
 
 def main(argv=None):
