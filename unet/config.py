@@ -25,7 +25,7 @@ class TrainConfig:
 
     # --- run ---
     output_dir: str = "outputs/digits"
-    max_steps: int = 1500
+    max_steps: int = 2500
     max_minutes: float = 0.0  # stop after the first step ending past this many minutes of training; 0 = off
     batch_size: int = 64  # global: split over processes and accumulation steps
     grad_accum: int = 1
