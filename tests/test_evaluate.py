@@ -12,8 +12,8 @@ from cli_errors import refused
 from unet.config import TrainConfig
 from unet.diffusion import create_diffusion
 from unet.digit_quality import digit_judge, digit_quality, frechet_distance
-from unet.evaluate import (bits_per_dim, fid_unavailable_reason, format_table, guidance_differences, held_out_losses, main,
-                           summarize_seeds)
+from unet.evaluate import fid_unavailable_reason, format_table, guidance_differences, main, summarize_seeds
+from unet.held_out import bits_per_dim, held_out_losses
 from unet.model import UNetModel
 
 
