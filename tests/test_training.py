@@ -189,7 +189,7 @@ def test_default_command_shortened_logs_to_offline_wandb(tmp_path):
     assert [os.path.basename(p) for p in list_checkpoints(str(out))] == ["checkpoint_00000010",
                                                                           "checkpoint_00000020"]
     run = read_run(str(out / "wandb"))
-    assert run.config["lr"] == 2e-3 and run.config["init"] == "zero" and run.config["dataset"] == "digits"
+    assert run.config["lr"] == 1e-3 and run.config["init"] == "zero" and run.config["dataset"] == "digits"
     steps = [h for h in run.history if "train/loss" in h]
     assert [h["_step"] for h in steps] == [10, 20]
     last = steps[-1]

@@ -25,11 +25,11 @@ class TrainConfig:
 
     # --- run ---
     output_dir: str = "outputs/digits"
-    max_steps: int = 2500
+    max_steps: int = 3000
     max_minutes: float = 0.0  # stop after the first step ending past this many minutes of training; 0 = off
     batch_size: int = 64  # global: split over processes and accumulation steps
     grad_accum: int = 1
-    lr: float = 2e-3
+    lr: float = 1e-3
     weight_decay: float = 0.0
     warmup_steps: int = 100
     grad_clip: float = 1.0  # max global grad norm; 0 = no clipping (the norm is logged either way)
