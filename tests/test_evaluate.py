@@ -60,23 +60,24 @@ def test_bits_per_dim_does_not_depend_on_batching():
     assert np.abs(a - direct).max() < 0.2 * np.abs(direct).max()  # other noise draws, same bound
 
 
-@pytest.fixture(scope="module")
-def run_dir(tmp_path_factory):
+def small_run(tmp_path_factory, name, seed):
+    """A run folder holding one checkpoint of a small digits model initialised from ``seed``."""
     cfg = TrainConfig(diffusion_steps=10, num_res_blocks=1, init="standard", report_to="none")
-    torch.manual_seed(0)
-    root = tmp_path_factory.mktemp("run")
+    torch.manual_seed(seed)
+    root = tmp_path_factory.mktemp(name)
     write_checkpoint(root, cfg, UNetModel(**cfg.model_kwargs()))
     return root
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    return small_run(tmp_path_factory, "run", seed=0)
 
 
 @pytest.fixture(scope="module")
 def other_run_dir(tmp_path_factory):
     """The run_dir model with other weights: something to compare it with."""
-    cfg = TrainConfig(diffusion_steps=10, num_res_blocks=1, init="standard", report_to="none")
-    torch.manual_seed(1)
-    root = tmp_path_factory.mktemp("other")
-    write_checkpoint(root, cfg, UNetModel(**cfg.model_kwargs()))
-    return root
+    return small_run(tmp_path_factory, "other", seed=1)
 
 
 def mean_of(line):
