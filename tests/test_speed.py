@@ -156,6 +156,10 @@ def test_the_layout_report_says_why_nothing_was_measured():
     line = layout_report(model(32), "contiguous", [2, 3, 8, 8], train=True)
     assert line == ("memory_format auto: contiguous for a training step at (2, 3, 8, 8) on this machine "
                     "(32 base channels, under 64: not measured)")
+    one_d = UNetModel(in_channels=3, model_channels=64, out_channels=3, num_res_blocks=1, attention_resolutions=(),
+                      channel_mult=(1,), dims=1)
+    assert choose_layout(one_d, (2, 3, 8), cache={}) == "contiguous"
+    assert layout_report(one_d, "contiguous", (2, 3, 8)).endswith("(a 1-D model: not measured)")
     # a layout answered from the cache, with no record of this process's own: said so, not left blank
     assert layout_report(model(64), "contiguous", (5, 3, 8, 8)).endswith("(measured earlier)")
 

@@ -155,6 +155,15 @@ PREFERRED = {True: "contiguous", False: "channels_last"}
 MAX_ROUNDS = {True: 12, False: 24}
 
 
+def unmeasured_reason(model):
+    """Why ``choose_layout`` keeps ``model`` contiguous without timing it (None: it times it)."""
+    if model.dims != 2:
+        return f"a {model.dims}-D model"
+    if model.model_channels < MIN_CHANNELS_LAST:
+        return f"{model.model_channels} base channels, under {MIN_CHANNELS_LAST}"
+    return None
+
+
 def choose_layout(model, shape, train=True, timesteps=1000, num_classes=None, repeats=None, autocast=None,
                   cache=_CHOICES):
     """
@@ -175,7 +184,7 @@ def choose_layout(model, shape, train=True, timesteps=1000, num_classes=None, re
     :param num_classes: labels to draw for a class-conditional model.
     :param autocast: the mixed-precision dtype the model will run under (None: none).
     """
-    if model.dims != 2 or model.model_channels < MIN_CHANNELS_LAST:
+    if unmeasured_reason(model):
         model.set_channels_last(False)
         return "contiguous"
     key = layout_key(model, shape, train, autocast)
@@ -217,8 +226,9 @@ def layout_report(model, layout, shape, train=True, autocast=None):
     """The one line a run prints about ``memory_format: auto``: the layout it took for which
     step, and why (what this process measured, or that the model is too small to measure)."""
     step = "training" if train else "sampling"
-    if model.dims != 2 or model.model_channels < MIN_CHANNELS_LAST:
-        why = f"{model.model_channels} base channels, under {MIN_CHANNELS_LAST}: not measured"
+    skipped = unmeasured_reason(model)
+    if skipped:
+        why = f"{skipped}: not measured"
     else:
         why = describe_measurement(MEASURED.get(layout_key(model, shape, train, autocast))) or "measured earlier"
     return f"memory_format auto: {layout} for a {step} step at {tuple(shape)} on this machine ({why})"
