@@ -209,9 +209,9 @@ def measure(argv):
 def paired(rows, first, key):
     """``rows`` minus ``first`` in ``key``, seed by seed (the same seed draws the same labels
     and noise for both): the differences and their mean with its 95% t half-width."""
-    from unet.stats import t_interval
+    from unet.stats import paired_differences, t_interval
 
-    diffs = [r[key] - f[key] for r, f in zip(rows, first)]
+    diffs = paired_differences({r["seed"]: r[key] for r in rows}, {f["seed"]: f[key] for f in first})
     mean, half = t_interval(diffs)
     return dict(mean=mean, half_width=half, per_seed=diffs)
 

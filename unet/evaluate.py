@@ -281,9 +281,11 @@ def run_loss(args):
     if args.draws < 2:
         raise ValueError(f"--draws must be at least 2 (the spread over draws is the error), got {args.draws}")
     loaded, images, labels = load_held_out(args)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    terms = [held_out_losses(m.model.to(device), m.diffusion(timestep_respacing=""), images, labels, args.draws,
-                             args.seed, args.batch_size) for m in loaded]
+    accelerator = Accelerator(cpu=not torch.cuda.is_available())
+    if not accelerator.is_main_process:  # not split across processes: one of them measures it all
+        return
+    terms = [held_out_losses(m.model.to(accelerator.device), m.diffusion(timestep_respacing=""), images, labels,
+                             args.draws, args.seed, args.batch_size) for m in loaded]
     for term in sorted(terms[0], key=lambda k: (k != "loss", k)):  # the objective first, then its parts
         print("\n".join(paired_report(args.checkpoint, [t[term] for t in terms], f"held-out {term}", "draws")))
 

@@ -93,10 +93,9 @@ def paired_report(names, values, what, unit):
 
 def held_out_data(cfg):
     """The held-out split the training loop made for ``cfg`` as (images [-1, 1], labels)."""
-    from .data import load_image_data
+    from .data import fixed_batch, load_image_data
 
     data = load_image_data(cfg, log=lambda *_: None)
     if data.eval is None or len(data.eval) == 0:
         raise ValueError(f"dataset '{cfg.dataset}' has no held-out split (eval_fraction={cfg.eval_fraction})")
-    rows = [data.eval[i] for i in range(len(data.eval))]
-    return torch.stack([r["image"] for r in rows]), torch.tensor([r["label"] for r in rows])
+    return fixed_batch(data.eval, len(data.eval))
