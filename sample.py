@@ -5,7 +5,7 @@
     accelerate launch --multi_gpu --num_processes 2 sample.py ...   # each process samples its share
 
 Writes ``grid.png``, ``samples.npz`` and, with ``--png``, ``images/NNNNNN.png``. The
-sampling itself is ``unet.sampling.generate``; this file is the command line and the files.
+sampling itself is ``unet.sample.sampling.generate``; this file is the command line and the files.
 Bad input is one line on stderr and exit status 2, found before any sampling starts.
 """
 
@@ -15,20 +15,28 @@ import os
 import re
 
 import numpy as np
-import torch
-from accelerate import Accelerator
 
-from unet.checkpoint import ema_from_flags, load_checkpoint
-from unet.images import image_grid, save_png
-from unet.sampling import (SCHEDULERS, check_guidance, check_seed, check_steps, generate, null_class_label,
-                          real_class_count)
-from unet.speed import LAYOUTS, apply_layout, layout_report
+from unet.core.model import LAYOUTS, apply_layout
+from unet.sample.sampling import (
+    SCHEDULERS,
+    check_guidance,
+    check_seed,
+    check_steps,
+    generate,
+    null_class_label,
+    real_class_count,
+)
+from unet.train.checkpoint import ema_from_flags, load_checkpoint
+from unet.utils.devices import device_accelerator
+from unet.utils.images import image_grid, save_png
 
 
 def build_parser():
     p = argparse.ArgumentParser(description="Sample images from a trained model with a diffusers scheduler.")
     p.add_argument("--checkpoint", required=True, help="checkpoint dir, training output dir, or improved-diffusion .pt")
-    p.add_argument("--config", help="for a .pt checkpoint: YAML with improved-diffusion flags (or a '--flag value' string)")
+    p.add_argument(
+        "--config", help="for a .pt checkpoint: YAML with improved-diffusion flags (or a '--flag value' string)"
+    )
     p.add_argument("--num_samples", type=int, default=64)
     p.add_argument("--batch_size", type=int, default=64)
     p.add_argument("--scheduler", choices=SCHEDULERS, default="ddpm")
@@ -36,13 +44,17 @@ def build_parser():
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--class_labels", default=None, help="'3' or '0,1,2' (cycled); default: random")
-    p.add_argument("--guidance_scale", type=float, default=1.0,
-                   help="classifier-free guidance weight w >= 0 (1: none); needs a model trained with class_dropout_prob > 0")
+    p.add_argument(
+        "--guidance_scale",
+        type=float,
+        default=1.0,
+        help="classifier-free guidance weight w >= 0 (1: none); needs a model trained with class_dropout_prob > 0",
+    )
     p.add_argument("--raw", action="store_true", help="use the trained weights, not the EMA")
     p.add_argument("--ema_rate", type=float, default=None)
     p.add_argument("--png", action="store_true", help="also write one PNG per image")
     p.add_argument("--memory_format", choices=LAYOUTS, default="auto",
-                   help="the network's layout; auto: the faster of the two for this batch, measured first")
+                   help="the network's layout; auto: channels-last for 2-D models of 64+ base channels")
     return p
 
 
@@ -125,13 +137,11 @@ def main(argv=None):
     except (FileNotFoundError, ValueError) as e:
         parser.exit(2, f"error: {e}\n")  # one line, exit status 2 as for argparse's own errors
     # Without cpu=True accelerate ignores a multi-process CPU launch and runs each process alone.
-    accelerator = Accelerator(cpu=not torch.cuda.is_available())
+    accelerator = device_accelerator()
     model = loaded.model.to(accelerator.device)
-    shape = (min(args.batch_size, args.num_samples), model.in_channels, loaded.image_size, loaded.image_size)
-    layout = apply_layout(model, args.memory_format, shape, train=False, timesteps=trained_steps,
-                          num_classes=model.num_classes)
+    layout = apply_layout(model, args.memory_format, train=False)
     if args.memory_format == "auto" and accelerator.is_main_process:
-        print(layout_report(model, layout, shape, train=False))
+        print(f"memory_format auto: {layout} for sampling")
     images, y = generate(model, loaded.diffusion_kwargs, loaded.image_size, args.num_samples, args.scheduler, steps,
                          args.batch_size, args.seed, labels, accelerator, guidance_scale=args.guidance_scale,
                          null_label=null_label)

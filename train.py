@@ -11,7 +11,7 @@ loss, 75 stopped by SIGTERM/SIGUSR1 after writing a checkpoint (requeue with --r
 
 import sys
 
-from unet.config import ConfigError, help_text, load_config
+from unet.train.config import ConfigError, help_text, load_config
 
 
 def main(argv=None):
@@ -25,10 +25,10 @@ def main(argv=None):
         print(f"error: {e}", file=sys.stderr)
         return 2
     # Imported only now so that a bad flag is reported without loading torch.
-    from unet.checkpoint import CheckpointError
-    from unet.data import DataError
-    from unet.preemption import PREEMPTED_EXIT
-    from unet.training import TrainingError, train
+    from unet.train.checkpoint import CheckpointError
+    from unet.train.data import DataError
+    from unet.train.loop import TrainingError, train
+    from unet.train.preemption import PREEMPTED_EXIT
 
     try:
         summary = train(cfg, stop_signals=True)

@@ -31,14 +31,14 @@ from diffusers import UNet2DModel
 from torch.utils import flop_counter
 from torch.utils.flop_counter import FlopCounterMode
 
-from unet.config import TrainConfig
-from unet.export import check_expressible, unet2d_config
-from unet.factory import config_from_iddpm_flags, create_diffusion_from_config, create_model
-from unet.jsonfile import write_json
-from unet.machine import cpu_name
-from unet.speed import LAYOUTS, MEASURED, apply_layout, describe_measurement, layout_key, wait_for
-from unet.stats import paired_ratio_ci
-from unet.training import adamw
+from benchmarks.layout import LAYOUTS, MEASURED, apply_layout, describe_measurement, layout_key, wait_for
+from benchmarks.machine import cpu_name
+from unet.sample.export import check_expressible, unet2d_config
+from unet.train.config import TrainConfig
+from unet.train.factory import config_from_iddpm_flags, create_diffusion_from_config, create_model
+from unet.train.loop import adamw
+from unet.utils.jsonfile import write_json
+from unet.utils.stats import paired_ratio_ci
 
 
 def register_cpu_attention_flops():
@@ -85,7 +85,7 @@ def _tiny():
                        diffusion_steps=100, rescale_learned_sigmas=False, report_to="none")
 
 
-# Each preset is a TrainConfig; the benchmark builds from it through unet.factory, as training does.
+# Each preset is a TrainConfig; the benchmark builds from it through unet.train.factory, as training does.
 PRESETS = {
     "tiny": _tiny,
     "digits": TrainConfig,  # the default training config (configs/digits.yaml)
@@ -134,7 +134,7 @@ class PeerAdapter(nn.Module):
 
 def peer_kwargs(preset):
     """``UNet2DModel`` arguments for the preset's architecture, by the export's mapping
-    (``unet.export``; it refuses what diffusers cannot express)."""
+    (``unet.sample.export``; it refuses what diffusers cannot express)."""
     with torch.device("meta"):  # the structure alone: no memory, no init cost
         ours = create_model(preset)
     check_expressible(ours, preset.diffusion_kwargs())
@@ -423,7 +423,7 @@ def run(preset_name, device="cpu", dtype="fp32", compile=False, warmup=2, repeat
     :param flush_denormal: recorded only; ``main`` sets it before torch starts its threads.
     :param layout: our model's layout, as the ``memory_format`` config key takes it ("auto"
         measures, separately for training and sampling, as training and sample.py do).
-    :param regional_compile: ``torch.compile`` our ResBlocks (``unet.speed.compile_res_blocks``).
+    :param regional_compile: ``torch.compile`` our ResBlocks (``benchmarks.layout.compile_res_blocks``).
     :param ab_layouts: also time ours fixed channels-last and fixed contiguous in the same
         repeats (``variants`` in the JSON), so the layout choice can be checked.
     :param save: called with the figures so far (``complete`` false) after each measured part,
@@ -443,14 +443,20 @@ def run(preset_name, device="cpu", dtype="fp32", compile=False, warmup=2, repeat
         autocast = DTYPES[dtype] if dtype != "fp32" else None
         chosen = apply_layout(models["ours"].to(device), layout, batch["x"].shape, train, diffusion.num_timesteps,
                               preset.num_classes if preset.class_cond else None, autocast)
-        measured = MEASURED.get(layout_key(models["ours"], batch["x"].shape, train, autocast)) if layout == "auto" else None
+        measured = (
+            MEASURED.get(layout_key(models["ours"], batch["x"].shape, train, autocast)) if layout == "auto" else None
+        )
         if measured:
             layouts.setdefault("measured", {})["train" if train else "sample"] = measured
         return chosen, describe_measurement(measured)
     layouts = dict(setting=layout)
     layouts["train"], how = choose(True)
-    runners = {k: Runner(m, diffusion, batch, device, DTYPES[dtype], compile, optimizer=OPTIMIZERS["peer" if k == "peer" else "ours"])
-               for k, m in models.items()}
+    runners = {
+        k: Runner(
+            m, diffusion, batch, device, DTYPES[dtype], compile, optimizer=OPTIMIZERS["peer" if k == "peer" else "ours"]
+        )
+        for k, m in models.items()
+    }
     result = dict(
         preset=preset_name, config=describe(preset), device=device,
         device_name=torch.cuda.get_device_name() if device.startswith("cuda") else cpu_name(),

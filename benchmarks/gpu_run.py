@@ -24,7 +24,7 @@ The machine has no network: training reads a folder of synthetic 32x32 RGB PNG f
 here (``dataset: imagefolder``), and the JSON says so. Throughput does not depend on what the
 pixels show; the files are decoded like CIFAR-10's PNGs.
 
-Training runs go through ``train-worker`` below: ``unet.training.train`` exactly as
+Training runs go through ``train-worker`` below: ``unet.train.loop.train`` exactly as
 ``train.py`` calls it, plus a hook that times every optimizer step (after a CUDA synchronize)
 and, at the end, the peak memory and a checksum of the weights. The driver itself never
 imports torch (``machine-info`` runs in a subprocess), so it holds no GPU memory.
@@ -87,8 +87,11 @@ class _Parser(argparse.ArgumentParser):
 
 def build_parser():
     p = _Parser(
-        prog="benchmarks/gpu.sh", allow_abbrev=False, description="Benchmarks, a DDP smoke test and a CIFAR-10-config training run; "
-        "one JSON. Unset options take the --device's defaults (see docs/gpu.md).")
+        prog="benchmarks/gpu.sh",
+        allow_abbrev=False,
+        description="Benchmarks, a DDP smoke test and a CIFAR-10-config training run; "
+        "one JSON. Unset options take the --device's defaults (see docs/gpu.md).",
+    )
     p.add_argument("--out", required=True, help="the JSON file to write (its logs go to OUT.logs/)")
     p.add_argument("--device", default="cuda", choices=("cuda", "cpu"), help="cpu: a tiny dry run")
     p.add_argument("--parts", default=",".join(PARTS), help="comma-separated subset of: " + ", ".join(PARTS))
@@ -264,7 +267,7 @@ def last_line(text):
 
 
 def write_json(path, report):
-    from unet.jsonfile import write_json as write_whole  # torch-free
+    from unet.utils.jsonfile import write_json as write_whole  # torch-free
 
     write_whole(path, report, indent=1, allow_nan=True)
 
@@ -414,9 +417,14 @@ def machine_info_child():
 
     import torch
 
-    info = dict(torch=torch.__version__, cuda_runtime=torch.version.cuda,
-                cudnn=torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None,
-                cuda_available=torch.cuda.is_available(), gpu_count=torch.cuda.device_count(), threads=torch.get_num_threads())
+    info = dict(
+        torch=torch.__version__,
+        cuda_runtime=torch.version.cuda,
+        cudnn=torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None,
+        cuda_available=torch.cuda.is_available(),
+        gpu_count=torch.cuda.device_count(),
+        threads=torch.get_num_threads(),
+    )
     info["gpus"] = [dict(name=p.name, total_memory_bytes=p.total_memory, capability=f"{p.major}.{p.minor}",
                          multiprocessors=p.multi_processor_count)
                     for p in (torch.cuda.get_device_properties(i) for i in range(info["gpu_count"]))]
@@ -430,7 +438,7 @@ def machine_info_child():
 
 
 def machine_info():
-    from unet.machine import cpu_name  # torch-free, like everything this driver imports itself
+    from benchmarks.machine import cpu_name  # torch-free, like everything this driver imports itself
 
     info = dict(python=platform.python_version(), platform=platform.platform(), cpu=cpu_name(),
                 cpu_count=os.cpu_count())
@@ -465,13 +473,13 @@ def git_state():
 # --- the training worker (run by accelerate launch) -------------------------------------------
 
 def train_worker(argv):
-    """``unet.training.train`` as ``train.py`` runs it, timed: every rank writes its step times,
+    """``unet.train.loop.train`` as ``train.py`` runs it, timed: every rank writes its step times,
     losses, peak memory and a weights checksum to ``--result_file`` ('{rank}' filled in)."""
     p = argparse.ArgumentParser(prog="gpu_run.py train-worker")
     p.add_argument("--result_file", required=True)
     p.add_argument("--timed_from", type=int, default=0)
     own, rest = p.parse_known_args(argv)
-    from unet.config import ConfigError, load_config
+    from unet.train.config import ConfigError, load_config
 
     try:
         cfg = load_config(rest)
@@ -480,8 +488,8 @@ def train_worker(argv):
         return 2
     from accelerate import PartialState
 
-    from unet.speed import wait_for
-    from unet.training import train
+    from benchmarks.layout import wait_for
+    from unet.train.loop import train
 
     stamps, weights = [], {}
 

@@ -42,7 +42,7 @@ def count_ops(preset_name, dtype="fp32", batch_size=2):
     counts = {}
     for who, model in zip(("ours", "peer"), build_models(preset)):
         runner = Runner(model, diffusion, batch, "cpu", DTYPES[dtype], optimizer=OPTIMIZERS[who])
-        def train():  # as a training step starts: no gradients yet
+        def train(runner=runner):  # as a training step starts: no gradients yet
             runner.model.zero_grad(set_to_none=True)
             runner.forward_backward(runner.model)
         steps = {"train": train, "sample": runner.sample_step}

@@ -1,6 +1,6 @@
 """
 Time to quality: how good the default digits model is after 2, 4, 8 minutes of training and
-at the end of its full run, judged by the digit judge (``unet.digit_quality``: a real-digit
+at the end of its full run, judged by the digit judge (``unet.evaluation.judge``: a real-digit
 classifier's accuracy on the requested labels, and the Frechet distance in its features
 against the held-out digits, beside the real-vs-real floor).
 
@@ -32,9 +32,9 @@ import statistics
 import sys
 import time
 
-from unet.config import ConfigError, load_config
-from unet.jsonfile import write_json
-from unet.machine import cpu_name
+from benchmarks.machine import cpu_name
+from unet.train.config import ConfigError, load_config
+from unet.utils.jsonfile import write_json
 
 
 def machine():
@@ -54,7 +54,7 @@ def parse_list(text, flag, kind):
 
 def parse_sampler(text):
     """``"ddpm:100"`` -> ("ddpm", 100)."""
-    from unet.sampling import SCHEDULERS
+    from unet.sample.sampling import SCHEDULERS
 
     name, _, steps = text.partition(":")
     if name not in SCHEDULERS or not steps.isdigit() or int(steps) < 1:
@@ -76,7 +76,9 @@ def add_judge_args(p):
     p.add_argument("--json", default=None, help="write the results here")
     p.add_argument("--judge_samples", type=int, default=500)
     p.add_argument("--judge_seeds", default="0,1,2", help="sampling seeds per checkpoint (their spread: judge noise)")
-    p.add_argument("--judge_sampler", default="ddpm:100", help="SCHEDULER:STEPS (default ddpm:100, the training grid's)")
+    p.add_argument(
+        "--judge_sampler", default="ddpm:100", help="SCHEDULER:STEPS (default ddpm:100, the training grid's)"
+    )
     p.add_argument("--judge_batch", type=int, default=250)
 
 
@@ -90,7 +92,7 @@ def check_judge_args(args):
         raise ValueError("--judge_samples must be at least 2 (the Frechet distance fits a covariance) "
                          "and --judge_batch at least 1")
     if args.json:
-        from unet.evaluate import check_output_file
+        from evaluate import check_output_file
 
         check_output_file(args.json, "--json")
 
@@ -114,9 +116,9 @@ def parse_args(argv):
 
 def judge(checkpoint, args):
     """Digit quality of ``checkpoint``'s EMA samples, once per judge seed."""
-    from unet.checkpoint import load_checkpoint
-    from unet.digit_quality import digit_quality
-    from unet.sampling import generate
+    from unet.evaluation.judge import digit_quality
+    from unet.sample.sampling import generate
+    from unet.train.checkpoint import load_checkpoint
 
     loaded = load_checkpoint(checkpoint)  # the first EMA rate, as sample.py
     name, steps = args.judge_sampler
@@ -150,7 +152,7 @@ def point(budget, summary, rows):
 def run_curve(args, cfg, log=print):
     """Train segment by segment (one per budget, then to max_steps unless --no_full), judging
     each stop's checkpoint; returns the rows."""
-    from unet.training import TrainingError, train
+    from unet.train.loop import TrainingError, train
 
     stops = [*args.budgets, *([] if args.no_full else [None])]
     points, summary = [], None
@@ -209,7 +211,7 @@ def measure(argv):
 def paired(rows, first, key):
     """``rows`` minus ``first`` in ``key``, seed by seed (the same seed draws the same labels
     and noise for both): the differences and their mean with its 95% t half-width."""
-    from unet.stats import paired_differences, t_interval
+    from unet.utils.stats import paired_differences, t_interval
 
     diffs = paired_differences({r["seed"]: r[key] for r in rows}, {f["seed"]: f[key] for f in first})
     mean, half = t_interval(diffs)
@@ -233,7 +235,7 @@ def rejudge(argv):
             raise ValueError(f"checkpoint not found: {c}")
     import torch
 
-    from unet.checkpoint import load_checkpoint
+    from unet.train.checkpoint import load_checkpoint
 
     start = time.perf_counter()
     judged = []

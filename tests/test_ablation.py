@@ -12,12 +12,13 @@ import pytest
 import torch
 import yaml
 from PIL import Image
-
-from unet import ablation
-from unet.ablation import expand, init_model, load_ablation, main, run_ablation
-from unet.config import ConfigError
-from unet.diffusion import GaussianDiffusion
 from wandb_offline import read_run
+
+from ablation import main, parse_args
+from unet.ablation import runner as ablation
+from unet.ablation.runner import expand, init_model, load_ablation, run_ablation
+from unet.core.diffusion import GaussianDiffusion
+from unet.train.config import ConfigError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = {
@@ -94,19 +95,39 @@ def test_report_has_every_section_and_results_json_is_valid(tiny_ablation):
     (panel,) = results["summary"]["frontier"]["panels"]
     for arm in ("zero", "standard"):
         m = panel["arms"][arm]
-        assert m["max_stable_lr"] == 1e-3 and m["opt_lr"] == 1e-3 and m["diverged"] == {"0.001": [0, 2], "1000.0": [2, 2]}
+        assert (
+            m["max_stable_lr"] == 1e-3 and m["opt_lr"] == 1e-3 and m["diverged"] == {"0.001": [0, 2], "1000.0": [2, 2]}
+        )
         assert m["best_loss"][0] == pytest.approx(sum(r["measures"]["final_eval_loss"] for r in results["runs"]
                                                       if r["arm"] == arm and r["cell_id"] == "c00") / 2)
         assert m["sensitivity"][0] is not None
         assert r["cell_id"] in ("c00", "c01") and r["seed"] in (0, 1)
     report = open(os.path.join(out, "report.md")).read()
-    for heading in ("## The learning-rate frontier", "### Frontier measures per arm", "### Seed-paired comparisons",
-                    "### Early-training deficit", "## Conclusions", "### Definitions and sources", "## Per learning rate",
-                    "## Training loss", "## Gradient norm", "## Activation RMS by depth at init", "## Symmetry"):
+    for heading in (
+        "## The learning-rate frontier",
+        "### Frontier measures per arm",
+        "### Seed-paired comparisons",
+        "### Early-training deficit",
+        "## Conclusions",
+        "### Definitions and sources",
+        "## Per learning rate",
+        "## Training loss",
+        "## Gradient norm",
+        "## Activation RMS by depth at init",
+        "## Symmetry",
+    ):
         assert heading in report, heading
     assert report.index("lr_frontier.png") < report.index("### Frontier measures") < report.index("## Conclusions")
     assert "Wortsman et al. 2023" in report and "Holm" in report
-    for png in ("lr_frontier.png", "loss_curves.png", "loss_difference.png", "grad_norm.png", "update_ratio.png", "activation_rms_init.png", "symmetry.png"):
+    for png in (
+        "lr_frontier.png",
+        "loss_curves.png",
+        "loss_difference.png",
+        "grad_norm.png",
+        "update_ratio.png",
+        "activation_rms_init.png",
+        "symmetry.png",
+    ):
         assert f"]({png})" in report
         with Image.open(os.path.join(out, png)) as im:
             assert im.format == "PNG" and im.width > 300
@@ -116,7 +137,7 @@ def test_report_has_every_section_and_results_json_is_valid(tiny_ablation):
     assert (comp["a"], comp["b"], d["n"]) == ("zero", "standard", 2)
     covers = d["mean"] - d["ci"] <= 0 <= d["mean"] + d["ci"]
     assert (d["verdict"] == "indistinguishable") == covers
-    assert f"| lr=0.001 | zero vs standard |" in report and d["verdict"] in report
+    assert "| lr=0.001 | zero vs standard |" in report and d["verdict"] in report
     # save_models: false keeps each run's measures and logs, not its checkpoint
     assert os.path.isfile(os.path.join(out, "runs", "c00_zero_s0", "result.json"))
     assert not os.path.exists(os.path.join(out, "runs", "c00_zero_s0", "checkpoints"))
@@ -218,7 +239,7 @@ def test_running_again_continues_without_redoing_runs(tiny_ablation, monkeypatch
 def test_the_ablation_uses_trainings_divergence_rule(tmp_path, monkeypatch):
     """A run counts as diverged exactly when ``diagnostics.DivergenceMonitor`` says so: the
     ablation has no rule of its own."""
-    from unet import diagnostics
+    from unet.train import diagnostics
 
     calls, real = [], diagnostics.DivergenceMonitor.update
 
@@ -293,7 +314,7 @@ def test_init_model_is_the_model_training_starts_from(tmp_path):
     ab = load_ablation(write_grid(tmp_path / "g.yaml", {**TINY, "seeds": [3, 4], "base": {
         **TINY["base"], "report_to": "none", "warmup_steps": 5, "max_steps": 1}}))
     spec = expand(ab, str(tmp_path))[1]
-    from unet.training import train
+    from unet.train.loop import train
 
     seen = {}
     train(spec.cfg, hooks=(lambda step, rec, model: seen.update(model.state_dict()),))
@@ -314,8 +335,10 @@ def test_shipped_grids():
             arms.setdefault((r.cfg.norm, r.cfg.num_res_blocks), {}).setdefault(r.arm, set()).add(r.cfg.lr)
             assert (r.cfg.warmup_steps, r.cfg.grad_clip) == (0, 0.0)
         assert {k[0] for k in arms} == {"group", "none"} and len({k[1] for k in arms}) >= 2
-        for (norm, depth), by_arm in arms.items():
-            assert set(by_arm) == ({"zero", "standard"} if norm == "group" else {"zero", "standard", "kaiming", "fixup"})
+        for (norm, _depth), by_arm in arms.items():
+            assert set(by_arm) == (
+                {"zero", "standard"} if norm == "group" else {"zero", "standard", "kaiming", "fixup"}
+            )
             lrs = sorted(next(iter(by_arm.values())))
             assert all(v == set(lrs) for v in by_arm.values()) and len(lrs) >= 3
             ratios = [b / a for a, b in zip(lrs, lrs[1:])]
@@ -360,14 +383,15 @@ def test_command_line(tmp_path, capsys):
         assert err.startswith("error: ") and "\n" not in err and all(w in err for w in words), err
     assert not os.path.exists(tmp_path / "o")  # nothing started
     # training keys and ablation keys from the command line reach the grid
-    ab = load_ablation(grid, ablation.parse_args(["--seeds", "0,3", "--batch_size=16", "--save_models", "true"]))
+    ab = load_ablation(grid, parse_args(["--seeds", "0,3", "--batch_size=16", "--save_models", "true"]))
     assert ab.seeds == [0, 3] and ab.base["batch_size"] == 16 and ab.save_models is True
 
 
 def test_saved_run_from_before_a_new_config_key_still_counts(tmp_path):
     """A run saved before a TrainConfig key existed is kept (the key's default is the old
     behaviour); a saved run whose values differ is refused."""
-    from unet.ablation_store import load_result, write_json
+    from unet.ablation.store import load_result
+    from unet.utils.jsonfile import write_json
 
     spec = expand(load_ablation(write_grid(tmp_path / "g.yaml", TINY)), str(tmp_path / "out"))[0]
     os.makedirs(spec.cfg.output_dir)

@@ -5,8 +5,8 @@ import os
 
 import pytest
 
-from unet import ablation_store
-from unet.ablation_store import CLAIMS_ENV, drop_claims, owns_run, progress_words, spawn_workers
+from unet.ablation import store as ablation_store
+from unet.ablation.store import CLAIMS_ENV, drop_claims, owns_run, progress_words, spawn_workers
 
 
 def test_each_run_is_claimed_by_one_process(tmp_path, monkeypatch):

@@ -10,14 +10,16 @@ import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
 from benchmarks import bench
-from unet.export import to_diffusers_state_dict
-from unet.launch import cpu_compiler
-from unet.model import UNetModel
+from unet.core.model import UNetModel
+from unet.sample.export import to_diffusers_state_dict
+from unet.train.setup import cpu_compiler
 
 
 def test_cli_writes_every_figure(tmp_path):
     out = tmp_path / "bench.json"
-    bench.main(["--preset", "tiny", "--json", str(out), "--warmup", "0", "--repeats", "2", "--steps", "1", "--no_memory"])
+    bench.main(
+        ["--preset", "tiny", "--json", str(out), "--warmup", "0", "--repeats", "2", "--steps", "1", "--no_memory"]
+    )
     r = json.loads(out.read_text())
     assert r["params"]["ours"] == r["params"]["peer"] > 0
     # The same network does the same matmul and conv work, whoever wrote it.
@@ -40,8 +42,12 @@ def test_cli_writes_every_figure(tmp_path):
         # The network's share is the step minus the optimizer's, both measured.
         opt = r["train"]["optimizer_seconds_per_step"][who]
         assert all(0 < o < t for o, t in zip(opt, r["train"]["seconds_per_step"][who]))
-        assert net["seconds_per_step"][who] == pytest.approx([t - o for t, o in zip(r["train"]["seconds_per_step"][who], opt)])
-    assert net["paired_ratios"] == sorted(p / o for p, o in zip(net["seconds_per_step"]["peer"], net["seconds_per_step"]["ours"]))
+        assert net["seconds_per_step"][who] == pytest.approx(
+            [t - o for t, o in zip(r["train"]["seconds_per_step"][who], opt)]
+        )
+    assert net["paired_ratios"] == sorted(
+        p / o for p, o in zip(net["seconds_per_step"]["peer"], net["seconds_per_step"]["ours"])
+    )
     assert r["flush_denormal"] is True and r["complete"] is True
 
 

@@ -6,8 +6,8 @@ import torch
 from PIL import Image
 from sklearn.datasets import load_digits
 
-from unet.config import TrainConfig
-from unet.data import DataError, batch_indices, fixed_batch, load_image_data, train_loader
+from unet.train.config import TrainConfig
+from unet.train.data import DataError, batch_indices, fixed_batch, load_image_data, train_loader
 
 
 def test_digits_are_the_real_sklearn_digits():

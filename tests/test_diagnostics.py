@@ -5,10 +5,20 @@ import math
 import pytest
 import torch
 
-from unet.diagnostics import (DivergenceMonitor, SpikeDetector, UpdateRatioTracker, block_measures, block_stats,
-                              channel_distinctness, grad_norm, loss_by_quartile, snapshot, update_to_weight_ratio,
-                              zeroed_layer_distinctness)
-from unet.model import UNetModel
+from unet.core.model import UNetModel
+from unet.train.diagnostics import (
+    DivergenceMonitor,
+    SpikeDetector,
+    UpdateRatioTracker,
+    block_measures,
+    block_stats,
+    channel_distinctness,
+    grad_norm,
+    loss_by_quartile,
+    snapshot,
+    update_to_weight_ratio,
+    zeroed_layer_distinctness,
+)
 
 
 def model_for(init, norm="group"):

@@ -7,10 +7,19 @@ import numpy as np
 import pytest
 import torch
 
-from unet.diffusion import (GaussianDiffusion, LossType, ModelMeanType, ModelVarType, create_diffusion,
-                            discretized_gaussian_log_likelihood, get_named_beta_schedule, normal_kl, space_timesteps)
-from unet.model import UNetModel
-from unet.resample import LossSecondMomentResampler, create_named_schedule_sampler
+from unet.core.diffusion import (
+    GaussianDiffusion,
+    LossType,
+    ModelMeanType,
+    ModelVarType,
+    create_diffusion,
+    discretized_gaussian_log_likelihood,
+    get_named_beta_schedule,
+    normal_kl,
+    space_timesteps,
+)
+from unet.core.model import UNetModel
+from unet.core.resample import LossSecondMomentResampler, create_named_schedule_sampler
 
 
 def test_space_timesteps_forms():
@@ -66,7 +75,9 @@ def test_gaussian_helpers():
 
 def small_model(out_channels, num_classes=None):
     torch.manual_seed(0)
-    return UNetModel(3, 32, out_channels, 1, (2,), channel_mult=(1, 2), num_heads=2, num_classes=num_classes, init="standard")
+    return UNetModel(
+        3, 32, out_channels, 1, (2,), channel_mult=(1, 2), num_heads=2, num_classes=num_classes, init="standard"
+    )
 
 
 @pytest.mark.parametrize("kwargs,loss_type,keys", [
@@ -164,7 +175,9 @@ def test_learned_range_variance_spans_the_bounds():
     t = torch.tensor([10, 10])
     v = torch.stack([-torch.ones(3, 2, 2), torch.ones(3, 2, 2)])
     _, log_var = d.model_variance(v, t, v.shape)
-    assert log_var[0].flatten()[0].item() == pytest.approx(math.log(d._consts["posterior_variance"][10].item()), rel=1e-5)
+    assert log_var[0].flatten()[0].item() == pytest.approx(
+        math.log(d._consts["posterior_variance"][10].item()), rel=1e-5
+    )
     assert log_var[1].flatten()[0].item() == pytest.approx(math.log(d.betas[10]), rel=1e-5)
 
 
@@ -199,5 +212,9 @@ def test_loss_second_moment_sampler():
 
 def test_sampler_gathers_across_processes():
     s = LossSecondMomentResampler(2, history_per_term=1)
-    s.update_with_local_losses(torch.tensor([0]), torch.tensor([2.0]), gather=lambda v: torch.cat([v, v + 1 if v.dtype == torch.long else v * 3]))
+    s.update_with_local_losses(
+        torch.tensor([0]),
+        torch.tensor([2.0]),
+        gather=lambda v: torch.cat([v, v + 1 if v.dtype == torch.long else v * 3]),
+    )
     assert s.loss_counts.tolist() == [1, 1] and s.loss_history[:, 0].tolist() == [2.0, 6.0]

@@ -6,15 +6,17 @@ import json
 import numpy as np
 import pytest
 import torch
-
 from checkpoint_files import write_checkpoint
 from cli_errors import refused
-from unet.config import TrainConfig
-from unet.diffusion import create_diffusion
-from unet.digit_quality import digit_judge, digit_quality, frechet_distance
-from unet.evaluate import fid_unavailable_reason, format_table, guidance_differences, main, summarize_seeds
-from unet.held_out import bits_per_dim, held_out_losses
-from unet.model import UNetModel
+
+from evaluate import main
+from unet.core.diffusion import create_diffusion
+from unet.core.model import UNetModel
+from unet.evaluation.fid import fid_unavailable_reason
+from unet.evaluation.held_out import bits_per_dim, held_out_losses
+from unet.evaluation.judge import digit_judge, digit_quality, frechet_distance
+from unet.evaluation.samplers import format_table, guidance_differences, summarize_seeds
+from unet.train.config import TrainConfig
 
 
 def test_frechet_distance_matches_eigenvalue_formula():
@@ -220,11 +222,17 @@ def test_summary_reads_saved_rows_and_refuses_other_files(tmp_path, capsys):
     (tmp_path / "rows.json").write_text(json.dumps(rows))
     main(["summary", "--rows", str(tmp_path / "rows.json")])
     out = capsys.readouterr().out
-    assert "| ddpm | 10 | 3 | 1.0 | 1.31 ± 0.06 (1.00) |" in out and "| ddpm | 10 | 3 | +0.20 ± 0.00 | +0.000 ± 0.000 | 2 |" in out
+    assert (
+        "| ddpm | 10 | 3 | 1.0 | 1.31 ± 0.06 (1.00) |" in out
+        and "| ddpm | 10 | 3 | +0.20 ± 0.00 | +0.000 ± 0.000 | 2 |" in out
+    )
     (tmp_path / "bad.json").write_text("{}")
     assert refused(main, ["summary", "--rows", str(tmp_path / "bad.json")], capsys) == \
-        f"error: {tmp_path / 'bad.json'}: expected the JSON rows of 'unet.evaluate benchmark --json'"
-    assert refused(main, ["summary", "--rows", str(tmp_path / "none.json")], capsys) == f"error: {tmp_path / 'none.json'}: not found"
+        f"error: {tmp_path / 'bad.json'}: expected the JSON rows of 'evaluate.py benchmark --json'"
+    assert (
+        refused(main, ["summary", "--rows", str(tmp_path / "none.json")], capsys)
+        == f"error: {tmp_path / 'none.json'}: not found"
+    )
 
 
 def test_benchmark_over_seeds_keeps_every_seed_and_prints_the_summary(run_dir, tmp_path, capsys):
@@ -239,7 +247,9 @@ def test_benchmark_over_seeds_keeps_every_seed_and_prints_the_summary(run_dir, t
     main(["benchmark", "--checkpoint", str(run_dir), "--num_samples", "12", "--runs", "ddim:3", "--seed", "3",
           "--json", str(tmp_path / "three.json")])
     three = json.loads((tmp_path / "three.json").read_text())[0]
-    assert {k: three[k] for k in ("fd", "accuracy", "confidence")} == {k: rows[1][k] for k in ("fd", "accuracy", "confidence")}
+    assert {k: three[k] for k in ("fd", "accuracy", "confidence")} == {
+        k: rows[1][k] for k in ("fd", "accuracy", "confidence")
+    }
 
 
 @pytest.mark.parametrize("args,message", [
@@ -256,7 +266,9 @@ def test_benchmark_over_seeds_keeps_every_seed_and_prints_the_summary(run_dir, t
     (["--json", "{tmp}/missing/rows.json"], "does not exist"),
 ])
 def test_benchmark_refuses_bad_input_before_sampling(run_dir, tmp_path, capsys, monkeypatch, args, message):
-    monkeypatch.setattr("unet.evaluate.generate", lambda *a, **k: pytest.fail("sampled before checking the input"))
+    monkeypatch.setattr(
+        "unet.evaluation.samplers.generate", lambda *a, **k: pytest.fail("sampled before checking the input")
+    )
     argv = ["benchmark", "--checkpoint", str(run_dir), "--runs", "ddim:3", *[a.format(tmp=tmp_path) for a in args]]
     assert message in refused(main, argv, capsys)
 

@@ -12,16 +12,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from PIL import Image
-
 from checkpoint_files import write_checkpoint
 from cli_errors import refused
-from unet.config import TrainConfig
-from unet.diffusion import create_diffusion
-from unet.export import ExportError, export_scheduler, main, max_output_difference, to_unet2d
-from unet.model import UNetModel
-from unet.checkpoint import Loaded
-from unet.sampling import generate, sample_generators
+from PIL import Image
+
+from export import main
+from unet.core.diffusion import create_diffusion
+from unet.core.model import UNetModel
+from unet.sample.export import ExportError, export_scheduler, max_output_difference, to_unet2d
+from unet.sample.sampling import generate, sample_generators
+from unet.train.checkpoint import Loaded
+from unet.train.config import TrainConfig
 
 FIXTURE = Path(__file__).parent / "fixtures" / "iddpm_reference.pt"
 
@@ -31,8 +32,12 @@ def loaded(seed=0, image_size=16, steps=1000, **overrides):
               channel_mult=(1, 2, 2), num_classes=10, num_heads=2, use_scale_shift_norm=True, init="standard")
     kw.update(overrides)
     torch.manual_seed(seed)
-    return Loaded(UNetModel(**kw).eval(), kw, dict(steps=steps, learn_sigma=kw["out_channels"] == 2 * kw["in_channels"]),
-                  image_size)
+    return Loaded(
+        UNetModel(**kw).eval(),
+        kw,
+        dict(steps=steps, learn_sigma=kw["out_channels"] == 2 * kw["in_channels"]),
+        image_size,
+    )
 
 
 @pytest.mark.parametrize("overrides", [
@@ -252,4 +257,4 @@ def test_export_model_card_shows_measured_quality(tmp_path, capsys):
     (tmp_path / "bad.json").write_text("{}")
     message = refused(main, [str(tmp_path / "run"), str(tmp_path / "pipe2"), "--quality", str(tmp_path / "bad.json")],
                       capsys)
-    assert "expected the JSON rows of 'unet.evaluate benchmark --json'" in message
+    assert "expected the JSON rows of 'evaluate.py benchmark --json'" in message

@@ -5,9 +5,14 @@ import pytest
 import torch
 import yaml
 
-from unet.config import TrainConfig
-from unet.factory import (architecture_from_config, config_from_iddpm_flags, create_diffusion_from_config,
-                          create_model, parse_flag_string)
+from unet.train.config import TrainConfig
+from unet.train.factory import (
+    architecture_from_config,
+    config_from_iddpm_flags,
+    create_diffusion_from_config,
+    create_model,
+    parse_flag_string,
+)
 
 
 def test_model_and_diffusion_from_a_train_config():

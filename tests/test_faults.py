@@ -13,17 +13,17 @@ import textwrap
 import time
 
 import pytest
-
-from unet.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint
-from unet.training import train
-
 from test_training import ROOT, files_equal, subprocess_env, tiny
+
+from unet.train.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint
+from unet.train.loop import train
 
 DRIVER = textwrap.dedent("""
     import os, signal, sys
-    from unet import checkpoint as c, run_dir
-    from unet.config import TrainConfig
-    from unet.training import train
+    from unet.train import checkpoint as c
+    run_dir = c
+    from unet.train.config import TrainConfig
+    from unet.train.loop import train
 
     kind, step = os.environ.get("KILL_AT", "none:0").split(":")
     tag = f"checkpoint_{int(step):08d}"

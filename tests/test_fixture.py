@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from unet.diffusion import create_diffusion
-from unet.model import UNetModel
+from unet.core.diffusion import create_diffusion
+from unet.core.model import UNetModel
 
 FIXTURE = Path(__file__).parent / "fixtures" / "iddpm_reference.pt"
 

@@ -4,8 +4,21 @@ import math
 
 import pytest
 
-from unet.frontier import SweepRun, arm_measures, best, early_losses, frontier_summary, holm, judge, lr_sensitivity, \
-    max_stable_lr, max_trainable_lr, paired_test, seed_curves, sweep_runs
+from unet.ablation.summary import (
+    SweepRun,
+    arm_measures,
+    best,
+    early_losses,
+    frontier_summary,
+    holm,
+    judge,
+    lr_sensitivity,
+    max_stable_lr,
+    max_trainable_lr,
+    paired_test,
+    seed_curves,
+    sweep_runs,
+)
 
 LRS = [1e-4, 3e-4, 1e-3, 3e-3, 1e-2]
 PANEL = (("norm", "none"), ("num_res_blocks", 2))
@@ -99,10 +112,18 @@ def test_frontier_summary_known_frontier_and_holm_family():
     (panel,) = fs["panels"]
     z, st = panel["arms"]["zero"], panel["arms"]["standard"]
     assert (z["max_stable_lr"], st["max_stable_lr"]) == (3e-3, 1e-3)
-    assert z["by_lr"][1e-2] == {"mean": pytest.approx(float("nan"), nan_ok=True), "ci": pytest.approx(float("nan"), nan_ok=True),
-                                 "n": 0, "diverged": 5, "runs": 5}
+    assert z["by_lr"][1e-2] == {
+        "mean": pytest.approx(float("nan"), nan_ok=True),
+        "ci": pytest.approx(float("nan"), nan_ok=True),
+        "n": 0,
+        "diverged": 5,
+        "runs": 5,
+    }
     tests = {t["measure"]: t for t in panel["tests"]}
-    assert tests["log10_max_stable_lr"]["mean"] == pytest.approx(math.log10(3)) and tests["log10_max_stable_lr"]["p"] == 0.0
+    assert (
+        tests["log10_max_stable_lr"]["mean"] == pytest.approx(math.log10(3))
+        and tests["log10_max_stable_lr"]["p"] == 0.0
+    )
     assert tests["log10_max_stable_lr"]["verdict"] == "zero better"
     # every early loss equal (0.9): no evidence, and the family counts only tests with >= 2 pairs
     assert tests["loss_at_10"]["verdict"] == "no detectable difference" and tests["loss_at_10"]["lr"] == 3e-4

@@ -84,7 +84,7 @@ def test_dry_run_machine_and_data(dry):
 
 def test_dry_run_bench_figures(dry):
     from benchmarks.bench import PRESETS, count_params
-    from unet.factory import create_model
+    from unet.train.factory import create_model
 
     _, report = dry
     part = report["parts"]["bench/tiny/eager"]
@@ -103,8 +103,8 @@ def test_dry_run_bench_figures(dry):
 
 
 def test_dry_run_training_figures(dry):
-    from unet.config import TrainConfig
-    from unet.factory import create_model
+    from unet.train.config import TrainConfig
+    from unet.train.factory import create_model
 
     _, report = dry
     for name, procs, steps, timed_from in (("train", 1, 6, 2), ("ddp", 2, 3, 0)):

@@ -4,7 +4,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from unet.images import image_grid, save_png, to_uint8
+from unet.utils.images import image_grid, save_png, to_uint8
 
 
 def test_to_uint8_rounds_clamps_and_moves_channels_last():

@@ -3,9 +3,9 @@
 import pytest
 import torch
 
-from unet.diffusion import create_diffusion
-from unet.init import INIT_SCHEMES, apply_init, fixup_scale, zeroed_layers
-from unet.model import AttentionBlock, ResBlock, UNetModel
+from unet.core.diffusion import create_diffusion
+from unet.core.init import INIT_SCHEMES, apply_init, fixup_scale, zeroed_layers
+from unet.core.model import AttentionBlock, ResBlock, UNetModel
 
 
 def tiny(init="zero", norm="group", num_res_blocks=1, channel_mult=(1, 2), **kw):
@@ -17,7 +17,11 @@ def tiny(init="zero", norm="group", num_res_blocks=1, channel_mult=(1, 2), **kw)
 
 def batch(n=4, seed=1):
     g = torch.Generator().manual_seed(seed)
-    return torch.randn(n, 3, 16, 16, generator=g), torch.randint(0, 1000, (n,), generator=g), torch.randint(0, 10, (n,), generator=g)
+    return (
+        torch.randn(n, 3, 16, 16, generator=g),
+        torch.randint(0, 1000, (n,), generator=g),
+        torch.randint(0, 10, (n,), generator=g),
+    )
 
 
 def record_blocks(model, x, t, y):
@@ -172,7 +176,8 @@ def rms_by_block(model):
 def test_fixup_keeps_activation_rms_flat_where_kaiming_grows():
     fixup = rms_by_block(tiny("fixup", norm="none", num_res_blocks=2, channel_mult=(1, 2, 2)))
     kaiming = rms_by_block(tiny("kaiming", norm="none", num_res_blocks=2, channel_mult=(1, 2, 2)))
-    msg = f"ResBlock output RMS, first to last\n fixup:   {[round(r, 2) for r in fixup]}\n kaiming: {[round(r, 2) for r in kaiming]}"
+    msg = (f"ResBlock output RMS, first to last\n fixup:   {[round(r, 2) for r in fixup]}\n"
+           f" kaiming: {[round(r, 2) for r in kaiming]}")
     assert max(fixup) / min(fixup) < 2, msg
     assert kaiming[-1] / kaiming[0] > 4, msg
 
@@ -191,12 +196,12 @@ def test_fixup_structure():
 
 
 def test_init_reads_the_structure_the_model_exposes():
-    """No import cycle: ``unet.init`` works from ``residual_blocks()``, ``branch_layers()`` and
+    """No import cycle: ``unet.core.init`` works from ``residual_blocks()``, ``branch_layers()`` and
     ``output_layer()`` alone, and importing it does not import the model."""
     import subprocess
     import sys
 
-    code = "import sys, unet.init; assert 'unet.model' not in sys.modules"
+    code = "import sys, unet.core.init; assert 'unet.core.model' not in sys.modules"
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0
     model = tiny()
     blocks = model.residual_blocks()

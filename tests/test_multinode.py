@@ -12,14 +12,13 @@ import textwrap
 import pytest
 import torch
 from accelerate.utils import load as accelerate_load
-from safetensors.torch import load_file, save_file
-
-from unet.checkpoint import latest_checkpoint
-from unet.data import mixed_seed
-from unet.training import train
-
 from adam_bounds import assert_adam_close, lrs_used
+from safetensors.torch import load_file, save_file
 from test_training import ROOT, files_equal, free_port, subprocess_env, tiny
+
+from unet.train.checkpoint import latest_checkpoint
+from unet.train.data import mixed_seed
+from unet.train.loop import train
 
 TESTS = os.path.dirname(os.path.abspath(__file__))
 INPUTS = ("x", "y", "t", "w", "noise", "flip", "drop")
@@ -29,8 +28,8 @@ WORKER = textwrap.dedent("""
     import sys
     sys.path.insert(0, sys.argv[1])
     from test_multinode import record_inputs, save_record
-    from unet.config import TrainConfig
-    from unet.training import train
+    from unet.train.config import TrainConfig
+    from unet.train.loop import train
     record = record_inputs()
     summary = train(TrainConfig.load(sys.argv[2]), hooks=[lambda step, row, model: record.update(model=model)])
     save_record(record, summary, sys.argv[3])
@@ -46,7 +45,7 @@ def record_inputs(patch=setattr):
         micro-batch (``INPUTS``: images and labels as loaded, then t, loss weights, noise,
         flips, label drops), ``rng[step]`` = the global RNG state (dropout's) as the step starts.
     """
-    import unet.training as tr
+    import unet.train.loop as tr
 
     record, real_step, real_fb = {"inputs": {}, "rng": {}}, tr.train_step, tr.forward_backward
 
@@ -134,7 +133,7 @@ def launch(machines, worker, cfg_file, out, cpu_threads=None):
 def finish(procs):
     """Wait for every launcher; each must exit 0. Returns their stdouts joined."""
     outs = [p.communicate(timeout=600) for p in procs]
-    for p, (out, err) in zip(procs, outs):
+    for p, (_out, err) in zip(procs, outs):
         assert p.returncode == 0, err[-3000:]
     return "".join(o for o, _ in outs)
 

@@ -13,18 +13,21 @@ import time
 
 import pytest
 import torch
-from safetensors.torch import load_file
-
-import train as train_script
-from unet import checkpoint as ckpt_mod
-from unet.checkpoint import CheckpointError, latest_checkpoint, list_checkpoints, load_checkpoint
-from unet.config import ConfigError
-from unet.preemption import PREEMPTED_EXIT
-from unet.resume import log_process_count_change
-from unet.training import train
-
 from test_bad_input import tree_digest
 from test_training import ROOT, files_equal, subprocess_env, tiny
+
+import train as train_script
+from unet.train import checkpoint as ckpt_mod
+from unet.train.checkpoint import (
+    CheckpointError,
+    latest_checkpoint,
+    list_checkpoints,
+    load_checkpoint,
+    log_process_count_change,
+)
+from unet.train.config import ConfigError
+from unet.train.loop import train
+from unet.train.preemption import PREEMPTED_EXIT
 
 
 def names(out):

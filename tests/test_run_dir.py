@@ -5,10 +5,17 @@ import os
 
 import pytest
 
-from unet import run_dir
-from unet.config import ConfigError, TrainConfig
-from unet.run_dir import (CheckpointError, clean_leftovers, latest_checkpoint, list_checkpoints, plan_start,
-                          publish, rotate)
+from unet.train import checkpoint as run_dir
+from unet.train.checkpoint import (
+    CheckpointError,
+    clean_leftovers,
+    latest_checkpoint,
+    list_checkpoints,
+    plan_start,
+    publish,
+    rotate,
+)
+from unet.train.config import ConfigError, TrainConfig
 
 
 def make(root, step, mtime=None, files=("model.safetensors", "config.yaml", "train_state.json"), name=None):

@@ -13,17 +13,23 @@ import numpy as np
 import pytest
 import torch
 import yaml
-
 from checkpoint_files import write_checkpoint
 from cli_errors import refused
-from unet.config import TrainConfig
-from unet.diffusion import create_diffusion
-from unet.model import UNetModel
 from diffusers import DDPMScheduler
 
 from sample import main
-from unet.checkpoint import load_checkpoint
-from unet.sampling import generate, make_scheduler, model_timesteps, sample_batch, sample_generators, scheduler_kwargs
+from unet.core.diffusion import create_diffusion
+from unet.core.model import UNetModel
+from unet.sample.sampling import (
+    generate,
+    make_scheduler,
+    model_timesteps,
+    sample_batch,
+    sample_generators,
+    scheduler_kwargs,
+)
+from unet.train.checkpoint import load_checkpoint
+from unet.train.config import TrainConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 FIXTURE = ROOT / "tests" / "fixtures" / "iddpm_reference.pt"
@@ -58,7 +64,11 @@ def test_diffusers_named_schedules_equal_the_cores(schedule, T):
     ddpm swaps in the core's float64 copy of the same schedule)."""
     core = create_diffusion(steps=T, noise_schedule=schedule)
     dk = dict(steps=T, noise_schedule=schedule)
-    for sched in (DDPMScheduler(**scheduler_kwargs(dk)), make_scheduler("ddim", dk), make_scheduler("dpm-solver++", dk)):
+    for sched in (
+        DDPMScheduler(**scheduler_kwargs(dk)),
+        make_scheduler("ddim", dk),
+        make_scheduler("dpm-solver++", dk),
+    ):
         np.testing.assert_allclose(sched.betas.double().numpy(), core.betas, rtol=1e-6, atol=1e-9)
         np.testing.assert_allclose(sched.alphas_cumprod.double().numpy(), core.alphas_cumprod, rtol=2e-5, atol=1e-7)
 
@@ -193,8 +203,7 @@ def test_sample_cli_writes_grid_npz_and_pngs(run_dir, tmp_path):
 def test_sample_cli_says_which_layout_auto_took(run_dir, tmp_path, capsys):
     common = ["--checkpoint", str(run_dir), "--num_samples", "2", "--steps", "2", "--scheduler", "ddim"]
     main([*common, "--out", str(tmp_path / "a")])
-    assert ("memory_format auto: contiguous for a sampling step at (2, 1, 8, 8) on this machine "
-            "(32 base channels, under 64: not measured)") in capsys.readouterr().out
+    assert "memory_format auto: contiguous for sampling" in capsys.readouterr().out  # 32 base channels
     main([*common, "--memory_format", "channels_last", "--out", str(tmp_path / "c")])
     assert "memory_format" not in capsys.readouterr().out  # a fixed layout is what the user asked for
 
@@ -241,14 +250,36 @@ def test_improved_diffusion_pt_loads_from_its_flags(tmp_path, capsys):
         out = loaded.model(i["x_start"], i["t"].float() * (1000.0 / dk["steps"]), y=i["y"])
     torch.testing.assert_close(out, d["expected"]["model_out"], atol=1e-5, rtol=1e-5)
     # and sample.py takes it, with the flags as a string too
-    main(["--checkpoint", str(tmp_path / "ema_0.9999_000010.pt"), "--config", " ".join(f"--{k} {v}" for k, v in flags.items()),
-          "--num_samples", "2", "--steps", "2", "--out", str(tmp_path / "o")])
+    main(
+        [
+            "--checkpoint",
+            str(tmp_path / "ema_0.9999_000010.pt"),
+            "--config",
+            " ".join(f"--{k} {v}" for k, v in flags.items()),
+            "--num_samples",
+            "2",
+            "--steps",
+            "2",
+            "--out",
+            str(tmp_path / "o"),
+        ]
+    )
     assert np.load(tmp_path / "o" / "samples.npz")["arr_0"].shape == (2, 16, 16, 3)
     # wrong architecture: one line naming the mismatch
     bad = {**flags, "num_channels": 64}
     (tmp_path / "bad.yaml").write_text(yaml.safe_dump(bad))
-    message = refused(main, ["--checkpoint", str(tmp_path / "ema_0.9999_000010.pt"), "--config", str(tmp_path / "bad.yaml"),
-                             "--out", str(tmp_path / "b")], capsys)
+    message = refused(
+        main,
+        [
+            "--checkpoint",
+            str(tmp_path / "ema_0.9999_000010.pt"),
+            "--config",
+            str(tmp_path / "bad.yaml"),
+            "--out",
+            str(tmp_path / "b"),
+        ],
+        capsys,
+    )
     assert re.match(r"^error: checkpoint .* does not match the model config: .*wrong shape", message)
 
 

@@ -5,7 +5,15 @@ import math
 import numpy as np
 import pytest
 
-from unet.stats import column_band, finite, fisher_p, paired_differences, paired_ratio_ci, running_mean, t_interval
+from unet.utils.stats import (
+    column_band,
+    finite,
+    fisher_p,
+    paired_differences,
+    paired_ratio_ci,
+    running_mean,
+    t_interval,
+)
 
 
 def test_t_interval_on_known_numbers():

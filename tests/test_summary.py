@@ -5,9 +5,9 @@ import math
 
 import pytest
 
-from unet.report import divergence_words, spike_words
-from unet.stats import paired_differences
-from unet.summary import MEASURES, divergence_rule, mean_ci, steps_to_threshold, summarize, verdict
+from unet.ablation.report import divergence_words, spike_words
+from unet.ablation.summary import MEASURES, divergence_rule, mean_ci, steps_to_threshold, summarize, verdict
+from unet.utils.stats import paired_differences
 
 
 def test_t_interval_on_known_numbers():
@@ -74,7 +74,9 @@ def test_summary_of_hand_made_results():
     assert (arms["standard"]["diverged"], arms["standard"]["diverged_at"]) == (3, [3, 3, 3])
     assert arms["standard"]["final_eval_loss"]["n"] == 0
     comp = lr["comparisons"][0]
-    assert comp["diverged"]["p"] == pytest.approx(0.1) and comp["final_eval_loss"]["verdict"] == "too few runs to compare"
+    assert (
+        comp["diverged"]["p"] == pytest.approx(0.1) and comp["final_eval_loss"]["verdict"] == "too few runs to compare"
+    )
 
 
 def test_conclusions_follow_the_numbers():
@@ -113,7 +115,10 @@ def sweep_results(zero_stable, standard_stable, seeds=5):
     finishes every lr up to index ``*_stable`` (same final losses) and diverges above it."""
     lrs, runs = [1e-3, 3e-3, 1e-2, 3e-2], []
     for norm in ("none", "group"):
-        for arm, top in (("zero", zero_stable if norm == "none" else 3), ("standard", standard_stable if norm == "none" else 3)):
+        for arm, top in (
+            ("zero", zero_stable if norm == "none" else 3),
+            ("standard", standard_stable if norm == "none" else 3),
+        ):
             for s in range(seeds):
                 for i, lr in enumerate(lrs):
                     ok = i <= top

@@ -13,15 +13,14 @@ import time
 
 import pytest
 import torch
+from test_training import ROOT, files_equal, subprocess_env, tiny
 
 import train as train_script
-from unet.checkpoint import list_checkpoints
-from unet.config import TrainConfig, load_config
-from unet.diagnostics import DivergenceMonitor
-from unet.train_state import StepRecord, TrainState, should_stop
-from unet.training import train
-
-from test_training import ROOT, files_equal, subprocess_env, tiny
+from unet.train.checkpoint import list_checkpoints
+from unet.train.config import TrainConfig, load_config
+from unet.train.diagnostics import DivergenceMonitor
+from unet.train.loop import train
+from unet.train.state import StepRecord, TrainState, should_stop
 
 BENCH = os.path.join(ROOT, "benchmarks", "time_to_quality.py")
 

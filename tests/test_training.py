@@ -11,16 +11,15 @@ import textwrap
 
 import pytest
 import torch
+from adam_bounds import assert_adam_close, float32_update_rounding, lrs_used
 from safetensors.torch import load_file
+from wandb_offline import read_run
 
 import train as train_script
-from unet import checkpoint as ckpt_mod
-from unet.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint
-from unet.config import TrainConfig
-from unet.training import TrainingError, train
-
-from adam_bounds import assert_adam_close, float32_update_rounding, lrs_used
-from wandb_offline import read_run
+from unet.train import checkpoint as ckpt_mod
+from unet.train.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint
+from unet.train.config import TrainConfig
+from unet.train.loop import TrainingError, train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -89,9 +88,9 @@ def test_load_checkpoint_reads_ema_and_never_unpickles(straight, monkeypatch, tm
 
 KILLER = textwrap.dedent("""
     import os, signal, sys
-    import unet.checkpoint as c
-    from unet.config import TrainConfig
-    from unet.training import train
+    import unet.train.checkpoint as c
+    from unet.train.config import TrainConfig
+    from unet.train.loop import train
     real = c.publish
     def publish(tmp, final):  # die while the step-4 checkpoint is still a temporary folder
         if final.endswith("checkpoint_00000004"):
@@ -139,7 +138,7 @@ class NaNAfter:
 
 
 def nan_diffusion(monkeypatch, bad):
-    import unet.training as tr
+    import unet.train.loop as tr
 
     real = tr.create_diffusion_from_config
     monkeypatch.setattr(tr, "create_diffusion_from_config", lambda *a, **kw: NaNAfter(real(*a, **kw), bad))
@@ -208,8 +207,8 @@ DDP_WORKER = textwrap.dedent("""
     import json, sys
     from accelerate import PartialState
     from safetensors.torch import save_file
-    from unet.config import load_config
-    from unet.training import train
+    from unet.train.config import load_config
+    from unet.train.loop import train
     cfg = load_config(sys.argv[1:])
     import torch
     seen = {}
@@ -248,7 +247,7 @@ def test_two_process_ddp_matches_one_process(tmp_path):
     steps = [h["_step"] for h in read_run(str(out / "wandb")).history if "train/loss" in h]
     assert steps == [2, 4]  # logged once, by the main process
     # Gradients averaged over 2 x 4 images equal one process's over the same 8 images.
-    from unet.config import load_config
+    from unet.train.config import load_config
 
     single = train(load_config([*args, "--output_dir", str(tmp_path / "one"), "--report_to", "none"]))
     one = load_file(os.path.join(single["checkpoint"], "model.safetensors"))
@@ -271,8 +270,8 @@ def test_grad_accumulation_matches_one_big_batch(tmp_path):
 
 FINAL_EVAL_LOSS = textwrap.dedent("""
     import json, sys
-    from unet.config import TrainConfig
-    from unet.training import train
+    from unet.train.config import TrainConfig
+    from unet.train.loop import train
     print(json.dumps(train(TrainConfig.load(sys.argv[1]))["final_eval_loss"]))
 """)
 
@@ -311,7 +310,7 @@ def test_bad_resume_and_corrupt_checkpoint_are_one_line_errors(straight, tmp_pat
 
 
 def test_training_optimizer_is_fused_adamw_with_the_same_update():
-    from unet.launch import adamw
+    from unet.train.setup import adamw
 
     torch.manual_seed(0)
     ref = torch.nn.Parameter(torch.randn(1000))

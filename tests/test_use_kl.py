@@ -3,8 +3,8 @@ whatever rescale_learned_sigmas says (issue 13)."""
 
 import pytest
 
-from unet.config import TrainConfig
-from unet.training import train
+from unet.train.config import TrainConfig
+from unet.train.loop import train
 
 T = 20
 

@@ -1,0 +1,134 @@
+"""
+The zero-init ablation: a grid of short training runs, then report.md, plots and results.json.
+
+    python ablation.py --config configs/ablation/digits.yaml --output_dir outputs/ablation_digits
+    python ablation.py --config configs/ablation/digits.yaml --output_dir DIR --processes 2
+    python ablation.py --output_dir DIR --report_only
+    python ablation.py --combine DIR1,DIR2 --output_dir DIR
+
+(``python -m unet.ablation ...`` is the same command.) Run it again with the same output_dir
+to continue an interrupted grid. Exit status: 0 done, 2 bad command line or grid file, 1 a
+data, training or checkpoint error.
+"""
+
+import argparse
+import difflib
+import os
+import sys
+
+from unet.ablation.grid import load_ablation
+from unet.ablation.runner import combine, report_only, run_ablation, wandb_group
+from unet.ablation.store import drop_claims, spawn_workers
+from unet.train.config import FIELDS, ConfigArgumentParser, ConfigError
+
+ABLATION_OPTIONS = {
+    "seeds": "N|a,b,c: a seed count or list (replaces the grid's seeds)",
+    "threshold": "X: the training loss that 'steps to threshold' waits for",
+    "smooth": "N: the running-mean window of the curves and of steps to threshold",
+    "group": "NAME: the wandb group (default: name and start time)",
+    "name": "NAME: names the report and the wandb group",
+    "save_models": "true|false: keep each run's final checkpoint",
+    "processes": "N: processes that split the runs (each with cores / N threads)",
+    "early_steps": "a,b,c: the steps of the early-training deficit",
+}
+
+
+def build_parser():
+    """The command line: the ablation's own options, then ``--KEY VALUE`` for every training
+    config key (applied to every run; values are parsed as the YAML's are)."""
+    p = ConfigArgumentParser(
+        prog="python -m unet.ablation",
+        add_help=False,
+        allow_abbrev=False,
+        argument_default=argparse.SUPPRESS,
+        usage="python -m unet.ablation --config configs/ablation/NAME.yaml --output_dir DIR [--key value ...]",
+        epilog="--KEY VALUE: any training config key not varied by the grid, for every run",
+    )
+    p.add_argument("-h", "--help", action="store_true", help="show this message and exit")
+    p.add_argument("--config", metavar="FILE", help="the grid (see configs/ablation/digits.yaml)")
+    p.add_argument("--output_dir", metavar="DIR", help="runs, results.json, report.md and plots; run again to continue")
+    p.add_argument("--report_only", action="store_true", help="rebuild report.md and plots from DIR/results.json")
+    p.add_argument("--combine", metavar="DIR1,DIR2", help="one report in DIR over finished ablations of the same "
+                   "grid with different seeds (their runs pooled)")
+    for key, text in ABLATION_OPTIONS.items():
+        metavar, _, what = text.partition(": ")
+        p.add_argument(f"--{key}", metavar=metavar, help=what)
+    for key in FIELDS:
+        if key not in ABLATION_OPTIONS and key != "output_dir":
+            p.add_argument(f"--{key}", help=argparse.SUPPRESS)
+    return p
+
+
+def parse_args(argv):
+    """{option: value} of the given options; a ConfigError (one line) for a bad command line."""
+    parser = build_parser()
+    opts, rest = parser.parse_known_args(argv)
+    if rest:
+        key = rest[0][2:].partition("=")[0]
+        if not rest[0].startswith("--"):
+            raise ConfigError(f"unexpected argument {rest[0]!r}; use --key value")
+        if key.replace("-", "_") in {*ABLATION_OPTIONS, *FIELDS}:
+            raise ConfigError(f"unknown option '--{key}': did you mean '--{key.replace('-', '_')}'?")
+        close = difflib.get_close_matches(key, [*ABLATION_OPTIONS, *FIELDS], n=1)
+        hint = f" (did you mean '--{close[0]}'?)" if close else ""
+        raise ConfigError(f"unknown option '--{key}'{hint}: use an ablation key ({', '.join(ABLATION_OPTIONS)}) "
+                          "or a training config key")
+    return vars(opts)
+
+
+def _run(ab, out_dir, argv):
+    """Run the ablation; errors a user can fix (data, config, checkpoint) are one line, exit 1."""
+    import datasets
+
+    from unet.train.data import DataError
+    from unet.train.loop import TrainingError
+
+    datasets.disable_progress_bars()
+    workers = []
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+        ab.group = wandb_group(ab, out_dir)  # one group for the runs of every process
+        workers = spawn_workers(
+            ab.processes, [sys.executable, os.path.abspath(__file__), *argv, "--group", ab.group], out_dir
+        )
+        run_ablation(ab, out_dir, command=" ".join(["python -m unet.ablation", *argv]), workers=workers)
+    except (ConfigError, DataError, TrainingError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    finally:
+        for w in workers:
+            if w.poll() is None:
+                w.terminate()  # a failed rank 0 leaves no orphans
+        if workers:
+            drop_claims()
+    return 0
+
+
+def main(argv=None):
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        opts = parse_args(argv)
+        if opts.pop("help", False):
+            print(build_parser().format_help())
+            return 0
+        out_dir = opts.pop("output_dir", None)
+        if not out_dir:
+            raise ConfigError("--output_dir DIR is required")
+        if opts.pop("report_only", False):
+            report_only(out_dir)
+            return 0
+        if "combine" in opts:
+            combine(out_dir, [d for d in opts.pop("combine").split(",") if d])
+            return 0
+        config = opts.pop("config", None)
+        if not config:
+            raise ConfigError("--config FILE is required (e.g. configs/ablation/digits.yaml)")
+        ab = load_ablation(config, opts)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return _run(ab, out_dir, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

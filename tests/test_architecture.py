@@ -1,0 +1,110 @@
+"""The house by role, as docs/architecture.md describes it: which subpackage may import which,
+the library never importing a command line, and a README whose commands exist as written."""
+
+import ast
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+# Lower layers first: a subpackage imports only the ones before it (and itself).
+LAYERS = ["utils", "core", "sample", "train", "evaluation", "ablation"]
+COMMAND_LINES = {"train", "sample", "evaluate", "export", "ablation", "benchmarks", "scripts"}
+CORE_THIRD_PARTY = {"torch", "numpy", "einops"}  # torch and its array helpers: no accelerate, diffusers, data
+
+
+def imports(path):
+    """(absolute module names imported, relative-import levels) of one file."""
+    tree = ast.parse(path.read_text())
+    names = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names += [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            names.append(node.module)
+        elif isinstance(node, ast.ImportFrom) and node.level > 1:
+            names.append("unet." + "(parent)")
+    return names
+
+
+def library_files():
+    return sorted((ROOT / "unet").rglob("*.py"))
+
+
+def test_subpackages_import_only_lower_layers():
+    bad = []
+    for path in library_files():
+        rel = path.relative_to(ROOT / "unet").parts
+        if len(rel) == 1:
+            continue  # the package's own __init__ and the one-line command aliases
+        layer = LAYERS.index(rel[0])
+        for name in imports(path):
+            if name.startswith("unet."):
+                target = name.split(".")[1]
+                if target == "(parent)" or target not in LAYERS or LAYERS.index(target) > layer:
+                    bad.append(f"{path.relative_to(ROOT)} imports {name}")
+    assert not bad, "\n".join(bad)
+
+
+def test_core_needs_torch_only():
+    stdlib = set(sys.stdlib_module_names)
+    for path in (ROOT / "unet" / "core").glob("*.py"):
+        for name in imports(path):
+            top = name.split(".")[0]
+            assert top in stdlib or top in CORE_THIRD_PARTY or top == "unet", f"{path.name} imports {name}"
+
+
+def test_the_library_never_imports_a_command_line():
+    for path in library_files():
+        for name in imports(path):
+            assert name.split(".")[0] not in COMMAND_LINES, f"{path.relative_to(ROOT)} imports {name}"
+
+
+def test_architecture_doc_names_every_module():
+    doc = (ROOT / "docs" / "architecture.md").read_text()
+    for path in library_files():
+        rel = path.relative_to(ROOT).as_posix()
+        if path.name != "__init__.py":
+            assert f"`{rel}`" in doc, f"docs/architecture.md does not mention {rel}"
+    assert " -> ".join(LAYERS) in doc  # the import order the test above enforces, written down
+
+
+def readme_commands():
+    text = (ROOT / "README.md").read_text()
+    blocks = re.findall(r"```bash\n(.*?)```", text, re.S)
+    lines = [line.split("#")[0].strip() for block in blocks for line in block.splitlines()]
+    return [line for line in lines if line]
+
+
+def test_readme_is_short():
+    assert len((ROOT / "README.md").read_text().splitlines()) <= 150
+
+
+@pytest.mark.parametrize("command", [c for c in readme_commands() if "python" in c or "accelerate" in c])
+def test_readme_commands_name_scripts_and_flags_that_exist(command):
+    # Each command's script answers --help, and every --flag the README gives it is one it takes.
+    for part in command.split("&&"):
+        words = part.split()
+        script = next((w for w in words if w.endswith(".py")), None)
+        if script is None:
+            continue  # pip, ruff, python -m pytest: the set-up and test commands CI itself runs
+        argv = [sys.executable, script]
+        if script == "evaluate.py":
+            argv.append(words[words.index(script) + 1])  # its subcommand
+        out = subprocess.run([*argv, "--help"], cwd=ROOT, capture_output=True, text=True, timeout=120,
+                             env={**os.environ, "WANDB_MODE": "offline"})
+        assert out.returncode == 0, out.stderr
+        after = part[part.index(script):]  # the launcher's own flags come before the script
+        for flag in re.findall(r"(?<!\S)--[a-z_]+", after):
+            assert flag in out.stdout, f"{script} --help does not list {flag}"
+
+
+def test_module_aliases_run_the_command_lines():
+    for alias in ("unet.evaluate", "unet.export", "unet.ablation"):
+        out = subprocess.run([sys.executable, "-m", alias, "--help"], cwd=ROOT, capture_output=True, text=True,
+                             timeout=120)
+        assert out.returncode == 0 and "usage" in out.stdout.lower(), (alias, out.stderr)

@@ -1,0 +1,375 @@
+"""
+The zero-init ablation: one command trains a grid of runs that differ only where the grid
+says (init scheme, norm, depth, learning rate, ...), S seeds each, and writes a report.
+
+    python -m unet.ablation --config configs/ablation/digits.yaml --output_dir DIR
+
+A *cell* is one combination of the grid's keys other than ``init``; its *arms* are the init
+schemes. Every run is a fresh ``unet.train.loop.train(cfg)``. Training draws data order,
+timesteps and noise from generators seeded by (seed, step), apart from the model's RNG, so
+with the same seed every arm of every cell sees the same batches, t and noise; the held-out
+loss is measured on one fixed batch with fixed t and noise, the same for every run.
+
+Each finished run leaves ``DIR/runs/<id>/result.json``; running the command again skips
+those, so an interrupted ablation continues where it stopped. Under
+``accelerate launch --num_processes N -m unet.ablation ...`` each process takes every N-th
+run on its own GPU (the runs are independent, not data-parallel) and process 0 writes the
+report once every run is done.
+"""
+
+import json
+import math
+import os
+import shutil
+import statistics
+import time
+from dataclasses import asdict, replace
+
+import yaml
+
+from unet.train.config import FIELDS, ConfigError
+from unet.utils.devices import cpu_cores
+from unet.utils.jsonfile import clean_json, write_json
+from unet.utils.stats import finite
+
+from .grid import SYMMETRY_ARMS, Ablation, RunSpec, cell_label, expand, load_ablation, symmetry_config  # noqa: F401
+from .report import write_report
+from .store import (
+    claim_process,
+    finished_runs,
+    fresh_run_dir,
+    load_result,
+    owns_run,
+    progress_words,
+)
+from .summary import steps_to_threshold
+
+
+def init_model(cfg):
+    """The model exactly as ``train(cfg)`` initialises it (seeded, then built): the weights
+    before the first update."""
+    from accelerate.utils import set_seed
+
+    from unet.train.factory import create_model
+
+    set_seed(cfg.seed)
+    return create_model(cfg)
+
+
+def run_one(spec, threshold, smooth=10, early_steps=(10, 50, 100)):
+    """
+    Train one run and reduce it to the ablation's measures. Training stops a diverging run
+    itself (``diagnostics.DivergenceMonitor`` with the run's ``divergence_factor`` and
+    ``divergence_window``); a hook records the update/weight ratio of every step.
+
+    :param spec: a ``RunSpec``.
+    :param early_steps: the steps whose training loss is kept as ``loss_at_<step>``.
+    :return: dict with the run's identity, ``measures``, per-step ``curves`` (loss,
+        grad_norm, update_ratio) and the ``init`` activation statistics.
+    """
+    from unet.train.diagnostics import UpdateRatioTracker
+    from unet.train.loop import train
+
+    tracker, ratios = UpdateRatioTracker(init_model(spec.cfg)), []
+
+    def update_ratio(step, record, model):
+        ratios.append(float("nan") if record.get("skipped") else tracker.update(model))
+
+    t0 = time.perf_counter()
+    out = train(spec.cfg, hooks=(update_ratio,))
+    seconds = time.perf_counter() - t0
+    hist = out["history"]
+    losses = [r.get("loss", float("nan")) for r in hist]
+    grads = [r.get("grad_norm", float("nan")) for r in hist]
+    reason = divergence_reason(out)
+    first = hist[0] if hist else {}
+    return dict(
+        run_id=spec.run_id,
+        cell_id=spec.cell_id,
+        cell=spec.cell,
+        arm=spec.arm,
+        seed=spec.seed,
+        measures={
+            **run_measures(out, losses, grads, ratios, reason, threshold, smooth),
+            **early_measures(losses, early_steps),
+        },
+        stop_reason=reason or out["stop_reason"],
+        steps=len(hist),
+        nan_skipped=out["nan_skipped"],
+        seconds=seconds,
+        curves=dict(loss=losses, grad_norm=grads, update_ratio=ratios),
+        init=dict(activation_rms=first.get("activation_rms", []), residual_ratios=first.get("residual_ratios", {})),
+        model_key=_model_key(spec.cfg),
+        config=spec.cfg.to_dict(),
+    )
+
+
+def divergence_reason(out):
+    """Why a finished ``train()`` call counts as diverged (one line), or None: training's own
+    divergence rule, or a held-out loss that is not finite."""
+    if out["divergence_reason"]:
+        return out["divergence_reason"]
+    last = out["history"][-1] if out["history"] else {}
+    return None if math.isfinite(last.get("eval_loss", 0.0)) else "non-finite held-out loss"
+
+
+def run_measures(out, losses, grads, ratios, reason, threshold, smooth):
+    """The ablation's per-run measures. A diverged run has no final or threshold measures."""
+    diverged = reason is not None
+    last = out["history"][-1] if out["history"] else {}
+    g, u = finite(grads), finite(ratios)
+    return dict(
+        initial_loss=losses[0] if losses and math.isfinite(losses[0]) else None,
+        steps_to_threshold=None if diverged else steps_to_threshold(losses, threshold, smooth),
+        final_eval_loss=None if diverged else last.get("eval_loss"),
+        final_eval_mse=None if diverged else last.get("eval_mse"),
+        max_grad_norm=max(g) if g else None,
+        median_grad_norm=statistics.median(g) if g else None,
+        median_update_ratio=statistics.median(u) if u else None,
+        max_update_ratio=max(u) if u else None,
+        spike_count=out["spike_count"],
+        diverged=diverged,
+    )
+
+
+def early_measures(losses, steps):
+    """{"loss_at_<k>": the training loss of step k (1-based)}, None where the run had stopped
+    or the loss was not finite: every arm of a seed saw the same batch, t and noise at step k."""
+    return {f"loss_at_{k}": losses[k - 1] if k <= len(losses) and math.isfinite(losses[k - 1]) else None
+            for k in steps}
+
+
+def _model_key(cfg):
+    """What the init depends on (the model's arguments and seed-independent shape), as a label."""
+    kw = {k: v for k, v in cfg.model_kwargs().items() if k != "init"}
+    return json.dumps(kw, sort_keys=True, default=list)
+
+
+def symmetry_run(cfg):
+    """
+    A short run recording, after every step, how distinct the output channels of each zeroed
+    layer are (``diagnostics.zeroed_layer_distinctness``: 0 = all channels identical) and the
+    fraction of parameter tensors that have moved from their initial value.
+    """
+    from unet.train import diagnostics
+    from unet.train.loop import train
+
+    model = init_model(cfg)
+    init = diagnostics.snapshot(model)
+    layers = {name: [v] for name, v in diagnostics.zeroed_layer_distinctness(model).items()}
+    moved, losses = [0.0], []
+
+    def record(step, rec, model):
+        for name, v in diagnostics.zeroed_layer_distinctness(model).items():
+            layers[name].append(v)
+        params = list(model.named_parameters())
+        moved.append(sum(not bool(p.detach().eq(init[n]).all()) for n, p in params) / len(params))
+        losses.append(rec.get("loss", float("nan")))
+
+    train(cfg, hooks=(record,))
+    return dict(arm=cfg.init, steps=list(range(len(moved))), layers=layers, moved_fraction=moved, loss=losses,
+                first_distinct=_first_distinct(layers), config=cfg.to_dict())
+
+
+def _first_distinct(layers):
+    """{layer: the first step after which its output channels differ, or None}."""
+    return {n: next((s for s, v in enumerate(vals) if v > 0), None) for n, vals in layers.items()}
+
+
+def wandb_group(ab, out_dir):
+    """The ablation's wandb group: the first invocation's when continuing, else name + time."""
+    meta_path = os.path.join(out_dir, "ablation.yaml")
+    saved = ""
+    if not ab.group and os.path.isfile(meta_path):
+        with open(meta_path) as f:
+            saved = (yaml.safe_load(f) or {}).get("group", "")
+    return ab.group or saved or f"{ab.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def _progress_line(i, total, spec, res, threshold):
+    m = res["measures"]
+    status = f"DIVERGED at step {res['steps']}: {res['stop_reason']}" if m["diverged"] else (
+        f"held-out loss {m['final_eval_loss']:.4f}, steps to {threshold:g}: {m['steps_to_threshold'] or 'not reached'}")
+    return (f"[{i + 1}/{total}] {cell_label(spec.cell)} init={spec.arm} seed={spec.seed}: {status}, "
+            f"max grad norm {m['max_grad_norm'] or float('nan'):.3g}, spikes {m['spike_count']}, {res['seconds']:.1f}s")
+
+
+def _run_grid(ab, runs, rank, world, log):
+    """Every run this process owns (every ``world``-th) that has no saved result yet; returns
+    {run_id: result} of the runs finished so far, by any process. Several processes on one
+    CPU share its cores (``cpu_threads``: cores / processes) unless the grid sets the threads."""
+    done, t0, started_with = {}, time.perf_counter(), finished_runs(runs)
+    cores = cpu_cores()
+    for i, spec in enumerate(runs):
+        res = load_result(spec.cfg)
+        if res is None and owns_run(i, spec.run_id, rank, world):
+            if world > 1 and not spec.cfg.cpu_threads:
+                spec = replace(spec, cfg=spec.cfg.replace(cpu_threads=max(1, cores // world)))
+            fresh_run_dir(spec.cfg)
+            res = run_one(spec, ab.threshold, ab.smooth, ab.early_steps)
+            write_json(os.path.join(spec.cfg.output_dir, "result.json"), res, clean=True)
+            if not ab.save_models:
+                shutil.rmtree(os.path.join(spec.cfg.output_dir, "checkpoints"), ignore_errors=True)
+            log(_progress_line(i, len(runs), spec, res, ab.threshold) + "; "
+                + progress_words(finished_runs(runs), len(runs), started_with, time.perf_counter() - t0), flush=True)
+        if res is not None:
+            done[spec.run_id] = res
+    return done
+
+
+def _symmetry_runs(ab, out_dir, log):
+    """The symmetry runs (each arm of ``SYMMETRY_ARMS``), done now unless saved before."""
+    results = []
+    for arm in SYMMETRY_ARMS if ab.symmetry.get("steps", 0) > 0 else ():
+        cfg = symmetry_config(ab, out_dir, arm)
+        res = load_result(cfg)
+        if res is None:
+            fresh_run_dir(cfg)
+            res = symmetry_run(cfg)
+            write_json(os.path.join(cfg.output_dir, "result.json"), res, clean=True)
+            log(f"symmetry run init={arm}: {ab.symmetry['steps']} steps", flush=True)
+        results.append(res)
+    return results
+
+
+def _wait_for_other_processes(runs, done, workers=()):
+    """Until every run has a result; a worker process that failed is a one-line error."""
+    while len(done) < len(runs):
+        for w in workers:
+            if w.poll():
+                raise ConfigError(f"a worker process exited with code {w.returncode}; "
+                                  "run the same command again to finish the remaining runs")
+        time.sleep(5)
+        for spec in runs:
+            if spec.run_id not in done:
+                res = load_result(spec.cfg)
+                if res is not None:
+                    done[spec.run_id] = res
+
+
+def measurement_rules():
+    """The rules behind measures that are not config keys, recorded with the results so the
+    report states the ones the runs used."""
+    from unet.train.diagnostics import SpikeDetector
+
+    spikes = SpikeDetector()
+    return {"spikes": {"factor": spikes.factor, "window": spikes.window}}
+
+
+def run_ablation(ab, out_dir, log=print, command=None, workers=()):
+    """
+    Run (or finish) every run of the grid and the symmetry runs, then write ``results.json``,
+    ``report.md`` and the plots into ``out_dir``.
+
+    :param workers: the other processes' ``Popen``s (``spawn_workers``), watched for failure.
+    :return: the results dict (also in ``results.json``), or None on a process other than 0.
+    """
+    rank, world = claim_process()
+    os.makedirs(out_dir, exist_ok=True)
+    ab.group = wandb_group(ab, out_dir)
+    runs = expand(ab, out_dir)
+    if rank == 0:
+        with open(os.path.join(out_dir, "ablation.yaml"), "w") as f:
+            yaml.safe_dump(clean_json(asdict(ab)), f, sort_keys=False)
+    t_start = time.perf_counter()
+    done = _run_grid(ab, runs, rank, world, log)
+    if rank != 0:
+        return None
+    symmetry = _symmetry_runs(ab, out_dir, log)
+    _wait_for_other_processes(runs, done, workers)
+    results = clean_json(
+        dict(
+            name=ab.name,
+            group=ab.group,
+            command=command or f"unet.ablation.runner.run_ablation(..., {out_dir!r})",
+            ablation=asdict(ab),
+            runs=[done[s.run_id] for s in runs],
+            symmetry=symmetry,
+            rules=measurement_rules(),
+            seconds=time.perf_counter() - t_start,
+            run_seconds=sum(done[s.run_id]["seconds"] for s in runs),
+        )
+    )
+    write_json(os.path.join(out_dir, "results.json"), results, clean=True)  # the runs are kept even if the report fails
+    files = write_report(results, out_dir)
+    results["summary"] = clean_json(files.pop("summary"))
+    write_json(os.path.join(out_dir, "results.json"), results, clean=True)
+    _log_report(ab, out_dir, files, results)
+    log(f"report: {os.path.join(out_dir, 'report.md')}")
+    return results
+
+
+def _log_report(ab, out_dir, files, results):
+    """The plots and the main numbers as one more run in the wandb group, through accelerate."""
+    report_to = ab.base.get("report_to", FIELDS["report_to"].default)
+    if report_to != "wandb":
+        return
+    from accelerate import Accelerator
+
+    from unet.train.tracking import wandb_offline_setup
+
+    wandb_offline_setup()
+    import wandb
+
+    acc = Accelerator(log_with="wandb", project_dir=out_dir)
+    acc.init_trackers(ab.base.get("project", FIELDS["project"].default), config={"ablation": ab.name},
+                      init_kwargs={"wandb": {"dir": out_dir, "name": "report", "group": ab.group,
+                                             "tags": ["report"], "job_type": "report"}})
+    run = acc.get_tracker("wandb", unwrap=True)
+    run.log({os.path.splitext(os.path.basename(p))[0]: wandb.Image(p) for p in files["plots"]})
+    rows = [
+        [r["cell_id"], json.dumps(r["cell"]), r["arm"], r["seed"], *[r["measures"][k] for k in sorted(r["measures"])]]
+        for r in results["runs"]
+    ]
+    cols = ["cell_id", "cell", "init", "seed", *sorted(results["runs"][0]["measures"])] if rows else []
+    if rows:
+        run.log({"runs": wandb.Table(columns=cols, data=rows)})
+    acc.end_training()
+
+
+def report_only(out_dir):
+    """Rebuild ``report.md``, the plots and the summary in ``results.json`` from that file."""
+    path = os.path.join(out_dir, "results.json")
+    if not os.path.isfile(path):
+        raise ConfigError(f"'{path}' does not exist: run the ablation first")
+    with open(path) as f:
+        results = json.load(f)
+    results["summary"] = write_report(results, out_dir)["summary"]
+    write_json(path, results, clean=True)
+    print(f"report: {os.path.join(out_dir, 'report.md')}")
+
+
+def combine(out_dir, sources):
+    """
+    One report over several finished ablations of the same grid run with different seeds (say
+    ``--seeds 0,1,2,3,4`` and ``--seeds 5,6,7,8,9``): their runs pooled, so the seed-paired
+    tests have every seed. Writes ``out_dir/results.json``, ``report.md`` and the plots.
+
+    :param sources: the ablations' output folders, each with its ``results.json``.
+    """
+    loaded = []
+    for src in sources:
+        path = os.path.join(src, "results.json")
+        if not os.path.isfile(path):
+            raise ConfigError(f"'{path}' does not exist: run that ablation first")
+        with open(path) as f:
+            loaded.append(json.load(f))
+    grid = [{k: v for k, v in r["ablation"].items() if k not in ("seeds", "group")} for r in loaded]
+    if any(g != grid[0] for g in grid):
+        raise ConfigError("--combine needs ablations of the same grid (only their seeds may differ)")
+    seeds = [s for r in loaded for s in r["ablation"]["seeds"]]
+    if len(set(seeds)) != len(seeds):
+        raise ConfigError(f"--combine needs different seeds in each ablation, got {seeds}")
+    first = loaded[0]
+    results = {
+        **first,
+        "ablation": {**first["ablation"], "seeds": seeds},
+        "runs": [x for r in loaded for x in r["runs"]],
+        "command": f"python -m unet.ablation --combine {','.join(sources)} --output_dir {out_dir}",
+        "seconds": sum(r["seconds"] for r in loaded),
+        "run_seconds": sum(r["run_seconds"] for r in loaded),
+    }
+    os.makedirs(out_dir, exist_ok=True)
+    results["summary"] = write_report(results, out_dir)["summary"]
+    write_json(os.path.join(out_dir, "results.json"), results, clean=True)
+    print(f"report: {os.path.join(out_dir, 'report.md')}")

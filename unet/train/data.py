@@ -1,0 +1,299 @@
+"""Images through Hugging Face ``datasets``: scikit-learn's bundled handwritten digits (the
+default; nothing to download), a local folder of images (``imagefolder``), or a hub dataset.
+
+The order in which training sees examples is a pure function of (data seed, step), not of
+an iterator's state: resuming at step s replays exactly the batches a straight run would
+have seen, and every init arm of the ablation sees the same data for the same seed."""
+
+import io
+import math
+import os
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from .config import check_batch_split
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+
+
+class DataError(ValueError):
+    """Missing, empty or unusable data; its message is the one line the user sees."""
+
+
+@dataclass
+class ImageData:
+    """
+    :param train: a ``datasets.Dataset`` whose rows are {"image": [C,H,W] float in [-1, 1], "label": int}.
+    :param eval: the held-out split in the same format, or None.
+    :param num_classes: classes of the label column (0 when there is none).
+    :param skipped: corrupt image files left out.
+    """
+
+    train: object
+    eval: object
+    num_classes: int
+    skipped: int
+
+
+def digits_dataset():
+    """scikit-learn's copy of the UCI handwritten digits (1,797 8x8 images, 17 grey levels,
+    10 classes) as a ``datasets.Dataset`` of greyscale PIL images."""
+    import datasets
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    pixels = np.round(d.images * (255.0 / 16.0)).astype(np.uint8)
+    features = datasets.Features({"image": datasets.Image(),
+                                  "label": datasets.ClassLabel(names=[str(i) for i in range(10)])})
+    return datasets.Dataset.from_dict({"image": [Image.fromarray(p, mode="L") for p in pixels],
+                                       "label": d.target.tolist()}, features=features)
+
+
+def center_crop_resize(img, size):
+    """Resize the shorter side to ``size`` and crop the centre square (as improved-diffusion
+    does, with a box filter first for large reductions to avoid aliasing)."""
+    while min(img.size) >= 2 * size:
+        img = img.resize(tuple(x // 2 for x in img.size), resample=Image.BOX)
+    return ImageOps.fit(img, (size, size), method=Image.BICUBIC)
+
+
+def to_tensor(img, size, channels):
+    """A PIL image -> [C, size, size] float32 in [-1, 1]."""
+    img = center_crop_resize(img.convert("L" if channels == 1 else "RGB"), size)
+    arr = np.asarray(img, dtype=np.float32).reshape(size, size, channels) / 127.5 - 1.0
+    return torch.from_numpy(arr).permute(2, 0, 1).contiguous()
+
+
+def _open(value):
+    """Decode an image column value stored undecoded ({"bytes", "path"} or a PIL image)."""
+    if isinstance(value, Image.Image):
+        return value
+    if value.get("bytes") is not None:
+        return Image.open(io.BytesIO(value["bytes"]))
+    return Image.open(value["path"])
+
+
+def _decodes(example, column):
+    try:
+        _open(example[column]).load()
+        return True
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError):
+        # EOFError: some decoders on a truncated file; DecompressionBombError: more pixels than
+        # PIL's limit (Image.MAX_IMAGE_PIXELS), refused before it is decoded into memory
+        return False
+
+
+def _columns(ds):
+    """The image column and the label column (or None) from the dataset's features."""
+    import datasets
+
+    image = next((k for k, f in ds.features.items() if isinstance(f, datasets.Image)), None)
+    if image is None:
+        raise DataError(f"the dataset has no image column (columns: {', '.join(ds.column_names)})")
+    label = next((k for k, f in ds.features.items() if isinstance(f, datasets.ClassLabel)), None)
+    return image, label
+
+
+def _load_raw(cfg):
+    """A ``DatasetDict`` for cfg.dataset: "digits", "imagefolder" (cfg.data_dir) or a hub name."""
+    import datasets
+
+    if cfg.dataset == "digits":
+        return datasets.DatasetDict(train=digits_dataset())
+    if cfg.dataset == "imagefolder":
+        if not os.path.isdir(cfg.data_dir):
+            raise DataError(f"data_dir '{cfg.data_dir}' does not exist or is not a folder")
+        if not any(f.lower().endswith(IMAGE_EXTENSIONS) for _, _, fs in os.walk(cfg.data_dir) for f in fs):
+            raise DataError(f"data_dir '{cfg.data_dir}' contains no image files ({', '.join(IMAGE_EXTENSIONS)})")
+        loader = dict(path="imagefolder", data_dir=cfg.data_dir)
+    else:
+        loader = dict(path=cfg.dataset, data_dir=cfg.data_dir or None)
+    try:
+        ds = datasets.load_dataset(**loader)
+    except Exception as e:  # offline, unknown name, unreadable folder: one line, not a traceback
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise DataError(f"dataset '{cfg.dataset}' could not be loaded: {msg}") from None
+    if not isinstance(ds, datasets.DatasetDict):
+        ds = datasets.DatasetDict(train=ds)
+    return ds
+
+
+def load_image_data(cfg, log=print):
+    """
+    The train and held-out splits of cfg.dataset, decoded and resized on access.
+
+    :param cfg: a ``TrainConfig`` (dataset, data_dir, image_size, channels, class_cond,
+        num_classes, eval_fraction).
+    :param log: where to report skipped files.
+    :return: an ``ImageData``.
+    """
+    import datasets
+
+    raw = _load_raw(cfg)
+    split = "train" if "train" in raw else next(iter(raw))
+    ds = raw[split]
+    image_col, label_col = _columns(ds)
+    held = next((raw[s] for s in ("test", "validation") if s in raw and s != split), None)
+    splits = {"train": ds} if held is None else {"train": ds, "eval": held}
+
+    # Corrupt files are listed like good ones and fail only when decoded: find them once,
+    # up front, so that every step's batch has the same size and the count can be reported.
+    skipped = 0
+    for name, part in (splits.items() if cfg.dataset != "digits" else ()):  # digits are built in memory
+        part = part.cast_column(image_col, datasets.Image(decode=False))
+        good = part.filter(_decodes, fn_kwargs={"column": image_col}, desc="checking image files")
+        skipped += len(part) - len(good)
+        splits[name] = good
+    if skipped:
+        log(f"skipped {skipped} corrupt image file(s) in dataset '{cfg.dataset}'")
+    if len(splits["train"]) == 0:
+        raise DataError(f"dataset '{cfg.dataset}' has no readable images")
+    if "eval" in splits and len(splits["eval"]) == 0:
+        raise DataError(f"the held-out split of dataset '{cfg.dataset}' has no readable images")
+
+    num_classes = ds.features[label_col].num_classes if label_col else 0
+    if cfg.class_cond and not label_col:
+        raise DataError(f"class_cond is true but dataset '{cfg.dataset}' has no class labels; set --class_cond false")
+    if cfg.class_cond and num_classes != cfg.num_classes:
+        raise DataError(f"config key 'num_classes' is {cfg.num_classes} but dataset '{cfg.dataset}' "
+                        f"has {num_classes} classes")
+    if "eval" not in splits and cfg.eval_fraction > 0:
+        n = len(splits["train"])
+        if math.floor((1 - cfg.eval_fraction) * n) < 1 or n < 2:  # datasets' own split sizes
+            log(f"dataset '{cfg.dataset}' has {len(splits['train'])} image(s): too few to hold "
+                f"{cfg.eval_fraction:g} out; the eval loss is measured on training images")
+        else:  # a fixed split seed: the held-out set does not change with the run's seed
+            parts = splits["train"].train_test_split(test_size=cfg.eval_fraction, seed=0)
+            splits = {"train": parts["train"], "eval": parts["test"]}
+
+    def transform(batch):
+        out = {"image": [to_tensor(_open(v), cfg.image_size, cfg.channels) for v in batch[image_col]]}
+        n = len(out["image"])
+        out["label"] = list(batch[label_col]) if label_col else [0] * n
+        return out
+
+    for part in splits.values():
+        part.set_transform(transform)
+    return ImageData(splits["train"], splits.get("eval"), num_classes, skipped)
+
+
+def step_positions(step, global_batch, count, offset=0):
+    """Positions in the endless example stream used by ``step``: the global batch of step s
+    covers positions [s * B, (s + 1) * B); a process or micro-batch takes a slice of it."""
+    start = step * global_batch + offset
+    return torch.arange(start, start + count)
+
+
+def seeded_generator(seed, index):
+    """A CPU generator for one (seed, index) pair, e.g. (data seed, epoch) here or (data
+    seed, step) for training's t and noise: the two mixed into one integer (a prime stride,
+    so nearby seeds do not share streams), a pure function of both."""
+    return torch.Generator().manual_seed(mixed_seed(seed, index))
+
+
+def mixed_seed(seed, index):
+    """One integer seed for the pair (seed, index), a prime stride apart so that nearby seeds
+    do not share streams: the one mixing rule for step generators and per-process seeds."""
+    return int(seed) * 1_000_003 + int(index)
+
+
+def positions_to_indices(positions, n, seed):
+    """Map stream positions to example indices: epoch e = pos // n is a fresh permutation of
+    the n examples drawn from a generator seeded by (seed, e)."""
+    out = torch.empty_like(positions)
+    epochs = positions // n
+    for e in torch.unique(epochs).tolist():
+        perm = torch.randperm(n, generator=seeded_generator(seed, e))
+        mask = epochs == e
+        out[mask] = perm[positions[mask] % n]
+    return out
+
+
+def batch_slice(micro, rank, global_batch, grad_accum, world_size):
+    """Which part of a step's global batch one process's micro-batch is: the batch split into
+    ``grad_accum`` micro-batches, each split over ``world_size`` processes."""
+    per = global_batch // (grad_accum * world_size)
+    start = micro * (global_batch // grad_accum) + rank * per
+    return slice(start, start + per)
+
+
+def batch_indices(step, micro, rank, n, seed, global_batch, grad_accum, world_size):
+    """The dataset indices of one process's micro-batch. Their union over processes and
+    micro-batches does not depend on how many of either there are."""
+    sl = batch_slice(micro, rank, global_batch, grad_accum, world_size)
+    return positions_to_indices(step_positions(step, global_batch, sl.stop - sl.start, sl.start), n, seed)
+
+
+class StepBatches(torch.utils.data.Sampler):
+    """Batch sampler yielding this process's micro-batches from ``start_step`` on."""
+
+    def __init__(self, start_step, max_steps, n, seed, global_batch, grad_accum, rank, world_size):
+        self.args = start_step, max_steps, n, seed, global_batch, grad_accum, rank, world_size
+
+    def __len__(self):
+        start, stop, *_, grad_accum, _, _ = self.args
+        return (stop - start) * grad_accum
+
+    def __iter__(self):
+        start, stop, n, seed, gb, ga, rank, world = self.args
+        for step in range(start, stop):
+            for micro in range(ga):
+                yield batch_indices(step, micro, rank, n, seed, gb, ga, world).tolist()
+
+
+def _collate(rows):
+    return torch.stack([r["image"] for r in rows]), torch.tensor([r["label"] for r in rows])
+
+
+def train_loader(data, cfg, start_step, rank, world_size, seed):
+    """A DataLoader over the training split yielding (images, labels) micro-batches for
+    steps ``start_step .. cfg.max_steps - 1`` on process ``rank``. (Not passed through
+    ``accelerator.prepare``: the sharding above is already per process and step-indexed,
+    which is what makes resume exact.)"""
+    check_batch_split(cfg.batch_size, cfg.grad_accum, world_size)
+    sampler = StepBatches(start_step, cfg.max_steps, len(data.train), seed, cfg.batch_size,
+                          cfg.grad_accum, rank, world_size)
+    # Its own generator: starting an iterator draws a seed, which must not come from the
+    # global RNG (dropout's), or a resumed run would see different dropout masks.
+    return torch.utils.data.DataLoader(data.train, batch_sampler=sampler, num_workers=cfg.num_workers,
+                                       collate_fn=_collate, generator=torch.Generator().manual_seed(seed))
+
+
+def fixed_batch(split, count):
+    """The first ``count`` examples of a split (e.g. the held-out batch for eval loss)."""
+    rows = [split[i] for i in range(min(count, len(split)))]
+    return _collate(rows)
+
+
+# --- what the model sees besides the examples -------------------------------------------
+
+def draw_step_inputs(sampler, gen, shape, random_flip, label_drop=0.0):
+    """t, importance weights, noise, flip mask and label-drop mask for a whole global batch
+    of ``shape``, drawn in one go so that they do not depend on the number of processes or
+    micro-batches (each takes the slice ``data.batch_slice`` gives it, as it does for the
+    examples). The drop mask is drawn last and only when ``label_drop`` > 0, so runs without
+    label dropout see exactly the t, noise and flips they saw before the option existed."""
+    t, w = sampler.sample(shape[0], "cpu", generator=gen)
+    noise = torch.randn(shape, generator=gen)
+    flip = torch.rand(shape[0], generator=gen) < 0.5 if random_flip else torch.zeros(shape[0], dtype=torch.bool)
+    drop = (
+        torch.rand(shape[0], generator=gen) < label_drop if label_drop > 0 else torch.zeros(shape[0], dtype=torch.bool)
+    )
+    return t, w, noise, flip, drop
+
+
+def eval_batch(data, diffusion, cfg, device):
+    """A fixed held-out batch with fixed t and noise (the same numbers for every run), and
+    its first 32 noised images for the stability diagnostics."""
+    x, y = fixed_batch(data.eval if data.eval is not None else data.train, cfg.eval_batch_size)
+    g = torch.Generator().manual_seed(0)
+    t = torch.randint(0, diffusion.num_timesteps, (x.shape[0],), generator=g)
+    noise = torch.randn(x.shape, generator=g)
+    y = y if cfg.class_cond else None
+    n = min(32, x.shape[0])
+    diag = (diffusion.q_sample(x[:n], t[:n], noise[:n]).to(device), diffusion.model_timesteps(t[:n]).to(device),
+            None if y is None else y[:n].to(device))
+    return dict(x=x, t=t, noise=noise, kwargs={} if y is None else {"y": y.to(device)}, diag=diag)

@@ -1,0 +1,119 @@
+"""
+One place that turns a description of a model into objects: a ``TrainConfig`` into a
+``UNetModel`` and a diffusion, and improved-diffusion's command-line flags (its
+``MODEL_FLAGS``/``DIFFUSION_FLAGS``, with its defaults) into a ``TrainConfig``. Training,
+checkpoint loading, sampling and the benchmark all build through here.
+"""
+
+import os
+
+import yaml
+
+from unet.core.diffusion import create_diffusion
+from unet.core.model import UNetModel
+
+from .config import TrainConfig
+
+
+def create_model(cfg):
+    """The ``UNetModel`` a ``TrainConfig`` describes (initialised by ``cfg.init``)."""
+    return UNetModel(**cfg.model_kwargs())
+
+
+def create_diffusion_from_config(cfg, timestep_respacing=None):
+    """
+    The diffusion process a ``TrainConfig`` describes.
+
+    :param timestep_respacing: overrides ``cfg.timestep_respacing`` when not None (``""``
+        gives the full T-step process, e.g. for bits/dim).
+    """
+    return diffusion_from_kwargs(cfg.diffusion_kwargs(), timestep_respacing)
+
+
+def diffusion_from_kwargs(diffusion_kwargs, timestep_respacing=None):
+    """The diffusion process of ``create_diffusion`` arguments (a checkpoint's record of them),
+    with ``timestep_respacing`` overriding theirs when not None."""
+    kwargs = dict(diffusion_kwargs)
+    if timestep_respacing is not None:
+        kwargs["timestep_respacing"] = timestep_respacing
+    return create_diffusion(**kwargs)
+
+
+# --- improved-diffusion's flags --------------------------------------------------------
+
+# improved-diffusion's ``model_and_diffusion_defaults()``.
+IDDPM_DEFAULTS = dict(image_size=64, num_channels=128, num_res_blocks=2, num_heads=4, num_heads_upsample=-1,
+                      attention_resolutions="16,8", dropout=0.0, learn_sigma=False, sigma_small=False,
+                      class_cond=False, diffusion_steps=1000, noise_schedule="linear", timestep_respacing="",
+                      use_kl=False, predict_xstart=False, rescale_timesteps=True, rescale_learned_sigmas=True,
+                      use_checkpoint=False, use_scale_shift_norm=True)
+IDDPM_EXTRAS = {"channel_mult", "num_classes", "in_channels"}  # ours: what the original hard-codes
+IDDPM_CHANNEL_MULT = {256: "1,1,2,2,4,4", 64: "1,2,3,4", 32: "1,2,2,2"}
+# improved-diffusion flag -> TrainConfig key, where the names differ
+IDDPM_RENAMED = dict(num_channels="model_channels", in_channels="channels")
+
+
+def config_from_iddpm_flags(flags):
+    """
+    improved-diffusion's flags (a dict, as ``parse_flag_string`` returns) -> the ``TrainConfig``
+    of the same model and diffusion, with the original's defaults, its channel multipliers by
+    image size (``channel_mult`` overrides), 3 input channels and 1000 classes unless
+    ``in_channels`` / ``num_classes`` say otherwise. Raises ``ValueError`` in one line.
+    """
+    unknown = set(flags) - set(IDDPM_DEFAULTS) - IDDPM_EXTRAS
+    if unknown:
+        raise ValueError(f"unknown improved-diffusion flag(s): {', '.join(sorted(unknown))}")
+    f = {**IDDPM_DEFAULTS, "in_channels": 3, **flags}
+    size = int(f["image_size"])
+    if f.get("channel_mult") is None:
+        if size not in IDDPM_CHANNEL_MULT:
+            raise ValueError(
+                f"improved-diffusion has no channel_mult for image_size {size}; add channel_mult to the config"
+            )
+        f["channel_mult"] = IDDPM_CHANNEL_MULT[size]
+    f["num_classes"] = f.get("num_classes") or 1000
+    return TrainConfig.from_dict({IDDPM_RENAMED.get(k, k): v for k, v in f.items()})
+
+
+def parse_flag_string(text):
+    """``"--image_size 64 --learn_sigma True"`` -> {"image_size": 64, "learn_sigma": True}."""
+    tokens, flags = text.split(), {}
+    if len(tokens) % 2:
+        raise ValueError(f"flags must come in '--name value' pairs: {text!r}")
+    for name, value in zip(tokens[::2], tokens[1::2]):
+        if not name.startswith("--"):
+            raise ValueError(f"expected a --flag, got {name!r}")
+        flags[name[2:]] = yaml.safe_load(value) if value.lower() not in ("t", "f") else value.lower() == "t"
+    return flags
+
+
+def architecture_from_config(config):
+    """
+    What a checkpoint without its own config needs: (image_size, UNetModel kwargs,
+    create_diffusion kwargs, TrainConfig or None).
+
+    :param config: improved-diffusion's flags (a dict, a YAML/JSON file of them, or a
+        ``"--flag value"`` string); this package's ``config.yaml`` (a dict or file); or a
+        mapping with ``image_size`` and explicit ``model`` and ``diffusion`` kwargs (for
+        models no config describes; the TrainConfig is then None).
+    """
+    if isinstance(config, str):
+        if config.lstrip().startswith("--"):
+            config = parse_flag_string(config)
+        elif not os.path.isfile(config):
+            raise FileNotFoundError(f"config not found: {config}")
+        else:
+            with open(config) as fh:
+                config = yaml.safe_load(fh)
+    if not isinstance(config, dict):
+        raise ValueError("the config must be a mapping")
+    if isinstance(config.get("model"), dict) and "diffusion" in config and "image_size" in config:
+        model = dict(config["model"])
+        model["attention_resolutions"] = tuple(model.get("attention_resolutions", ()))
+        model["channel_mult"] = tuple(model.get("channel_mult", (1, 2, 4, 8)))
+        return int(config["image_size"]), model, dict(config["diffusion"]), None
+    if set(config) <= set(IDDPM_DEFAULTS) | IDDPM_EXTRAS:
+        cfg = config_from_iddpm_flags(config)
+    else:
+        cfg = TrainConfig.from_dict(config)
+    return cfg.image_size, cfg.model_kwargs(), cfg.diffusion_kwargs(), cfg

@@ -1,0 +1,131 @@
+"""
+Starting a run: the ``Accelerator`` (processes, mixed precision, CPU threads, the tracker's
+prerequisites), the checks that need it, and the optimizer.
+"""
+
+import os
+import shutil
+import sys
+
+import torch
+from accelerate.state import AcceleratorState, is_initialized
+from accelerate.utils import DistributedType
+
+from unet.core.model import apply_layout
+from unet.utils.devices import cpu_cores, device_accelerator
+
+from .checkpoint import saved_layout
+from .config import ConfigError, check_batch_split
+from .tracking import TrackerError, prepare_tracker
+
+SHARDED = (DistributedType.FSDP, DistributedType.DEEPSPEED, DistributedType.MEGATRON_LM)
+
+
+class TrainingError(RuntimeError):
+    """A run that cannot start or continue; the message is one line."""
+
+
+def adamw(params, **kwargs):
+    """
+    ``torch.optim.AdamW`` with its fused kernel: one pass over each parameter instead of
+    one per arithmetic op, ~2.9x faster on CPU for the CIFAR-10 model (docs/performance.md),
+    the same update up to float rounding. Falls back to the default where fusing is
+    unsupported (other devices, non-float parameters).
+
+    :param params: the parameters (or parameter groups) to optimise.
+    :param kwargs: ``AdamW`` arguments (lr, weight_decay, ...).
+    """
+    params = list(params)
+    try:
+        return torch.optim.AdamW(params, fused=True, **kwargs)
+    except RuntimeError:
+        return torch.optim.AdamW(params, **kwargs)
+
+
+def cpu_compiler():
+    """The C++ compiler torch.compile's CPU backend (inductor) runs, or None if it is not
+    installed: $CXX, else g++ (clang++ on macOS), as inductor's own default list says."""
+    return shutil.which(os.environ.get("CXX") or ("clang++" if sys.platform == "darwin" else "g++"))
+
+
+def make_accelerator(cfg):
+    """The run's ``Accelerator``. accelerate fixes the mixed precision once per process
+    (its ``AcceleratorState`` is process-wide and has no public reset), so a second run in
+    the same process must use the first one's ``mixed_precision``."""
+    try:
+        log_with = prepare_tracker(cfg.report_to)
+    except TrackerError as e:
+        raise TrainingError(str(e)) from None
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if is_initialized() and AcceleratorState().mixed_precision != cfg.mixed_precision:
+        raise TrainingError(f"mixed_precision={cfg.mixed_precision}: this process already trained with "
+                            f"mixed_precision={AcceleratorState().mixed_precision}, and accelerate sets it once "
+                            "per process; run it in a new process")
+    try:
+        # The lr schedule is per optimizer step; accelerate's default would step it once per process.
+        accelerator = device_accelerator(
+            mixed_precision=cfg.mixed_precision,
+            gradient_accumulation_steps=cfg.grad_accum,
+            log_with=log_with,
+            project_dir=cfg.output_dir,
+            step_scheduler_with_optimizer=False,
+        )
+    except (ValueError, RuntimeError) as e:
+        raise TrainingError(f"accelerate could not start (mixed_precision={cfg.mixed_precision}): "
+                            f"{str(e).strip().splitlines()[0]}") from None
+    if accelerator.num_processes != world:
+        raise TrainingError(f"{world} processes were launched but accelerate sees {accelerator.num_processes}; "
+                            "each would train alone and overwrite the others' files")
+    if accelerator.device.type == "cpu":
+        # `accelerate launch` sets OMP_NUM_THREADS=1 unless told otherwise, which halves the
+        # default run's speed on a 2-core machine; share the cores between the processes.
+        local = int(os.environ.get("LOCAL_WORLD_SIZE", world))
+        torch.set_num_threads(cfg.cpu_threads or max(1, cpu_cores() // local))
+    return accelerator
+
+
+def run_layout(cfg, model, resume_path, log):
+    """
+    Put ``model`` in the layout it trains in (``memory_format``, "auto" by
+    ``unet.core.model.resolve_layout``) and return it. A resumed run keeps its checkpoint's
+    layout, since another one would round differently and resume would no longer be exact.
+    """
+    layout = cfg.memory_format
+    if layout == "auto" and resume_path:
+        layout = saved_layout(resume_path)
+    chosen = apply_layout(model, layout, train=True)
+    if layout == "auto":
+        log(f"memory_format auto: {chosen} for training")
+    return chosen
+
+
+def check_run(cfg, accelerator):
+    """What the config cannot know alone (the process count, a compiler): one-line errors
+    before any data or model work."""
+    try:
+        check_batch_split(cfg.batch_size, cfg.grad_accum, accelerator.num_processes)
+    except ConfigError as e:
+        raise TrainingError(str(e)) from None
+    sharded = accelerator.distributed_type.value if accelerator.distributed_type in SHARDED else None
+    if sharded:
+        # EMA shadows, checkpoint files and the weight checks assume every process holds the
+        # whole model: refused rather than half-supported.
+        raise TrainingError(f"accelerate is configured for {sharded}, which this training loop does not support "
+                            "(EMA and checkpoints need whole weights on every process); use DDP (--multi_gpu)")
+    check_output_dir(cfg.output_dir, accelerator.process_index)
+    if cfg.compile and accelerator.device.type == "cpu" and not cpu_compiler():
+        raise TrainingError("compile: true on a CPU needs a C++ compiler for torch.compile (none found: "
+                            "install g++ or set CXX, or set compile false)")
+
+
+def check_output_dir(output_dir, rank):
+    """``output_dir`` exists or can be made, and this process can write in it (a file is
+    written and removed): one line now rather than a traceback at the first checkpoint."""
+    probe = os.path.join(output_dir, f".write-test-{rank}")
+    try:
+        os.makedirs(output_dir, exist_ok=True)
+        with open(probe, "w") as f:
+            f.write("ok")
+        os.remove(probe)
+    except OSError as e:
+        raise TrainingError(f"output_dir '{output_dir}' is not writable: {e.strerror or e}") from None
