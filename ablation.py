@@ -3,7 +3,9 @@ The zero-init ablation: a grid of short training runs, then report.md, plots and
 
     python ablation.py --config configs/ablation/digits.yaml --output_dir outputs/ablation_digits
     python ablation.py --config configs/ablation/digits.yaml --output_dir DIR --processes 2
+    python ablation.py --config configs/ablation/digits.yaml --output_dir DIR --init_study   # about a minute
     python ablation.py --output_dir DIR --report_only
+    python ablation.py --output_dir DIR --report_only --results docs/ablation/digits_results.json.gz
     python ablation.py --combine DIR1,DIR2 --output_dir DIR
 
 (``python -m unet.ablation ...`` is the same command.) Run it again with the same output_dir
@@ -17,7 +19,7 @@ import os
 import sys
 
 from unet.ablation.grid import load_ablation
-from unet.ablation.runner import combine, report_only, run_ablation, wandb_group
+from unet.ablation.runner import combine, report_only, run_ablation, run_init_study, wandb_group
 from unet.ablation.store import drop_claims, spawn_workers
 from unet.train.config import FIELDS, ConfigArgumentParser, ConfigError
 
@@ -48,6 +50,10 @@ def build_parser():
     p.add_argument("--config", metavar="FILE", help="the grid (see configs/ablation/digits.yaml)")
     p.add_argument("--output_dir", metavar="DIR", help="runs, results.json, report.md and plots; run again to continue")
     p.add_argument("--report_only", action="store_true", help="rebuild report.md and plots from DIR/results.json")
+    p.add_argument("--results", metavar="FILE", help="with --report_only: the results.json(.gz) to build it from "
+                   "(default DIR/results.json), e.g. docs/ablation/digits_results.json.gz")
+    p.add_argument("--init_study", action="store_true", help="the init-only scaling study and init memory into "
+                   "DIR/init_study.json (about a minute; the report includes it)")
     p.add_argument("--combine", metavar="DIR1,DIR2", help="one report in DIR over finished ablations of the same "
                    "grid with different seeds (their runs pooled)")
     for key, text in ABLATION_OPTIONS.items():
@@ -115,7 +121,10 @@ def main(argv=None):
         if not out_dir:
             raise ConfigError("--output_dir DIR is required")
         if opts.pop("report_only", False):
-            report_only(out_dir)
+            report_only(out_dir, opts.pop("results", None))
+            return 0
+        if opts.pop("init_study", False):
+            run_init_study(load_ablation(opts.pop("config"), opts), out_dir)
             return 0
         if "combine" in opts:
             combine(out_dir, [d for d in opts.pop("combine").split(",") if d])

@@ -85,9 +85,10 @@ def test_report_has_every_section_and_results_json_is_valid(tiny_ablation):
     assert len(results["runs"]) == 8 and {r["run_id"] for r in results["runs"]} == {
         f"c0{c}_{arm}_s{s}" for c in (0, 1) for arm in ("zero", "standard") for s in (0, 1)}
     for r in results["runs"]:
-        assert set(r["measures"]) >= {"initial_loss", "steps_to_threshold", "final_eval_loss", "max_grad_norm",
-                                      "median_grad_norm", "median_update_ratio", "spike_count", "diverged",
+        assert set(r["measures"]) >= {"initial_loss", "steps_to_threshold", "final_eval_loss", "final_eval_mse",
+                                      "max_grad_norm", "median_grad_norm", "spike_count", "failed", "diverged",
                                       "loss_at_10", "loss_at_50", "loss_at_100"}
+        assert isinstance(r["failed"], bool) and isinstance(r["diverged"], bool) and "failure_reason" in r
         assert r["config"]["lr"] == r["cell"]["lr"]
         # a 4-step run has no loss at step 10; the training loss of step 1 is the initial loss
         assert r["measures"]["loss_at_10"] is None
@@ -96,48 +97,47 @@ def test_report_has_every_section_and_results_json_is_valid(tiny_ablation):
     for arm in ("zero", "standard"):
         m = panel["arms"][arm]
         assert (
-            m["max_stable_lr"] == 1e-3 and m["opt_lr"] == 1e-3 and m["diverged"] == {"0.001": [0, 2], "1000.0": [2, 2]}
+            m["max_stable_lr"] == 1e-3 and m["opt_lr"] == 1e-3 and m["failed"] == {"0.001": [0, 2], "1000.0": [2, 2]}
         )
-        assert m["best_loss"][0] == pytest.approx(sum(r["measures"]["final_eval_loss"] for r in results["runs"]
+        assert m["best_loss"][0] == pytest.approx(sum(r["measures"]["final_eval_mse"] for r in results["runs"]
                                                       if r["arm"] == arm and r["cell_id"] == "c00") / 2)
         assert m["sensitivity"][0] is not None
         assert r["cell_id"] in ("c00", "c01") and r["seed"] in (0, 1)
     report = open(os.path.join(out, "report.md")).read()
     for heading in (
-        "## The learning-rate frontier",
+        "## The answer: pre-registered endpoints",
+        "## Descriptive: the learning-rate frontier",
         "### Frontier measures per arm",
         "### Seed-paired comparisons",
         "### Early-training deficit",
-        "## Conclusions",
+        "### Descriptive conclusions",
         "### Definitions and sources",
-        "## Per learning rate",
         "## Training loss",
         "## Gradient norm",
         "## Activation RMS by depth at init",
         "## Symmetry",
     ):
         assert heading in report, heading
-    assert report.index("lr_frontier.png") < report.index("### Frontier measures") < report.index("## Conclusions")
+    assert report.index("failures.png") < report.index("lr_frontier.png") < report.index("### Frontier measures")
     assert "Wortsman et al. 2023" in report and "Holm" in report
     for png in (
         "lr_frontier.png",
         "loss_curves.png",
         "loss_difference.png",
         "grad_norm.png",
-        "update_ratio.png",
+        "failures.png",
         "activation_rms_init.png",
         "symmetry.png",
     ):
         assert f"]({png})" in report
         with Image.open(os.path.join(out, png)) as im:
             assert im.format == "PNG" and im.width > 300
-    # the zero - standard line of the main table carries the verdict computed from its CI
+    # the per-cell comparison's verdict is computed from its CI (descriptive, in results.json)
     comp = results["summary"]["cells"][0]["comparisons"][0]
     d = comp["final_eval_loss"]
     assert (comp["a"], comp["b"], d["n"]) == ("zero", "standard", 2)
     covers = d["mean"] - d["ci"] <= 0 <= d["mean"] + d["ci"]
     assert (d["verdict"] == "indistinguishable") == covers
-    assert "| lr=0.001 | zero vs standard |" in report and d["verdict"] in report
     # save_models: false keeps each run's measures and logs, not its checkpoint
     assert os.path.isfile(os.path.join(out, "runs", "c00_zero_s0", "result.json"))
     assert not os.path.exists(os.path.join(out, "runs", "c00_zero_s0", "checkpoints"))
@@ -147,21 +147,23 @@ def test_report_has_every_section_and_results_json_is_valid(tiny_ablation):
     assert "runs 8/8, " in progress[-1] and "elapsed" in progress[-1]
 
 
-def test_diverging_arm_is_recorded_and_the_rest_run_on(tiny_ablation):
+def test_failing_arm_is_recorded_and_the_rest_run_on(tiny_ablation):
     runs = {r["run_id"]: r for r in tiny_ablation["results"]["runs"]}
     for seed in (0, 1):
         bad = runs[f"c01_standard_s{seed}"]
-        assert bad["measures"]["diverged"] and bad["steps"] < 4
+        assert bad["failed"] and bad["measures"]["failed"] and bad["steps"] < 4
         assert bad["measures"]["final_eval_loss"] is None
-        # the stop reason is training's own (diagnostics.DivergenceMonitor), not a rule of the ablation's
-        assert bad["stop_reason"].startswith(("non-finite", "median of", "loss above"))
+        # the one failure rule (diagnostics.FailureRule) stopped it and says why
+        assert bad["stop_reason"] == bad["failure_reason"]
+        assert bad["failure_reason"].startswith(("non-finite loss", "held-out L_simple", "mse spike"))
+        assert bad["diverged"] == bad["failure_reason"].startswith("non-finite")
         for arm in ("zero", "standard"):
             good = runs[f"c00_{arm}_s{seed}"]
-            assert not good["measures"]["diverged"] and good["steps"] == 4
+            assert not good["failed"] and good["steps"] == 4
             assert math.isfinite(good["measures"]["final_eval_loss"])
     cell = tiny_ablation["results"]["summary"]["cells"][1]
-    assert cell["arms"]["standard"]["diverged"] == 2
-    assert "| lr=1000 | 2/2 (at step" in open(os.path.join(tiny_ablation["out"], "report.md")).read()
+    assert cell["arms"]["standard"]["failed"] == 2
+    assert " | 1000 | standard | 2/2 | 1.00 " in open(os.path.join(tiny_ablation["out"], "report.md")).read()
 
 
 def test_same_seed_same_data_t_and_noise_in_every_arm(tiny_ablation):
@@ -174,11 +176,11 @@ def test_same_seed_same_data_t_and_noise_in_every_arm(tiny_ablation):
 
     for seed in (0, 1):
         zero, standard = seen[f"c00_zero_s{seed}"], seen[f"c00_standard_s{seed}"]
-        assert len(zero) == 5  # four training steps and the held-out batch
+        assert len(zero) == 6  # four training steps, the held-out batch at the last, the end-of-run summary's
         assert same(zero, standard)
         # the diverging cell saw the same batches for as long as it ran
-        bad = seen[f"c01_standard_s{seed}"]
-        assert same(bad, zero, n=len(bad))
+        bad = seen[f"c01_standard_s{seed}"]  # its training steps, then the end-of-run held-out loss
+        assert same(bad[:-1], zero, n=len(bad) - 1) and same(bad[-1:], zero[-1:])
     # and a different seed sees different data and noise
     assert not torch.equal(seen["c00_zero_s0"][0][0], seen["c00_zero_s1"][0][0])
     assert not torch.equal(seen["c00_zero_s0"][0][2], seen["c00_zero_s1"][0][2])
@@ -204,15 +206,16 @@ def test_symmetry_zero_breaks_it_all_zero_keeps_it(tiny_ablation):
     assert allzero["moved_fraction"][1:] == [1 / n_params] * 3
 
 
-def test_runs_log_to_one_wandb_group_with_cell_and_seed_tags(tiny_ablation):
+def test_runs_log_to_one_wandb_group_one_run_per_cell_and_arm(tiny_ablation):
     out, group = tiny_ablation["out"], tiny_ablation["results"]["group"]
-    files = glob.glob(os.path.join(out, "runs", "c01_standard_s1", "wandb", "offline-run-*", "run-*.wandb"))
-    run = read_run(files[0])
-    assert run.group == group and run.name == "c01_standard_s1"
-    assert {"cell:c01", "init:standard", "seed:1", "lr:1000"} <= set(run.tags)
-    report_run = read_run(glob.glob(os.path.join(out, "wandb", "offline-run-*", "run-*.wandb"))[0])
-    assert report_run.group == group and report_run.name == "report"
-    assert any("loss_curves" in h for h in report_run.history)
+    assert not glob.glob(os.path.join(out, "runs", "*", "wandb"))  # the training runs log nothing themselves
+    runs = {r.name: r for r in map(read_run, glob.glob(os.path.join(out, "wandb", "offline-run-*", "run-*.wandb")))}
+    assert set(runs) == {f"cell-c0{c}-{arm}" for c in (0, 1) for arm in ("zero", "standard")} | {"report"}
+    assert all(r.group == group for r in runs.values())
+    cell = runs["cell-c00-zero"]
+    assert {"cell:c00", "init:zero"} <= set(cell.tags)
+    assert any("train/loss/s0" in h and "train/loss/s1" in h for h in cell.history)  # the seeds as series
+    assert any("loss_curves" in h for h in runs["report"].history)
 
 
 def test_running_again_continues_without_redoing_runs(tiny_ablation, monkeypatch):
@@ -228,7 +231,7 @@ def test_running_again_continues_without_redoing_runs(tiny_ablation, monkeypatch
     # the report can be rebuilt from results.json alone
     os.remove(os.path.join(tiny_ablation["out"], "report.md"))
     assert main(["--output_dir", tiny_ablation["out"], "--report_only"]) == 0
-    assert "## The learning-rate frontier" in open(os.path.join(tiny_ablation["out"], "report.md")).read()
+    assert "## Descriptive: the learning-rate frontier" in open(os.path.join(tiny_ablation["out"], "report.md")).read()
     # a changed grid in the same folder is refused rather than mixed in
     changed = dict(TINY, base={**TINY["base"], "batch_size": 16})
     path = write_grid(os.path.join(os.path.dirname(tiny_ablation["config"]), "changed.yaml"), changed)
@@ -236,22 +239,23 @@ def test_running_again_continues_without_redoing_runs(tiny_ablation, monkeypatch
         run_ablation(load_ablation(path), tiny_ablation["out"], log=lambda *a, **k: None)
 
 
-def test_the_ablation_uses_trainings_divergence_rule(tmp_path, monkeypatch):
-    """A run counts as diverged exactly when ``diagnostics.DivergenceMonitor`` says so: the
-    ablation has no rule of its own."""
+def test_the_ablation_stops_a_run_by_the_one_failure_rule(tmp_path, monkeypatch):
+    """A run fails exactly when ``diagnostics.FailureRule`` says so, and stops there."""
     from unet.train import diagnostics
 
-    calls, real = [], diagnostics.DivergenceMonitor.update
+    calls, real = [], diagnostics.FailureRule.update
 
-    def update(self, loss, grad_norm=None):
-        calls.append(loss)
-        return "forced by the test" if len(calls) == 2 else real(self, loss, grad_norm)
+    def update(self, row):
+        calls.append(row["step"])
+        if len(calls) == 2:
+            self.reason, self.step = "forced by the test", row["step"]
+        return real(self, row)
 
-    monkeypatch.setattr(diagnostics.DivergenceMonitor, "update", update)
+    monkeypatch.setattr(diagnostics.FailureRule, "update", update)
     ab = load_ablation(write_grid(tmp_path / "g.yaml", {**TINY, "base": {**TINY["base"], "report_to": "none"}}))
     res = ablation.run_one(expand(ab, str(tmp_path))[0], ab.threshold, ab.smooth)
-    assert res["measures"]["diverged"] and res["stop_reason"] == "forced by the test" and res["steps"] == 2
-    assert res["measures"]["final_eval_loss"] is None
+    assert res["failed"] and res["stop_reason"] == "forced by the test" and res["steps"] == 2
+    assert res["failure_step"] == 2 and not res["diverged"] and res["measures"]["final_eval_loss"] is None
 
 
 def test_bad_sweep_is_one_line_error_before_any_run(tmp_path, capsys):
@@ -296,7 +300,7 @@ def test_combine_pools_two_ablations_with_different_seeds(tiny_ablation, tmp_pat
         both = json.load(f)
     assert len(both["runs"]) == 16 and both["ablation"]["seeds"] == [0, 1, 10, 11]
     zero = both["summary"]["frontier"]["panels"][0]["arms"]["zero"]
-    assert zero["n_seeds"] == 4 and zero["diverged"]["1000.0"] == [4, 4]
+    assert zero["n_seeds"] == 4 and zero["failed"]["1000.0"] == [4, 4]
     assert "seeds 0, 1, 10, 11" in open(os.path.join(out, "report.md")).read()
     # the same seeds twice, or different grids, are refused with one line
     assert main(["--combine", f"{tiny_ablation['out']},{tiny_ablation['out']}", "--output_dir", out]) == 2
@@ -323,33 +327,61 @@ def test_init_model_is_the_model_training_starts_from(tmp_path):
     assert all(torch.equal(seen[k], ref[k]) for k in ref)
 
 
-def test_shipped_grids():
-    """The shipped grids are learning-rate frontiers: a log-spaced lr axis for every init, depth
-    and norm, no warmup or clipping, at least 5 seeds; runs differ only in grid keys and seed."""
-    for name in ("digits", "digits_quick", "cifar10"):
+def test_shipped_stability_grid_is_the_design_docs_ablation_md_states():
+    """The digits grid: at least 300 steps, no warmup or clipping, GroupNorm at depths 2 and 4 and
+    no norm at depth 2, edge learning rates at most 1.5x apart with at least 12 seeds of every arm
+    the tests compare, the paper's lr 4e-4, and a primary test over every edge cell."""
+    ab = load_ablation(os.path.join(ROOT, "configs", "ablation", "digits.yaml"))
+    runs = expand(ab, "out")
+    assert all(r.cfg.max_steps >= 300 and (r.cfg.warmup_steps, r.cfg.grad_clip) == (0, 0.0) for r in runs)
+    assert {(r.cfg.norm, r.cfg.num_res_blocks) for r in runs} == {("group", 2), ("group", 4), ("none", 2)}
+    assert {r.arm for r in runs} == {"zero", "standard", "zero-branches", "zero-output", "near-zero"}
+    assert ab.primary["arms"] == ["zero", "standard"] and len(ab.secondary) == 4
+    for spec in [ab.primary, *ab.secondary]:
+        for cell in spec["cells"]:
+            lrs = sorted(cell["lr"] if isinstance(cell["lr"], list) else [cell["lr"]])
+            assert all(b / a <= 1.52 for a, b in zip(lrs, lrs[1:]))  # x1.5, rounded to 2 digits
+            for lr in lrs:
+                for arm in spec["arms"]:
+                    seeds = [r.seed for r in runs if r.arm == arm and r.cfg.lr == lr and r.cfg.norm == cell["norm"]
+                             and r.cfg.num_res_blocks == cell["num_res_blocks"]]
+                    assert len(seeds) >= 12, (arm, cell, lr)
+    assert any(r.cfg.lr == 4e-4 for r in runs) and ab.processes == 2
+    base = {k: v for k, v in runs[0].cfg.to_dict().items()
+            if k not in ("init", "norm", "num_res_blocks", "lr", "seed", "output_dir", "run_name", "tags")}
+    assert all({k: r.cfg.to_dict()[k] for k in base} == base for r in runs)
+
+
+def test_shipped_first_look_and_gpu_grids():
+    """digits_quick and cifar10: log-spaced lr sweeps for every init, depth and norm."""
+    for name in ("digits_quick", "cifar10"):
         ab = load_ablation(os.path.join(ROOT, "configs", "ablation", f"{name}.yaml"))
-        runs = expand(ab, "out")
-        assert len(ab.seeds) >= (2 if name == "digits_quick" else 5)
         arms = {}
-        for r in runs:
+        for r in expand(ab, "out"):
             arms.setdefault((r.cfg.norm, r.cfg.num_res_blocks), {}).setdefault(r.arm, set()).add(r.cfg.lr)
             assert (r.cfg.warmup_steps, r.cfg.grad_clip) == (0, 0.0)
-        assert {k[0] for k in arms} == {"group", "none"} and len({k[1] for k in arms}) >= 2
-        for (norm, _depth), by_arm in arms.items():
-            assert set(by_arm) == (
-                {"zero", "standard"} if norm == "group" else {"zero", "standard", "kaiming", "fixup"}
-            )
+        for by_arm in arms.values():
             lrs = sorted(next(iter(by_arm.values())))
             assert all(v == set(lrs) for v in by_arm.values()) and len(lrs) >= 3
-            ratios = [b / a for a, b in zip(lrs, lrs[1:])]
-            assert all(2.99 <= q <= 10.01 for q in ratios)  # a log scale: half-decade or decade steps
-        base = {k: v for k, v in runs[0].cfg.to_dict().items()
-                if k not in ("init", "norm", "num_res_blocks", "lr", "seed", "output_dir", "run_name", "tags")}
-        assert all({k: r.cfg.to_dict()[k] for k in base} == base for r in runs)
-    digits = load_ablation(os.path.join(ROOT, "configs", "ablation", "digits.yaml"))
-    assert {r.cfg.num_res_blocks for r in expand(digits, "out")} == {1, 2, 4} and digits.processes == 2
     c = expand(load_ablation(os.path.join(ROOT, "configs", "ablation", "cifar10.yaml")), "out")[0].cfg
     assert (c.image_size, c.model_channels, c.channels) == (32, 128, 3)
+
+
+def test_a_primary_test_outside_the_grid_is_refused_before_any_run(tmp_path, capsys):
+    primary = {"name": "p", "arms": ["zero", "standard"], "cells": [{"lr": [1e-3]}]}
+    cases = [({"primary": {**primary, "arms": ["zero", "near-zero"]}}, "init 'near-zero' at lr=0.001"),
+             ({"primary": {**primary, "cells": [{"lr": [0.5]}]}}, "init 'zero' at lr=0.5"),
+             ({"primary": {**primary, "arms": ["zero"]}}, "'primary.arms' must be two different init arms"),
+             ({"secondary": [{**primary, "measure": "speed"}]}, "'secondary[0].measure'"),
+             ({"secondary": [primary] * 5}, "at most 4 tests")]
+    for extra, message in cases:
+        bad = write_grid(tmp_path / "bad.yaml", {**TINY, **extra})
+        assert main(["--config", bad, "--output_dir", str(tmp_path / "o")]) == 2
+        err = capsys.readouterr().err.strip()
+        assert "\n" not in err and message in err, (extra, err)
+    assert not os.path.exists(tmp_path / "o")
+    ok = load_ablation(write_grid(tmp_path / "ok.yaml", {**TINY, "primary": primary}))
+    assert ok.primary["cells"] == [{"lr": [1e-3]}]
 
 
 def test_bad_grid_is_one_line_error(tmp_path, capsys):

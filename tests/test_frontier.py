@@ -25,7 +25,7 @@ PANEL = (("norm", "none"), ("num_res_blocks", 2))
 
 
 def sweep(arm, seed, finals, initial=1.0, early=None):
-    """One seed's sweep over LRS; a final of None is a diverged run."""
+    """One seed's sweep over LRS; a final of None is a failed run."""
     return [SweepRun(PANEL, arm, seed, lr, f is None, f, initial, early or {}) for lr, f in zip(LRS, finals)]
 
 
@@ -37,6 +37,14 @@ def test_max_stable_lr_is_the_largest_finished_lr():
     curve = sweep("zero", 0, [0.5, 0.4, 1.3, None, None])
     assert (max_stable_lr(curve), max_trainable_lr(curve)) == (1e-3, 3e-4)
     assert max_trainable_lr(sweep("zero", 0, [1.2, None, None, None, None])) is None
+
+
+def test_sensitivity_with_one_cap_for_every_arm():
+    # An arm whose loss starts higher (1.2) is credited by its own cap; the common cap (the zero
+    # predictor's 1.0) scores the same finals alike: min(final, 1.0) = 0.5, 1.0, 1.0 -> 0.8333 - 0.5.
+    high_start = sweep("standard", 0, [0.5, 1.1, None, 0.5, 0.5], initial=1.2)
+    assert lr_sensitivity(high_start, cap=1.0) == pytest.approx((0.5 + 1.0 + 1.0 + 0.5 + 0.5) / 5 - 0.5, abs=1e-12)
+    assert lr_sensitivity(high_start) == pytest.approx((0.5 + 1.1 + 1.2 + 0.5 + 0.5) / 5 - 0.5, abs=1e-12)
 
 
 def test_sensitivity_follows_wortsman_definition():
@@ -54,10 +62,10 @@ def test_arm_measures_known_frontier():
     runs = (sweep("zero", 0, [0.5, 0.4, 0.3, 0.35, None]) + sweep("zero", 1, [0.5, 0.4, 0.32, None, None])
             + sweep("zero", 2, [0.5, 0.4, 0.31, 0.36, None]))
     m = arm_measures(seed_curves(runs)[(PANEL, "zero")])
-    assert m["max_stable_lr"] == 1e-3  # seed 1 diverged at 3e-3
+    assert m["max_stable_lr"] == 1e-3  # seed 1 failed at 3e-3
     assert m["per_seed"]["max_stable_lr"] == {0: 3e-3, 1: 1e-3, 2: 3e-3}
     assert m["opt_lr"] == 1e-3
-    assert m["diverged"][1e-2] == (3, 3) and m["diverged"][3e-3] == (1, 3) and m["diverged"][1e-4] == (0, 3)
+    assert m["failed"][1e-2] == (3, 3) and m["failed"][3e-3] == (1, 3) and m["failed"][1e-4] == (0, 3)
     mean, half = m["best_loss"]
     assert mean == pytest.approx(0.31, abs=1e-12)
     # sd of (0.30, 0.32, 0.31) is 0.01: half = t(0.975, 2) * 0.01 / sqrt(3)
@@ -91,15 +99,15 @@ def result_runs(finals_by_arm, initial=1.0, panel=None, lrs=LRS):
         for seed, finals in seeds.items():
             for lr, f in zip(lrs, finals):
                 runs.append(dict(cell={**(panel or {"norm": "none"}), "lr": lr}, arm=arm, seed=seed,
-                                 config={"lr": lr}, measures={"diverged": f is None, "final_eval_loss": f,
-                                                              "initial_loss": initial, "loss_at_10": 0.9}))
+                                 config={"lr": lr}, curves={"mse": [initial]},
+                                 measures={"failed": f is None, "final_eval_mse": f, "loss_at_10": 0.9}))
     return runs
 
 
 def test_sweep_runs_read_the_results_and_drop_lr_from_the_panel():
     runs = sweep_runs({"runs": result_runs({"zero": {0: [0.5, None, 0.3, 0.3, 0.3]}})})
     assert [r.lr for r in runs] == LRS and all(r.panel == (("norm", "none"),) for r in runs)
-    assert runs[1].diverged and runs[1].final_loss is None and runs[0].early == {10: 0.9}
+    assert runs[1].failed and runs[1].final_loss is None and runs[0].early == {10: 0.9}
 
 
 def test_frontier_summary_known_frontier_and_holm_family():
@@ -116,7 +124,7 @@ def test_frontier_summary_known_frontier_and_holm_family():
         "mean": pytest.approx(float("nan"), nan_ok=True),
         "ci": pytest.approx(float("nan"), nan_ok=True),
         "n": 0,
-        "diverged": 5,
+        "failed": 5,
         "runs": 5,
     }
     tests = {t["measure"]: t for t in panel["tests"]}

@@ -69,6 +69,34 @@ def test_schemes_differ_only_where_they_should():
             assert torch.equal(zero[k], standard[k]), k
 
 
+@pytest.mark.parametrize("scheme", ["zero-branches", "zero-output", "near-zero"])
+def test_split_arms_change_only_the_layers_they_name(scheme):
+    # Each splits standard from zero by one difference; everything else is standard's, bit for bit.
+    arm, standard, zero = (tiny(s).state_dict() for s in (scheme, "standard", "zero"))
+    names = [name for name, _ in zeroed_layers(tiny())]
+    branch_ends, output = set(names[:-1]), names[-1]
+    changed = {"zero-branches": branch_ends, "zero-output": {output}, "near-zero": {*branch_ends, output}}[scheme]
+    for k, v in arm.items():
+        layer = k.rsplit(".", 1)[0]
+        if layer not in changed:
+            assert torch.equal(v, standard[k]), k
+            if layer not in {*branch_ends, output}:
+                assert torch.equal(v, zero[k]), k
+        elif scheme == "near-zero":
+            torch.testing.assert_close(v, standard[k] * 1e-5, rtol=1e-6, atol=0)  # one float32 product
+            assert torch.count_nonzero(v) == torch.count_nonzero(standard[k]), k
+        else:
+            assert torch.count_nonzero(v) == 0 and torch.count_nonzero(standard[k]) > 0, k
+
+
+def test_zero_output_model_outputs_zero_but_its_blocks_are_not_identity():
+    seen, out = record_blocks(tiny("zero-output"), *batch())
+    assert torch.count_nonzero(out) == 0
+    assert all((block_out - skip).abs().max() > 1e-4 for _, block_out, skip in seen)
+    seen, out = record_blocks(tiny("zero-branches"), *batch())
+    assert all(torch.equal(block_out, skip) for _, block_out, skip in seen) and out.abs().mean() > 1e-3
+
+
 def test_kaiming_statistics():
     model = tiny("kaiming")
     conv = model.input_blocks[1][0].in_layers[2]
@@ -78,13 +106,23 @@ def test_kaiming_statistics():
 
 
 def test_unknown_scheme_lists_valid_ones():
-    with pytest.raises(ValueError, match="valid: zero, standard, kaiming, fixup, all-zero"):
+    names = "zero, standard, zero-branches, zero-output, near-zero, kaiming, fixup, all-zero"
+    with pytest.raises(ValueError, match=f"valid: {names}"):
         tiny("xavier")
     with pytest.raises(ValueError, match="unknown norm 'batch'"):
         tiny(norm="batch")
     with pytest.raises(ValueError, match="needs the Fixup scalars"):
         apply_init(tiny("zero"), "fixup")
-    assert INIT_SCHEMES == ("zero", "standard", "kaiming", "fixup", "all-zero")
+    assert INIT_SCHEMES == (
+        "zero",
+        "standard",
+        "zero-branches",
+        "zero-output",
+        "near-zero",
+        "kaiming",
+        "fixup",
+        "all-zero",
+    )
 
 
 def test_norm_none_has_no_groupnorm():

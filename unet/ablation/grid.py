@@ -24,7 +24,11 @@ from unet.train.config import (
 )
 
 KEYS = ("name", "group", "seeds", "threshold", "smooth", "comparisons", "symmetry", "save_models", "processes",
-        "early_steps", "base_config", "base", "grid")
+        "early_steps", "base_config", "base", "grid", "failure", "primary", "secondary", "equivalence_margin",
+        "mechanism_every")
+# The one failure rule's parameters (``unet.train.diagnostics.FailureRule``), and the defaults.
+FAILURE_KEYS = {"eval_every": 25, "spike_factor": 3.0, "spike_window": 20}
+MEASURES_TESTED = ("failure", "held_out_loss")
 # What the runner decides for every run: the grid is the only thing that differs between runs.
 SYMMETRY_ARMS = ("zero", "all-zero", "standard")  # standard: random rows from the start, for scale
 RUNNER_KEYS = ("output_dir", "seed", "data_seed", "group", "tags", "run_name", "resume", "progress",
@@ -52,6 +56,17 @@ class Ablation:
     :param processes: worker processes that split the runs when not started by a launcher (on
         a small CPU model, two single-thread processes beat one two-thread process).
     :param early_steps: the steps whose training loss the early-training deficit compares.
+    :param failure: the failure rule's parameters (``FAILURE_KEYS``).
+    :param primary: the pre-registered primary test: {name, arms: [A, B], cells: [cell, ...]};
+        each cell names grid values (lr may be a list), and every seed-paired (cell, seed)
+        outcome "failed" of A and B enters one stratified exact McNemar test.
+    :param secondary: at most four tests of the same form, each with ``measure`` "failure" or
+        "held_out_loss" (seed-paired t-test of the final held-out L_simple), Holm-corrected
+        among themselves.
+    :param equivalence_margin: the largest difference in failure fraction that the report calls
+        no difference, when the 95% interval of the paired difference lies inside it.
+    :param mechanism_every: steps between the mechanism measures (block RMS, update ratios per
+        layer group, attention logits); 0 = off.
     """
 
     name: str
@@ -66,6 +81,11 @@ class Ablation:
     save_models: bool = True
     processes: int = 1
     early_steps: list = field(default_factory=lambda: [10, 50, 100])
+    failure: dict = field(default_factory=lambda: dict(FAILURE_KEYS))
+    primary: dict = field(default_factory=dict)
+    secondary: list = field(default_factory=list)
+    equivalence_margin: float = 0.25
+    mechanism_every: int = 50
 
 
 @dataclass
@@ -112,8 +132,10 @@ def _grid(value, path):
     for i, sub in enumerate(value):
         if not isinstance(sub, dict) or "init" not in sub:
             _fail(path, f"grid entry {i} must be a mapping of key: [values] with an 'init' list")
-        parsed = {}
+        parsed = {"seeds": _seeds(sub["seeds"], path)} if "seeds" in sub else {}
         for k, vals in sub.items():
+            if k == "seeds":
+                continue
             if k in RUNNER_KEYS:
                 _fail(path, f"grid key '{k}' is set by the ablation runner for every run")
             if k not in FIELDS:
@@ -156,7 +178,7 @@ def load_ablation(path, overrides=None):
     ab = Ablation(name=str(raw.get("name") or os.path.splitext(os.path.basename(path))[0]), base=base, grid=grid)
     overrides = dict(overrides or {})
     for k in ("seeds", "threshold", "smooth", "comparisons", "symmetry", "group", "save_models", "processes",
-              "early_steps"):
+              "early_steps", "failure", "primary", "secondary", "equivalence_margin", "mechanism_every"):
         if k in raw and k not in overrides:
             overrides[k] = raw[k]
     for k, v in overrides.items():
@@ -208,6 +230,8 @@ def _set(ab, k, v, path):
         ab.early_steps = _positive_ints("early_steps", v, path, many=True)
     elif k in ("group", "name"):
         setattr(ab, k, str(v))
+    elif k in ("failure", "primary", "secondary", "equivalence_margin", "mechanism_every"):
+        _set_design(ab, k, v, path)
     elif k in FIELDS:
         if any(k in sub for sub in ab.grid):
             _fail(path, f"'{k}' is a key the grid varies; edit the grid instead of overriding it")
@@ -215,6 +239,72 @@ def _set(ab, k, v, path):
     else:
         raise ConfigError(f"unknown option '--{k}': use an ablation key ({', '.join(KEYS[:5])}) "
                           f"or a training config key")
+
+
+def _set_design(ab, k, v, path):
+    """The pre-registered design: the failure rule, the primary and secondary tests."""
+    if k == "failure":
+        if not isinstance(v, dict) or set(v) - set(FAILURE_KEYS):
+            _fail(path, f"'failure' must be a mapping of {', '.join(FAILURE_KEYS)}, got {v!r}")
+        ab.failure = {**FAILURE_KEYS, **{key: type(FAILURE_KEYS[key])(x) for key, x in v.items()}}
+    elif k == "primary":
+        ab.primary = _test_spec(v, "primary", path, measure="failure")
+    elif k == "secondary":
+        if not isinstance(v, list) or len(v) > 4:
+            _fail(path, f"'secondary' must be a list of at most 4 tests, got {v!r}")
+        ab.secondary = [_test_spec(t, f"secondary[{i}]", path) for i, t in enumerate(v)]
+    elif k == "equivalence_margin":
+        ab.equivalence_margin = float(v)
+        if not 0 < ab.equivalence_margin < 1:
+            _fail(path, f"'equivalence_margin' must be a failure-fraction difference in (0, 1), got {v!r}")
+    else:
+        ab.mechanism_every = int(v)
+
+
+def _test_spec(v, where, path, measure=None):
+    """{name, measure, arms: [A, B], cells: [{key: value or [values]}]} of one pre-registered test."""
+    if not isinstance(v, dict) or not {"arms", "cells"} <= set(v) or set(v) - {"name", "measure", "arms", "cells"}:
+        _fail(path, f"'{where}' must be a mapping with name, measure, arms: [A, B] and cells: [...], got {v!r}")
+    spec = {"name": str(v.get("name", where)), "measure": str(v.get("measure", measure or "failure")),
+            "arms": v["arms"], "cells": v["cells"]}
+    if spec["measure"] not in MEASURES_TESTED or (measure and spec["measure"] != measure):
+        _fail(path, f"'{where}.measure' must be {measure or ' or '.join(MEASURES_TESTED)}, got {spec['measure']!r}")
+    if not (isinstance(spec["arms"], list) and len(spec["arms"]) == 2 and spec["arms"][0] != spec["arms"][1]):
+        _fail(path, f"'{where}.arms' must be two different init arms [A, B], got {spec['arms']!r}")
+    if not (isinstance(spec["cells"], list) and spec["cells"] and all(isinstance(c, dict) for c in spec["cells"])):
+        _fail(path, f"'{where}.cells' must be a non-empty list of grid cells, got {spec['cells']!r}")
+    return spec
+
+
+def tested_cells(spec):
+    """The grid cells a test spec names, each as a dict of single values (an lr list expanded)."""
+    out = []
+    for cell in spec["cells"]:
+        keys = list(cell)
+        lists = [cell[k] if isinstance(cell[k], list) else [cell[k]] for k in keys]
+        out += [dict(zip(keys, values)) for values in itertools.product(*lists)]
+    return out
+
+
+def _check_tests(ab, path, runs):
+    """Every arm and cell a pre-registered test names has runs of both arms, with the same seeds."""
+    for where, spec in [("primary", ab.primary)] * bool(ab.primary) + [
+        (f"secondary[{i}]", s) for i, s in enumerate(ab.secondary)
+    ]:
+        for cell in tested_cells(spec):
+            seeds = []
+            for arm in spec["arms"]:
+                found = [r.seed for r in runs if r.arm == arm and _matches(r.cell, cell)]
+                if not found:
+                    _fail(path, f"'{where}' names init {arm!r} at {cell_label(cell)}, which the grid does not run")
+                seeds.append(sorted(found))
+            if seeds[0] != seeds[1]:
+                _fail(path, f"'{where}': at {cell_label(cell)} the two arms run different seeds")
+
+
+def _matches(cell, wanted):
+    """Whether a run's cell has every value ``wanted`` names (floats compared as floats)."""
+    return all(k in cell and (float(cell[k]) == float(v) if k == "lr" else cell[k] == v) for k, v in wanted.items())
 
 
 def _positive_ints(key, v, path, many=False):
@@ -233,9 +323,9 @@ def _check(ab, path):
     """Every run's config is built and checked now, not after an hour of runs."""
     if ab.smooth < 1:
         _fail(path, f"'smooth' must be >= 1, got {ab.smooth}")
-    if len(ab.seeds) < 2:
+    if len(ab.seeds) < 2 or any(len(sub.get("seeds", ab.seeds)) < 2 for sub in ab.grid):
         _fail(path, f"'seeds' must give at least 2 seeds: the intervals are over seeds, got {ab.seeds}")
-    expand(ab, "unused")
+    _check_tests(ab, path, expand(ab, "unused"))
     if ab.symmetry.get("steps", 0):
         try:
             symmetry_config(ab, "unused", "zero")
@@ -272,10 +362,13 @@ def run_config(ab, out_dir, overrides, seed, run_id, tags):
     steps = overrides.get("max_steps", ab.base.get("max_steps", FIELDS["max_steps"].default))
     fixed = dict(output_dir=os.path.join(out_dir, "runs", run_id), seed=seed, data_seed=-1, resume="",
                  progress=False, group=ab.group, tags=tags, run_name=run_id,
-                 # measured once at init (step 0) and once at the end, on the fixed held-out batch
-                 diagnostics_every=steps, eval_every=steps, checkpoint_every=steps, keep_checkpoints=1)
-    # The divergence rule smooths over the ablation's window: one batch's spike is not a divergence.
-    defaults = dict(divergence_factor=10.0, divergence_window=ab.smooth, sample_every=-1)
+                 # the held-out L_simple the failure rule reads, and the block measures (at init too)
+                 eval_every=ab.failure["eval_every"], diagnostics_every=ab.mechanism_every or steps,
+                 checkpoint_every=steps, keep_checkpoints=1,
+                 # the runs log nothing themselves: the runner logs one wandb run per cell afterwards
+                 report_to="none")
+    # One failure rule stops a run (``FailureRule``, applied by the runner), not training's own.
+    defaults = dict(divergence_factor=0.0, sample_every=-1)
     return TrainConfig.from_dict({**defaults, **ab.base, **overrides, **fixed})
 
 
@@ -284,11 +377,11 @@ def expand(ab, out_dir):
     whole seeds), as ``RunSpec``s. Raises ``ConfigError`` naming the bad cell."""
     runs, cells = [], {}
     for sub in ab.grid:
-        keys = [k for k in sub if k != "init"]
+        keys = [k for k in sub if k not in ("init", "seeds")]
         for values in itertools.product(*(sub[k] for k in keys)):
             cell = dict(zip(keys, values))
             cell_id = cells.setdefault(cell_label(cell), f"c{len(cells):02d}")
-            for seed in ab.seeds:
+            for seed in sub.get("seeds", ab.seeds):
                 for arm in sub["init"]:
                     run_id = f"{cell_id}_{arm}_s{seed}"
                     tags = [f"cell:{cell_id}", f"init:{arm}", f"seed:{seed}"] + [

@@ -20,21 +20,17 @@ import matplotlib.pyplot as plt  # noqa: E402
 import matplotlib.ticker  # noqa: E402
 import numpy as np  # noqa: E402
 
+from .endpoints import endpoint_conclusions, endpoint_tests, failure_fractions, verdict  # noqa: E402
 from .grid import cell_label  # noqa: E402
 from .summary import (  # noqa: E402
-    MEASURES,
     arm_names,
     cell_ids,
     comparisons,
     curve_band,
-    divergence_rule,
     effect_value,
     finished_by_seed,
-    fmt_diff,
     fmt_lr,
-    fmt_mean_ci,
     fmt_num,
-    measure_name,
     paired_curve_difference,
     smoothing_window,
     spike_rule,
@@ -67,7 +63,7 @@ def _y_range(panel, initial):
 def draw_frontier_panel(ax, panel):
     """One (norm, depth) panel: per arm, the mean final held-out loss over the seeds that
     finished at each lr with its 95% band (filled markers: every seed finished; hollow: some
-    diverged; ^: beyond the top), and an x with 'k/n' in the top band where k of n seeds diverged."""
+    failed; ^: beyond the top), and an x with 'k/n' in the top band where k of n seeds failed."""
     initial = _initial_loss(panel)
     low, high = _y_range(panel, initial)
     top = ax.get_xaxis_transform()  # x in data, y in axes fraction
@@ -86,10 +82,10 @@ def draw_frontier_panel(ax, panel):
             ax.plot([lr], [min(y, high)], "^" if y > high else marker, color=color, ms=4,
                     mfc=color if whole else "white")
         for lr, d in m["by_lr"].items():
-            if d["diverged"]:
+            if d["failed"]:
                 y = 0.95 - 0.07 * i
                 ax.plot([lr], [y], "x", color=color, ms=5, mew=1.5, transform=top, clip_on=False)
-                ax.text(lr, y, f" {d['diverged']}/{d['runs']}", color=color, fontsize=6, transform=top, va="center")
+                ax.text(lr, y, f" {d['failed']}/{d['runs']}", color=color, fontsize=6, transform=top, va="center")
     if initial is not None:
         ax.axhline(initial, color="0.5", lw=0.8, ls=":", label="initial loss (median)")
     ax.set_xscale("log")
@@ -117,7 +113,7 @@ def plot_frontier(frontier, path):
             handles.setdefault(label, h)
     fig.legend(handles.values(), handles.keys(), loc="lower center", ncol=len(handles), fontsize=8)
     fig.suptitle("final held-out loss against learning rate: mean over the seeds that finished, 95% band; "
-                 "x = diverged (k/n seeds)", fontsize=9)
+                 "x = failed (k/n seeds)", fontsize=9)
     fig.tight_layout(rect=(0, 0.05, 1, 1))
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -145,13 +141,14 @@ def frontier_table(frontier):
     interval), the max trainable lr, the sensitivity, the optimal lr and the best loss, with 95% intervals."""
     lines = [_row(["panel", "init", "max stable lr (all seeds)", "max stable lr per seed: geo. mean [95% CI]",
                    "max trainable lr (all seeds)", "lr sensitivity (mean ± 95% CI)", "optimal lr (lowest mean loss)",
-                   "optimal lr per seed: geo. mean [95% CI]", "best final loss (mean ± 95% CI)", "diverged runs"]),
-             "|" + "---|" * 10]
+                   "optimal lr per seed: geo. mean [95% CI]", "best final loss (mean ± 95% CI)",
+                   "lr sensitivity, own initial loss as cap", "failed runs"]),
+             "|" + "---|" * 11]
     for p in frontier["panels"]:
         for arm, m in p["arms"].items():
             log_stable = m.get("log10_max_stable_lr") or (float("nan"), float("nan"))
-            k = sum(d[0] for d in m["diverged"].values())
-            n = sum(d[1] for d in m["diverged"].values())
+            k = sum(d[0] for d in m["failed"].values())
+            n = sum(d[1] for d in m["failed"].values())
             lines.append(
                 _row(
                     [
@@ -164,6 +161,7 @@ def frontier_table(frontier):
                         fmt_lr(m["opt_lr"]),
                         _lr_interval(m["log10_opt_lr"]),
                         _mean_ci(m["best_loss"]),
+                        _mean_ci(m["sensitivity_own_cap"]),
                         f"{k}/{n}",
                     ]
                 )
@@ -197,7 +195,9 @@ DEFINITIONS = [
     "below its initial loss: the divergence rule (a loss 10x the initial) lets a run finish that has learnt nothing.",
     "*learning-rate sensitivity* (Wortsman et al. 2023, \"Small-scale proxies for large-scale Transformer training "
     "instabilities\", arXiv 2309.14322): per seed, the mean over the swept learning rates of min(final loss, initial "
-    "loss) minus the best final loss of the sweep; a diverged run counts as the initial loss. 0 = the final loss does "
+    "loss) minus the best final loss of the sweep; a failed run counts as the cap. Here the cap is one value for both "
+    "arms, the zero predictor's held-out L_simple, beside Wortsman et al.'s own-initial-loss cap (which credits an "
+    "arm whose loss starts higher, as standard's output conv makes it). 0 = the final loss does "
     "not depend on the learning rate; an intervention that stabilises training lowers it.",
     "*optimal learning rate* and *best final loss*: where the final held-out loss is lowest (per seed; the table's "
     "'optimal lr' is the lr with the lowest mean over seeds among those every seed finished).",
@@ -214,15 +214,17 @@ def frontier_sections(results, summary, plots):
     fs = summary.get("frontier")
     if not fs:
         return []
-    return ["## The learning-rate frontier", "", f"![final held-out loss against learning rate]"
+    return ["## Descriptive: the learning-rate frontier", "",
+            "Not pre-registered: these measures and tests describe the sweep; the endpoints above are the design.", "",
+            f"![final held-out loss against learning rate]"
             f"({os.path.basename(plots['frontier'])})", "",
             "One panel per (norm, depth); one line per init: the mean final held-out loss over the seeds that finished "
-            "at that learning rate, with its 95% t-band (filled marker: every seed finished; hollow: some diverged). "
-            "An x at the top marks a learning rate where k of n seeds diverged; the dotted line is the initial loss.",
+            "at that learning rate, with its 95% t-band (filled marker: every seed finished; hollow: some failed). "
+            "An x at the top marks a learning rate where k of n seeds failed; the dotted line is the initial loss.",
             "", "### Frontier measures per arm", "", frontier_table(fs), "",
             f"### Seed-paired comparisons (Holm-corrected over all {fs['tests']} tests)", "",
             tests_table(fs, early=False), "", "### Early-training deficit", "", tests_table(fs, early=True), "",
-            "## Conclusions", "", *[f"- {line}" for line in summary["conclusions"]], "",
+            "### Descriptive conclusions", "", *[f"- {line}" for line in summary["descriptive"]], "",
             "### Definitions and sources", "", *[f"- {d}" for d in DEFINITIONS], ""]
 
 
@@ -283,8 +285,8 @@ def plot_curves(results, key, path, ylabel, window=1, log=True):
         for arm in arm_names(rs):
             mine = [r for r in rs if r["arm"] == arm]
             mean, low, high = curve_band([r["curves"][key] for r in mine], window, log=log)
-            k = sum(bool(r["measures"]["diverged"]) for r in mine)
-            label = f"{arm} ({k}/{len(mine)} diverged)" if k else arm
+            k = sum(bool(r["measures"]["failed"]) for r in mine)
+            label = f"{arm} ({k}/{len(mine)} failed)" if k else arm
             if np.isfinite(mean).any():
                 _band_line(ax, mean, low, high, ARM_COLORS.get(arm), label)
             else:
@@ -370,8 +372,6 @@ def make_plots(results, out_dir):
         "diff": plot_paired_difference(results, at("loss_difference.png"), "loss", window),
         "grad": plot_curves(results, "grad_norm", at("grad_norm.png"),
                             f"grad norm before clipping ({window}-step mean)", window),
-        "update": plot_curves(results, "update_ratio", at("update_ratio.png"),
-                              f"update / weight RMS ({window}-step mean)", window),
         "act": plot_activation_rms(results, at("activation_rms_init.png")),
     }
     if results.get("symmetry"):
@@ -380,60 +380,6 @@ def make_plots(results, out_dir):
 
 
 # --------------------------------------------------------------------------- tables
-
-
-def cell_table(cell, threshold):
-    """Every measure of every arm of one cell, each comparison's difference and verdict."""
-    arms, comps = list(cell["arms"]), cell["comparisons"]
-    head = ["measure", *arms, *[f"{c['a']} − {c['b']} [95% CI]" for c in comps], *["verdict" for _ in comps]]
-    lines = [_row(head), "|" + "---|" * len(head)]
-    for key, label, _ in MEASURES:
-        lines.append(_row([measure_name(key, label, threshold), *[fmt_mean_ci(cell["arms"][a][key]) for a in arms],
-                           *[fmt_diff(c[key]) for c in comps], *[c[key]["verdict"] for c in comps]]))
-    lines.append(_row(["diverged", *[f"{cell['arms'][a]['diverged']}/{cell['arms'][a]['n']}" for a in arms],
-                       *[f"Fisher p = {c['diverged']['p']:.2g}" for c in comps], *["" for _ in comps]]))
-    return "\n".join(lines)
-
-
-def main_table(summary):
-    """One line per cell and comparison: final held-out loss of each arm, their seed-paired
-    difference with its 95% CI and the verdict, and the divergence counts."""
-    lines = [
-        "| cell | A vs B | held-out loss A | held-out loss B | A − B [95% CI] | verdict | diverged A | diverged B |",
-        "|---|---|---|---|---|---|---|---|",
-    ]
-    for cell in summary["cells"]:
-        for c in cell["comparisons"]:
-            a, b = cell["arms"][c["a"]], cell["arms"][c["b"]]
-            lines.append(
-                _row(
-                    [
-                        cell["label"],
-                        f"{c['a']} vs {c['b']}",
-                        fmt_mean_ci(a["final_eval_loss"]),
-                        fmt_mean_ci(b["final_eval_loss"]),
-                        fmt_diff(c["final_eval_loss"]),
-                        c["final_eval_loss"]["verdict"],
-                        f"{a['diverged']}/{a['n']}",
-                        f"{b['diverged']}/{b['n']}",
-                    ]
-                )
-            )
-    return "\n".join(lines)
-
-
-def divergence_table(summary):
-    """Diverged runs per cell and arm, with the steps at which they stopped."""
-    arms = list(dict.fromkeys(a for cell in summary["cells"] for a in cell["arms"]))
-    lines = ["| cell | " + " | ".join(arms) + " |", "|---|" + "---|" * len(arms)]
-    for cell in summary["cells"]:
-        row = []
-        for a in arms:
-            d = cell["arms"].get(a)
-            at = f" (at step {', '.join(map(str, d['diverged_at']))})" if d and d["diverged"] else ""
-            row.append(f"{d['diverged']}/{d['n']}{at}" if d else "")
-        lines.append(f"| {cell['label']} | " + " | ".join(row) + " |")
-    return "\n".join(lines)
 
 
 def symmetry_table(symmetry):
@@ -454,21 +400,50 @@ def symmetry_table(symmetry):
     return out
 
 
+def symmetry_words(symmetry):
+    """What the symmetry runs measured, in words generated from their numbers: the step at which
+    the first and the last zeroed layer got distinct output channels, when every parameter had
+    moved, and for ``all-zero`` how many layers were still symmetric at the end."""
+    if not symmetry:
+        return ""
+    words = []
+    for s in symmetry:
+        first = [v for v in s["first_distinct"].values()]
+        done = [v for v in first if v is not None]
+        moved_all = next((i for i, m in enumerate(s["moved_fraction"]) if m >= 1.0), None)
+        last = len(s["steps"]) - 1
+        if len(done) == len(first) and done:
+            when = (f"every one of its {len(first)} zeroed layers had distinct output channels from step "
+                    f"{min(done)} (the first) to step {max(done)} (the last)")
+        else:
+            when = f"{len(first) - len(done)} of its {len(first)} zeroed layers still had identical output channels"
+        moved = (f"every parameter tensor had moved by step {moved_all}" if moved_all is not None else
+                 f"{s['moved_fraction'][-1]:.0%} of the parameter tensors had moved after {last} steps")
+        words.append(f"`{s['arm']}`: {when}; {moved}.")
+    return ("Measured in these runs (0 = at init; a layer counts as distinct when its weight rows differ): "
+            + " ".join(words) + " A zeroed layer's weight gradient is (upstream gradient) x (its own input): "
+            "non-zero and channel-varying under `zero`, identically zero for every hidden layer under `all-zero`.")
+
+
+def decoder_words(results):
+    """The blocks that are not the identity under zero init, counted from the runs' block names:
+    every decoder ResBlock (``output_blocks``) takes the concatenated skip connection, so it
+    changes its channel count and starts as its 1x1 skip conv."""
+    names = next((r["init"]["activation_rms"] for r in results["runs"] if r["init"].get("activation_rms")), [])
+    blocks = [n for n, _ in names]
+    dec = [n for n in blocks if n.startswith("output_blocks")]
+    if not blocks:
+        return ""
+    return (f"Under zero init {len(blocks) - len(dec)} of the {len(blocks)} ResBlocks of the first panel's model "
+            f"start as the identity; the other {len(dec)}, every decoder block, concatenate the skip connection, "
+            "change their channel count and start as their 1x1 skip conv, not as the identity.")
+
+
 # --------------------------------------------------------------------------- rules in words
 
 
 def _either(values, fmt="{}"):
     return " or ".join(fmt.format(v) for v in values)
-
-
-def divergence_words(results):
-    """The divergence rule the runs used, in words, from their configs."""
-    factors, windows = divergence_rule(results)
-    level = [f for f in factors if f > 0]
-    if not level:
-        return "a non-finite loss or gradient"
-    return (f"a non-finite loss or gradient, or the median of the last {_either(windows)} training losses above "
-            f"{_either(level, '{:g}')}x the initial loss")
 
 
 def spike_words(results):
@@ -478,6 +453,199 @@ def spike_words(results):
         return "steps whose loss is far above the median of the previous losses (`diagnostics.SpikeDetector`)"
     return (f"steps whose loss is above {rule['factor']:g}x the median of the previous {rule['window']} "
             "(`diagnostics.SpikeDetector`)")
+
+
+# --------------------------------------------------------------------------- the pre-registered endpoints
+
+
+def failure_words(results):
+    """The failure rule the runs used, in words, from the grid's ``failure`` keys."""
+    f = results["ablation"].get("failure", {})
+    return (f"a non-finite training or held-out loss; a held-out L_simple (every {f.get('eval_every', '?')} steps, on "
+            "the fixed held-out batch with fixed t and noise) above the zero predictor's (the L_simple of predicting "
+            f"zero noise on that batch, computed: {_zero_loss(results)}); or an mse spike, a step's training mse above "
+            f"{f.get('spike_factor', '?'):g}x the median of the previous {f.get('spike_window', '?')} steps "
+            "(`diagnostics.FailureRule`)")
+
+
+def _zero_loss(results):
+    values = sorted({round(r["zero_predictor_loss"], 4) for r in results["runs"] if r.get("zero_predictor_loss")})
+    return ", ".join(f"{v:.4f}" for v in values) or "–"
+
+
+def _ci(low, high, digits=2):
+    return f"[{low:.{digits}f}, {high:.{digits}f}]" if math.isfinite(low) else "–"
+
+
+def fractions_table(fractions):
+    """Failed runs per (panel, lr, arm) with the exact 95% interval of the fraction."""
+    head = ["panel", "lr", "init", "failed / runs", "fraction [exact 95% CI]", "non-finite"]
+    lines = [_row(head), "|" + "---|" * len(head)]
+    for f in fractions:
+        lines.append(_row([f["panel"], fmt_lr(f["lr"]), f["arm"], f"{f['failed']}/{f['n']}",
+                           f"{f['fraction']:.2f} {_ci(f['low'], f['high'])}", str(f["diverged"])]))
+    return "\n".join(lines)
+
+
+def tests_table_endpoints(tests):
+    """The primary and secondary tests: numbers, p (Holm for the secondary ones) and verdict."""
+    lines = [_row(["test", "A vs B", "measure", "test statistic", "A − B [95% CI]", "p", "Holm p", "verdict"]),
+             "|---|---|---|---|---|---|---|---|"]
+    margin = tests["equivalence_margin"]
+    rows = [(tests["primary"], None)] if tests["primary"] else []
+    rows += [(t, t["p_holm"]) for t in tests["secondary"]]
+    for t, p_holm in rows:
+        what = "failure fraction" if t["measure"] == "failure" else "final held-out L_simple"
+        lines.append(_row([("primary: " if p_holm is None else "") + t["name"], " vs ".join(t["arms"]), what,
+                           t["statistic"], f"{t['diff']:+.3f} {_ci(t['low'], t['high'], 3)}", fmt_num(t["p"], 2),
+                           "–" if p_holm is None else fmt_num(p_holm, 2),
+                           verdict(t, margin, t["p"] if p_holm is None else p_holm)]))
+    return "\n".join(lines)
+
+
+def plot_failure_fractions(fractions, path):
+    """The lead figure: failure fraction against lr, one panel per (norm, depth), one line per
+    init with its exact 95% interval as error bars."""
+    panels = list(dict.fromkeys(f["panel"] for f in fractions))
+    fig, axes = _subplots(max(1, len(panels)), 4.3, 3.3)
+    for ax, panel in zip(axes, panels):
+        for k, arm in enumerate(dict.fromkeys(f["arm"] for f in fractions if f["panel"] == panel)):
+            pts = [f for f in fractions if f["panel"] == panel and f["arm"] == arm]
+            x = np.array([f["lr"] for f in pts]) * (1 + 0.03 * (k - 1))  # offset so the bars do not overlap
+            y = np.array([f["fraction"] for f in pts])
+            err = np.array([[f["fraction"] - f["low"] for f in pts], [f["high"] - f["fraction"] for f in pts]])
+            ax.errorbar(x, y, yerr=err, marker=ARM_MARKERS.get(arm, "o"), ms=4, lw=1.2, capsize=2,
+                        color=ARM_COLORS.get(arm), label=arm)
+        ax.set_xscale("log")
+        ax.set_ylim(-0.05, 1.05)
+        _finish_axis(ax, panel, "learning rate", "fraction of seeds failed")
+    fig.suptitle("failed runs (FailureRule) against learning rate, exact 95% intervals", fontsize=9)
+    return _save(fig, path)
+
+
+def endpoints_section(results, summary, plots):
+    tests = summary["endpoints"]
+    return ["## The answer: pre-registered endpoints", "",
+            *[f"- {line}" for line in summary["conclusions"]], "",
+            tests_table_endpoints(tests), "",
+            f"A failure-fraction difference is called equivalent only where its 95% interval lies inside ±"
+            f"{tests['equivalence_margin']:g}, the margin written in the grid file before the run; 'not resolved' "
+            "means neither a difference nor equivalence is supported by these seeds.", "",
+            _image("failure fraction against learning rate", plots["failures"]), "",
+            f"A run **fails** on {failure_words(results)}.", "",
+            fractions_table(summary["fractions"]), ""]
+
+
+# --------------------------------------------------------------------------- mechanism over training
+
+
+def _edge_runs(results, arms=("zero", "standard")):
+    """{panel label: {arm: runs}} at each panel's middle primary lr (the edge), for the arms."""
+    primary = results["ablation"].get("primary") or {}
+    out = {}
+    for cell in primary.get("cells", []):
+        lrs = cell["lr"] if isinstance(cell.get("lr"), list) else [cell.get("lr")]
+        lr, panel = lrs[len(lrs) // 2], {k: v for k, v in cell.items() if k != "lr"}
+        label = f"{cell_label(panel)}, lr={fmt_lr(lr)}"
+        out[label] = {arm: [r for r in results["runs"] if r["arm"] == arm and float(r["cell"].get("lr", -1)) == lr
+                            and all(r["cell"].get(k) == v for k, v in panel.items())] for arm in arms}
+    return out
+
+
+def _mechanism_series(runs, get):
+    """(steps, mean over runs) of ``get(run) -> {step: value}``, where any run has a value."""
+    by_step = {}
+    for r in runs:
+        for step, v in get(r).items():
+            if v is not None and math.isfinite(v):
+                by_step.setdefault(step, []).append(v)
+    steps = sorted(by_step)
+    return steps, [float(np.mean(by_step[s])) for s in steps]
+
+
+def _block_mean(key):
+    def get(r):
+        rows = [(b["step"], b[key]) for b in r["mechanism"]["blocks"] if b[key]]
+        values = lambda v: [x for _, x in v] if key == "activation_rms" else list(v.values())  # noqa: E731
+        return {step: float(np.mean(values(v))) for step, v in rows}
+    return get
+
+
+def _row_value(read):
+    return lambda r: {m["step"]: read(m) for m in r["mechanism"]["rows"]}
+
+
+MECHANISM_PANELS = [
+    ("block output RMS (mean over ResBlocks)", _block_mean("activation_rms")),
+    ("branch / skip RMS (mean over ResBlocks)", _block_mean("residual_ratios")),
+    ("update / weight, branch ends", _row_value(lambda m: m["update_ratio"]["branch_ends"])),
+    ("update / weight, other convs", _row_value(lambda m: m["update_ratio"]["other"])),
+    ("middle attention: max logit", _row_value(lambda m: m["max_logit"])),
+    ("middle attention: entropy / log T", _row_value(lambda m: m["entropy"] / m["uniform_entropy"])),
+]
+
+
+def plot_mechanism(label, by_arm, path):
+    """One figure for one panel at its edge lr: each mechanism measure against step, per arm
+    (mean over the runs still going at that step)."""
+    fig, axes = _subplots(len(MECHANISM_PANELS), 3.6, 2.8)
+    for ax, (title, get) in zip(axes, MECHANISM_PANELS):
+        for arm, runs in by_arm.items():
+            steps, mean = _mechanism_series(runs, get)
+            ax.plot(steps, mean, marker=ARM_MARKERS.get(arm, "o"), ms=3, color=ARM_COLORS.get(arm), label=arm)
+        _finish_axis(ax, title, "step", "", log=title.startswith("update"))
+    fig.suptitle(f"{label}: mean over the runs still training at each step", fontsize=9)
+    return _save(fig, path)
+
+
+def mechanism_plots(results, out_dir):
+    """{panel label: path} of the mechanism figures (none when the runs recorded no mechanism)."""
+    if not any(r.get("mechanism", {}).get("rows") for r in results["runs"]):
+        return {}
+    out = {}
+    for i, (label, by_arm) in enumerate(_edge_runs(results).items()):
+        if all(by_arm.values()):
+            out[label] = plot_mechanism(label, by_arm, os.path.join(out_dir, f"mechanism_{i}.png"))
+    return out
+
+
+def mechanism_section(results, summary, plots):
+    if not plots.get("mechanism"):
+        return []
+    every = results["ablation"].get("mechanism_every", 50)
+    md = ["## Mechanism over training (descriptive)", "",
+          f"Every {every} steps at each panel's middle edge learning rate: each ResBlock's output RMS and its "
+          "branch/skip RMS ratio on 32 fixed noised held-out images, the update-to-weight RMS ratio of one step per "
+          "layer group (branch ends: the layers zero init zeroes; other: every other conv and norm), and the middle "
+          "block's attention: its largest pre-softmax logit and its mean row entropy over log T (1 = uniform). A run "
+          "stops when it fails, so late points average the runs that survived.", ""]
+    for label, path in plots["mechanism"].items():
+        md += [f"### {label}", "", _image(f"mechanism at {label}", path), ""]
+    return md
+
+
+def init_study_section(results, summary, plots):
+    study = results.get("init_study")
+    if not study:
+        return ["## Init-only study", "", "Not run: `python ablation.py --init_study --output_dir DIR` adds it.", ""]
+    md = ["## Init-only study (no training; descriptive)", "",
+          "Per width and depth: the output RMS at init, the initial L_simple on one batch, the gradient norm of the "
+          "branch ends and of the other layers, and how far one Adam step moves the output per unit learning rate.",
+          "", _row(["width", "depth", "init", "output RMS", "initial L_simple", "grad norm branch ends / other",
+                    "output change per unit lr"]), "|---|---|---|---|---|---|---|"]
+    for r in study["scaling"]:
+        g = r["grad_norm"]
+        md.append(_row([str(r["width"]), str(r["depth"]), r["arm"], fmt_num(r["output_rms"]),
+                        fmt_num(r["initial_loss"]), f"{fmt_num(g['branch_ends'])} / {fmt_num(g['other'])}",
+                        fmt_num(r["output_change_per_lr"])]))
+    md += ["", "### Init memory", "",
+           "RMS difference between the zero and standard arms' zeroed-layer weights (same seed, same batches), over "
+           "standard's init RMS of those weights: 1 at step 0; below 1 the two runs are closer than the init set them.",
+           "", _row(["lr", *[f"step {s}" for s in study["memory"]["steps"]]]),
+           "|---|" + "---|" * len(study["memory"]["steps"])]
+    for lr, ratio in study["memory"]["ratio"].items():
+        md.append(_row([lr, *[f"{v:.2f}" for v in ratio]]))
+    return md + [""]
 
 
 # --------------------------------------------------------------------------- sections
@@ -499,18 +667,6 @@ def intro_section(results, summary, plots):
             "measured on the same fixed batch, t and noise for every run.", ""]
 
 
-def main_section(results, summary, plots):
-    frontier = bool(summary.get("frontier"))
-    head = ("## Per learning rate: final held-out loss (95% intervals not corrected for multiple comparisons)"
-            if frontier else "## Main result: final held-out loss")
-    md = [head, "", main_table(summary), "",
-          "Intervals are 95% t-intervals over seeds; A − B is paired by seed. A diverged run stops there and is "
-          "counted below; every other measure is over the finished runs only, so n counts those.", "",
-          f"Divergence (runs that stopped on {divergence_words(results)}):", "",
-          divergence_table(summary), ""]
-    return md if frontier else md + ["## Conclusions", "", *[f"- {line}" for line in summary["conclusions"]], ""]
-
-
 def curves_section(results, summary, plots):
     window = smoothing_window(results)
     return [
@@ -527,32 +683,20 @@ def curves_section(results, summary, plots):
         "Mean over seeds of the difference between two arms' smoothed training losses (same seed, same batches), "
         "with its 95% band; below 0 the first arm is lower.",
         "",
-        "## Gradient norm and update size",
+        "## Gradient norm",
         "",
         _image("grad norm", plots["grad"]),
-        "",
-        _image("update ratio", plots["update"]),
-        "",
-        "The update/weight ratio is the RMS of one optimizer step's change over the RMS of the weights before it.",
         "",
         "## Activation RMS by depth at init",
         "",
         _image("activation RMS", plots["act"]),
         "",
         "The RMS of each ResBlock's output at step 0 on the fixed held-out batch (mean over seeds). Under `zero` "
-        "every block is the identity at init, so the RMS is carried through unchanged by the residual branches.",
+        "a block that keeps its channel count is the identity at init and passes the RMS on unchanged; every "
+        "decoder block concatenates the skip connection, changes the channel count and so starts as its 1x1 "
+        "skip conv, which changes the RMS.",
         "",
     ]
-
-
-def cell_tables_section(results, summary, plots):
-    if summary.get("frontier"):
-        return []  # one table per (panel, lr) cell would bury the frontier; results.json has every number
-    threshold = results["ablation"].get("threshold", float("nan"))
-    md = ["## Per-cell tables", ""]
-    for cell in summary["cells"]:
-        md += [f"### {cell['label']}", "", cell_table(cell, threshold), ""]
-    return md
 
 
 def symmetry_section(results, summary, plots):
@@ -562,12 +706,7 @@ def symmetry_section(results, summary, plots):
     return md + [
         *symmetry_table(results.get("symmetry")),
         "",
-        "A zeroed layer's weight gradient is (upstream gradient) x (its own input). Under `zero` the input is "
-        "non-zero and differs from channel to channel, so once any gradient reaches the layer one step makes its "
-        "output channels different: the output conv at the first step, the other zeroed layers at the second, "
-        "and by the third every parameter has moved. Under `all-zero` every activation is 0, so every weight "
-        "gradient is 0 and only the output conv's bias ever moves: the channels stay identical (distinctness 0). "
-        "`standard` (random rows from the start) is shown for scale.",
+        symmetry_words(results.get("symmetry")),
         "",
     ]
 
@@ -575,8 +714,6 @@ def symmetry_section(results, summary, plots):
 def measures_section(results, summary, plots):
     window = smoothing_window(results)
     threshold = results["ablation"].get("threshold", float("nan"))
-    median_note = " (a median, so that one batch's spike is counted as a spike, not a divergence)" \
-        if max(divergence_rule(results)[1]) > 1 else ""
     return ["## Measures", "",
             "- *initial loss*: the training loss of the first step.",
             f"- *steps to threshold*: the first step at which the mean of the last {window} training losses is at or "
@@ -585,18 +722,19 @@ def measures_section(results, summary, plots):
             "noise (the same for every run).",
             "- *grad norm*: the global gradient norm before clipping, max and median over steps.",
             f"- *loss spikes*: {spike_words(results)}.",
-            f"- *diverged*: {divergence_words(results)}{median_note}; the run stops there and is counted "
-            "(`diagnostics.DivergenceMonitor`).", ""]
+            f"- *failed*: {failure_words(results)}; the run stops there and is counted. *diverged*: the "
+            "stricter count of non-finite losses alone.", ""]
 
 
 # The report, top to bottom: each section maps (results, summary, plots) to Markdown lines.
 SECTIONS = (
     intro_section,
-    frontier_sections,
-    main_section,
-    curves_section,
-    cell_tables_section,
+    endpoints_section,
+    mechanism_section,
+    init_study_section,
     symmetry_section,
+    frontier_sections,
+    curves_section,
     measures_section,
 )
 
@@ -609,10 +747,16 @@ def write_report(results, out_dir):
     :return: {"plots": [paths], "summary": the summary dict}.
     """
     summary = summarize(results)
+    summary["endpoints"] = endpoint_tests(results)
+    summary["fractions"] = failure_fractions(results["runs"])
+    summary["conclusions"] = [*endpoint_conclusions(summary["endpoints"]),
+                              *[w for w in (decoder_words(results), symmetry_words(results.get("symmetry"))) if w]]
     plots = make_plots(results, out_dir)
-    if summary.get("frontier"):
-        plots["frontier"] = plot_frontier(summary["frontier"], os.path.join(out_dir, "lr_frontier.png"))
-    md = [line for section in SECTIONS for line in section(results, summary, plots)]
+    plots["frontier"] = plot_frontier(summary["frontier"], os.path.join(out_dir, "lr_frontier.png"))
+    plots["failures"] = plot_failure_fractions(summary["fractions"], os.path.join(out_dir, "failures.png"))
+    mechanism = mechanism_plots(results, out_dir)
+    md = [line for section in SECTIONS for line in section(results, summary, {**plots, "mechanism": mechanism})]
+    plots.update({f"mechanism_{i}": p for i, p in enumerate(mechanism.values())})
     with open(os.path.join(out_dir, "report.md"), "w") as f:
         f.write("\n".join(md))
     return {"plots": list(plots.values()), "summary": summary}

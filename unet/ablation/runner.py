@@ -17,6 +17,8 @@ run on its own GPU (the runs are independent, not data-parallel) and process 0 w
 report once every run is done.
 """
 
+import csv
+import gzip
 import json
 import math
 import os
@@ -32,7 +34,7 @@ from unet.utils.devices import cpu_cores
 from unet.utils.jsonfile import clean_json, write_json
 from unet.utils.stats import finite
 
-from .grid import SYMMETRY_ARMS, Ablation, RunSpec, cell_label, expand, load_ablation, symmetry_config  # noqa: F401
+from .grid import FAILURE_KEYS, SYMMETRY_ARMS, Ablation, RunSpec, cell_label, expand, load_ablation, symmetry_config  # noqa: F401
 from .report import write_report
 from .store import (
     claim_process,
@@ -56,79 +58,113 @@ def init_model(cfg):
     return create_model(cfg)
 
 
-def run_one(spec, threshold, smooth=10, early_steps=(10, 50, 100)):
+HELD_OUT_KEYS = ("dataset", "data_dir", "image_size", "channels", "eval_fraction", "eval_batch_size", "class_cond",
+                 "diffusion_steps", "noise_schedule", "timestep_respacing", "rescale_timesteps")
+_HELD_OUT = {}
+
+
+def held_out_batch(cfg):
+    """The fixed held-out batch training evaluates on for ``cfg`` (the same numbers in every
+    run of a grid: it depends only on ``HELD_OUT_KEYS``): its zero-predictor loss and the
+    diagnostics' noised images, (x_t, model timesteps, labels)."""
+    from unet.train.data import eval_batch, load_image_data
+    from unet.train.diagnostics import zero_predictor_loss
+    from unet.train.factory import create_diffusion_from_config
+
+    key = tuple(getattr(cfg, k) for k in HELD_OUT_KEYS)
+    if key not in _HELD_OUT:
+        data = load_image_data(cfg, log=lambda *_: None)
+        batch = eval_batch(data, create_diffusion_from_config(cfg), cfg, "cpu")
+        _HELD_OUT[key] = zero_predictor_loss(batch["noise"]), batch["diag"]
+    return _HELD_OUT[key]
+
+
+class Mechanism:
     """
-    Train one run and reduce it to the ablation's measures. Training stops a diverging run
-    itself (``diagnostics.DivergenceMonitor`` with the run's ``divergence_factor`` and
-    ``divergence_window``); a hook records the update/weight ratio of every step.
+    The measures of how training moves the network, every ``every`` steps: the update-to-weight
+    ratio of the last step per layer group and the middle block's attention logits (training's
+    own diagnostics rows add each ResBlock's output RMS and branch/skip ratio at the same steps).
+    """
+
+    def __init__(self, model, every, diag):
+        from unet.train import diagnostics
+
+        self.d, self.every, self.diag = diagnostics, every, diag
+        self.groups, self.before = diagnostics.layer_groups(model), None
+        self.rows = []
+
+    def __call__(self, step, row, model):
+        if not self.every:
+            return False
+        if (step + 1) % self.every == 0:
+            self.before = self.d.snapshot(model)  # the next step's update is the one measured
+        elif step % self.every == 0 and self.before is not None:
+            x, t, y = self.diag
+            self.rows.append({"step": step, "update_ratio": self.d.group_update_ratios(self.before, model, self.groups),
+                              **self.d.attention_stats(model, x, t, y)})
+            self.before = None
+        return False
+
+
+def run_one(spec, threshold, smooth=10, early_steps=(10, 50, 100), failure=None, mechanism_every=50):
+    """
+    Train one run and reduce it to the ablation's measures. The one failure rule
+    (``diagnostics.FailureRule``) reads every history row and stops the run when it fails.
 
     :param spec: a ``RunSpec``.
     :param early_steps: the steps whose training loss is kept as ``loss_at_<step>``.
-    :return: dict with the run's identity, ``measures``, per-step ``curves`` (loss,
-        grad_norm, update_ratio) and the ``init`` activation statistics.
+    :param failure: the rule's ``spike_factor`` and ``spike_window`` (``grid.FAILURE_KEYS``).
+    :return: dict with the run's identity, ``failed`` / ``failure_reason`` / ``diverged``,
+        ``measures``, per-step ``curves``, the ``mechanism`` rows and the ``init`` statistics.
     """
-    from unet.train.diagnostics import UpdateRatioTracker
+    from unet.train.diagnostics import FailureRule
     from unet.train.loop import train
 
-    tracker, ratios = UpdateRatioTracker(init_model(spec.cfg)), []
-
-    def update_ratio(step, record, model):
-        ratios.append(float("nan") if record.get("skipped") else tracker.update(model))
-
+    failure = {**FAILURE_KEYS, **(failure or {})}
+    zero_loss, diag = held_out_batch(spec.cfg)
+    rule = FailureRule(zero_loss, failure["spike_factor"], failure["spike_window"])
+    mechanism = Mechanism(init_model(spec.cfg), mechanism_every, diag)
     t0 = time.perf_counter()
-    out = train(spec.cfg, hooks=(update_ratio,))
+    out = train(spec.cfg, hooks=(mechanism, lambda step, row, model: rule.update(row) is not None))
     seconds = time.perf_counter() - t0
     hist = out["history"]
-    losses = [r.get("loss", float("nan")) for r in hist]
-    grads = [r.get("grad_norm", float("nan")) for r in hist]
-    reason = divergence_reason(out)
+    curve = lambda key: [r.get(key, float("nan")) for r in hist]  # noqa: E731
+    evals = [(r["step"], r["eval_mse"]) for r in hist if "eval_mse" in r]
     first = hist[0] if hist else {}
     return dict(
-        run_id=spec.run_id,
-        cell_id=spec.cell_id,
-        cell=spec.cell,
-        arm=spec.arm,
-        seed=spec.seed,
-        measures={
-            **run_measures(out, losses, grads, ratios, reason, threshold, smooth),
-            **early_measures(losses, early_steps),
-        },
-        stop_reason=reason or out["stop_reason"],
-        steps=len(hist),
-        nan_skipped=out["nan_skipped"],
+        run_id=spec.run_id, cell_id=spec.cell_id, cell=spec.cell, arm=spec.arm, seed=spec.seed,
+        failed=rule.reason is not None, failure_reason=rule.reason, failure_step=rule.step, diverged=rule.diverged,
+        zero_predictor_loss=zero_loss,
+        measures={**run_measures(out, curve("loss"), curve("grad_norm"), rule, threshold, smooth),
+                  **early_measures(curve("loss"), early_steps)},
+        stop_reason=rule.reason or out["stop_reason"], steps=len(hist), nan_skipped=out["nan_skipped"],
         seconds=seconds,
-        curves=dict(loss=losses, grad_norm=grads, update_ratio=ratios),
+        curves=dict(loss=curve("loss"), mse=curve("mse"), grad_norm=curve("grad_norm"),
+                    eval_steps=[s for s, _ in evals], eval_mse=[v for _, v in evals]),
+        mechanism=dict(rows=mechanism.rows, blocks=[{"step": r["step"], "activation_rms": r["activation_rms"],
+                                                     "residual_ratios": r["residual_ratios"]}
+                                                    for r in hist if "activation_rms" in r]),
         init=dict(activation_rms=first.get("activation_rms", []), residual_ratios=first.get("residual_ratios", {})),
-        model_key=_model_key(spec.cfg),
-        config=spec.cfg.to_dict(),
+        model_key=_model_key(spec.cfg), config=spec.cfg.to_dict(),
     )
 
 
-def divergence_reason(out):
-    """Why a finished ``train()`` call counts as diverged (one line), or None: training's own
-    divergence rule, or a held-out loss that is not finite."""
-    if out["divergence_reason"]:
-        return out["divergence_reason"]
+def run_measures(out, losses, grads, rule, threshold, smooth):
+    """The ablation's per-run measures. A failed run has no final or threshold measures: it
+    stopped when it failed."""
+    failed = rule.reason is not None
     last = out["history"][-1] if out["history"] else {}
-    return None if math.isfinite(last.get("eval_loss", 0.0)) else "non-finite held-out loss"
-
-
-def run_measures(out, losses, grads, ratios, reason, threshold, smooth):
-    """The ablation's per-run measures. A diverged run has no final or threshold measures."""
-    diverged = reason is not None
-    last = out["history"][-1] if out["history"] else {}
-    g, u = finite(grads), finite(ratios)
+    g = finite(grads)
     return dict(
         initial_loss=losses[0] if losses and math.isfinite(losses[0]) else None,
-        steps_to_threshold=None if diverged else steps_to_threshold(losses, threshold, smooth),
-        final_eval_loss=None if diverged else last.get("eval_loss"),
-        final_eval_mse=None if diverged else last.get("eval_mse"),
+        steps_to_threshold=None if failed else steps_to_threshold(losses, threshold, smooth),
+        final_eval_loss=None if failed else last.get("eval_loss"),
+        final_eval_mse=None if failed else last.get("eval_mse"),
         max_grad_norm=max(g) if g else None,
         median_grad_norm=statistics.median(g) if g else None,
-        median_update_ratio=statistics.median(u) if u else None,
-        max_update_ratio=max(u) if u else None,
-        spike_count=out["spike_count"],
-        diverged=diverged,
+        spike_count=rule.spikes.count,
+        failed=failed,
+        diverged=rule.diverged,
     )
 
 
@@ -188,10 +224,11 @@ def wandb_group(ab, out_dir):
 
 def _progress_line(i, total, spec, res, threshold):
     m = res["measures"]
-    status = f"DIVERGED at step {res['steps']}: {res['stop_reason']}" if m["diverged"] else (
-        f"held-out loss {m['final_eval_loss']:.4f}, steps to {threshold:g}: {m['steps_to_threshold'] or 'not reached'}")
+    reached = m["steps_to_threshold"] or "not reached"
+    status = f"FAILED ({res['failure_reason']})" if res["failed"] else (
+        f"held-out L_simple {m['final_eval_mse']:.4f}, steps to {threshold:g}: {reached}")
     return (f"[{i + 1}/{total}] {cell_label(spec.cell)} init={spec.arm} seed={spec.seed}: {status}, "
-            f"max grad norm {m['max_grad_norm'] or float('nan'):.3g}, spikes {m['spike_count']}, {res['seconds']:.1f}s")
+            f"max grad norm {m['max_grad_norm'] or float('nan'):.3g}, {res['seconds']:.1f}s")
 
 
 def _run_grid(ab, runs, rank, world, log):
@@ -206,7 +243,7 @@ def _run_grid(ab, runs, rank, world, log):
             if world > 1 and not spec.cfg.cpu_threads:
                 spec = replace(spec, cfg=spec.cfg.replace(cpu_threads=max(1, cores // world)))
             fresh_run_dir(spec.cfg)
-            res = run_one(spec, ab.threshold, ab.smooth, ab.early_steps)
+            res = run_one(spec, ab.threshold, ab.smooth, ab.early_steps, ab.failure, ab.mechanism_every)
             write_json(os.path.join(spec.cfg.output_dir, "result.json"), res, clean=True)
             if not ab.save_models:
                 shutil.rmtree(os.path.join(spec.cfg.output_dir, "checkpoints"), ignore_errors=True)
@@ -253,7 +290,7 @@ def measurement_rules():
     from unet.train.diagnostics import SpikeDetector
 
     spikes = SpikeDetector()
-    return {"spikes": {"factor": spikes.factor, "window": spikes.window}}
+    return {"spikes": {"factor": spikes.factor, "window": spikes.window}, "failure": dict(FAILURE_KEYS)}
 
 
 def run_ablation(ab, out_dir, log=print, command=None, workers=()):
@@ -291,12 +328,59 @@ def run_ablation(ab, out_dir, log=print, command=None, workers=()):
         )
     )
     write_json(os.path.join(out_dir, "results.json"), results, clean=True)  # the runs are kept even if the report fails
+    log_cells(ab, out_dir, results, log)
+    results.update(_init_study_file(out_dir))
     files = write_report(results, out_dir)
     results["summary"] = clean_json(files.pop("summary"))
     write_json(os.path.join(out_dir, "results.json"), results, clean=True)
+    write_runs_table(results, os.path.join(out_dir, "runs.csv"))
     _log_report(ab, out_dir, files, results)
     log(f"report: {os.path.join(out_dir, 'report.md')}")
     return results
+
+
+def _wandb_accelerator(ab, out_dir, name, config, tags):
+    """An ``Accelerator`` with one offline-capable wandb run in the ablation's group."""
+    from accelerate import Accelerator
+
+    from unet.train.tracking import wandb_offline_setup
+
+    wandb_offline_setup()
+    acc = Accelerator(log_with="wandb", project_dir=out_dir)
+    acc.init_trackers(ab.base.get("project", FIELDS["project"].default), config=config,
+                      init_kwargs={"wandb": {"dir": out_dir, "name": name, "group": ab.group, "tags": tags,
+                                             "job_type": name.split("-")[0]}})
+    return acc
+
+
+def log_cells(ab, out_dir, results, log=print):
+    """
+    One wandb run per (cell, arm) in the ablation's group, with every seed's curves as series
+    (``train/loss/s<seed>``, ``eval/mse/s<seed>``) and the cell's failure count in its summary:
+    a few dozen runs instead of one per training run, whose start-up would cost more than
+    the short runs themselves. Off unless the grid's ``report_to`` is wandb.
+    """
+    if ab.base.get("report_to", FIELDS["report_to"].default) != "wandb":
+        return
+    t0 = time.perf_counter()
+    by_cell = {}
+    for r in results["runs"]:
+        by_cell.setdefault((r["cell_id"], r["arm"]), []).append(r)
+    for (cell_id, arm), runs in by_cell.items():
+        acc = _wandb_accelerator(ab, out_dir, f"cell-{cell_id}-{arm}", {"cell": runs[0]["cell"], "init": arm},
+                                 [f"cell:{cell_id}", f"init:{arm}"])
+        steps = max(len(r["curves"]["loss"]) for r in runs)
+        for step in range(1, steps + 1):
+            row = {f"train/loss/s{r['seed']}": r["curves"]["loss"][step - 1] for r in runs
+                   if step <= len(r["curves"]["loss"])}
+            for r in runs:
+                if step in r["curves"]["eval_steps"]:
+                    row[f"eval/mse/s{r['seed']}"] = r["curves"]["eval_mse"][r["curves"]["eval_steps"].index(step)]
+            acc.log(row, step=step)
+        acc.get_tracker("wandb", unwrap=True).summary.update(
+            {"failed": sum(bool(r["failed"]) for r in runs), "runs": len(runs)})
+        acc.end_training()
+    log(f"wandb: {len(by_cell)} cell runs in group {ab.group} ({time.perf_counter() - t0:.0f}s)", flush=True)
 
 
 def _log_report(ab, out_dir, files, results):
@@ -304,17 +388,9 @@ def _log_report(ab, out_dir, files, results):
     report_to = ab.base.get("report_to", FIELDS["report_to"].default)
     if report_to != "wandb":
         return
-    from accelerate import Accelerator
-
-    from unet.train.tracking import wandb_offline_setup
-
-    wandb_offline_setup()
     import wandb
 
-    acc = Accelerator(log_with="wandb", project_dir=out_dir)
-    acc.init_trackers(ab.base.get("project", FIELDS["project"].default), config={"ablation": ab.name},
-                      init_kwargs={"wandb": {"dir": out_dir, "name": "report", "group": ab.group,
-                                             "tags": ["report"], "job_type": "report"}})
+    acc = _wandb_accelerator(ab, out_dir, "report", {"ablation": ab.name}, ["report"])
     run = acc.get_tracker("wandb", unwrap=True)
     run.log({os.path.splitext(os.path.basename(p))[0]: wandb.Image(p) for p in files["plots"]})
     rows = [
@@ -327,16 +403,75 @@ def _log_report(ab, out_dir, files, results):
     acc.end_training()
 
 
-def report_only(out_dir):
-    """Rebuild ``report.md``, the plots and the summary in ``results.json`` from that file."""
+def report_only(out_dir, source=None):
+    """Rebuild ``report.md``, the plots and the summary in ``out_dir/results.json`` from that
+    file, or from ``source`` (a results.json, gzipped or not, such as the shipped
+    ``docs/ablation/digits_results.json.gz``)."""
     path = os.path.join(out_dir, "results.json")
-    if not os.path.isfile(path):
-        raise ConfigError(f"'{path}' does not exist: run the ablation first")
-    with open(path) as f:
-        results = json.load(f)
+    source = source or path
+    if not os.path.isfile(source):
+        raise ConfigError(f"'{source}' does not exist: run the ablation first")
+    opener = gzip.open if source.endswith(".gz") else open
+    try:
+        with opener(source, "rt") as f:
+            results = json.load(f)
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"'{source}' is not a results.json: {e}") from None
+    os.makedirs(out_dir, exist_ok=True)
+    results.update(_init_study_file(out_dir) or _init_study_file(os.path.dirname(source)))
     results["summary"] = write_report(results, out_dir)["summary"]
     write_json(path, results, clean=True)
+    write_runs_table(results, os.path.join(out_dir, "runs.csv"))
     print(f"report: {os.path.join(out_dir, 'report.md')}")
+
+
+RUN_COLUMNS = ("run_id", "norm", "num_res_blocks", "lr", "arm", "seed", "failed", "diverged", "failure_step",
+               "failure_reason", "final_eval_mse", "final_eval_loss", "steps", "seconds")
+
+
+def write_runs_table(results, path):
+    """One CSV row per run with what the endpoints read (failed, diverged, the final held-out
+    L_simple), so the failure fractions and the tests can be recomputed without results.json."""
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(RUN_COLUMNS)
+        for r in results["runs"]:
+            m, cfg = r["measures"], r["config"]
+            w.writerow([r["run_id"], cfg["norm"], cfg["num_res_blocks"], cfg["lr"], r["arm"], r["seed"], r["failed"],
+                        r["diverged"], r["failure_step"], r["failure_reason"] or "", m.get("final_eval_mse"),
+                        m.get("final_eval_loss"), r["steps"], round(r["seconds"], 2)])
+
+
+def _init_study_file(out_dir):
+    """{"init_study": ...} from ``out_dir/init_study.json`` if the init study ran there, else {}."""
+    path = os.path.join(out_dir, "init_study.json")
+    if not os.path.isfile(path):
+        return {}
+    with open(path) as f:
+        return {"init_study": json.load(f)}
+
+
+def run_init_study(ab, out_dir, log=print):
+    """The init-only scaling study and the init memory of the grid's first panel, into
+    ``out_dir/init_study.json`` (the report picks it up)."""
+    from .init_study import init_memory, scaling_study
+
+    t0 = time.perf_counter()
+    cfg = expand(ab, out_dir)[0].cfg.replace(output_dir=os.path.join(out_dir, "init_memory"), seed=ab.seeds[0])
+    scaling = scaling_study()
+    memory = init_memory(cfg, lrs=(4e-4, float(cfg.lr)), steps=cfg.max_steps)
+    study = {"scaling": scaling, "memory": {"panel": cfg_label(cfg), "steps": next(iter(memory.values()))["steps"],
+                                            "ratio": {f"{lr:g}": m["ratio"] for lr, m in memory.items()}},
+             "seconds": time.perf_counter() - t0}
+    os.makedirs(out_dir, exist_ok=True)
+    write_json(os.path.join(out_dir, "init_study.json"), study, clean=True)
+    shutil.rmtree(cfg.output_dir, ignore_errors=True)
+    log(f"init study: {len(scaling)} models, init memory at lr {', '.join(study['memory']['ratio'])} "
+        f"({study['seconds']:.0f}s): {os.path.join(out_dir, 'init_study.json')}")
+
+
+def cfg_label(cfg):
+    return f"norm={cfg.norm}, num_res_blocks={cfg.num_res_blocks}, init arms zero and standard"
 
 
 def combine(out_dir, sources):

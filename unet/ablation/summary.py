@@ -45,10 +45,11 @@ class SweepRun:
     arm: str
     seed: int
     lr: float
-    diverged: bool
+    failed: bool
     final_loss: float = None
     initial_loss: float = None
     early: dict = field(default_factory=dict)
+    zero_loss: float = None
 
 
 def _ok(x):
@@ -68,33 +69,35 @@ def seed_curves(runs):
 
 def max_stable_lr(curve):
     """The largest lr of one seed's sweep that finished without divergence (None if none did)."""
-    ok = [r.lr for r in curve if not r.diverged and _ok(r.final_loss)]
+    ok = [r.lr for r in curve if not r.failed and _ok(r.final_loss)]
     return max(ok) if ok else None
 
 
 def max_trainable_lr(curve):
     """The largest lr of one seed's sweep whose run finished below its initial loss: a run that
     does not diverge by the rule may still end worse than it started (None if none did better)."""
-    ok = [r.lr for r in curve if not r.diverged and _ok(r.final_loss) and _ok(r.initial_loss)
+    ok = [r.lr for r in curve if not r.failed and _ok(r.final_loss) and _ok(r.initial_loss)
           and r.final_loss < r.initial_loss]
     return max(ok) if ok else None
 
 
-def lr_sensitivity(curve):
-    """Wortsman et al.'s sensitivity of one seed's sweep: mean over lrs of min(final, initial)
-    minus the best final loss; None when no run finished or no initial loss is known."""
+def lr_sensitivity(curve, cap=None):
+    """Wortsman et al.'s sensitivity of one seed's sweep: mean over lrs of min(final, cap)
+    minus the best final loss, a failed run counting as the cap; None when no run finished.
+    ``cap`` is one value for every arm (the zero predictor's loss); without it each run's own
+    initial loss caps it, as Wortsman et al. do, which credits an arm whose loss starts higher."""
     initial = [r.initial_loss for r in curve if _ok(r.initial_loss)]
-    finals = [r.final_loss for r in curve if not r.diverged and _ok(r.final_loss)]
-    if not initial or not finals:
+    finals = [r.final_loss for r in curve if not r.failed and _ok(r.final_loss)]
+    if (cap is None and not initial) or not finals:
         return None
-    l0 = min(initial)  # every lr of a seed starts from the same weights and batch: equal up to rounding
-    capped = [min(r.final_loss, l0) if (not r.diverged and _ok(r.final_loss)) else l0 for r in curve]
+    l0 = cap if cap is not None else min(initial)  # a seed's lrs share weights and batch: equal up to rounding
+    capped = [min(r.final_loss, l0) if (not r.failed and _ok(r.final_loss)) else l0 for r in curve]
     return sum(capped) / len(capped) - min(finals)
 
 
 def best(curve):
     """(optimal lr, best final loss) of one seed's sweep, or (None, None)."""
-    ok = [r for r in curve if not r.diverged and _ok(r.final_loss)]
+    ok = [r for r in curve if not r.failed and _ok(r.final_loss)]
     if not ok:
         return None, None
     r = min(ok, key=lambda r: r.final_loss)
@@ -112,25 +115,27 @@ def arm_measures(seeds):
         half-width), ``max_trainable_lr`` (every seed ended below its initial loss), ``opt_lr``
         (lowest mean final loss over the lrs every seed finished), ``diverged`` {lr: (k, n)}, ``initial_loss`` (median).
     """
-    per_seed = {"max_stable_lr": {}, "max_trainable_lr": {}, "sensitivity": {}, "best_loss": {}, "log10_opt_lr": {}}
+    per_seed = {"max_stable_lr": {}, "max_trainable_lr": {}, "sensitivity": {}, "sensitivity_own_cap": {},
+                "best_loss": {}, "log10_opt_lr": {}}
     for s, curve in seeds.items():
         lr_opt, loss = best(curve)
         per_seed["max_stable_lr"][s] = max_stable_lr(curve)
         per_seed["max_trainable_lr"][s] = max_trainable_lr(curve)
-        per_seed["sensitivity"][s] = lr_sensitivity(curve)
+        per_seed["sensitivity"][s] = lr_sensitivity(curve, curve[0].zero_loss)
+        per_seed["sensitivity_own_cap"][s] = lr_sensitivity(curve)
         per_seed["best_loss"][s] = loss
         per_seed["log10_opt_lr"][s] = None if lr_opt is None else math.log10(lr_opt)
     by_lr = {}
     for curve in seeds.values():
         for r in curve:
             by_lr.setdefault(r.lr, []).append(r)
-    stable = [lr for lr, rs in by_lr.items() if all(not r.diverged and _ok(r.final_loss) for r in rs)]
+    stable = [lr for lr, rs in by_lr.items() if all(not r.failed and _ok(r.final_loss) for r in rs)]
     mean_loss = {lr: sum(r.final_loss for r in by_lr[lr]) / len(by_lr[lr]) for lr in stable}
     out = {"per_seed": per_seed, "max_stable_lr": max(stable) if stable else None,
            "opt_lr": min(mean_loss, key=mean_loss.get) if mean_loss else None,
-           "diverged": {lr: (sum(r.diverged for r in rs), len(rs)) for lr, rs in sorted(by_lr.items())},
+           "failed": {lr: (sum(r.failed for r in rs), len(rs)) for lr, rs in sorted(by_lr.items())},
            "n_seeds": len(seeds)}
-    for k in ("sensitivity", "best_loss", "log10_opt_lr"):
+    for k in ("sensitivity", "sensitivity_own_cap", "best_loss", "log10_opt_lr"):
         out[k] = t_interval(finite(per_seed[k].values()))
     for k in ("max_stable_lr", "max_trainable_lr"):
         out[f"log10_{k}"] = t_interval(finite(log10_or_none(v) for v in per_seed[k].values()))
@@ -205,9 +210,12 @@ def sweep_runs(results):
             continue  # a hand-written result without its config: not part of a sweep
         m = r["measures"]
         early = {int(k[len("loss_at_"):]): v for k, v in m.items() if k.startswith("loss_at_")}
+        # L_simple throughout: the held-out one at the end, the first step's training one as the
+        # run's own start, and the zero predictor's as the cap every arm shares.
+        first_mse = (r.get("curves", {}).get("mse") or [None])[0]
         out.append(SweepRun(tuple((k, _hashable(v)) for k, v in r["cell"].items() if k != "lr"), r["arm"], r["seed"],
-                            float(lr), bool(m["diverged"]), m.get("final_eval_loss"),
-                            m.get("initial_loss"), early))
+                            float(lr), bool(m["failed"]), m.get("final_eval_mse"), first_mse, early,
+                            r.get("zero_predictor_loss")))
     return out
 
 
@@ -219,9 +227,9 @@ def loss_by_lr(seeds):
             by_lr.setdefault(r.lr, []).append(r)
     out = {}
     for lr, rs in sorted(by_lr.items()):
-        mean, half = t_interval(finite(r.final_loss for r in rs if not r.diverged))
-        out[lr] = {"mean": mean, "ci": half, "n": sum(not r.diverged and _ok(r.final_loss) for r in rs),
-                   "diverged": sum(r.diverged for r in rs), "runs": len(rs)}
+        mean, half = t_interval(finite(r.final_loss for r in rs if not r.failed))
+        out[lr] = {"mean": mean, "ci": half, "n": sum(not r.failed and _ok(r.final_loss) for r in rs),
+                   "failed": sum(r.failed for r in rs), "runs": len(rs)}
     return out
 
 
@@ -297,8 +305,6 @@ MEASURES = [
     ("initial_loss", "initial loss", None),
     ("max_grad_norm", "max grad norm", None),
     ("median_grad_norm", "median grad norm", None),
-    ("max_update_ratio", "max update/weight ratio", None),
-    ("median_update_ratio", "median update/weight ratio", None),
     ("spike_count", "loss spikes", "lower"),
 ]
 TOO_FEW = "too few runs to compare"
@@ -388,7 +394,7 @@ def comparisons(results):
 
 def finished_by_seed(runs, arm):
     """{seed: run} of ``arm``'s runs that did not diverge."""
-    return {r["seed"]: r for r in runs if r["arm"] == arm and not r["measures"]["diverged"]}
+    return {r["seed"]: r for r in runs if r["arm"] == arm and not r["measures"]["failed"]}
 
 
 # --------------------------------------------------------------------------- summary
@@ -397,10 +403,10 @@ def finished_by_seed(runs, arm):
 def arm_summary(runs):
     """One arm's runs: their count, how many diverged (and at which step), and each measure's
     mean +- CI over the finished runs (a run stopped at step 1 has no comparable measures)."""
-    out = {"n": len(runs), "diverged": sum(bool(r["measures"]["diverged"]) for r in runs),
-           "diverged_at": [r["steps"] for r in runs if r["measures"]["diverged"]]}
+    out = {"n": len(runs), "failed": sum(bool(r["measures"]["failed"]) for r in runs),
+           "failed_at": [r["steps"] for r in runs if r["measures"]["failed"]]}
     for key, _, _ in MEASURES:
-        m, h, n = mean_ci([r["measures"].get(key) for r in runs if not r["measures"]["diverged"]])
+        m, h, n = mean_ci([r["measures"].get(key) for r in runs if not r["measures"]["failed"]])
         out[key] = {"mean": m, "ci": h, "n": n}
     return out
 
@@ -409,8 +415,8 @@ def compare_arms(runs, arms, a, b):
     """Seed-paired differences A - B of every measure with CI and verdict, and the divergence
     counts of both arms with Fisher's exact p-value."""
     da, db = arms[a], arms[b]
-    comp = {"a": a, "b": b, "diverged": {"a": da["diverged"], "n_a": da["n"], "b": db["diverged"], "n_b": db["n"],
-                                         "p": fisher_p(da["diverged"], da["n"], db["diverged"], db["n"])}}
+    comp = {"a": a, "b": b, "failed": {"a": da["failed"], "n_a": da["n"], "b": db["failed"], "n_b": db["n"],
+                                       "p": fisher_p(da["failed"], da["n"], db["failed"], db["n"])}}
     by_seed = {arm: finished_by_seed(runs, arm) for arm in (a, b)}
     for key, _, better in MEASURES:
         m, h, n = mean_ci(paired_differences(*[{s: r["measures"].get(key) for s, r in by_seed[arm].items()}
@@ -429,15 +435,9 @@ def summarize(results):
         comps = [compare_arms(runs, arms, a, b) for a, b in comparisons(results) if a in arms and b in arms]
         cells.append({"cell_id": cid, "cell": runs[0]["cell"], "label": cell_label(runs[0]["cell"]), "arms": arms,
                       "comparisons": comps})
-    summary = {"cells": cells}
-    runs = sweep_runs(results)
-    if any(len({r.lr for r in runs if r.panel == p}) > 1 for p in {r.panel for r in runs}):
-        early = results["ablation"].get("early_steps", [10, 50, 100])
-        summary["frontier"] = frontier_summary(runs, [tuple(c) for c in comparisons(results)], early)
-        summary["conclusions"] = frontier_conclusions(summary["frontier"])
-    else:
-        summary["conclusions"] = conclusions(summary, results)
-    return summary
+    early = results["ablation"].get("early_steps", [10, 50, 100])
+    frontier = frontier_summary(sweep_runs(results), [tuple(c) for c in comparisons(results)], early)
+    return {"cells": cells, "frontier": frontier, "descriptive": frontier_conclusions(frontier)}
 
 
 # --------------------------------------------------------------------------- words
@@ -470,64 +470,6 @@ def fmt_diff(d):
 def measure_name(key, label, threshold):
     """A measure's name in the report; steps to threshold names its threshold."""
     return f"steps to loss {threshold:g}" if key == "steps_to_threshold" else label
-
-
-def comparison_finding(cell, c, threshold):
-    """One line for one comparison in one cell: the final loss and steps to threshold always,
-    other measures where their interval excludes 0, and the divergence counts if any."""
-    a, b = c["a"], c["b"]
-    parts = []
-    for key, label, _ in MEASURES:
-        d = c[key]
-        if key in ("final_eval_loss", "steps_to_threshold") or d["verdict"] not in ("indistinguishable", TOO_FEW):
-            parts.append(f"{measure_name(key, label, threshold)}: {d['verdict']} ({a} − {b} = {fmt_diff(d)})")
-    dv = c["diverged"]
-    if dv["a"] or dv["b"]:
-        note = (
-            ""
-            if dv["p"] < 0.05
-            else f"; with {dv['n_a']} and {dv['n_b']} runs this count alone is not significant at the 5% level"
-        )
-        parts.append(f"diverged: {a} {dv['a']}/{dv['n_a']}, {b} {dv['b']}/{dv['n_b']} "
-                     f"(Fisher exact p = {dv['p']:.2g}{note})")
-    return f"**{cell['label']}**, {a} vs {b}: " + "; ".join(parts) + "."
-
-
-def tally_final_loss(summary):
-    """{(A, B): counts of cells where A's final held-out loss was better, worse,
-    indistinguishable, or had too few finished runs to compare, and of cells}."""
-    tally = {}
-    for cell in summary["cells"]:
-        for c in cell["comparisons"]:
-            v = c["final_eval_loss"]["verdict"]
-            t = tally.setdefault((c["a"], c["b"]), {"better": 0, "worse": 0, "indistinguishable": 0, "too few": 0,
-                                                    "cells": 0})
-            t["cells"] += 1
-            t["better" if v.endswith("better") else "worse" if v.endswith("worse") else
-              "indistinguishable" if v == "indistinguishable" else "too few"] += 1
-    return tally
-
-
-def overall_finding(a, b, t):
-    """One sentence over every cell that compares A and B."""
-    if t["too few"] == t["cells"]:
-        return (f"In the {t['cells']} cell(s) that have both {a} and {b}, too few runs of both finished "
-                f"to compare their final losses (see the divergence counts).")
-    s = (f"Over the {t['cells']} cell(s) that have both {a} and {b}, {a} reached a lower final held-out loss "
-         f"than {b} in {t['better']}, a higher one in {t['worse']}, and the two were indistinguishable "
-         f"(95% CI of the seed-paired difference covers 0) in {t['indistinguishable']}")
-    return s + (f"; {t['too few']} had too few finished runs to compare." if t["too few"] else ".")
-
-
-def conclusions(summary, results):
-    """Plain-words findings, each one only as strong as its confidence interval: one sentence
-    per comparison over all cells, the caveat on multiple comparisons, then one line per cell."""
-    threshold = results["ablation"].get("threshold")
-    seeds = len(results["ablation"].get("seeds", []))
-    overall = [overall_finding(a, b, t) for (a, b), t in tally_final_loss(summary).items()]
-    overall.append(f"Each interval is over {seeds} seed(s) and is not corrected for the number of cells and measures "
-                   f"compared, so an isolated difference among many comparisons may be chance.")
-    return overall + [comparison_finding(cell, c, threshold) for cell in summary["cells"] for c in cell["comparisons"]]
 
 
 def fmt_lr(lr):

@@ -3,8 +3,18 @@ The initialisation schemes behind the ablation flag ``UNetModel(init=...)``.
 
 - ``zero``: improved-DDPM's. ``zero_module`` on the last conv of every ResBlock's
   ``out_layers``, every AttentionBlock's ``proj_out`` and the final output conv; all else
-  at PyTorch's default. Every residual block starts as the identity, the model outputs 0.
+  at PyTorch's default. The model outputs 0. Every attention block and every ResBlock that
+  keeps its channel count starts as the identity; a ResBlock that changes it (every decoder
+  block, and encoder blocks at a new width) starts as its 1x1 skip conv, not the identity.
 - ``standard``: the same network without ``zero_module``: PyTorch's default everywhere.
+- ``zero-branches``: ``standard`` with the residual branches' last layers zeroed (ResBlock
+  ``out_layers[-1]``, attention ``proj_out``) and the output conv at its default init.
+- ``zero-output``: ``standard`` with only the output conv zeroed.
+- ``near-zero``: ``standard`` with the layers ``zero`` zeroes scaled by ``NEAR_ZERO_SCALE``
+  (in the spirit of EDM's DDPM++ init): the same staged start in the forward pass, but every
+  layer gets a gradient from step 0 and Adam's first steps act on tiny, not zero, weights.
+  These three split ``standard`` from ``zero`` one difference at a time; their other weights
+  are bit-identical to ``standard``'s (and so to ``zero``'s).
 - ``kaiming``: every conv and linear He-normal (fan-in, ReLU gain), biases zero: the
   "standard method" Fixup compares against.
 - ``fixup``: Fixup's rules (Zhang, Dauphin & Ma, 2019) for ``norm="none"``: the layers
@@ -22,6 +32,7 @@ from .choices import INIT_SCHEMES  # noqa: F401 (read here by callers)
 from .nn import zero_module
 
 _CONV_LINEAR = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
+NEAR_ZERO_SCALE = 1e-5
 
 
 # What a scheme needs of the model, and all it uses (so this module never imports the model):
@@ -77,6 +88,26 @@ def _init_fixup(model):
     zero_module(model.output_layer()[1])
 
 
+def _init_split(model, scheme):
+    """``standard`` and the arms that split it from ``zero``: every zeroed layer is first
+    re-drawn at its default init in one fixed order (so each arm consumes the RNG as
+    ``standard`` does and its other weights match standard's bit for bit), then the arm's
+    subset is zeroed or scaled."""
+    layers = zeroed_layers(model)
+    for _, layer in layers:
+        layer.reset_parameters()
+    branch_ends, output = [layer for _, layer in layers[:-1]], layers[-1][1]
+    if scheme == "zero-branches":
+        for layer in branch_ends:
+            zero_module(layer)
+    elif scheme == "zero-output":
+        zero_module(output)
+    elif scheme == "near-zero":
+        for layer in [*branch_ends, output]:
+            for p in layer.parameters():
+                p.data.mul_(NEAR_ZERO_SCALE)
+
+
 def apply_init(model, scheme):
     """
     Initialise ``model`` (a ``UNetModel``) in place by the named scheme.
@@ -89,9 +120,8 @@ def apply_init(model, scheme):
     if scheme == "zero":
         for _, layer in zeroed_layers(model):
             zero_module(layer)
-    elif scheme == "standard":
-        for _, layer in zeroed_layers(model):
-            layer.reset_parameters()
+    elif scheme in ("standard", "zero-branches", "zero-output", "near-zero"):
+        _init_split(model, scheme)
     elif scheme == "kaiming":
         for m in model.modules():
             if isinstance(m, _CONV_LINEAR):

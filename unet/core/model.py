@@ -200,18 +200,22 @@ class AttentionBlock(nn.Module):
         """(the weighted layers inside the residual branch, its last layer), for the init schemes."""
         return [self.qkv], self.proj_out
 
-    def branch(self, x):
-        """The residual branch on (B, C, ...) positions, any spatial shape; returns that shape."""
+    def heads(self, x):
+        """q, k and v of the positions of ``x`` (B, C, ...), each (B, heads, T, d)."""
         h = self.norm(x)
         if self.fixup:
             h = h + self.fixup_bias[0]
         # Positions first, (B, T, C), a free view of a channels-last input: q, k and v then
         # come out with a unit-stride head dim, which SDPA's fused kernels need; from the
         # (B, C, T) layout SDPA silently falls back to its math path (explicit bmm's, the
-        # T x T matrix kept for backward), ~1.5x slower to train. The 1x1 convs run as the
+        # T x T matrix kept for backward), which trains slower. The 1x1 convs run as the
         # linear layers they are (same weights, kernel dim dropped).
         qkv = F.linear(h.flatten(2).transpose(1, 2), self.qkv.weight.squeeze(-1), self.qkv.bias)
-        q, k, v = rearrange(qkv, "b t (h three d) -> three b h t d", h=self.num_heads, three=3)
+        return rearrange(qkv, "b t (h three d) -> three b h t d", h=self.num_heads, three=3)
+
+    def branch(self, x):
+        """The residual branch on (B, C, ...) positions, any spatial shape; returns that shape."""
+        q, k, v = self.heads(x)
         h = rearrange(F.scaled_dot_product_attention(q, k, v), "b h t d -> b t (h d)")
         if self.fixup:
             h = h + self.fixup_bias[1]

@@ -77,6 +77,61 @@ def block_measures(model, x, t, y=None):
             "activation_rms": [(s["name"], s["rms"]) for s in stats]}
 
 
+@torch.no_grad()
+def attention_stats(model, x, t, y=None):
+    """The middle block's attention on one batch: the largest pre-softmax logit (q.k / sqrt(d))
+    and the mean entropy of its attention rows, with log(T), the entropy of uniform attention.
+    Logits that grow while the entropy collapses are the attention-logit instability."""
+    block, seen = model.middle_block[1], {}
+    handle = block.register_forward_pre_hook(lambda module, args: seen.setdefault("x", args[0]))
+    was_training = model.training
+    model.eval()
+    try:
+        model(x, t, y) if y is not None else model(x, t)
+    finally:
+        model.train(was_training)
+        handle.remove()
+    q, k, _ = block.heads(seen["x"])
+    logits = q.float() @ k.float().transpose(-1, -2) / math.sqrt(q.shape[-1])
+    p = logits.softmax(-1)
+    entropy = -(p * p.clamp_min(1e-30).log()).sum(-1).mean().item()
+    return {"max_logit": logits.max().item(), "entropy": entropy, "uniform_entropy": math.log(logits.shape[-1])}
+
+
+LAYER_GROUPS = ("branch_ends", "attention", "embeddings", "other")
+
+
+def layer_groups(model):
+    """{group: [parameter names]}: ``branch_ends`` (the layers improved-DDPM zero-initialises:
+    residual branches' last layers and the output conv), ``attention`` (the rest of the
+    attention blocks), ``embeddings`` (timestep and label embeddings, and each ResBlock's
+    projection of them), ``other`` (every other conv and norm)."""
+    ends = {id(p) for _, layer in zeroed_layers(model) for p in layer.parameters()}
+    groups = {g: [] for g in LAYER_GROUPS}
+    for name, p in model.named_parameters():
+        if id(p) in ends:
+            group = "branch_ends"
+        elif ".qkv." in name or ".proj_out." in name:
+            group = "attention"
+        elif name.startswith(("time_embed.", "label_emb.")) or ".emb_layers." in name:
+            group = "embeddings"
+        else:
+            group = "other"
+        groups[group].append(name)
+    return groups
+
+
+def group_update_ratios(before, model, groups):
+    """``update_to_weight_ratio`` per layer group since the ``before`` snapshot."""
+    params = dict(model.named_parameters())
+    out = {}
+    for group, names in groups.items():
+        num = sum((params[n].detach() - before[n]).float().pow(2).sum().item() for n in names)
+        den = sum(before[n].float().pow(2).sum().item() for n in names)
+        out[group] = (num / den) ** 0.5 if den > 0 else (float("inf") if num > 0 else 0.0)
+    return out
+
+
 def channel_distinctness(weight):
     """Mean pairwise distance between a layer's output channels (weight rows), over the
     rows' RMS norm: 0 when every output channel is the same function (symmetry unbroken)."""
@@ -102,14 +157,14 @@ class SpikeDetector:
     :param factor: how far above the median a loss must be to count.
     """
 
-    def __init__(self, window=50, factor=2.0):
-        self.window, self.factor = window, factor
+    def __init__(self, window=50, factor=2.0, min_history=10):
+        self.window, self.factor, self.min_history = window, factor, min(min_history, window)
         self.history = deque(maxlen=window)
         self.count = 0
 
     def update(self, loss):
-        """Record ``loss``; True if it is a spike (it needs a few past losses to judge)."""
-        spike = len(self.history) >= min(10, self.window) and loss > self.factor * statistics.median(self.history)
+        """Record ``loss``; True if it is a spike (judged once ``min_history`` past losses exist)."""
+        spike = len(self.history) >= self.min_history and loss > self.factor * statistics.median(self.history)
         self.count += int(spike)
         self.history.append(loss)
         return spike
@@ -162,6 +217,54 @@ class DivergenceMonitor:
     def load_state_dict(self, state):
         self.initial_loss = state["initial_loss"]
         self.recent = deque(state["recent"], maxlen=self.window)
+
+
+class FailureRule:
+    """
+    The ablation's one definition of a failed run, applied step by step to training's history
+    rows. A run fails at the first of:
+
+    - a non-finite training loss or held-out loss (``diverged``: the stricter count);
+    - a held-out L_simple (``eval_mse``: the fixed held-out batch, fixed t and noise) above
+      ``zero_loss``, the L_simple of a model that predicts zero noise on that batch: a run
+      worse than that has learned nothing, whatever its trend;
+    - an mse spike: a step's training mse above ``spike_factor`` x the median of the previous
+      ``spike_window`` steps' (all ``spike_window`` needed).
+
+    :param zero_loss: the zero predictor's held-out L_simple (``zero_predictor_loss``).
+    """
+
+    def __init__(self, zero_loss, spike_factor=3.0, spike_window=20):
+        self.zero_loss = zero_loss
+        self.spikes = SpikeDetector(window=spike_window, factor=spike_factor, min_history=spike_window)
+        self.reason, self.diverged, self.step = None, False, None
+
+    def update(self, row):
+        """Read one history row; returns the failure reason once failed (and from then on)."""
+        if self.reason is not None:
+            return self.reason
+        step, loss, mse, held_out = row["step"], row.get("loss"), row.get("mse"), row.get("eval_mse")
+        if row.get("skipped") or not _finite(loss) or (held_out is not None and not _finite(held_out)):
+            self.reason, self.diverged = f"non-finite loss at step {step}", True
+        elif held_out is not None and held_out > self.zero_loss:
+            self.reason = (f"held-out L_simple {held_out:.3g} above the zero predictor's {self.zero_loss:.3g} "
+                           f"at step {step}")
+        elif mse is not None and self.spikes.update(mse):
+            self.reason = (f"mse spike at step {step}: {mse:.3g} above {self.spikes.factor:g}x the median of the "
+                           f"previous {self.spikes.window} steps")
+        if self.reason is not None:
+            self.step = step
+        return self.reason
+
+
+def _finite(x):
+    return x is not None and math.isfinite(x)
+
+
+def zero_predictor_loss(noise):
+    """L_simple of predicting zero noise on a batch whose true noise is ``noise``: the mean of
+    noise^2 (~1 for unit-variance noise; computed, so the rule holds for any batch)."""
+    return noise.double().pow(2).mean().item()
 
 
 class UpdateRatioTracker:
