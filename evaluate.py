@@ -5,6 +5,9 @@ digit quality, FID for RGB data, and the samplers' quality and speed.
     python evaluate.py bpd --checkpoint outputs/digits
     python evaluate.py loss --checkpoint outputs/run_a --checkpoint outputs/run_b   # paired by draw
     python evaluate.py quality --samples samples/samples.npz
+    python evaluate.py ref --data configs/digits.yaml --out digits_ref.npz           # reference statistics, once
+    python evaluate.py fid --checkpoint outputs/digits --ref digits_ref.npz --num_samples 2000
+    accelerate launch evaluate.py fid --checkpoint outputs/cifar10 --ref cifar10_ref.npz --num_samples 50000
     python evaluate.py fid --samples samples/samples.npz --ref path/to/real/images
     python evaluate.py benchmark --checkpoint outputs/digits --num_samples 200
     python evaluate.py benchmark --checkpoint outputs/digits-cfg --runs ddpm:100 --guidance 0,1,2,3 --seeds 4 \
@@ -21,9 +24,10 @@ import os
 
 import numpy as np
 
-from unet.evaluation.fid import fid
-from unet.evaluation.held_out import bits_per_dim, held_out_data, held_out_losses, paired_report
+from unet.evaluation.fid import folder_images, reference_from
+from unet.evaluation.held_out import bits_per_dim, held_out_losses, paired_report
 from unet.evaluation.judge import check_sample_count, digit_quality, format_quality
+from unet.evaluation.metrics import Reference, ReferenceError, format_measures, quality, save_reference
 from unet.evaluation.samplers import (
     DEFAULT_RUNS,
     benchmark,
@@ -33,8 +37,11 @@ from unet.evaluation.samplers import (
     parse_runs,
     read_rows,
 )
-from unet.sample.sampling import check_seed
+from unet.sample.sampling import SCHEDULERS, check_seed, check_steps, generate, null_class_label
 from unet.train.checkpoint import load_checkpoint
+from unet.train.config import ConfigError, TrainConfig
+from unet.train.data import DataError, held_out_data, split_uint8
+from unet.train.quality import digit_reference, extractor_for, feature_space
 from unet.utils.devices import device_accelerator
 from unet.utils.jsonfile import write_json
 
@@ -74,10 +81,8 @@ def build_parser():
     q = sub.add_parser("quality", help="digit sample quality (classifier accuracy, Frechet distance)")
     q.add_argument("--samples", required=True, help="samples.npz written by sample.py")
     q.add_argument("--json", action="store_true")
-    f = sub.add_parser("fid", help="FID of RGB samples by torch-fidelity, when its weights are present")
-    f.add_argument("--samples", required=True)
-    f.add_argument("--ref", required=True, help="folder of real images")
-    f.add_argument("--inception_weights", default=None)
+    ref_args(sub.add_parser("ref", help="reference statistics (features, mean, covariance) of real images, once"))
+    fid_args(sub.add_parser("fid", help="FID, KID, precision/recall of a checkpoint's samples or of saved samples"))
     m = sub.add_parser("benchmark", help="images/s and digit quality for several samplers")
     m.add_argument("--checkpoint", required=True)
     m.add_argument("--num_samples", type=int, default=200)
@@ -92,6 +97,39 @@ def build_parser():
     r = sub.add_parser("summary", help="the over-seeds tables of saved 'benchmark --json' rows (no sampling)")
     r.add_argument("--rows", required=True, help="JSON rows written by 'benchmark --json', of one or more seeds")
     return p
+
+
+def features_args(p):
+    p.add_argument("--features", choices=("auto", "judge", "inception"), default="auto",
+                   help="feature space: the digit judge (1-channel digits) or Inception (torch-fidelity); auto: the "
+                   "judge for digits / 1-channel images, else Inception")
+    p.add_argument("--inception_weights", default=None, help="Inception weights file (default: torch-fidelity's "
+                   "cache path; nothing is downloaded)")
+
+
+def ref_args(p):
+    p.add_argument("--data", required=True, help="a training config (YAML: its dataset at its image size) or a folder "
+                   "of images")
+    p.add_argument("--out", required=True, help="the .npz to write")
+    p.add_argument("--split", choices=("held_out", "train"), default="held_out",
+                   help="with a config: which split (held_out: what training's eval/fid compares against)")
+    features_args(p)
+
+
+def fid_args(p):
+    p.add_argument("--checkpoint", default=None, help="sample this checkpoint (across processes under accelerate)")
+    p.add_argument("--samples", default=None, help="or measure these samples (sample.py's samples.npz)")
+    p.add_argument("--ref", required=True, help="statistics from 'evaluate.py ref', a folder of images, or a "
+                   "reference batch .npz (images in arr_0)")
+    p.add_argument("--num_samples", type=int, default=2000)
+    p.add_argument("--scheduler", choices=SCHEDULERS, default="dpm-solver++")
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--batch_size", type=int, default=256)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--kid_subset_size", type=int, default=None,
+                   help="KID's subset size (default: 1000, or the smaller set's size when that is less)")
+    p.add_argument("--json", action="store_true")
+    features_args(p)
 
 
 def held_out_args(p):
@@ -140,12 +178,79 @@ def run_loss(args):
         print("\n".join(paired_report(args.checkpoint, [t[term] for t in terms], f"held-out {term}", "draws")))
 
 
+def resolve_space(features, image_shape, cfg=None):
+    """--features auto: the training config's rule, else the judge for 1-channel images."""
+    if features != "auto":
+        return features
+    if cfg is not None:
+        return feature_space(cfg.replace(fid_features="auto"))
+    return "judge" if image_shape[-1] == 1 else "inception"
+
+
+def run_ref(args):
+    check_output_file(args.out, "--out")
+    if os.path.isdir(args.data):
+        cfg, images = None, folder_images(args.data, 3)
+        if args.features != "inception" and (images == images[..., :1]).all():  # grey images: one channel
+            images = images[..., :1]
+    else:
+        cfg = TrainConfig.load(args.data)
+        images, _ = split_uint8(cfg, args.split)
+    space = resolve_space(args.features, images.shape[1:], cfg)
+    extractor, _ = extractor_for(space, tuple(images.shape[1:]), args.inception_weights)
+    ref = Reference(extractor.name, tuple(images.shape[1:]), extractor.features(images))
+    save_reference(args.out, ref)
+    print(f"wrote {args.out}: {len(images)} images of {'x'.join(map(str, images.shape[1:]))}, features "
+          f"{extractor.name} ({ref.features.shape[1]} dims)")
+
+
+def fid_samples(args):
+    """(NHWC uint8 samples, labels, the model's config or None): sampled or loaded."""
+    if (args.checkpoint is None) == (args.samples is None):
+        raise ValueError("give one of --checkpoint (sample it) or --samples (measure saved samples)")
+    if args.samples:
+        return (*_load_samples(args.samples), None)
+    check_seed(args.seed)
+    if args.num_samples < 2 or args.batch_size < 1:
+        raise ValueError(f"--num_samples must be at least 2 and --batch_size at least 1, got {args.num_samples}, "
+                         f"{args.batch_size}")
+    loaded = load_checkpoint(args.checkpoint)
+    check_steps(args.steps, loaded.diffusion_kwargs)
+    return None, None, loaded
+
+
 def run_fid(args):
-    images, _ = _load_samples(args.samples)
-    if not os.path.isdir(args.ref):
-        raise FileNotFoundError(f"reference folder not found: {args.ref}")
-    value, reason = fid(images, args.ref, args.inception_weights)
-    print(reason if value is None else f"FID: {value:.3f}")
+    images, labels, loaded = fid_samples(args)
+    cfg = loaded.config if loaded else None
+    shape = (loaded.image_size, loaded.image_size, loaded.model.in_channels) if loaded else tuple(images.shape[1:])
+    accelerator = device_accelerator() if loaded else None
+    extractor, digits = extractor_for(resolve_space(args.features, shape, cfg), shape, args.inception_weights,
+                                      accelerator.device if accelerator else "cpu")
+    ref, line = reference_from(args.ref, extractor)  # before sampling: a bad reference costs nothing
+    n = args.num_samples if loaded else len(images)
+    subset = args.kid_subset_size or min(1000, n, len(ref.features))
+    if not 2 <= subset <= min(n, len(ref.features)):
+        raise ValueError(f"--kid_subset_size {subset} must be between 2 and the smaller of the sample count ({n}) "
+                         f"and the reference's ({len(ref.features)})")
+    if loaded:
+        images, labels = generate(loaded.model.to(accelerator.device), loaded.diffusion_kwargs, loaded.image_size, n,
+                                  args.scheduler, args.steps, args.batch_size, args.seed, accelerator=accelerator,
+                                  null_label=null_class_label(cfg))
+        if not accelerator.is_main_process:
+            return
+    q = quality(ref, extractor.features(images), subset, seed=args.seed)
+    q["processes"] = accelerator.num_processes if accelerator else 1
+    if digits is not None:
+        judged = digit_quality(images, labels, seed=args.seed, reference=digits)
+        q.update({f"judge_{k}": judged[k] for k in ("accuracy", "fd", "fd_floor") if k in judged})
+    print(json.dumps(q) if args.json else f"{line}\n{format_measures(q)}" + judge_line(q))
+
+
+def judge_line(q):
+    if "judge_fd" not in q:
+        return ""
+    acc = f", accuracy on the requested labels {q['judge_accuracy']:.4f}" if "judge_accuracy" in q else ""
+    return f"\ndigit judge: Frechet distance {q['judge_fd']:.4f} (real-vs-real floor {q['judge_fd_floor']:.4f}){acc}"
 
 
 def run_benchmark(args):
@@ -162,7 +267,8 @@ def run_benchmark(args):
     loaded = load_checkpoint(args.checkpoint)
     runs = parse_runs(args.runs, loaded.diffusion_kwargs.get("steps", 1000))
     scales = parse_guidance(args.guidance, loaded)
-    rows = benchmark(loaded, runs, args.num_samples, args.batch_size, range(args.seed, args.seed + args.seeds), scales)
+    rows = benchmark(loaded, runs, args.num_samples, args.batch_size, range(args.seed, args.seed + args.seeds), scales,
+                     reference=digit_reference(loaded.image_size))
     if args.json:
         write_json(args.json, rows, indent=1)
     print(format_table(rows) if args.seeds == 1 else format_seed_summary(rows))
@@ -173,12 +279,16 @@ def run_summary(args):
 
 
 def run_quality(args):
-    q = digit_quality(*_load_samples(args.samples))
+    images, labels = _load_samples(args.samples)
+    if images.ndim != 4 or images.shape[-1] != 1:
+        raise ValueError(f"digit quality needs 1-channel NHWC samples, got shape {images.shape}; use fid for RGB")
+    q = digit_quality(images, labels, reference=digit_reference(images.shape[1]))
     print(json.dumps(q) if args.json else format_quality(q))
 
 
 COMMANDS = dict(
-    bpd=run_bpd, loss=run_loss, quality=run_quality, fid=run_fid, benchmark=run_benchmark, summary=run_summary
+    bpd=run_bpd, loss=run_loss, quality=run_quality, ref=run_ref, fid=run_fid, benchmark=run_benchmark,
+    summary=run_summary
 )
 
 
@@ -187,7 +297,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
     try:
         COMMANDS[args.command](args)
-    except (FileNotFoundError, ValueError) as e:
+    except (FileNotFoundError, ValueError, ReferenceError, ConfigError, DataError) as e:
         parser.exit(2, f"error: {e}\n")  # one line, exit status 2 as for argparse's own errors
 
 

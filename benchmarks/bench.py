@@ -36,7 +36,7 @@ from benchmarks.machine import cpu_name
 from unet.sample.export import check_expressible, unet2d_config
 from unet.train.config import TrainConfig
 from unet.train.factory import config_from_iddpm_flags, create_diffusion_from_config, create_model
-from unet.train.loop import adamw
+from unet.train.setup import adamw
 from unet.utils.jsonfile import write_json
 from unet.utils.stats import paired_ratio_ci
 

@@ -164,7 +164,7 @@ def child_env(**extra):
     return env
 
 
-def tail(path, n=3000):
+def tail(path, n=12000):
     try:
         with open(path, errors="replace") as f:
             return f.read()[-n:]

@@ -119,8 +119,10 @@ def judge(checkpoint, args):
     from unet.evaluation.judge import digit_quality
     from unet.sample.sampling import generate
     from unet.train.checkpoint import load_checkpoint
+    from unet.train.quality import digit_reference
 
     loaded = load_checkpoint(checkpoint)  # the first EMA rate, as sample.py
+    reference = digit_reference(loaded.image_size)
     name, steps = args.judge_sampler
     labels = list(range(loaded.model.num_classes)) if loaded.model.num_classes else None
     rows = []
@@ -129,7 +131,8 @@ def judge(checkpoint, args):
         images, y = generate(loaded.model, loaded.diffusion_kwargs, loaded.image_size, args.judge_samples, name,
                              steps, args.judge_batch, seed, labels, progress=False)
         sampled = time.perf_counter() - start
-        q = digit_quality(images, y, seed=0)  # one judge and one floor for every seed: only the samples vary
+        # One judge and one floor for every seed: only the samples vary.
+        q = digit_quality(images, y, seed=0, reference=reference)
         rows.append(dict(seed=seed, accuracy=q.get("accuracy"), fd=q["fd"], fd_floor=q["fd_floor"],
                          confidence=q["confidence"], sampling_seconds=sampled,
                          judge_seconds=time.perf_counter() - start - sampled))

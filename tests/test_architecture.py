@@ -12,8 +12,8 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 # Lower layers first: a subpackage imports only the ones before it (and itself).
-LAYERS = ["utils", "core", "sample", "train", "evaluation", "ablation"]
-COMMAND_LINES = {"train", "sample", "evaluate", "export", "ablation", "benchmarks", "scripts"}
+LAYERS = ["utils", "core", "sample", "evaluation", "train", "ablation"]
+COMMAND_LINES = {"train", "sample", "evaluate", "export", "phema", "ablation", "benchmarks", "scripts"}
 CORE_THIRD_PARTY = {"torch", "numpy", "einops"}  # torch and its array helpers: no accelerate, diffusers, data
 
 

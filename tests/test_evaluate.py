@@ -14,9 +14,11 @@ from unet.core.diffusion import create_diffusion
 from unet.core.model import UNetModel
 from unet.evaluation.fid import fid_unavailable_reason
 from unet.evaluation.held_out import bits_per_dim, held_out_losses
-from unet.evaluation.judge import digit_judge, digit_quality, frechet_distance
+from unet.evaluation.judge import digit_quality
+from unet.evaluation.metrics import frechet_distance
 from unet.evaluation.samplers import format_table, guidance_differences, summarize_seeds
 from unet.train.config import TrainConfig
+from unet.train.quality import digit_reference
 
 
 def test_frechet_distance_matches_eigenvalue_formula():
@@ -33,14 +35,15 @@ def test_frechet_distance_matches_eigenvalue_formula():
 
 @pytest.fixture(scope="module")
 def digits():
-    return digit_judge(8)
+    return digit_reference(8)
 
 
 def test_digit_quality_separates_real_noise_and_wrong_labels(digits):
-    _, (train_x, train_y), (eval_x, eval_y) = digits
-    real = digit_quality(train_x[:180], train_y[:180])
-    noise = digit_quality(np.random.default_rng(0).integers(0, 256, (180, 8, 8, 1), dtype=np.uint8), train_y[:180])
-    wrong = digit_quality(train_x[:180], (train_y[:180] + 1) % 10)
+    train_x, train_y = digits.train
+    real = digit_quality(train_x[:180], train_y[:180], reference=digits)
+    noise = digit_quality(np.random.default_rng(0).integers(0, 256, (180, 8, 8, 1), dtype=np.uint8), train_y[:180],
+                          reference=digits)
+    wrong = digit_quality(train_x[:180], (train_y[:180] + 1) % 10, reference=digits)
     assert real["judge_accuracy"] > 0.9 and real["accuracy"] > 0.9
     assert real["fd"] < 2 * real["fd_floor"]  # real digits sit at the real-vs-real floor
     assert noise["fd"] > 10 * real["fd"] and noise["accuracy"] < 0.3
@@ -136,7 +139,7 @@ def test_quality_and_benchmark_cli(run_dir, tmp_path, capsys, digits):
           "--json", str(tmp_path / "rows.json")])
     table = capsys.readouterr().out.strip().splitlines()
     assert len(table) == 4 and table[2].startswith("| ddpm | 10 |") and table[3].startswith("| dpm-solver++ | 3 |")
-    _, (train_x, train_y), _ = digits
+    train_x, train_y = digits.train
     np.savez(tmp_path / "real.npz", train_x[:50], train_y[:50])
     main(["quality", "--samples", str(tmp_path / "real.npz")])
     out = capsys.readouterr().out
@@ -158,10 +161,9 @@ def test_fid_explains_itself_when_unavailable(tmp_path, capsys):
     if reason is None:
         pytest.skip("torch-fidelity and weights present")
     np.savez(tmp_path / "s.npz", np.zeros((4, 8, 8, 3), np.uint8))
-    main(["fid", "--samples", str(tmp_path / "s.npz"), "--ref", str(tmp_path), "--inception_weights",
-          str(tmp_path / "missing.pth")])
-    out = capsys.readouterr().out.strip()
-    assert out == reason and out.startswith("FID skipped: ") and "\n" not in out
+    err = refused(main, ["fid", "--samples", str(tmp_path / "s.npz"), "--ref", str(tmp_path), "--inception_weights",
+                         str(tmp_path / "missing.pth")], capsys)
+    assert err == f"error: {reason}" and reason.startswith("Inception FID unavailable: ")
 
 
 def test_benchmark_sweeps_the_guidance_scale(tmp_path, capsys):
@@ -274,7 +276,7 @@ def test_benchmark_refuses_bad_input_before_sampling(run_dir, tmp_path, capsys, 
 
 
 def test_quality_of_one_sample_is_refused(tmp_path, capsys, digits):
-    _, (train_x, train_y), _ = digits
+    train_x, train_y = digits.train
     np.savez(tmp_path / "one.npz", train_x[:1], train_y[:1])
     message = refused(main, ["quality", "--samples", str(tmp_path / "one.npz"), "--json"], capsys)
     assert message == "error: digit quality needs at least 2 samples (the Frechet distance fits a covariance), got 1"

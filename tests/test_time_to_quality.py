@@ -43,16 +43,13 @@ def test_max_minutes_stops_once_the_clock_reaches_it_and_never_when_off():
     assert should_stop(*state_at(1.0), cfg, signalled=True) == "preempted"
 
 
-def test_the_clock_is_saved_and_checkpoints_from_before_it_read_zero():
+def test_the_clock_is_saved_and_restored():
     state, _ = state_at(12.5)
     saved = state.state_dict()
     assert saved["elapsed_seconds"] == 12.5
     again = TrainState(divergence=DivergenceMonitor(0.0))
     again.load_state_dict(saved)
     assert again.elapsed == 12.5
-    old = {k: v for k, v in saved.items() if k != "elapsed_seconds"}
-    again.load_state_dict(old)
-    assert again.elapsed == 0.0
 
 
 # --- the key ----------------------------------------------------------------------------

@@ -22,7 +22,7 @@ FULL, FIRST, MIDDLE, LAST = 1, 2, 3, 4
 @dataclass
 class OfflineRun:
     """What a run recorded: ``history`` (one dict per logged step, with ``_step``), the
-    ``config`` and ``summary`` dicts, and the run's ``name``, ``group`` and ``tags``."""
+    ``config`` and ``summary`` dicts, and the run's ``name``, ``group``, ``tags`` and ``run_id``."""
 
     history: list = field(default_factory=list)
     config: dict = field(default_factory=dict)
@@ -30,6 +30,7 @@ class OfflineRun:
     name: str = ""
     group: str = ""
     tags: list = field(default_factory=list)
+    run_id: str = ""
 
 
 def iter_payloads(data):
@@ -112,5 +113,6 @@ def read_run(path):
             run.name = rec.run.display_name or rec.run.run_id
             run.group = rec.run.run_group
             run.tags = list(rec.run.tags)
+            run.run_id = rec.run.run_id
             _items(rec.run.config.update, run.config, unwrap=True)
     return run

@@ -94,12 +94,3 @@ def paired_report(names, values, what, unit):
         lines.append(f"  {name} minus {names[0]}: {mean:+.4f} +- {half:.4f} (95% t half-width, paired by {unit[:-1]})")
     return lines
 
-
-def held_out_data(cfg):
-    """The held-out split the training loop made for ``cfg`` as (images [-1, 1], labels)."""
-    from unet.train.data import fixed_batch, load_image_data
-
-    data = load_image_data(cfg, log=lambda *_: None)
-    if data.eval is None or len(data.eval) == 0:
-        raise ValueError(f"dataset '{cfg.dataset}' has no held-out split (eval_fraction={cfg.eval_fraction})")
-    return fixed_batch(data.eval, len(data.eval))

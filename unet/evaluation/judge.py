@@ -4,33 +4,16 @@ training split of the same held-out split the training loop makes) judges sample
 accuracy on their labels (class-conditional models) or its confidence and class histogram
 (unconditional ones), and by a Frechet distance in its hidden-layer features against the
 held-out real digits, printed beside the same distance for as many real training digits (the
-floor that sampling noise alone gives). Used by ``unet.evaluation.evaluate``.
+floor that sampling noise alone gives). The real digits are given (``unet.train.data.real_digits``
+loads them); the distance is ``unet.evaluation.metrics.frechet_distance``, FID's own code.
 """
 
-import functools
-import warnings
+import hashlib
+from dataclasses import dataclass
 
 import numpy as np
-import torch
-from scipy import linalg
 
-from unet.utils.images import to_uint8
-
-
-def real_digits(image_size, channels=1):
-    """scikit-learn's digits as the training loop sees them at ``image_size``, split as it
-    splits them: ((train images, labels), (held-out images, labels)), images NHWC uint8."""
-    from unet.train.config import TrainConfig
-    from unet.train.data import load_image_data
-
-    cfg = TrainConfig(dataset="digits", image_size=image_size, channels=channels, report_to="none")
-    data = load_image_data(cfg, log=lambda *_: None)
-
-    def arrays(split):
-        rows = [split[i] for i in range(len(split))]
-        return to_uint8(torch.stack([r["image"] for r in rows])), np.array([r["label"] for r in rows])
-
-    return arrays(data.train), arrays(data.eval)
+from .metrics import frechet_distance
 
 
 def flat_pixels(images):
@@ -53,6 +36,11 @@ class DigitJudge:
         self.clf.fit(flat_pixels(images), labels)
         # Units dead on every real digit are constant features: they make covariances singular.
         self.alive = self.hidden(images).std(0) > 0
+        self.image_shape = tuple(images.shape[1:])
+        # Keyed by its weights, so that statistics of another fit (seed, data, library
+        # version) are refused rather than compared.
+        digest = hashlib.sha1(b"".join(np.ascontiguousarray(w).tobytes() for w in self.clf.coefs_)).hexdigest()[:12]
+        self.name = f"digit-judge-{hidden}-{digest}"
 
     def hidden(self, images):
         """Hidden-layer (ReLU) activations of every unit, [N x hidden]."""
@@ -69,26 +57,19 @@ class DigitJudge:
         return self.clf.predict(flat_pixels(images))
 
 
-@functools.lru_cache(maxsize=4)
-def digit_judge(image_size, seed=0):
-    """(judge, real training digits, held-out real digits) at ``image_size``, fitted once."""
-    train, held = real_digits(image_size)
-    return DigitJudge(*train, seed=seed), train, held
+@dataclass
+class DigitReference:
+    """A fitted judge with the real digits it judges against: (images NHWC uint8, labels) of
+    the training split (its fit, and the floor) and of the held-out split (the reference)."""
+
+    judge: DigitJudge
+    train: tuple
+    held: tuple
 
 
-def frechet_distance(a, b):
-    """Frechet distance between Gaussians fitted to feature sets ``a`` and ``b`` ([N x D]):
-    |mu_a - mu_b|^2 + Tr(S_a + S_b - 2 (S_a S_b)^(1/2)), as FID computes it."""
-    mu_a, mu_b = a.mean(0), b.mean(0)
-    s_a, s_b = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", linalg.LinAlgWarning)  # a near-singular product is handled below
-        covmean = linalg.sqrtm(s_a @ s_b)
-        if not np.isfinite(covmean).all():  # regularise, as pytorch-fid does
-            eps = np.eye(len(s_a)) * 1e-6
-            covmean = linalg.sqrtm((s_a + eps) @ (s_b + eps))
-    fd = ((mu_a - mu_b) ** 2).sum() + np.trace(s_a) + np.trace(s_b) - 2 * np.trace(covmean.real)
-    return max(float(fd), 0.0)  # rounding can give -1e-13 for identical sets
+def fit_digit_reference(train, held, seed=0):
+    """A ``DigitReference``: the judge fitted on ``train`` = (images, labels)."""
+    return DigitReference(DigitJudge(*train, seed=seed), train, held)
 
 
 def check_sample_count(n):
@@ -97,11 +78,12 @@ def check_sample_count(n):
         raise ValueError(f"digit quality needs at least 2 samples (the Frechet distance fits a covariance), got {n}")
 
 
-def digit_quality(images, labels=None, seed=0):
+def digit_quality(images, labels=None, seed=0, reference=None):
     """
     Quality of digit samples (NHWC uint8, 1 channel, the training image size).
 
     :param labels: the labels they were sampled for (class-conditional models).
+    :param reference: a ``DigitReference`` at the samples' image size.
     :return: dict with ``fd`` (samples vs held-out real), ``fd_floor`` (as many real
         training digits vs held-out real), ``confidence`` (mean top probability),
         ``class_histogram``, ``accuracy`` (labels given), ``judge_accuracy`` (held-out
@@ -110,14 +92,17 @@ def digit_quality(images, labels=None, seed=0):
     if images.ndim != 4 or images.shape[-1] != 1:
         raise ValueError(f"digit quality needs 1-channel NHWC samples, got shape {images.shape}; use fid for RGB")
     check_sample_count(len(images))
-    judge, (train_x, _), (eval_x, eval_y) = digit_judge(images.shape[1], seed)
+    judge, (train_x, _), (eval_x, eval_y) = reference.judge, reference.train, reference.held
+    if tuple(images.shape[1:]) != judge.image_shape:
+        raise ValueError(f"samples are {images.shape[1]}x{images.shape[2]}, the digit judge reads "
+                         f"{judge.image_shape[0]}x{judge.image_shape[1]}")
     probs = judge.predict_proba(images)
     pred = probs.argmax(1)
     held = judge.features(eval_x)
     # The floor: real digits the model trained on, as many as there are samples.
     pick = np.random.default_rng(seed).permutation(len(train_x))[:len(images)]
-    out = dict(n=len(images), n_floor=len(pick), fd=frechet_distance(judge.features(images), held),
-               fd_floor=frechet_distance(judge.features(train_x[pick]), held),
+    out = dict(n=len(images), n_floor=len(pick), fd=frechet_distance(held, judge.features(images)),
+               fd_floor=frechet_distance(held, judge.features(train_x[pick])),
                confidence=float(probs.max(1).mean()), class_histogram=np.bincount(pred, minlength=10).tolist(),
                judge_accuracy=float((judge.predict(eval_x) == eval_y).mean()))
     if labels is not None:

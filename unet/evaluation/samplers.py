@@ -47,8 +47,9 @@ def parse_guidance(spec, loaded):
     return scales
 
 
-def benchmark(loaded, runs, num_samples, batch_size=256, seeds=(0,), guidance_scales=(1.0,)):
-    """Images/s and digit quality of each (scheduler, steps) at each guidance scale and seed;
+def benchmark(loaded, runs, num_samples, batch_size=256, seeds=(0,), guidance_scales=(1.0,), reference=None):
+    """Images/s and digit quality (against ``reference``, a ``judge.DigitReference``) of each
+    (scheduler, steps) at each guidance scale and seed;
     within a seed every row has the same labels and initial noise. A seed also draws the real
     digits the Frechet distance is measured against, so rows of different seeds differ in all
     the randomness a reader's rerun would."""
@@ -69,7 +70,7 @@ def benchmark(loaded, runs, num_samples, batch_size=256, seeds=(0,), guidance_sc
                         seed=seed,
                         images_per_s=num_samples / seconds,
                         seconds=seconds,
-                        **digit_quality(images, labels, seed=seed),
+                        **digit_quality(images, labels, seed=seed, reference=reference),
                     )
                 )
     return rows

@@ -230,7 +230,7 @@ def build_pipeline(loaded, unet):
                                                      null_class_label=null_class_label(loaded.config))
 
 
-def export_pipeline(loaded, out_dir, tolerance=1e-4, quality=None):
+def export_pipeline(loaded, out_dir, tolerance=1e-4, quality=None, repo_id=None):
     """
     Write ``out_dir`` (``model_index.json``, ``unet/``, ``scheduler/``, ``README.md``, and
     ``pipeline.py`` for a class-conditional model), after checking that the converted U-Net
@@ -238,6 +238,7 @@ def export_pipeline(loaded, out_dir, tolerance=1e-4, quality=None):
 
     :param quality: rows of ``evaluate.py benchmark --json`` for the model card, if measured
         (one per run: ``summarize_seeds`` rows where several seeds were measured).
+    :param repo_id: the hub repository it will be pushed to: the card's snippet loads it from there.
     :return: the measured largest output difference.
     """
     check_out_dir(out_dir)
@@ -254,12 +255,53 @@ def export_pipeline(loaded, out_dir, tolerance=1e-4, quality=None):
             shutil.copyfile(source, path)
         elif os.path.exists(path):  # an earlier class-conditional export into the same folder
             os.remove(path)
-    with open(os.path.join(out_dir, "README.md"), "w") as fh:
-        fh.write(model_card(loaded, out_dir, diff, quality))
+    hub_card(loaded, model_card(loaded, repo_id or out_dir, diff, quality)).save(os.path.join(out_dir, "README.md"))
     return diff
 
 
 # --- the model card ------------------------------------------------------------------
+
+def hub_card(loaded, text):
+    """``text`` as a ``huggingface_hub.ModelCard`` whose metadata the hub reads: diffusers as
+    the library, unconditional image generation (the hub's tag for a pipeline without a text
+    prompt; class labels are an optional input), and tags saying what the model is."""
+    from huggingface_hub import ModelCard, ModelCardData
+
+    cfg = loaded.config
+    tags = ["diffusers", "improved-ddpm", "unet2d", "ddpm",
+            "unconditional" if loaded.model.num_classes is None else "class-conditional"]
+    data = ModelCardData(library_name="diffusers", pipeline_tag="unconditional-image-generation", tags=tags,
+                         license="mit", datasets=[cfg.dataset] if cfg is not None and "/" in cfg.dataset else None)
+    return ModelCard(f"---\n{data.to_yaml()}\n---\n\n{text}")
+
+
+class PushError(RuntimeError):
+    """A push to the hub that failed (no token, no network, refused); the message is one line."""
+
+
+def push_to_hub(out_dir, repo_id, private=False):
+    """
+    Upload the export folder ``out_dir`` to the hub repository ``repo_id`` (created if
+    missing) with ``huggingface_hub``: ``create_repo`` then ``upload_folder``.
+
+    :param private: create the repository private (an existing one keeps its visibility).
+    :return: the repository's URL.
+    """
+    from huggingface_hub import HfApi, get_token
+
+    if not get_token():
+        raise PushError(f"no Hugging Face token (run `hf auth login` or set HF_TOKEN): the export is in {out_dir}, "
+                        "not pushed")
+    api = HfApi()
+    try:
+        url = api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
+        api.upload_folder(repo_id=repo_id, folder_path=out_dir, repo_type="model",
+                          commit_message="Upload an improved-DDPM U-Net exported by the unet package")
+    except Exception as e:  # offline, refused, rate-limited: one line, the local folder stays
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise PushError(f"push to {repo_id} failed ({type(e).__name__}: {msg}): the export is in {out_dir}") from None
+    return str(url)
+
 
 def usage_lines(loaded, out_dir):
     """The three lines that generate from the export with stock diffusers (a labelled grid,

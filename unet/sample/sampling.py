@@ -182,6 +182,16 @@ def sample_generators(seed, indices):
     return gens
 
 
+def device_generators(generators, device):
+    """Generators on ``device`` seeded as ``generators`` (the same objects on the CPU), so that
+    noise is drawn where the images are: on an accelerator each sample's noise still depends only
+    on (seed, index), though its numbers differ from the CPU's."""
+    device = torch.device(device)
+    if device.type == "cpu":
+        return generators
+    return [torch.Generator(device=device).manual_seed(g.initial_seed()) for g in generators]
+
+
 def draw_labels(indices, generators, num_classes, class_labels=None):
     """Labels for samples ``indices``: cycled from ``class_labels``, else uniformly at random
     from each sample's own generator. None for an unconditional model."""
@@ -203,22 +213,24 @@ def sample_batch(model, scheduler, diffusion_kwargs, steps, shape, generators, y
     :param model: our ``UNetModel`` (raw timesteps handling is done here).
     :param scheduler: a scheduler from ``make_scheduler``; it is reset to ``steps`` steps.
     :param shape: (N, C, H, W).
-    :param generators: N per-sample generators (``sample_generators``).
+    :param generators: N per-sample generators (``sample_generators``); their labels drawn, the
+        noise comes from generators on ``device`` seeded alike (``device_generators``).
     :param y: [N] labels for a class-conditional model.
     :param progress: an optional tqdm bar, advanced once per step.
     :param guidance_scale: classifier-free guidance weight (1: none).
     :param null_label: the "no label" class, for ``guidance_scale`` != 1.
     :return: [N x C x H x W] float images, nominally in [-1, 1].
     """
-    scheduler.set_timesteps(steps)
-    x = randn_tensor(shape, generator=generators).to(device)
+    scheduler.set_timesteps(steps)  # its timesteps and sigmas stay on the CPU: indexing them syncs nothing
+    gens = device_generators(generators, device)
+    x = randn_tensor(shape, generator=gens, device=torch.device(device))
+    # What the model is given goes to the device once per batch; every step then runs there,
+    # scheduler update and noise included, and the images come back once at the end.
     y = None if y is None else y.to(device)
-    for t in scheduler.timesteps:
-        out = model_output(model, scheduler.scale_model_input(x, t),
-                           model_timesteps(t, diffusion_kwargs, shape[0]).to(device), y, null_label, guidance_scale)
-        out = scheduler_input(out, shape[1], scheduler).cpu()
-        # Step on the CPU so that the per-sample CPU generators drive the noise.
-        x = scheduler.step(out, t, x.cpu(), generator=generators).prev_sample.to(device)
+    times = torch.stack([model_timesteps(t, diffusion_kwargs, shape[0]) for t in scheduler.timesteps]).to(device)
+    for t, model_t in zip(scheduler.timesteps, times):
+        out = model_output(model, scheduler.scale_model_input(x, t), model_t, y, null_label, guidance_scale)
+        x = scheduler.step(scheduler_input(out, shape[1], scheduler), t, x, generator=gens).prev_sample
         if progress is not None:
             progress.update(1)
     return x.cpu()

@@ -218,7 +218,9 @@ def plan_start(cfg):
 
 
 QUIET_KEYS = ("resume", "output_dir", "overwrite")  # changing these is the point of resuming
-OPTIMIZER_KEYS = ("lr", "weight_decay", "warmup_steps")
+# Keys the restored optimizer and lr schedule are set from; max_steps is the decay's horizon.
+OPTIMIZER_KEYS = ("lr", "weight_decay", "warmup_steps", "max_steps", "lr_schedule", "lr_cycles", "lr_power",
+                  "adam_beta1", "adam_beta2", "adam_eps")
 
 
 def plan(cfg):
@@ -255,6 +257,10 @@ def restore(run, state, path, changes, log):
     loaded = load_training_state(run.accelerator, path, run.model, run.emas)
     state.load_state_dict(loaded)
     run.sampler.load_state_dict(loaded["sampler"])
+    if getattr(run, "phema", None) is not None:  # post-hoc EMA's power EMAs (main process)
+        run.phema.load_state_dict(loaded["phema"])
+    if getattr(run.data, "stream", None) is not None:  # every process's stream position
+        run.data.stream["resume"] = loaded.get("stream")
     for r, ema in run.emas.items():
         ema.optimization_step = loaded["ema_steps"][f"{r:g}"]
     log_process_count_change(loaded["rng_writers"], run.accelerator.num_processes, log)
@@ -265,7 +271,10 @@ def restore(run, state, path, changes, log):
         if key not in QUIET_KEYS:
             log(f"resume: {key} changed from {old!r} to {new!r}")
     if any(k in changes for k in OPTIMIZER_KEYS):
+        before = run.scheduler.get_last_lr()[0]
         apply_optimizer_settings(run.optimizer, run.scheduler.scheduler, run.cfg)
+        if run.scheduler.get_last_lr()[0] != before:
+            log(f"resume: lr at step {state.step} is now {run.scheduler.get_last_lr()[0]:.6g} (was {before:.6g})")
 
 
 def log_process_count_change(writers, n, log):
@@ -290,15 +299,17 @@ def log_process_count_change(writers, n, log):
 
 def apply_optimizer_settings(optimizer, scheduler, cfg):
     """
-    The restored optimizer keeps the saved lr and weight decay in its parameter groups, and
-    the lr schedule its saved base lr: set this config's, and recompute the current lr
-    (base lr x the warm-up factor at the restored step) as a scheduler step would.
+    The restored optimizer keeps the saved lr, weight decay, betas and eps in its parameter
+    groups, and the lr schedule its saved base lr: set this config's, and recompute the current
+    lr (base lr x this config's schedule, built with its own horizon, at the restored step) as a
+    scheduler step would.
 
     :param scheduler: the torch ``LambdaLR`` (not accelerate's wrapper).
     """
     for group in optimizer.param_groups:
         group["weight_decay"] = cfg.weight_decay
         group["initial_lr"] = cfg.lr
+        group["betas"], group["eps"] = (cfg.adam_beta1, cfg.adam_beta2), cfg.adam_eps
     scheduler.base_lrs = [cfg.lr] * len(scheduler.base_lrs)
     scheduler.last_epoch -= 1
     with warnings.catch_warnings():  # "scheduler.step() before optimizer.step()": no step is taken here

@@ -68,6 +68,17 @@ class TrainConfig:
     num_samples: int = 100
     sample_steps: int = 100  # respaced ancestral steps for the grid
     progress: bool = True
+    # --- sample quality during training (FID/judge) ---
+    fid_every: int = 0  # EMA samples measured (FID, KID, precision/recall) every N steps; 0 = off
+    fid_num_samples: int = 256  # sampled across all processes
+    fid_ref: str = ""  # statistics file (evaluate.py ref), image folder or arr_0 .npz; "" = the held-out split
+    fid_features: str = "auto"  # judge (digits) | inception (torch-fidelity) | auto: judge for digits, else inception
+    fid_scheduler: str = "dpm-solver++"
+    fid_steps: int = 20  # at most diffusion_steps are taken
+    fid_batch_size: int = 256  # per process
+    kid_subset_size: int = 100  # KID's subset size: at most fid_num_samples and the reference's image count
+    keep_best_fid: bool = False  # copy the checkpoint with the lowest FID to output_dir/best
+    fid_inception_weights: str = ""  # Inception weights file; "" = torch-fidelity's cache path
     # --- data ---
     dataset: str = "digits"  # "digits", "imagefolder" (needs data_dir) or a Hugging Face hub name
     data_dir: str = ""
@@ -104,6 +115,26 @@ class TrainConfig:
     rescale_learned_sigmas: bool = True
     timestep_respacing: str = ""
     schedule_sampler: str = "uniform"
+    # --- optimizer and schedule ---
+    lr_schedule: str = "constant_with_warmup"  # a diffusers get_scheduler name; it decays over max_steps
+    lr_cycles: int = 1  # cosine_with_restarts: how many hard restarts (cosine always decays once, to 0)
+    lr_power: float = 1.0  # polynomial: the decay's power (1 = linear)
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_eps: float = 1e-8
+    allow_tf32: bool = False  # TF32 matmuls and convolutions on an NVIDIA GPU (Ampere or newer); no effect on a CPU
+    # --- post-hoc EMA ---
+    phema_every: int = 0  # store power-function EMA snapshots every N steps (EDM2); 0 = off
+    phema_sigma_rels: list[float] = field(default_factory=lambda: [0.05, 0.10])  # the stored profiles
+    # --- data at scale ---
+    streaming: bool = False  # read the dataset as a stream (hub, imagefolder, parquet, webdataset): no decode pass
+    shuffle_buffer: int = 1000  # streaming: examples shuffled in a buffer; 0 = the stream's order (exact resume)
+    image_column: str = ""  # "" = the first image feature
+    label_column: str = ""  # "" = the first ClassLabel feature
+    dataset_config: str = ""  # a hub dataset's configuration name
+    cache_dir: str = ""  # datasets' cache folder; "" = its default
+    verify_images: str = "auto"  # parallel | lazy | off | auto (parallel up to 100k images, else lazy)
+    num_proc: int = 0  # processes for verify_images parallel; 0 = the cores of this machine
 
     def __post_init__(self):
         validate(self)
@@ -354,6 +385,15 @@ def help_text(argv=()):
     return build_parser(file_defaults(argv)).format_help()
 
 
+# diffusers' get_scheduler names (its SchedulerType, tests/test_schedules.py checks them)
+# without piecewise_constant, which needs rules no other key describes.
+LR_SCHEDULES = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
+
+# unet.sample.sampling.SCHEDULERS, written here so that the config stays torch-free (a test
+# checks the two agree), and the feature spaces FID can be measured in.
+FID_SCHEDULERS = ("ddpm", "ddim", "dpm-solver++")
+FID_FEATURES = ("auto", "judge", "inception")
+
 CHOICES = {
     "init": INIT_SCHEMES,
     "norm": NORMS,
@@ -362,12 +402,16 @@ CHOICES = {
     "report_to": ("wandb", "tensorboard", "none"),
     "noise_schedule": NOISE_SCHEDULES,
     "schedule_sampler": SCHEDULE_SAMPLERS,
+    "fid_scheduler": FID_SCHEDULERS,
+    "fid_features": FID_FEATURES,
+    "lr_schedule": LR_SCHEDULES,
+    "verify_images": ("auto", "parallel", "lazy", "off"),
 }
 POSITIVE_INTS = ("max_steps", "batch_size", "grad_accum", "keep_checkpoints", "log_every", "num_samples",
                  "image_size", "model_channels", "num_res_blocks", "max_nan_steps", "num_heads",
                  "eval_batch_size", "divergence_window")
 NON_NEGATIVE_INTS = ("warmup_steps", "num_workers", "diagnostics_every", "eval_every", "cpu_threads",
-                     "checkpoint_every")
+                     "checkpoint_every", "phema_every", "shuffle_buffer", "num_proc")
 NON_NEGATIVE_FLOATS = ("weight_decay", "grad_clip", "dropout", "divergence_factor", "max_minutes")
 INT_LIMIT = 2 ** 31  # step counts and sizes beyond this overflow int32 indices and int64 positions
 SEED_LIMIT = 2 ** 32  # numpy's seed range (accelerate's set_seed seeds numpy too)
@@ -411,6 +455,29 @@ RESUME_CHANGEABLE = frozenset(
         "progress",
         "data_dir",
         "num_workers",
+        # sample quality during training: what is measured and how often, not what is trained
+        "fid_every",
+        "fid_num_samples",
+        "fid_ref",
+        "fid_features",
+        "fid_scheduler",
+        "fid_steps",
+        "fid_batch_size",
+        "kid_subset_size",
+        "keep_best_fid",
+        "fid_inception_weights",
+        # optimizer and schedule: applied to the restored optimizer and lr schedule (a new schedule
+        # or horizon sets the lr its formula gives at the restored step)
+        "lr_schedule",
+        "lr_cycles",
+        "lr_power",
+        "adam_beta1",
+        "adam_beta2",
+        "adam_eps",
+        "allow_tf32",
+        # data at scale: where the files are cached and how many processes check them
+        "cache_dir",
+        "num_proc",
     )
 )
 
@@ -467,6 +534,21 @@ def check_numbers(cfg):
     require(len(cfg.ema_rates) >= 1 and all(0 < r < 1 for r in cfg.ema_rates), "ema_rates",
             "one or more rates in (0, 1), e.g. 0.9999,0.999", cfg.ema_rates)
     require(0 <= cfg.class_dropout_prob < 1, "class_dropout_prob", "a number in [0, 1)", cfg.class_dropout_prob)
+    check_optimizer(cfg)
+
+
+def check_optimizer(cfg):
+    """Adam's betas in [0, 1) and eps > 0 (torch's own ranges), the schedule's shape, and
+    post-hoc EMA profiles that have an exponent (``unet.train.phema``: sigma_rel < 12^-1/2)."""
+    for key in ("adam_beta1", "adam_beta2"):
+        v = getattr(cfg, key)
+        require(math.isfinite(v) and 0 <= v < 1, key, "a number in [0, 1)", v)
+    require(math.isfinite(cfg.adam_eps) and cfg.adam_eps > 0, "adam_eps", "a finite number > 0", cfg.adam_eps)
+    require(1 <= cfg.lr_cycles < INT_LIMIT, "lr_cycles", "an integer >= 1", cfg.lr_cycles)
+    require(math.isfinite(cfg.lr_power) and cfg.lr_power > 0, "lr_power", "a finite number > 0", cfg.lr_power)
+    sig = cfg.phema_sigma_rels
+    require(len(sig) >= 1 and len(set(sig)) == len(sig) and all(0 < s < 12 ** -0.5 for s in sig),
+            "phema_sigma_rels", "one or more distinct numbers in (0, 0.2887), e.g. 0.05,0.10", sig)
 
 
 def check_diffusion(cfg):
@@ -504,6 +586,21 @@ def check_model(cfg):
             "0 for an unconditional model (class_cond false)", cfg.class_dropout_prob)
 
 
+def check_fid(cfg):
+    """Sample-quality keys: enough samples for a covariance and for KID's subsets, the judge
+    only for 1-channel images. (The reference itself is read, and
+    checked against the image shape, when the run starts: ``unet.train.quality``.)"""
+    require(0 <= cfg.fid_every < INT_LIMIT, "fid_every", "an integer >= 0 (0 = off)", cfg.fid_every)
+    require(2 <= cfg.kid_subset_size < INT_LIMIT, "kid_subset_size", "an integer >= 2", cfg.kid_subset_size)
+    require(cfg.kid_subset_size <= cfg.fid_num_samples < INT_LIMIT, "fid_num_samples",
+            f"an integer >= 2 and >= kid_subset_size ({cfg.kid_subset_size})", cfg.fid_num_samples)
+    require(1 <= cfg.fid_batch_size < INT_LIMIT, "fid_batch_size", "an integer >= 1", cfg.fid_batch_size)
+    require(1 <= cfg.fid_steps < INT_LIMIT, "fid_steps", "an integer >= 1 (at most diffusion_steps are taken)",
+            cfg.fid_steps)
+    require(cfg.fid_features != "judge" or cfg.channels == 1, "fid_features",
+            "auto or inception for RGB images (the digit judge reads 1-channel digits)", cfg.fid_features)
+
+
 def validate(cfg):
     """Check every value and the ones that depend on each other; raise ConfigError."""
     for key, allowed in CHOICES.items():
@@ -515,8 +612,14 @@ def validate(cfg):
     check_batch_split(cfg.batch_size, cfg.grad_accum)
     check_diffusion(cfg)
     check_model(cfg)
+    check_fid(cfg)
     if cfg.dataset == "imagefolder":
         require(bool(cfg.data_dir), "data_dir", "a folder of images when dataset=imagefolder", cfg.data_dir)
+    if cfg.dataset == "webdataset":
+        require(bool(cfg.data_dir), "data_dir", "tar shards when dataset=webdataset: a folder or a pattern "
+                "like shards/train-*.tar", cfg.data_dir)
+    require(not (cfg.streaming and cfg.dataset == "digits"), "streaming", "false with dataset=digits (built in "
+            "memory)", cfg.streaming)
 
 
 def resume_changes(saved, cfg, where):

@@ -5,6 +5,7 @@ The order in which training sees examples is a pure function of (data seed, step
 an iterator's state: resuming at step s replays exactly the batches a straight run would
 have seen, and every init arm of the ablation sees the same data for the same seed."""
 
+import glob
 import io
 import math
 import os
@@ -14,7 +15,10 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from .config import check_batch_split
+from unet.utils.devices import cpu_cores
+from unet.utils.images import to_uint8
+
+from .config import ConfigError, check_batch_split
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 
@@ -86,15 +90,57 @@ def _decodes(example, column):
         return False
 
 
-def _columns(ds):
-    """The image column and the label column (or None) from the dataset's features."""
+def columns(features, cfg):
+    """(image column, label column or None): the ones cfg names (``image_column``,
+    ``label_column``), else the first image and ClassLabel features; a named column that does
+    not exist is a one-line ``DataError``."""
     import datasets
 
-    image = next((k for k, f in ds.features.items() if isinstance(f, datasets.Image)), None)
+    features = features or {}
+    names = list(features)
+    for key in ("image_column", "label_column"):
+        if getattr(cfg, key) and getattr(cfg, key) not in names:
+            raise DataError(f"config key '{key}': the dataset has no column '{getattr(cfg, key)}' "
+                            f"(columns: {', '.join(names)})")
+    image = cfg.image_column or next((k for k, f in features.items() if isinstance(f, datasets.Image)), None)
     if image is None:
-        raise DataError(f"the dataset has no image column (columns: {', '.join(ds.column_names)})")
-    label = next((k for k, f in ds.features.items() if isinstance(f, datasets.ClassLabel)), None)
+        raise DataError(f"the dataset has no image column (columns: {', '.join(names)}); set --image_column")
+    label = cfg.label_column or next((k for k, f in features.items() if isinstance(f, datasets.ClassLabel)), None)
     return image, label
+
+
+def webdataset_files(data_dir):
+    """The tar shards ``data_dir`` names: a folder's ``*.tar`` files or a glob pattern's matches,
+    sorted; none is a one-line ``ConfigError`` (exit 2), checked before any work."""
+    pattern = os.path.join(data_dir, "*.tar") if os.path.isdir(data_dir) else data_dir
+    files = sorted(glob.glob(pattern))
+    if not files:
+        raise ConfigError(f"config key 'data_dir': the webdataset pattern '{pattern}' matches no shard")
+    return files
+
+
+def load_args(cfg):
+    """``datasets.load_dataset`` arguments for cfg's source (not digits): the loader (a hub name,
+    imagefolder, parquet, webdataset...), its files, configuration name, cache folder and whether
+    it streams (webdataset shards always do)."""
+    args = dict(streaming=cfg.streaming or cfg.dataset == "webdataset", cache_dir=cfg.cache_dir or None)
+    if cfg.dataset == "webdataset":
+        return dict(path="webdataset", data_files={"train": webdataset_files(cfg.data_dir)}, **args)
+    if cfg.dataset_config:
+        args["name"] = cfg.dataset_config
+    return dict(path=cfg.dataset, data_dir=cfg.data_dir or None, **args)
+
+
+def verify(part, image_col, cfg):
+    """The images of ``part`` that decode, checked up front in ``num_proc`` processes
+    (``verify_images`` parallel or auto), or all of them (off: a corrupt file fails when read)."""
+    import datasets
+
+    if cfg.verify_images == "off":
+        return part
+    part = part.cast_column(image_col, datasets.Image(decode=False))
+    procs = (cfg.num_proc or cpu_cores()) if len(part) >= 1000 else None  # workers cost more than small sets
+    return part.filter(_decodes, fn_kwargs={"column": image_col}, num_proc=procs, desc="checking image files")
 
 
 def _load_raw(cfg):
@@ -108,15 +154,15 @@ def _load_raw(cfg):
             raise DataError(f"data_dir '{cfg.data_dir}' does not exist or is not a folder")
         if not any(f.lower().endswith(IMAGE_EXTENSIONS) for _, _, fs in os.walk(cfg.data_dir) for f in fs):
             raise DataError(f"data_dir '{cfg.data_dir}' contains no image files ({', '.join(IMAGE_EXTENSIONS)})")
-        loader = dict(path="imagefolder", data_dir=cfg.data_dir)
-    else:
-        loader = dict(path=cfg.dataset, data_dir=cfg.data_dir or None)
+    loader = load_args(cfg)
     try:
         ds = datasets.load_dataset(**loader)
     except Exception as e:  # offline, unknown name, unreadable folder: one line, not a traceback
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise DataError(f"dataset '{cfg.dataset}' could not be loaded: {msg}") from None
-    if not isinstance(ds, datasets.DatasetDict):
+    if isinstance(ds, datasets.IterableDataset):
+        ds = datasets.IterableDatasetDict(train=ds)
+    elif not isinstance(ds, (datasets.DatasetDict, datasets.IterableDatasetDict)):
         ds = datasets.DatasetDict(train=ds)
     return ds
 
@@ -130,12 +176,10 @@ def load_image_data(cfg, log=print):
     :param log: where to report skipped files.
     :return: an ``ImageData``.
     """
-    import datasets
-
     raw = _load_raw(cfg)
     split = "train" if "train" in raw else next(iter(raw))
     ds = raw[split]
-    image_col, label_col = _columns(ds)
+    image_col, label_col = columns(ds.features, cfg)
     held = next((raw[s] for s in ("test", "validation") if s in raw and s != split), None)
     splits = {"train": ds} if held is None else {"train": ds, "eval": held}
 
@@ -143,8 +187,7 @@ def load_image_data(cfg, log=print):
     # up front, so that every step's batch has the same size and the count can be reported.
     skipped = 0
     for name, part in (splits.items() if cfg.dataset != "digits" else ()):  # digits are built in memory
-        part = part.cast_column(image_col, datasets.Image(decode=False))
-        good = part.filter(_decodes, fn_kwargs={"column": image_col}, desc="checking image files")
+        good = verify(part, image_col, cfg)
         skipped += len(part) - len(good)
         splits[name] = good
     if skipped:
@@ -154,7 +197,8 @@ def load_image_data(cfg, log=print):
     if "eval" in splits and len(splits["eval"]) == 0:
         raise DataError(f"the held-out split of dataset '{cfg.dataset}' has no readable images")
 
-    num_classes = ds.features[label_col].num_classes if label_col else 0
+    num_classes = ds.features[label_col].num_classes if label_col and hasattr(ds.features[label_col],
+                                                                            "num_classes") else 0
     if cfg.class_cond and not label_col:
         raise DataError(f"class_cond is true but dataset '{cfg.dataset}' has no class labels; set --class_cond false")
     if cfg.class_cond and num_classes != cfg.num_classes:
@@ -297,3 +341,33 @@ def eval_batch(data, diffusion, cfg, device):
     diag = (diffusion.q_sample(x[:n], t[:n], noise[:n]).to(device), diffusion.model_timesteps(t[:n]).to(device),
             None if y is None else y[:n].to(device))
     return dict(x=x, t=t, noise=noise, kwargs={} if y is None else {"y": y.to(device)}, diag=diag)
+
+
+# --- the real images evaluation compares against ----------------------------------------
+
+def held_out_data(cfg):
+    """The held-out split the training loop made for ``cfg`` as (images [-1, 1], labels)."""
+    data = load_image_data(cfg, log=lambda *_: None)
+    if data.eval is None or len(data.eval) == 0:
+        raise DataError(f"dataset '{cfg.dataset}' has no held-out split (eval_fraction={cfg.eval_fraction})")
+    return fixed_batch(data.eval, len(data.eval))
+
+
+def split_uint8(cfg, split):
+    """One split of ``cfg``'s data as (NHWC uint8 images, labels), as the model sees it ("train",
+    or "held_out": the split ``held_out_data`` gives)."""
+    data = load_image_data(cfg, log=lambda *_: None)
+    part = data.train if split == "train" else data.eval
+    if part is None or len(part) == 0:
+        raise DataError(f"dataset '{cfg.dataset}' has no {split} split (eval_fraction={cfg.eval_fraction})")
+    images, labels = fixed_batch(part, len(part))
+    return to_uint8(images), labels.numpy()
+
+
+def real_digits(image_size):
+    """scikit-learn's digits as the training loop sees them at ``image_size``, split as it
+    splits them: ((train images, labels), (held-out images, labels)), images NHWC uint8."""
+    from .config import TrainConfig
+
+    cfg = TrainConfig(dataset="digits", image_size=image_size, channels=1, report_to="none")
+    return split_uint8(cfg, "train"), split_uint8(cfg, "held_out")

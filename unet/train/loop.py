@@ -22,7 +22,6 @@ from dataclasses import dataclass
 
 import torch
 from accelerate.utils import set_seed
-from diffusers.optimization import get_constant_schedule_with_warmup
 from diffusers.training_utils import EMAModel
 from tqdm.auto import tqdm
 
@@ -31,12 +30,20 @@ from unet.sample.sampling import generate
 from unet.utils.devices import any_process
 from unet.utils.images import image_grid, save_png
 
-from . import diagnostics
-from .checkpoint import plan, restore, save_checkpoint, tidy
-from .data import batch_slice, draw_step_inputs, eval_batch, load_image_data, mixed_seed, seeded_generator, train_loader
+from . import diagnostics, phema, quality, streaming
+from .checkpoint import plan, restore, save_checkpoint, saved_train_state, tidy
+from .data import batch_slice, draw_step_inputs, eval_batch, mixed_seed, seeded_generator
 from .factory import create_diffusion_from_config, create_model
 from .preemption import StopSignals
-from .setup import TrainingError, adamw, check_run, make_accelerator, run_layout  # noqa: F401 (TrainingError: what train raises)
+from .setup import (  # noqa: F401 (TrainingError: what train raises)
+    TrainingError,
+    check_run,
+    make_accelerator,
+    make_lr_schedule,
+    make_optimizer,
+    run_layout,
+    set_tf32,
+)
 from .state import LOSS_TERMS, StepRecord, TrainState, log_window, should_stop, stop_message
 from .tracking import init_trackers, log_image
 
@@ -64,6 +71,8 @@ class Run:
     wandb_dir: str = None
     log: object = print  # the main process's log (a no-op on the others)
     layout: str = "contiguous"  # the memory format it trains in (unet.core.model.resolve_layout)
+    quality: object = None  # sample quality every fid_every steps (unet.train.quality.Quality), or None
+    phema: object = None  # post-hoc EMA's power EMAs (unet.train.phema.PowerEMA; main process, phema_every > 0)
 
 
 # --- one optimizer step ----------------------------------------------------------------
@@ -197,19 +206,21 @@ def maybe_sample(run, state, done, final=False):
         state.last_samples = write_samples(run, done) or state.last_samples
 
 
-def maybe_checkpoint(run, state, record, stop, log):
+def maybe_checkpoint(run, state, record, stop, log, force=False):
     """A checkpoint every ``checkpoint_every`` steps, at the last step and when a hook or a
     signal stops the run; never after a skipped (non-finite) step or with non-finite
     weights, so that the latest checkpoint is always a good one."""
     cfg, done = run.cfg, record.step
     if not ((cfg.checkpoint_every and done % cfg.checkpoint_every == 0) or done == cfg.max_steps
-            or stop in ("hook", "preempted", "max_minutes")):
+            or stop in ("hook", "preempted", "max_minutes") or force):
         return
     if record.skipped or not all(torch.isfinite(p).all() for p in run.raw.parameters()):
         log(f"step {done}: checkpoint not written (non-finite loss or weights); latest good: {state.last_checkpoint}")
         return
     train_state = {**state.state_dict(), "step": done, "sampler": run.sampler.state_dict(), "memory_format": run.layout,
-                   "ema_steps": {f"{r:g}": e.optimization_step for r, e in run.emas.items()}}
+                   **quality.checkpoint_entry(run),
+                   "ema_steps": {f"{r:g}": e.optimization_step for r, e in run.emas.items()},
+                   **phema.checkpoint_state(run), **streaming.checkpoint_state(run)}
     state.last_checkpoint = save_checkpoint(run.accelerator, cfg.output_dir, done, cfg, run.model, run.emas,
                                             train_state, cfg.keep_checkpoints)
 
@@ -233,7 +244,7 @@ def build_run(cfg, accelerator, log, resume_path=None):
     """Data, then (seeded) model, diffusion, importance sampler, optimizer, lr schedule and
     EMAs, prepared by accelerate: the parts of a ``Run`` (the eval batch and trackers follow)."""
     with accelerator.main_process_first():
-        data = load_image_data(cfg, log=log)
+        data = streaming.load_data(cfg, log=log)
     set_seed(cfg.seed)  # after data loading, so the init does not depend on it
     model = create_model(cfg)  # the same initial weights on every process
     layout = run_layout(cfg, model, resume_path, log)  # before the optimizer sees the weights
@@ -242,8 +253,9 @@ def build_run(cfg, accelerator, log, resume_path=None):
         set_seed(mixed_seed(cfg.seed, accelerator.process_index) % 2 ** 32)
     diffusion = create_diffusion_from_config(cfg)
     sampler = create_named_schedule_sampler(cfg.schedule_sampler, diffusion)
-    optimizer = adamw(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    scheduler = get_constant_schedule_with_warmup(optimizer, num_warmup_steps=cfg.warmup_steps)
+    optimizer = make_optimizer(model.parameters(), cfg)
+    scheduler = make_lr_schedule(optimizer, cfg)
+    set_tf32(cfg, accelerator.device, log)
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
     raw = accelerator.unwrap_model(model)
     # Compiled for the training forward/backward only: checkpoints, EMA, eval and sampling
@@ -252,7 +264,8 @@ def build_run(cfg, accelerator, log, resume_path=None):
     emas = {r: make_ema(raw.parameters(), r, cfg.ema_warmup) for r in cfg.ema_rates}
     return Run(cfg=cfg, accelerator=accelerator, data=data, model=model, raw=raw, train_model=train_model,
                diffusion=diffusion, sampler=sampler, optimizer=optimizer, scheduler=scheduler, emas=emas,
-               data_seed=cfg.seed if cfg.data_seed < 0 else cfg.data_seed, log=log, layout=layout)
+               data_seed=cfg.seed if cfg.data_seed < 0 else cfg.data_seed, log=log, layout=layout,
+               phema=phema.make(cfg, raw.parameters(), accelerator.is_main_process))
 
 
 def make_ema(params, rate, warmup=True):
@@ -314,11 +327,15 @@ def train(cfg, hooks=(), stop_signals=False):
     try:
         check_run(cfg, accelerator)
         log = print if accelerator.is_main_process else (lambda *a, **k: None)
+        # The FID reference is read and checked before any training work.
+        saved = saved_train_state(resume_path) if resume_path else None
+        measures = quality.prepare(cfg, accelerator.device, log, saved)
         if accelerator.is_main_process:
             tidy(cfg.output_dir, stale, log)
         accelerator.wait_for_everyone()
         with StopSignals(install=stop_signals) as signals:  # SIGTERM/SIGUSR1: stop with a checkpoint
             run = build_run(cfg, accelerator, log, resume_path)
+            run.quality = measures
             state = TrainState(divergence=diagnostics.DivergenceMonitor(cfg.divergence_factor,
                                                                         cfg.divergence_window),
                                last_checkpoint=resume_path)
@@ -336,7 +353,8 @@ def start_loop(run, state, hooks, signals):
     if accelerator.is_main_process:
         os.makedirs(cfg.output_dir, exist_ok=True)
         cfg.save(os.path.join(cfg.output_dir, "config.yaml"))
-    run.wandb_dir = init_trackers(accelerator, cfg)
+        phema.tidy_snapshots(cfg.output_dir, state.step, run.log)
+    run.wandb_dir = init_trackers(accelerator, cfg, resumed_from=state.last_checkpoint)
     run.eval_batch = eval_batch(run.data, run.diffusion, cfg, accelerator.device)
     if accelerator.is_main_process and cfg.sample_every >= 0:
         run.sample_model = copy.deepcopy(run.raw).eval().requires_grad_(False)
@@ -348,7 +366,7 @@ def train_loop(run, state, hooks, signals):
     ``signals`` (``StopSignals``): a stop signal on any process ends the run after the step."""
     cfg, acc = run.cfg, run.accelerator
     start, stop, why = state.step, None, None
-    loader = iter(train_loader(run.data, cfg, start, acc.process_index, acc.num_processes, run.data_seed))
+    loader = iter(streaming.train_loader(run.data, cfg, start, acc.process_index, acc.num_processes, run.data_seed))
     bar = tqdm(total=cfg.max_steps, initial=start, disable=not (acc.is_main_process and cfg.progress), desc="train")
     run.model.train()
     clock = time.perf_counter() - state.elapsed  # the run's training clock, continued on resume
@@ -378,8 +396,12 @@ def train_loop(run, state, hooks, signals):
         if stop in ("nan", "diverged"):
             why = stop_message(stop, record, cfg)
             break  # no checkpoint: the last good one stays the latest
+        phema.after_step(run, record)
         maybe_sample(run, state, record.step)
-        maybe_checkpoint(run, state, record, stop, run.log)
+        new_best = quality.maybe_measure(run, state, record.step)  # True: keep_best_fid and a new lowest FID
+        maybe_checkpoint(run, state, record, stop, run.log, force=new_best)
+        if new_best:
+            quality.keep_best(run, state, record.step)
         state.step = record.step
         if stop:
             break
@@ -390,7 +412,9 @@ def train_loop(run, state, hooks, signals):
     if stop in ("max_steps", "hook", "max_minutes") and state.step > start:
         maybe_sample(run, state, state.step, final=True)
     acc.wait_for_everyone()
-    return {**result(run, state, stop, why), "signal": signals.received}
+    out = {**result(run, state, stop, why), "signal": signals.received}
+    quality.print_summary(run, out)
+    return out
 
 
 def result(run, state, stop_reason, divergence_reason):

@@ -10,12 +10,14 @@ import sys
 import torch
 from accelerate.state import AcceleratorState, is_initialized
 from accelerate.utils import DistributedType
+from diffusers.optimization import get_scheduler
 
 from unet.core.model import apply_layout
 from unet.utils.devices import cpu_cores, device_accelerator
 
 from .checkpoint import saved_layout
 from .config import ConfigError, check_batch_split
+from .streaming import check_source
 from .tracking import TrackerError, prepare_tracker
 
 SHARDED = (DistributedType.FSDP, DistributedType.DEEPSPEED, DistributedType.MEGATRON_LM)
@@ -40,6 +42,46 @@ def adamw(params, **kwargs):
         return torch.optim.AdamW(params, fused=True, **kwargs)
     except RuntimeError:
         return torch.optim.AdamW(params, **kwargs)
+
+
+def make_optimizer(params, cfg):
+    """The run's AdamW: ``lr``, ``weight_decay``, ``adam_beta1/2`` and ``adam_eps`` of ``cfg``.
+
+    :param params: the parameters to optimise.
+    :param cfg: a ``TrainConfig``.
+    """
+    return adamw(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(cfg.adam_beta1, cfg.adam_beta2),
+                 eps=cfg.adam_eps)
+
+
+def make_lr_schedule(optimizer, cfg):
+    """
+    The lr schedule: diffusers' ``get_scheduler(cfg.lr_schedule)`` stepped once per optimizer
+    step, warming up over ``warmup_steps`` and decaying over ``max_steps`` (the horizon is the
+    step count, not ``max_minutes``: a run stopped by the clock ends before its decay does).
+
+    :param optimizer: the optimizer whose lr it sets.
+    :param cfg: a ``TrainConfig`` (lr_schedule, warmup_steps, max_steps, lr_cycles, lr_power).
+    """
+    return get_scheduler(cfg.lr_schedule, optimizer, num_warmup_steps=cfg.warmup_steps,
+                         num_training_steps=cfg.max_steps, num_cycles=cfg.lr_cycles, power=cfg.lr_power)
+
+
+def set_tf32(cfg, device, log):
+    """TF32 for float32 matmuls and convolutions on a CUDA device when ``allow_tf32`` (torch's
+    default is off); the choice is logged. Elsewhere there is no TF32 and nothing changes.
+
+    :param device: the run's ``torch.device``.
+    :param log: the main process's log.
+    """
+    if device.type != "cuda":
+        if cfg.allow_tf32:
+            log(f"allow_tf32: no effect on a {device.type} device")
+        return
+    precision = "tf32" if cfg.allow_tf32 else "ieee"
+    torch.backends.cuda.matmul.fp32_precision = precision
+    torch.backends.cudnn.conv.fp32_precision = precision
+    log(f"allow_tf32: {'on' if cfg.allow_tf32 else 'off'} (float32 matmuls and convolutions in {precision})")
 
 
 def cpu_compiler():
@@ -113,6 +155,7 @@ def check_run(cfg, accelerator):
         raise TrainingError(f"accelerate is configured for {sharded}, which this training loop does not support "
                             "(EMA and checkpoints need whole weights on every process); use DDP (--multi_gpu)")
     check_output_dir(cfg.output_dir, accelerator.process_index)
+    check_source(cfg)  # a ConfigError: exit status 2
     if cfg.compile and accelerator.device.type == "cpu" and not cpu_compiler():
         raise TrainingError("compile: true on a CPU needs a C++ compiler for torch.compile (none found: "
                             "install g++ or set CXX, or set compile false)")

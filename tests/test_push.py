@@ -1,0 +1,100 @@
+"""Push to the hub (issue 26): ``export.py --push_to_hub`` creates the repository and uploads
+the folder through huggingface_hub (patched here at its network boundary, ``HfApi``), the card
+carries the hub's metadata, and without a token or network the local folder is still written
+and one line says the push did not happen."""
+
+import os
+
+import pytest
+import torch
+from checkpoint_files import write_checkpoint
+from cli_errors import refused
+from huggingface_hub import HfApi, ModelCard
+
+from export import main
+from unet.core.model import UNetModel
+from unet.train.config import TrainConfig
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    cfg = TrainConfig(image_size=8, channel_mult=[1, 2], attention_resolutions=[4], num_res_blocks=1, num_heads=1,
+                      diffusion_steps=50, init="standard", report_to="none")
+    torch.manual_seed(0)
+    root = tmp_path_factory.mktemp("push") / "run"
+    write_checkpoint(root, cfg, UNetModel(**cfg.model_kwargs()).eval())
+    return str(root)
+
+
+@pytest.fixture
+def hub(monkeypatch):
+    """HfApi's two network calls recorded instead of sent; a token present."""
+    calls = []
+
+    def create_repo(self, repo_id, **kw):
+        calls.append(("create_repo", repo_id, kw))
+        return f"https://huggingface.co/{repo_id}"
+
+    def upload_folder(self, **kw):
+        files = sorted(os.path.relpath(os.path.join(d, f), kw["folder_path"])
+                       for d, _, fs in os.walk(kw["folder_path"]) for f in fs)
+        calls.append(("upload_folder", kw["repo_id"], {**kw, "files": files}))
+
+    monkeypatch.setattr(HfApi, "create_repo", create_repo)
+    monkeypatch.setattr(HfApi, "upload_folder", upload_folder)
+    monkeypatch.setenv("HF_TOKEN", "hf_test_token_not_sent")
+    return calls
+
+
+def test_push_creates_the_repo_and_uploads_the_export_folder(run_dir, hub, tmp_path, capsys):
+    out = str(tmp_path / "pipe")
+    main([run_dir, out, "--push_to_hub", "--hub_model_id", "someone/digits-ddpm", "--private"])
+    assert [c[:2] for c in hub] == [("create_repo", "someone/digits-ddpm"), ("upload_folder", "someone/digits-ddpm")]
+    assert hub[0][2]["private"] is True and hub[0][2]["exist_ok"] is True and hub[0][2]["repo_type"] == "model"
+    assert hub[1][2]["folder_path"] == out
+    assert hub[1][2]["files"] == ["README.md", "guidance.py", "model_index.json", "pipeline.py",
+                                  "scheduler/scheduler_config.json", "unet/config.json",
+                                  "unet/diffusion_pytorch_model.safetensors"]
+    card = ModelCard.load(os.path.join(out, "README.md"))
+    assert card.data.library_name == "diffusers"
+    assert card.data.pipeline_tag == "unconditional-image-generation"
+    assert {"improved-ddpm", "class-conditional"} <= set(card.data.tags)
+    # the snippet loads from the hub repository, and the training config is in the card
+    assert "from_pretrained('someone/digits-ddpm', custom_pipeline='someone/digits-ddpm'" in card.text
+    assert "diffusion_steps: 50" in card.text
+    assert "pushed" in capsys.readouterr().out
+
+
+def test_without_a_token_the_folder_is_written_and_one_line_says_it_was_not_pushed(run_dir, hub, monkeypatch,
+                                                                                   tmp_path, capsys):
+    monkeypatch.delenv("HF_TOKEN")
+    monkeypatch.setattr("huggingface_hub.get_token", lambda: None)
+    out = tmp_path / "pipe"
+    with pytest.raises(SystemExit) as e:
+        main([run_dir, str(out), "--push_to_hub", "--hub_model_id", "someone/x"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 1 and len(err) == 1 and "no Hugging Face token" in err[0] and str(out) in err[0]
+    assert (out / "model_index.json").exists() and hub == []
+
+
+def test_a_network_failure_is_one_line_after_the_folder_is_written(run_dir, hub, monkeypatch, tmp_path, capsys):
+    def offline(self, repo_id, **kw):
+        raise ConnectionError("Failed to resolve 'huggingface.co'")
+
+    monkeypatch.setattr(HfApi, "create_repo", offline)
+    out = tmp_path / "pipe"
+    with pytest.raises(SystemExit) as e:
+        main([run_dir, str(out), "--push_to_hub", "--hub_model_id", "someone/x"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 1 and len(err) == 1 and "ConnectionError" in err[0] and (out / "README.md").exists()
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["--push_to_hub"], "--push_to_hub needs --hub_model_id"),
+    (["--hub_model_id", "a/b"], "go with --push_to_hub"),
+    (["--push_to_hub", "--hub_model_id", "a/b/c"], "--hub_model_id 'a/b/c'"),
+])
+def test_bad_hub_flags_are_one_line_exit_2_before_work(run_dir, hub, tmp_path, capsys, argv, words):
+    out = tmp_path / "never"
+    assert words in refused(main, [run_dir, str(out), *argv], capsys)
+    assert not out.exists() and hub == []

@@ -1,0 +1,241 @@
+"""
+Sample quality during training, and the block a run prints when it ends.
+
+Every ``fid_every`` steps, the first EMA's weights sample ``fid_num_samples`` images across
+all processes (``fid_scheduler`` x ``fid_steps``, at most the diffusion's steps; seeded by the data seed, so
+that every measurement sees the same labels and initial noise); FID, KID and precision/recall
+against the reference go to the tracker as ``eval/*``, into the history row and into the
+checkpoint's ``train_state.json``. For digits the features are the digit judge's, and its
+accuracy on the requested labels is logged too. With ``keep_best_fid`` the checkpoint of a
+new lowest FID is written at that step and copied (hard links where the disk allows) to
+``output_dir/best``.
+
+The reference is read and checked (extractor, image shape, size) before the first step:
+a bad one is a one-line ``ConfigError`` (exit status 2).
+"""
+
+import copy
+import functools
+import math
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from unet.evaluation.fid import InceptionFeatures, fid_unavailable_reason, reference_from
+from unet.evaluation.judge import digit_quality, fit_digit_reference
+from unet.evaluation.metrics import Reference, ReferenceError, quality
+from unet.sample.sampling import generate, null_class_label
+from unet.utils.jsonfile import write_json
+
+from .config import ConfigError
+from .data import real_digits, split_uint8
+
+BEST_DIR = "best"
+
+
+@functools.lru_cache(maxsize=4)
+def digit_reference(image_size, seed=0):
+    """The digit judge fitted on the real training digits at ``image_size``, with the real
+    digits (a ``DigitReference``); fitted once per process."""
+    return fit_digit_reference(*real_digits(image_size), seed=seed)
+
+
+def feature_space(cfg):
+    """``fid_features`` resolved: "judge" for the digits (auto), else "inception"."""
+    if cfg.fid_features != "auto":
+        return cfg.fid_features
+    return "judge" if cfg.dataset == "digits" and cfg.channels == 1 else "inception"
+
+
+def extractor_for(space, image_shape, weights=None, device="cpu"):
+    """(feature extractor, ``DigitReference`` or None) for feature space "judge" or "inception"
+    and images of ``image_shape`` (H, W, C); a missing Inception is a ``ReferenceError``."""
+    if space == "judge":
+        if image_shape[-1] != 1:
+            raise ReferenceError(f"the digit judge reads 1-channel digits, these images have {image_shape[-1]} "
+                                 "channels: use --features inception")
+        digits = digit_reference(int(image_shape[0]))
+        return digits.judge, digits
+    return InceptionFeatures(image_shape, weights, device), None
+
+
+@dataclass
+class Quality:
+    """What the run measures against, built once by ``prepare``, and what it measured."""
+
+    extractor: object
+    reference: Reference
+    digits: object = None  # the DigitReference when the features are the judge's
+    model: object = None  # the EMA copy that samples (every process)
+    history: list = field(default_factory=list)
+    best_fid: float = math.inf
+    best_step: int = None
+    seconds: float = 0.0  # wall time spent measuring in this call of train (sampling included)
+
+    def state_dict(self):
+        return {"history": self.history, "best_fid": None if math.isinf(self.best_fid) else self.best_fid,
+                "best_step": self.best_step}
+
+    def load_state_dict(self, state):
+        self.history = list(state.get("history", []))
+        self.best_fid = math.inf if state.get("best_fid") is None else state["best_fid"]
+        self.best_step = state.get("best_step")
+
+
+def load_reference(cfg, extractor):
+    """(``Reference``, one line saying what it is) for ``cfg.fid_ref``, or the held-out split."""
+    if cfg.fid_ref:
+        return reference_from(cfg.fid_ref, extractor)
+    images, _ = split_uint8(cfg, "held_out" if cfg.eval_fraction > 0 else "train")
+    ref = Reference(extractor.name, tuple(images.shape[1:]), extractor.features(images), source="held-out split")
+    return ref, f"reference: the {ref.source} of '{cfg.dataset}', {len(images)} images"
+
+
+def prepare(cfg, device, log, saved=None):
+    """
+    Before the first step: the feature extractor and the reference, checked. None when
+    nothing will be measured (``fid_every`` 0 or past ``max_steps``), or (with a one-line
+    log) when Inception is asked for and absent.
+
+    :param saved: a resumed checkpoint's ``train_state`` (its ``quality`` entry is restored).
+    """
+    if not cfg.fid_every or cfg.fid_every > cfg.max_steps:
+        return None
+    digits = None
+    try:
+        space, shape = feature_space(cfg), (cfg.image_size, cfg.image_size, cfg.channels)
+        reason = None if space == "judge" else fid_unavailable_reason(cfg.fid_inception_weights or None)
+        if reason:
+            log(f"{reason}; this run logs no eval/fid (fid_every 0 silences this)")
+            return None
+        extractor, digits = extractor_for(space, shape, cfg.fid_inception_weights or None, device)
+        ref, line = load_reference(cfg, extractor)
+        ref.check(extractor.name, (cfg.image_size, cfg.image_size, cfg.channels), cfg.fid_ref or "the held-out split")
+    except ReferenceError as e:
+        raise ConfigError(f"config key 'fid_ref': {e}") from None
+    if len(ref.features) < cfg.kid_subset_size:
+        raise ConfigError(f"config key 'kid_subset_size': got {cfg.kid_subset_size}, but the reference has only "
+                          f"{len(ref.features)} images; give at most {len(ref.features)}")
+    log(f"sample quality every {cfg.fid_every} steps: {cfg.fid_num_samples} samples, {cfg.fid_scheduler} x "
+        f"{cfg.fid_steps}, features {extractor.name}; {line}")
+    q = Quality(extractor, ref, digits)
+    q.load_state_dict((saved or {}).get("quality", {}))
+    return q
+
+
+def measure(run):
+    """Sample with the first EMA on every process and measure; the measures as log keys."""
+    cfg, q = run.cfg, run.quality
+    if q.model is None:
+        q.model = copy.deepcopy(run.raw).eval().requires_grad_(False)
+    run.emas[cfg.ema_rates[0]].copy_to(q.model.parameters())
+    images, labels = generate(q.model, cfg.diffusion_kwargs(), cfg.image_size, cfg.fid_num_samples, cfg.fid_scheduler,
+                              min(cfg.fid_steps, cfg.diffusion_steps), cfg.fid_batch_size, seed=run.data_seed,
+                              accelerator=run.accelerator, progress=False, null_label=null_class_label(cfg))
+    m = quality(q.reference, q.extractor.features(images), cfg.kid_subset_size)
+    out = {f"eval/{k}": m[k] for k in ("fid", "kid", "kid_std", "precision", "recall")}
+    if q.digits is not None:
+        judged = digit_quality(images, labels, reference=q.digits)
+        out["eval/judge_fd"] = judged["fd"]
+        if "accuracy" in judged:
+            out["eval/judge_accuracy"] = judged["accuracy"]
+    return out
+
+
+def maybe_measure(run, state, done):
+    """Every ``fid_every`` steps: measure, log, add to the history row.
+    Returns True when this FID is a new lowest and ``keep_best_fid`` asks to keep it."""
+    cfg, q = run.cfg, run.quality
+    if q is None or done % cfg.fid_every:
+        return False
+    start = time.perf_counter()
+    out = measure(run)
+    q.seconds += time.perf_counter() - start
+    run.accelerator.log(out, step=done)
+    state.history[-1].update(out)
+    q.history.append({"step": done, **out})
+    if not out["eval/fid"] < q.best_fid:  # the pointer moves only when FID falls
+        return False
+    q.best_fid, q.best_step = out["eval/fid"], done
+    return cfg.keep_best_fid
+
+
+def keep_best(run, state, done):
+    """Copy this step's checkpoint to ``output_dir/best`` (main process), replacing the old."""
+    ckpt, acc = state.last_checkpoint, run.accelerator
+    if acc.is_main_process and ckpt and ckpt.endswith(f"{done:08d}"):
+        best = os.path.join(run.cfg.output_dir, BEST_DIR)
+        tmp = f"{best}.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        # Hard links: the copy costs no disk, and survives the rotation that deletes the original's names.
+        shutil.copytree(ckpt, tmp, copy_function=_link_or_copy)
+        write_json(os.path.join(tmp, "best.json"), {"step": done, "fid": run.quality.best_fid, "checkpoint": ckpt})
+        shutil.rmtree(best, ignore_errors=True)
+        os.replace(tmp, best)
+        run.log(f"step {done}: lowest FID so far ({run.quality.best_fid:.4f}); kept in {best}")
+    acc.wait_for_everyone()
+
+
+def _link_or_copy(src, dst):
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
+
+
+def checkpoint_entry(run):
+    """The ``quality`` entry of a checkpoint's train state ({} when nothing is measured)."""
+    return {} if run.quality is None else {"quality": run.quality.state_dict()}
+
+
+# --- the end of a run ------------------------------------------------------------------------
+
+@torch.no_grad()
+def ema_eval_loss(run):
+    """The first EMA's loss on the fixed held-out batch (the raw weights' is ``eval_loss``)."""
+    cfg, acc, e = run.cfg, run.accelerator, run.eval_batch
+    model = copy.deepcopy(run.raw).eval()
+    run.emas[cfg.ema_rates[0]].copy_to(model.parameters())
+    with acc.autocast():
+        terms = run.diffusion.training_losses(model, e["x"].to(acc.device), e["t"].to(acc.device),
+                                              model_kwargs=e["kwargs"], noise=e["noise"].to(acc.device))
+    return terms["loss"].float().mean().item()
+
+
+def summary_lines(run, out):
+    """The block printed when a run ends: steps and time, held-out losses, the latest quality
+    figures, and where the checkpoint, grids and wandb run are."""
+    cfg = run.cfg
+    lines = [f"--- run ended ({out['stop_reason']}): step {out['steps']} of {cfg.max_steps}, "
+             f"{out['elapsed_seconds']:.1f} s of training ---"]
+    raw = out.get("final_eval_loss")
+    ema = ema_eval_loss(run) if run.eval_batch is not None else None
+    lines.append(f"held-out loss (fixed batch): EMA {_fmt(ema)}, raw {_fmt(raw)}")
+    if run.quality is not None and run.quality.history:
+        last = run.quality.history[-1]
+        figures = ", ".join(f"{k[5:]} {v:.4g}" for k, v in last.items() if k.startswith("eval/"))
+        lines.append(f"sample quality at step {last['step']} ({cfg.fid_num_samples} samples): {figures}")
+        lines.append(f"measuring sample quality took {run.quality.seconds:.1f} s of this run's "
+                     f"{out['elapsed_seconds']:.1f} s")
+        if run.quality.best_step is not None:
+            lines.append(f"lowest FID {run.quality.best_fid:.4g} at step {run.quality.best_step}"
+                         + (f" (kept in {os.path.join(cfg.output_dir, BEST_DIR)})" if cfg.keep_best_fid else ""))
+    lines.append(f"checkpoint: {out['checkpoint'] or 'none'}")
+    lines.append(f"sample grids: {os.path.dirname(out['samples']) if out['samples'] else 'none'}")
+    if out.get("wandb_dir"):
+        lines.append(f"wandb run: {out['wandb_dir']}")
+    return lines
+
+
+def _fmt(v):
+    return "not measured" if v is None else f"{v:.4f}"
+
+
+def print_summary(run, out):
+    """``summary_lines`` on the main process; the others compute nothing."""
+    if run.accelerator.is_main_process:
+        run.log("\n".join(summary_lines(run, out)))
+
