@@ -57,6 +57,13 @@ def block_stats(model, x, t, y=None):
             )
 
         handles.append(block.register_forward_hook(hook))
+    _forward_with_hooks(model, x, t, y, handles)
+    return stats
+
+
+def _forward_with_hooks(model, x, t, y, handles):
+    """One eval-mode forward pass of ``model`` for its hooks' sake; the hooks are removed and
+    the training mode restored afterwards."""
     was_training = model.training
     model.eval()
     try:
@@ -65,7 +72,6 @@ def block_stats(model, x, t, y=None):
         model.train(was_training)
         for h in handles:
             h.remove()
-    return stats
 
 
 def block_measures(model, x, t, y=None):
@@ -84,13 +90,7 @@ def attention_stats(model, x, t, y=None):
     Logits that grow while the entropy collapses are the attention-logit instability."""
     block, seen = model.middle_block[1], {}
     handle = block.register_forward_pre_hook(lambda module, args: seen.setdefault("x", args[0]))
-    was_training = model.training
-    model.eval()
-    try:
-        model(x, t, y) if y is not None else model(x, t)
-    finally:
-        model.train(was_training)
-        handle.remove()
+    _forward_with_hooks(model, x, t, y, [handle])
     q, k, _ = block.heads(seen["x"])
     logits = q.float() @ k.float().transpose(-1, -2) / math.sqrt(q.shape[-1])
     p = logits.softmax(-1)
