@@ -10,7 +10,7 @@ import tarfile
 import numpy as np
 import pytest
 from PIL import Image
-from test_training import files_equal
+from test_training import files_equal, stop_and_resume
 from test_training import tiny as _tiny
 
 import train as train_script
@@ -90,11 +90,10 @@ def test_two_processes_read_disjoint_shards(tmp_path):
 def test_webdataset_training_resumes_bit_exactly_without_a_shuffle_buffer(tmp_path):
     shards = write_shards(tmp_path / "shards", 3)
     cfg = wds(tmp_path / "straight", shards, shuffle_buffer=0, checkpoint_every=3)
+    assert cfg.max_steps == 6
     full = train(cfg)
-    half = cfg.replace(output_dir=str(tmp_path / "resumed"), max_steps=3)
-    train(half)
-    resumed = train(half.replace(max_steps=6, resume="latest"))
-    a, b = latest_checkpoint(cfg.output_dir), latest_checkpoint(half.output_dir)
+    resumed = stop_and_resume(cfg, tmp_path / "resumed")
+    a, b = latest_checkpoint(cfg.output_dir), latest_checkpoint(str(tmp_path / "resumed"))
     assert files_equal(a, b, "model.safetensors") and files_equal(a, b, "ema_0.999.safetensors")
     assert [r["loss"] for r in resumed["history"]] == [r["loss"] for r in full["history"][3:]]
 

@@ -37,6 +37,14 @@ def files_equal(a, b, name):
     return fa.keys() == fb.keys() and all(torch.equal(fa[k], fb[k]) for k in fa)
 
 
+def stop_and_resume(cfg, out, at=3):
+    """``cfg`` trained for ``at`` steps into ``out``, then resumed there to ``cfg.max_steps``;
+    returns the resumed call's summary (its history holds only the resumed steps)."""
+    half = cfg.replace(output_dir=str(out), max_steps=at)
+    train(half)
+    return train(half.replace(max_steps=cfg.max_steps, resume="latest"))
+
+
 def subprocess_env(**extra):
     """No wandb key or mode: the run must go offline by itself."""
     env = {k: v for k, v in os.environ.items() if k not in ("WANDB_API_KEY", "WANDB_MODE")}
@@ -55,9 +63,7 @@ def straight(tmp_path_factory):
 
 def test_resume_is_bit_identical(straight, tmp_path):
     cfg, full = straight
-    half = cfg.replace(output_dir=str(tmp_path), max_steps=3)
-    train(half)
-    resumed = train(half.replace(max_steps=6, resume="latest"))
+    resumed = stop_and_resume(cfg, tmp_path)
     a, b = latest_checkpoint(cfg.output_dir), latest_checkpoint(str(tmp_path))
     assert a.endswith("checkpoint_00000006") and b.endswith("checkpoint_00000006")
     assert files_equal(a, b, "model.safetensors") and files_equal(a, b, "ema_0.999.safetensors")
