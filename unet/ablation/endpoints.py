@@ -16,14 +16,10 @@ from scipy import stats as sps
 
 from unet.utils.stats import paired_differences, t_interval
 
-from .grid import cell_label, tested_cells
+from .grid import cell_label, cell_matches, tested_cells
 from .summary import holm
 
 ALPHA = 0.05
-
-
-def _matches(cell, wanted):
-    return all(k in cell and (float(cell[k]) == float(v) if k == "lr" else cell[k] == v) for k, v in wanted.items())
 
 
 def binomial_interval(k, n):
@@ -56,7 +52,8 @@ def paired_outcomes(runs, spec):
     measure = spec["measure"]
     pairs = []
     for cell in tested_cells(spec):
-        by_arm = {arm: {r["seed"]: r for r in runs if r["arm"] == arm and _matches(r["cell"], cell)} for arm in (a, b)}
+        by_arm = {arm: {r["seed"]: r for r in runs if r["arm"] == arm and cell_matches(r["cell"], cell)}
+                  for arm in (a, b)}
         for seed in sorted(set(by_arm[a]) & set(by_arm[b])):
             ra, rb = by_arm[a][seed], by_arm[b][seed]
             if measure == "failure":

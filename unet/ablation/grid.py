@@ -294,7 +294,7 @@ def _check_tests(ab, path, runs):
         for cell in tested_cells(spec):
             seeds = []
             for arm in spec["arms"]:
-                found = [r.seed for r in runs if r.arm == arm and _matches(r.cell, cell)]
+                found = [r.seed for r in runs if r.arm == arm and cell_matches(r.cell, cell)]
                 if not found:
                     _fail(path, f"'{where}' names init {arm!r} at {cell_label(cell)}, which the grid does not run")
                 seeds.append(sorted(found))
@@ -302,7 +302,7 @@ def _check_tests(ab, path, runs):
                 _fail(path, f"'{where}': at {cell_label(cell)} the two arms run different seeds")
 
 
-def _matches(cell, wanted):
+def cell_matches(cell, wanted):
     """Whether a run's cell has every value ``wanted`` names (floats compared as floats)."""
     return all(k in cell and (float(cell[k]) == float(v) if k == "lr" else cell[k] == v) for k, v in wanted.items())
 

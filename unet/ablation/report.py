@@ -21,7 +21,7 @@ import matplotlib.ticker  # noqa: E402
 import numpy as np  # noqa: E402
 
 from .endpoints import endpoint_conclusions, endpoint_tests, failure_fractions, verdict  # noqa: E402
-from .grid import cell_label  # noqa: E402
+from .grid import cell_label, cell_matches  # noqa: E402
 from .summary import (  # noqa: E402
     arm_names,
     cell_ids,
@@ -547,8 +547,9 @@ def _edge_runs(results, arms=("zero", "standard")):
         lrs = cell["lr"] if isinstance(cell.get("lr"), list) else [cell.get("lr")]
         lr, panel = lrs[len(lrs) // 2], {k: v for k, v in cell.items() if k != "lr"}
         label = f"{cell_label(panel)}, lr={fmt_lr(lr)}"
-        out[label] = {arm: [r for r in results["runs"] if r["arm"] == arm and float(r["cell"].get("lr", -1)) == lr
-                            and all(r["cell"].get(k) == v for k, v in panel.items())] for arm in arms}
+        wanted = {**panel, "lr": lr}
+        out[label] = {arm: [r for r in results["runs"] if r["arm"] == arm and cell_matches(r["cell"], wanted)]
+                      for arm in arms}
     return out
 
 
