@@ -6,6 +6,7 @@ import torch
 from PIL import Image
 from sklearn.datasets import load_digits
 
+import unet.train.data as data_mod
 from unet.train.config import TrainConfig
 from unet.train.data import DataError, batch_indices, fixed_batch, load_image_data, train_loader
 
@@ -75,6 +76,51 @@ def test_imagefolder_skips_and_counts_corrupt_files(tmp_path):
     x, y = fixed_batch(data.train, 7)
     assert x.shape == (7, 3, 8, 8) and x.min() >= -1 and x.max() <= 1
     assert sorted(y.tolist()) == [0, 0, 0, 0, 1, 1, 1]
+
+
+def _corrupt_folder(root):
+    _folder(root, {"cats": 4, "dogs": 3})
+    (root / "dogs" / "broken.png").write_bytes(b"\x89PNG this is not an image")
+    (root / "cats" / "truncated.png").write_bytes((root / "cats" / "0.png").read_bytes()[:60])
+
+
+@pytest.mark.parametrize("mode", ["lazy", "auto"])
+def test_lazy_verification_skips_corrupt_files_when_read_and_keeps_batches_whole(tmp_path, monkeypatch, mode):
+    """verify_images lazy (or auto above LAZY_FROM images): no pass before training; a corrupt file
+    is logged and counted when first read, and the next readable example takes its place."""
+    monkeypatch.setattr(data_mod, "LAZY_FROM", 5)  # auto: lazy from 6 images, so for these 9
+    _corrupt_folder(tmp_path)
+    logged = []
+    cfg = TrainConfig(dataset="imagefolder", data_dir=str(tmp_path), image_size=8, channels=3, num_classes=2,
+                      eval_fraction=0.0, verify_images=mode)
+    data = load_image_data(cfg, log=logged.append)
+    assert len(data.train) == 9 and data.skipped_images() == 0 and logged == []  # nothing read yet
+    x, y = fixed_batch(data.train, 9)
+    assert x.shape == (9, 3, 8, 8) and x.min() >= -1 and x.max() <= 1
+    assert data.skipped_images() == 2 and len(logged) == 2
+    assert any("broken.png" in line for line in logged) and "2 skipped so far" in logged[-1]
+    # each corrupt index yields its next readable neighbour, the same on every read
+    raw = data.train.raw
+    for bad in data.train.bad:
+        nxt = next(j for j in range(bad + 1, bad + 9) if j % 9 not in data.train.bad) % 9
+        assert torch.equal(data.train[bad]["image"], data.train[nxt]["image"])
+        assert data.train[bad]["label"] == raw[nxt]["label"]
+    assert data.skipped_images() == 2 and len(logged) == 2  # counted once
+    # the parallel check drops the same two files up front
+    eager = load_image_data(cfg.replace(verify_images="parallel"), log=lambda *a: None)
+    assert eager.skipped_images() == 2 and len(eager.train) == 7
+
+
+def test_a_lazy_split_batches_through_the_step_loader(tmp_path):
+    _corrupt_folder(tmp_path)
+    cfg = TrainConfig(dataset="imagefolder", data_dir=str(tmp_path), image_size=8, channels=3, num_classes=2,
+                      eval_fraction=0.2, verify_images="lazy", batch_size=4, max_steps=5)
+    data = load_image_data(cfg, log=lambda *a: None)
+    assert len(data.train) + len(data.eval) == 9
+    batches = [x for x, _ in train_loader(data, cfg, 0, 0, 1, seed=0)]
+    assert [b.shape for b in batches] == [(4, 3, 8, 8)] * 5
+    again = [x for x, _ in train_loader(data, cfg, 2, 0, 1, seed=0)]  # resume at step 2
+    assert all(torch.equal(a, b) for a, b in zip(batches[2:], again))
 
 
 def test_missing_empty_and_mismatched_data_are_one_line_errors(tmp_path):

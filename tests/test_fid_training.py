@@ -68,8 +68,8 @@ def test_fid_every_logs_to_wandb_history_and_checkpoint(fid_run, capsys):
 def test_best_pointer_moves_only_when_fid_falls(monkeypatch):
     fids = iter([5.0, 3.0, 4.0, 2.0, 2.0])
     monkeypatch.setattr(quality, "measure", lambda run: {"eval/fid": next(fids)})
-    run = SimpleNamespace(cfg=SimpleNamespace(fid_every=1, keep_best_fid=True),
-                          accelerator=SimpleNamespace(log=lambda *a, **k: None),
+    run = SimpleNamespace(cfg=SimpleNamespace(fid_every=1, keep_best_fid=True, fid_num_samples=2),
+                          accelerator=SimpleNamespace(log=lambda *a, **k: None), log=lambda *a: None,
                           quality=quality.Quality(extractor=None, reference=None))
     state = SimpleNamespace(history=[{}])
     moved = [quality.maybe_measure(run, state, step) for step in range(1, 6)]
@@ -88,6 +88,9 @@ def test_the_run_ends_with_a_summary_block(tmp_path, capsys):
     assert block[1].startswith("held-out loss (fixed batch): EMA ") and ", raw " in block[1]
     assert block[2].startswith("sample quality at step 4 (24 samples): fid ") and "judge_accuracy" in block[2]
     assert block[3].startswith("measuring sample quality took ") and block[4].startswith("lowest FID ")
+    # each measurement is also a line of the log as it happens
+    lines = [ln for ln in out[:out.index("--- run ended")].splitlines() if ": sample quality (24 samples, " in ln]
+    assert [ln.split(":")[0] for ln in lines] == ["step 2", "step 4"] and all(" judge_fd " in ln for ln in lines)
     assert block[5] == f"checkpoint: {tmp_path}/checkpoints/checkpoint_00000004"
 
 

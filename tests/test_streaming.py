@@ -138,6 +138,18 @@ def test_a_corrupt_image_in_a_stream_is_skipped_and_counted(tmp_path):
     assert data.skipped == 1
 
 
+def test_a_decompression_bomb_in_a_stream_is_skipped_not_raised(tmp_path, monkeypatch):
+    """PIL's DecompressionBombError is no OSError: the stream's decode catches it as the
+    up-front check does (data.DECODE_ERRORS, one list for both)."""
+    from unet.train.streaming import decode
+
+    buf = io.BytesIO()
+    Image.new("L", (64, 64)).save(buf, format="PNG")  # 4096 pixels: a bomb under the limit below
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # PIL raises above twice the limit
+    cfg = wds(tmp_path / "run", write_shards(tmp_path / "shards", 1))
+    assert decode({"png": {"bytes": buf.getvalue(), "path": None}, "cls": 3}, "png", "cls", cfg) is None
+
+
 @pytest.mark.parametrize("argv, code, words", [
     (["--dataset", "webdataset", "--data_dir", "{tmp}/nothing-*.tar"], 2, "matches no shard"),
     (["--dataset", "webdataset"], 2, "'data_dir'"),

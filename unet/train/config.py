@@ -69,7 +69,7 @@ class TrainConfig:
     sample_steps: int = 100  # respaced ancestral steps for the grid
     progress: bool = True
     # --- sample quality during training (FID/judge) ---
-    fid_every: int = 0  # EMA samples measured (FID, KID, precision/recall) every N steps; 0 = off
+    fid_every: int = 500  # EMA samples measured (FID, KID, precision/recall) every N steps; 0 = off
     fid_num_samples: int = 256  # sampled across all processes
     fid_ref: str = ""  # statistics file (evaluate.py ref), image folder or arr_0 .npz; "" = the held-out split
     fid_features: str = "auto"  # judge (digits) | inception (torch-fidelity) | auto: judge for digits, else inception
@@ -386,8 +386,10 @@ def help_text(argv=()):
 
 
 # diffusers' get_scheduler names (its SchedulerType, tests/test_schedules.py checks them)
-# without piecewise_constant, which needs rules no other key describes.
-LR_SCHEDULES = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
+# without piecewise_constant, which needs rules no other key describes; and inverse_sqrt
+# (EDM2's decay), which diffusers does not have (unet.train.setup.inverse_sqrt_factor).
+LR_SCHEDULES = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial",
+                "inverse_sqrt")
 
 # unet.sample.sampling.SCHEDULERS, written here so that the config stays torch-free (a test
 # checks the two agree), and the feature spaces FID can be measured in.

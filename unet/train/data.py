@@ -33,13 +33,65 @@ class ImageData:
     :param train: a ``datasets.Dataset`` whose rows are {"image": [C,H,W] float in [-1, 1], "label": int}.
     :param eval: the held-out split in the same format, or None.
     :param num_classes: classes of the label column (0 when there is none).
-    :param skipped: corrupt image files left out.
+    :param skipped: corrupt image files left out up front (``verify_images`` parallel).
     """
 
     train: object
     eval: object
     num_classes: int
     skipped: int
+
+    def skipped_images(self):
+        """Corrupt files left out: up front, plus those a lazy split has met so far (in this process)."""
+        return self.skipped + sum(len(p.bad) for p in (self.train, self.eval) if isinstance(p, LazyImages))
+
+
+class LazyImages(torch.utils.data.Dataset):
+    """
+    A split read with ``verify_images: lazy``: no pass over the files before training; a file that
+    does not decode is skipped when it is first read, logged and counted, and the next readable
+    example (in index order) takes its place. A batch keeps its size and stays a pure function
+    of (data seed, step), so resume is as exact as with the up-front check; the count lives in
+    the process (or DataLoader worker) that decoded the file.
+
+    :param raw: a ``datasets.Dataset`` whose image column is stored undecoded.
+    """
+
+    def __init__(self, raw, image_col, label_col, cfg, log):
+        self.raw, self.image_col, self.label_col, self.cfg, self.log = raw, image_col, label_col, cfg, log
+        self.bad = set()
+
+    def __len__(self):
+        return len(self.raw)
+
+    def __getitem__(self, index):
+        n = len(self.raw)
+        for j in ((index + k) % n for k in range(n)):
+            if j in self.bad:
+                continue
+            row = self.raw[j]
+            try:
+                image = to_tensor(_open(row[self.image_col]), self.cfg.image_size, self.cfg.channels)
+            except DECODE_ERRORS as e:
+                self.bad.add(j)
+                self.log(f"skipped corrupt image {_name(row[self.image_col], j)} ({type(e).__name__}); "
+                         f"{len(self.bad)} skipped so far")
+                continue
+            return {"image": image, "label": row[self.label_col] if self.label_col else 0}
+        raise DataError(f"dataset '{self.cfg.dataset}' has no readable images")
+
+
+def _name(value, index):
+    path = value.get("path") if isinstance(value, dict) else None
+    return f"'{path}'" if path else f"at index {index}"
+
+
+def verify_mode(cfg, count):
+    """``verify_images`` resolved for a split of ``count`` images: auto is parallel up to
+    ``LAZY_FROM`` images, lazy above."""
+    if cfg.verify_images != "auto":
+        return cfg.verify_images
+    return "parallel" if count <= LAZY_FROM else "lazy"
 
 
 def digits_dataset():
@@ -80,13 +132,20 @@ def _open(value):
     return Image.open(value["path"])
 
 
+# What a file that does not decode raises: UnidentifiedImageError (an OSError) for what is no
+# image, EOFError from some decoders on a truncated file, DecompressionBombError for more
+# pixels than PIL's limit (Image.MAX_IMAGE_PIXELS), refused before it is decoded into memory.
+DECODE_ERRORS = (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError)
+
+# verify_images auto: an up-front pass below this many images, lazy skipping above it.
+LAZY_FROM = 100_000
+
+
 def _decodes(example, column):
     try:
         _open(example[column]).load()
         return True
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError):
-        # EOFError: some decoders on a truncated file; DecompressionBombError: more pixels than
-        # PIL's limit (Image.MAX_IMAGE_PIXELS), refused before it is decoded into memory
+    except DECODE_ERRORS:
         return False
 
 
@@ -133,12 +192,13 @@ def load_args(cfg):
 
 def verify(part, image_col, cfg):
     """The images of ``part`` that decode, checked up front in ``num_proc`` processes
-    (``verify_images`` parallel or auto), or all of them (off: a corrupt file fails when read)."""
+    (``verify_images`` parallel), or all of them, stored undecoded (off: a corrupt file fails
+    when read; lazy: ``LazyImages`` skips it then)."""
     import datasets
 
-    if cfg.verify_images == "off":
-        return part
     part = part.cast_column(image_col, datasets.Image(decode=False))
+    if verify_mode(cfg, len(part)) != "parallel":
+        return part
     procs = (cfg.num_proc or cpu_cores()) if len(part) >= 1000 else None  # workers cost more than small sets
     return part.filter(_decodes, fn_kwargs={"column": image_col}, num_proc=procs, desc="checking image files")
 
@@ -213,15 +273,24 @@ def load_image_data(cfg, log=print):
             parts = splits["train"].train_test_split(test_size=cfg.eval_fraction, seed=0)
             splits = {"train": parts["train"], "eval": parts["test"]}
 
+    decoded = {k: _decoded(v, image_col, label_col, cfg, lazy=cfg.dataset != "digits" and
+                           verify_mode(cfg, len(ds)) == "lazy", log=log) for k, v in splits.items()}
+    return ImageData(decoded["train"], decoded.get("eval"), num_classes, skipped)
+
+
+def _decoded(part, image_col, label_col, cfg, lazy, log):
+    """``part`` yielding {"image": [C,H,W] in [-1, 1], "label"} rows: decoded by a ``datasets``
+    transform, or by ``LazyImages`` (which skips what does not decode) when ``lazy``."""
+    if lazy:
+        return LazyImages(part, image_col, label_col, cfg, log)
+
     def transform(batch):
         out = {"image": [to_tensor(_open(v), cfg.image_size, cfg.channels) for v in batch[image_col]]}
-        n = len(out["image"])
-        out["label"] = list(batch[label_col]) if label_col else [0] * n
+        out["label"] = list(batch[label_col]) if label_col else [0] * len(out["image"])
         return out
 
-    for part in splits.values():
-        part.set_transform(transform)
-    return ImageData(splits["train"], splits.get("eval"), num_classes, skipped)
+    part.set_transform(transform)
+    return part
 
 
 def step_positions(step, global_batch, count, offset=0):

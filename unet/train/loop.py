@@ -426,4 +426,4 @@ def result(run, state, stop_reason, divergence_reason):
                 initial_loss=state.divergence.initial_loss, final_loss=losses[-1] if losses else None,
                 final_eval_loss=evals[-1] if evals else None, steps=state.step, output_dir=run.cfg.output_dir,
                 checkpoint=state.last_checkpoint, samples=state.last_samples, wandb_dir=run.wandb_dir,
-                skipped_images=run.data.skipped, elapsed_seconds=state.elapsed)
+                skipped_images=run.data.skipped_images(), elapsed_seconds=state.elapsed)

@@ -73,7 +73,8 @@ class Quality:
     history: list = field(default_factory=list)
     best_fid: float = math.inf
     best_step: int = None
-    seconds: float = 0.0  # wall time spent measuring in this call of train (sampling included)
+    seconds: float = 0.0  # wall time spent measuring in the training loop in this call of train (sampling included)
+    prepare_seconds: float = 0.0  # wall time of ``prepare``, before the first step
 
     def state_dict(self):
         return {"history": self.history, "best_fid": None if math.isinf(self.best_fid) else self.best_fid,
@@ -104,7 +105,7 @@ def prepare(cfg, device, log, saved=None):
     """
     if not cfg.fid_every or cfg.fid_every > cfg.max_steps:
         return None
-    digits = None
+    start, digits = time.perf_counter(), None
     try:
         space, shape = feature_space(cfg), (cfg.image_size, cfg.image_size, cfg.channels)
         reason = None if space == "judge" else fid_unavailable_reason(cfg.fid_inception_weights or None)
@@ -123,6 +124,7 @@ def prepare(cfg, device, log, saved=None):
         f"{cfg.fid_steps}, features {extractor.name}; {line}")
     q = Quality(extractor, ref, digits)
     q.load_state_dict((saved or {}).get("quality", {}))
+    q.prepare_seconds = time.perf_counter() - start  # fitting the judge, the reference's features
     return q
 
 
@@ -153,10 +155,12 @@ def maybe_measure(run, state, done):
         return False
     start = time.perf_counter()
     out = measure(run)
-    q.seconds += time.perf_counter() - start
+    seconds = time.perf_counter() - start
+    q.seconds += seconds
     run.accelerator.log(out, step=done)
     state.history[-1].update(out)
-    q.history.append({"step": done, **out})
+    q.history.append({"step": done, **out, "seconds": seconds})
+    run.log(f"step {done}: sample quality ({cfg.fid_num_samples} samples, {seconds:.1f} s): {figures_line(out)}")
     if not out["eval/fid"] < q.best_fid:  # the pointer moves only when FID falls
         return False
     q.best_fid, q.best_step = out["eval/fid"], done
@@ -216,10 +220,9 @@ def summary_lines(run, out):
     lines.append(f"held-out loss (fixed batch): EMA {_fmt(ema)}, raw {_fmt(raw)}")
     if run.quality is not None and run.quality.history:
         last = run.quality.history[-1]
-        figures = ", ".join(f"{k[5:]} {v:.4g}" for k, v in last.items() if k.startswith("eval/"))
-        lines.append(f"sample quality at step {last['step']} ({cfg.fid_num_samples} samples): {figures}")
-        lines.append(f"measuring sample quality took {run.quality.seconds:.1f} s of this run's "
-                     f"{out['elapsed_seconds']:.1f} s")
+        lines.append(f"sample quality at step {last['step']} ({cfg.fid_num_samples} samples): {figures_line(last)}")
+        lines.append(f"measuring sample quality took {run.quality.seconds:.1f} s of the training loop's "
+                     f"{out['elapsed_seconds']:.1f} s, and {run.quality.prepare_seconds:.1f} s before the first step")
         if run.quality.best_step is not None:
             lines.append(f"lowest FID {run.quality.best_fid:.4g} at step {run.quality.best_step}"
                          + (f" (kept in {os.path.join(cfg.output_dir, BEST_DIR)})" if cfg.keep_best_fid else ""))
@@ -228,6 +231,11 @@ def summary_lines(run, out):
     if out.get("wandb_dir"):
         lines.append(f"wandb run: {out['wandb_dir']}")
     return lines
+
+
+def figures_line(row):
+    """A row's ``eval/*`` figures as "fid 1.23, kid ...", for the log."""
+    return ", ".join(f"{k[5:]} {v:.4g}" for k, v in row.items() if k.startswith("eval/"))
 
 
 def _fmt(v):

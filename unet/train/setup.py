@@ -3,6 +3,8 @@ Starting a run: the ``Accelerator`` (processes, mixed precision, CPU threads, th
 prerequisites), the checks that need it, and the optimizer.
 """
 
+import functools
+import math
 import os
 import shutil
 import sys
@@ -58,13 +60,27 @@ def make_lr_schedule(optimizer, cfg):
     """
     The lr schedule: diffusers' ``get_scheduler(cfg.lr_schedule)`` stepped once per optimizer
     step, warming up over ``warmup_steps`` and decaying over ``max_steps`` (the horizon is the
-    step count, not ``max_minutes``: a run stopped by the clock ends before its decay does).
+    step count, not ``max_minutes``: a run stopped by the clock ends before its decay does);
+    ``inverse_sqrt``, which diffusers lacks, is ``inverse_sqrt_factor`` in a ``LambdaLR``.
 
     :param optimizer: the optimizer whose lr it sets.
     :param cfg: a ``TrainConfig`` (lr_schedule, warmup_steps, max_steps, lr_cycles, lr_power).
     """
+    if cfg.lr_schedule == "inverse_sqrt":
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, functools.partial(inverse_sqrt_factor,
+                                                                              warmup=cfg.warmup_steps))
     return get_scheduler(cfg.lr_schedule, optimizer, num_warmup_steps=cfg.warmup_steps,
                          num_training_steps=cfg.max_steps, num_cycles=cfg.lr_cycles, power=cfg.lr_power)
+
+
+# EDM2 (Karras et al. 2024, section 2.2 and its config): lr = lr_ref / sqrt(max(t / t_ref, 1)),
+# after a linear warm-up. t_ref is the warm-up length (the factor is then continuous at its
+# end), or 10,000 steps without one (transformers' get_inverse_sqrt_schedule does the same).
+def inverse_sqrt_factor(step, warmup):
+    """The lr multiplier after ``step`` optimizer steps."""
+    if step < warmup:
+        return step / warmup
+    return 1.0 / math.sqrt(max(step / (warmup or 10_000), 1.0))
 
 
 def set_tf32(cfg, device, log):

@@ -16,9 +16,7 @@ run's. t, noise and flips are drawn per step as for every source, so they are al
 import torch
 
 from . import data as data_mod
-from .data import DataError, ImageData, _load_raw, _open, columns, load_args, to_tensor
-
-DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError)  # PIL's UnidentifiedImageError is an OSError
+from .data import DECODE_ERRORS, DataError, ImageData, _load_raw, _open, columns, load_args, to_tensor
 
 
 def decode(example, image_col, label_col, cfg):
