@@ -75,11 +75,14 @@ def jobs(tmp_path_factory):
 
 
 def final_files(job):
-    """(model weights, EMA weights, train_state.json without its clock) of the run's last checkpoint."""
+    """(model weights, EMA weights, train_state.json without its clocks: the training time and each
+    sample-quality measurement's seconds) of the run's last checkpoint."""
     folder = os.path.join(job.out, "checkpoints")
     last = os.path.join(folder, max(os.listdir(folder)))
     with open(os.path.join(last, "train_state.json")) as f:
         state = {k: v for k, v in json.load(f).items() if k != "elapsed_seconds"}
+    for row in state.get("quality", {}).get("history", []):
+        row.pop("seconds")
     return (load_file(os.path.join(last, "model.safetensors")), load_file(os.path.join(last, "ema_0.999.safetensors")),
             state)
 
