@@ -71,7 +71,7 @@ class LazyImages(torch.utils.data.Dataset):
                 continue
             row = self.raw[j]
             try:
-                image = to_tensor(_open(row[self.image_col]), self.cfg.image_size, self.cfg.channels)
+                image = decode_image(row[self.image_col], self.cfg)
             except DECODE_ERRORS as e:
                 self.bad.add(j)
                 self.log(f"skipped corrupt image {_name(row[self.image_col], j)} ({type(e).__name__}); "
@@ -124,12 +124,18 @@ def to_tensor(img, size, channels):
 
 
 def _open(value):
-    """Decode an image column value stored undecoded ({"bytes", "path"} or a PIL image)."""
+    """Open an image column value stored undecoded ({"bytes", "path"} or a PIL image)."""
     if isinstance(value, Image.Image):
         return value
     if value.get("bytes") is not None:
         return Image.open(io.BytesIO(value["bytes"]))
     return Image.open(value["path"])
+
+
+def decode_image(value, cfg):
+    """An image column value -> [C, cfg.image_size, cfg.image_size] in [-1, 1]; a file that does
+    not decode raises one of ``DECODE_ERRORS`` (each caller decides what skipping means)."""
+    return to_tensor(_open(value), cfg.image_size, cfg.channels)
 
 
 # What a file that does not decode raises: UnidentifiedImageError (an OSError) for what is no
@@ -190,14 +196,16 @@ def load_args(cfg):
     return dict(path=cfg.dataset, data_dir=cfg.data_dir or None, **args)
 
 
-def verify(part, image_col, cfg):
+def verify(part, image_col, cfg, mode):
     """The images of ``part`` that decode, checked up front in ``num_proc`` processes
-    (``verify_images`` parallel), or all of them, stored undecoded (off: a corrupt file fails
-    when read; lazy: ``LazyImages`` skips it then)."""
+    (``mode`` parallel), or all of them, stored undecoded (off: a corrupt file fails when read;
+    lazy: ``LazyImages`` skips it then).
+
+    :param mode: ``verify_mode`` of the dataset, resolved once for all its splits."""
     import datasets
 
     part = part.cast_column(image_col, datasets.Image(decode=False))
-    if verify_mode(cfg, len(part)) != "parallel":
+    if mode != "parallel":
         return part
     procs = (cfg.num_proc or cpu_cores()) if len(part) >= 1000 else None  # workers cost more than small sets
     return part.filter(_decodes, fn_kwargs={"column": image_col}, num_proc=procs, desc="checking image files")
@@ -245,9 +253,9 @@ def load_image_data(cfg, log=print):
 
     # Corrupt files are listed like good ones and fail only when decoded: find them once,
     # up front, so that every step's batch has the same size and the count can be reported.
-    skipped = 0
+    skipped, mode = 0, verify_mode(cfg, len(ds))
     for name, part in (splits.items() if cfg.dataset != "digits" else ()):  # digits are built in memory
-        good = verify(part, image_col, cfg)
+        good = verify(part, image_col, cfg, mode)
         skipped += len(part) - len(good)
         splits[name] = good
     if skipped:
@@ -273,8 +281,8 @@ def load_image_data(cfg, log=print):
             parts = splits["train"].train_test_split(test_size=cfg.eval_fraction, seed=0)
             splits = {"train": parts["train"], "eval": parts["test"]}
 
-    decoded = {k: _decoded(v, image_col, label_col, cfg, lazy=cfg.dataset != "digits" and
-                           verify_mode(cfg, len(ds)) == "lazy", log=log) for k, v in splits.items()}
+    lazy = cfg.dataset != "digits" and mode == "lazy"
+    decoded = {k: _decoded(v, image_col, label_col, cfg, lazy, log) for k, v in splits.items()}
     return ImageData(decoded["train"], decoded.get("eval"), num_classes, skipped)
 
 
@@ -285,7 +293,7 @@ def _decoded(part, image_col, label_col, cfg, lazy, log):
         return LazyImages(part, image_col, label_col, cfg, log)
 
     def transform(batch):
-        out = {"image": [to_tensor(_open(v), cfg.image_size, cfg.channels) for v in batch[image_col]]}
+        out = {"image": [decode_image(v, cfg) for v in batch[image_col]]}
         out["label"] = list(batch[label_col]) if label_col else [0] * len(out["image"])
         return out
 

@@ -16,13 +16,13 @@ run's. t, noise and flips are drawn per step as for every source, so they are al
 import torch
 
 from . import data as data_mod
-from .data import DECODE_ERRORS, DataError, ImageData, _load_raw, _open, columns, load_args, to_tensor
+from .data import DECODE_ERRORS, DataError, ImageData, _load_raw, columns, decode_image, load_args
 
 
 def decode(example, image_col, label_col, cfg):
     """(image tensor, label) of one raw example, or None for an image that does not decode."""
     try:
-        x = to_tensor(_open(example[image_col]), cfg.image_size, cfg.channels)
+        x = decode_image(example[image_col], cfg)
     except DECODE_ERRORS:
         return None
     y = int(example[label_col]) if label_col else 0
