@@ -27,7 +27,7 @@ import numpy as np
 from unet.evaluation.fid import folder_images, reference_from
 from unet.evaluation.held_out import bits_per_dim, held_out_losses, paired_report
 from unet.evaluation.judge import check_sample_count, digit_quality, format_quality
-from unet.evaluation.metrics import Reference, ReferenceError, format_measures, quality, save_reference
+from unet.evaluation.metrics import Reference, ReferenceError, format_measures, save_reference
 from unet.evaluation.samplers import (
     DEFAULT_RUNS,
     benchmark,
@@ -41,7 +41,7 @@ from unet.sample.sampling import SCHEDULERS, check_seed, check_steps, generate, 
 from unet.train.checkpoint import load_checkpoint
 from unet.train.config import ConfigError, TrainConfig
 from unet.train.data import DataError, held_out_data, split_uint8
-from unet.train.quality import digit_reference, extractor_for, feature_space
+from unet.train.quality import digit_reference, extractor_for, feature_space, sample_quality
 from unet.utils.devices import device_accelerator
 from unet.utils.jsonfile import write_json
 
@@ -238,11 +238,8 @@ def run_fid(args):
                                   null_label=null_class_label(cfg))
         if not accelerator.is_main_process:
             return
-    q = quality(ref, extractor.features(images), subset, seed=args.seed)
+    q = sample_quality(ref, extractor, digits, images, labels, subset, seed=args.seed)
     q["processes"] = accelerator.num_processes if accelerator else 1
-    if digits is not None:
-        judged = digit_quality(images, labels, seed=args.seed, reference=digits)
-        q.update({f"judge_{k}": judged[k] for k in ("accuracy", "fd", "fd_floor") if k in judged})
     print(json.dumps(q) if args.json else f"{line}\n{format_measures(q)}" + judge_line(q))
 
 

@@ -137,14 +137,23 @@ def measure(run):
     images, labels = generate(q.model, cfg.diffusion_kwargs(), cfg.image_size, cfg.fid_num_samples, cfg.fid_scheduler,
                               min(cfg.fid_steps, cfg.diffusion_steps), cfg.fid_batch_size, seed=run.data_seed,
                               accelerator=run.accelerator, progress=False, null_label=null_class_label(cfg))
-    m = quality(q.reference, q.extractor.features(images), cfg.kid_subset_size)
-    out = {f"eval/{k}": m[k] for k in ("fid", "kid", "kid_std", "precision", "recall")}
-    if q.digits is not None:
-        judged = digit_quality(images, labels, reference=q.digits)
-        out["eval/judge_fd"] = judged["fd"]
-        if "accuracy" in judged:
-            out["eval/judge_accuracy"] = judged["accuracy"]
-    return out
+    m = sample_quality(q.reference, q.extractor, q.digits, images, labels, cfg.kid_subset_size)
+    keys = ("fid", "kid", "kid_std", "precision", "recall", "judge_fd", "judge_accuracy")
+    return {f"eval/{k}": m[k] for k in keys if k in m}
+
+
+def sample_quality(ref, extractor, digits, images, labels, kid_subset_size, seed=0):
+    """
+    ``metrics.quality`` of ``images`` (NHWC uint8) in ``extractor``'s features against ``ref``,
+    and with the digit judge (``digits``, a ``DigitReference``, or None) its Frechet distance,
+    real-vs-real floor and accuracy on ``labels`` as ``judge_fd``, ``judge_fd_floor``,
+    ``judge_accuracy``: what training logs and ``evaluate.py fid`` prints.
+    """
+    m = quality(ref, extractor.features(images), kid_subset_size, seed=seed)
+    if digits is not None:
+        judged = digit_quality(images, labels, seed=seed, reference=digits)
+        m.update({f"judge_{k}": judged[k] for k in ("accuracy", "fd", "fd_floor") if k in judged})
+    return m
 
 
 def maybe_measure(run, state, done):
