@@ -41,7 +41,7 @@ from unet.sample.sampling import SCHEDULERS, check_seed, check_steps, generate, 
 from unet.train.checkpoint import load_checkpoint
 from unet.train.config import ConfigError, TrainConfig
 from unet.train.data import DataError, held_out_data, split_uint8
-from unet.train.quality import digit_reference, extractor_for, feature_space, sample_quality
+from unet.train.quality import digit_reference, extractor_for, feature_space, judge_reference, sample_quality
 from unet.utils.devices import device_accelerator
 from unet.utils.jsonfile import write_json
 
@@ -78,8 +78,9 @@ def build_parser():
     )
     held_out_args(h)
     h.add_argument("--draws", type=int, default=16, help="passes over the held-out images, each with new t and noise")
-    q = sub.add_parser("quality", help="digit sample quality (classifier accuracy, Frechet distance)")
+    q = sub.add_parser("quality", help="the judge's sample quality (classifier accuracy, Frechet distance)")
     q.add_argument("--samples", required=True, help="samples.npz written by sample.py")
+    q.add_argument("--data", help="the training config (YAML) whose data's judge reads them (default: the digits)")
     q.add_argument("--json", action="store_true")
     ref_args(sub.add_parser("ref", help="reference statistics (features, mean, covariance) of real images, once"))
     fid_args(sub.add_parser("fid", help="FID, KID, precision/recall of a checkpoint's samples or of saved samples"))
@@ -197,7 +198,7 @@ def run_ref(args):
         cfg = TrainConfig.load(args.data)
         images, _ = split_uint8(cfg, args.split)
     space = resolve_space(args.features, images.shape[1:], cfg)
-    extractor, _ = extractor_for(space, tuple(images.shape[1:]), args.inception_weights)
+    extractor, _ = extractor_for(space, tuple(images.shape[1:]), args.inception_weights, cfg=cfg)
     ref = Reference(extractor.name, tuple(images.shape[1:]), extractor.features(images))
     save_reference(args.out, ref)
     print(f"wrote {args.out}: {len(images)} images of {'x'.join(map(str, images.shape[1:]))}, features "
@@ -225,7 +226,7 @@ def run_fid(args):
     shape = (loaded.image_size, loaded.image_size, loaded.model.in_channels) if loaded else tuple(images.shape[1:])
     accelerator = device_accelerator() if loaded else None
     extractor, digits = extractor_for(resolve_space(args.features, shape, cfg), shape, args.inception_weights,
-                                      accelerator.device if accelerator else "cpu")
+                                      accelerator.device if accelerator else "cpu", cfg)
     ref, line = reference_from(args.ref, extractor)  # before sampling: a bad reference costs nothing
     n = args.num_samples if loaded else len(images)
     subset = args.kid_subset_size or min(1000, n, len(ref.features))
@@ -247,7 +248,7 @@ def judge_line(q):
     if "judge_fd" not in q:
         return ""
     acc = f", accuracy on the requested labels {q['judge_accuracy']:.4f}" if "judge_accuracy" in q else ""
-    return f"\ndigit judge: Frechet distance {q['judge_fd']:.4f} (real-vs-real floor {q['judge_fd_floor']:.4f}){acc}"
+    return f"\njudge: Frechet distance {q['judge_fd']:.4f} (real-vs-real floor {q['judge_fd_floor']:.4f}){acc}"
 
 
 def run_benchmark(args):
@@ -265,7 +266,7 @@ def run_benchmark(args):
     runs = parse_runs(args.runs, loaded.diffusion_kwargs.get("steps", 1000))
     scales = parse_guidance(args.guidance, loaded)
     rows = benchmark(loaded, runs, args.num_samples, args.batch_size, range(args.seed, args.seed + args.seeds), scales,
-                     reference=digit_reference(loaded.image_size))
+                     reference=judge_reference(loaded.config) if loaded.config else digit_reference(loaded.image_size))
     if args.json:
         write_json(args.json, rows, indent=1)
     print(format_table(rows) if args.seeds == 1 else format_seed_summary(rows))
@@ -278,8 +279,9 @@ def run_summary(args):
 def run_quality(args):
     images, labels = _load_samples(args.samples)
     if images.ndim != 4 or images.shape[-1] != 1:
-        raise ValueError(f"digit quality needs 1-channel NHWC samples, got shape {images.shape}; use fid for RGB")
-    q = digit_quality(images, labels, reference=digit_reference(images.shape[1]))
+        raise ValueError(f"the judges need 1-channel NHWC samples, got shape {images.shape}; use fid for RGB")
+    reference = judge_reference(TrainConfig.load(args.data)) if args.data else digit_reference(images.shape[1])
+    q = digit_quality(images, labels, reference=reference)
     print(json.dumps(q) if args.json else format_quality(q))
 
 

@@ -119,10 +119,10 @@ def judge(checkpoint, args):
     from unet.evaluation.judge import digit_quality
     from unet.sample.sampling import generate
     from unet.train.checkpoint import load_checkpoint
-    from unet.train.quality import digit_reference
+    from unet.train.quality import judge_reference
 
     loaded = load_checkpoint(checkpoint)  # the first EMA rate, as sample.py
-    reference = digit_reference(loaded.image_size)
+    reference = judge_reference(loaded.config)  # the digits', or the MNIST family's
     name, steps = args.judge_sampler
     labels = list(range(loaded.model.num_classes)) if loaded.model.num_classes else None
     rows = []

@@ -108,3 +108,29 @@ def test_module_aliases_run_the_command_lines():
         out = subprocess.run([sys.executable, "-m", alias, "--help"], cwd=ROOT, capture_output=True, text=True,
                              timeout=120)
         assert out.returncode == 0 and "usage" in out.stdout.lower(), (alias, out.stderr)
+
+
+def train_commands():
+    """Every ``train.py`` command written in README.md and docs/, as the argv after the script."""
+    texts = [(ROOT / "README.md").read_text()] + [p.read_text() for p in sorted((ROOT / "docs").glob("*.md"))]
+    out = []
+    for text in texts:
+        for block in re.findall(r"```(?:bash|sh)?\n(.*?)```", text, re.S):
+            for line in block.replace("\\\n", " ").splitlines():
+                line = line.split(" #")[0].strip()
+                words = line.split()
+                if ("train.py" in words and words[0] in ("python", "python3", "accelerate", "srun", "torchrun")
+                        and "--help" not in words):
+                    out.append(words[words.index("train.py") + 1:])
+    return out
+
+
+@pytest.mark.parametrize("argv", train_commands(), ids=" ".join)
+def test_every_documented_train_command_passes_the_config_checks(argv, tmp_path):
+    # The whole config (file, flags, the keys that follow the dataset) is built and checked, as
+    # train.py does before any work; a command that names a placeholder folder is checked as written.
+    from unet.train.config import load_config
+
+    argv = [a for a in argv if a not in ("&&",)]
+    cfg = load_config([a.replace("path/to/images", str(tmp_path)) for a in argv])
+    assert cfg.output_dir

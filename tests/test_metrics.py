@@ -164,7 +164,7 @@ def test_ref_and_fid_command_lines(tmp_path, capsys):
     assert out[0].startswith("reference: reference statistics") and out[1].startswith("samples: 300 (reference: 180")
     assert out[3].startswith("KID: ") and "subsets of 180" in out[3] and out[4].startswith("precision: ")
     assert float(out[2].split()[1]) < 5.0  # real digits: near the real-vs-real floor the last line prints
-    assert out[5].startswith("digit judge: Frechet distance ")
+    assert out[5].startswith("judge: Frechet distance ")
     save_reference(tmp_path / "other.npz", Reference("other-features", (8, 8, 1), np.zeros((3, 2))))
     for ref, words in (("other.npz", "feature extractor 'other-features'"), ("none.npz", "reference not found")):
         assert words in refused(main, ["fid", "--samples", str(tmp_path / "s.npz"), "--ref", str(tmp_path / ref)],

@@ -8,6 +8,7 @@ floor that sampling noise alone gives). The real digits are given (``unet.train.
 loads them); the distance is ``unet.evaluation.metrics.frechet_distance``, FID's own code.
 """
 
+import functools
 import hashlib
 from dataclasses import dataclass
 
@@ -66,6 +67,16 @@ class DigitReference:
     train: tuple
     held: tuple
 
+    @functools.cached_property
+    def held_features(self):
+        """The judge's features of the held-out images (computed once: every measurement needs them)."""
+        return self.judge.features(self.held[0])
+
+    @functools.cached_property
+    def judge_accuracy(self):
+        """The judge's accuracy on the held-out images."""
+        return float((self.judge.predict(self.held[0]) == self.held[1]).mean())
+
 
 def fit_digit_reference(train, held, seed=0):
     """A ``DigitReference``: the judge fitted on ``train`` = (images, labels)."""
@@ -92,19 +103,19 @@ def digit_quality(images, labels=None, seed=0, reference=None):
     if images.ndim != 4 or images.shape[-1] != 1:
         raise ValueError(f"digit quality needs 1-channel NHWC samples, got shape {images.shape}; use fid for RGB")
     check_sample_count(len(images))
-    judge, (train_x, _), (eval_x, eval_y) = reference.judge, reference.train, reference.held
+    judge, (train_x, _) = reference.judge, reference.train
     if tuple(images.shape[1:]) != judge.image_shape:
-        raise ValueError(f"samples are {images.shape[1]}x{images.shape[2]}, the digit judge reads "
+        raise ValueError(f"samples are {images.shape[1]}x{images.shape[2]}, the judge reads "
                          f"{judge.image_shape[0]}x{judge.image_shape[1]}")
     probs = judge.predict_proba(images)
     pred = probs.argmax(1)
-    held = judge.features(eval_x)
+    held = reference.held_features
     # The floor: real digits the model trained on, as many as there are samples.
     pick = np.random.default_rng(seed).permutation(len(train_x))[:len(images)]
     out = dict(n=len(images), n_floor=len(pick), fd=frechet_distance(held, judge.features(images)),
                fd_floor=frechet_distance(held, judge.features(train_x[pick])),
                confidence=float(probs.max(1).mean()), class_histogram=np.bincount(pred, minlength=10).tolist(),
-               judge_accuracy=float((judge.predict(eval_x) == eval_y).mean()))
+               judge_accuracy=reference.judge_accuracy)
     if labels is not None:
         out["accuracy"] = float((pred == np.asarray(labels)).mean())
     return out

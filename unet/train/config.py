@@ -72,7 +72,7 @@ class TrainConfig:
     fid_every: int = 500  # EMA samples measured (FID, KID, precision/recall) every N steps; 0 = off
     fid_num_samples: int = 256  # sampled across all processes
     fid_ref: str = ""  # statistics file (evaluate.py ref), image folder or arr_0 .npz; "" = the held-out split
-    fid_features: str = "auto"  # judge (digits) | inception (torch-fidelity) | auto: judge for digits, else inception
+    fid_features: str = "auto"  # judge (digits, MNIST family) | inception (torch-fidelity) | auto: the judge if any
     fid_scheduler: str = "dpm-solver++"
     fid_steps: int = 20  # at most diffusion_steps are taken
     fid_batch_size: int = 256  # per process
@@ -80,7 +80,7 @@ class TrainConfig:
     keep_best_fid: bool = False  # copy the checkpoint with the lowest FID to output_dir/best
     fid_inception_weights: str = ""  # Inception weights file; "" = torch-fidelity's cache path
     # --- data ---
-    dataset: str = "digits"  # "digits", "imagefolder" (needs data_dir) or a Hugging Face hub name
+    dataset: str = "digits"  # digits | fashion_mnist | idx (data_dir) | imagefolder (data_dir) | a hub name
     data_dir: str = ""
     image_size: int = 8
     channels: int = 1
@@ -333,7 +333,8 @@ def build_parser(defaults=None):
         flag = TYPES[name] is bool
         group.add_argument(f"--{name}", type=_typed(name), default=defaults[name], metavar=_metavar(name),
                            nargs="?" if flag else None, const=True if flag else None,
-                           help=f"({defaults[name]!r})".replace("%", "%%"))
+                           help=(f"({defaults[name]!r})" + (" follows --dataset when unset" if name in FOLLOW_DATASET
+                                                             else "")).replace("%", "%%"))
     return parser
 
 
@@ -369,14 +370,50 @@ def file_defaults(argv):
 
 def load_config(argv):
     """The run's config from ``--config FILE`` (default: the dataclass defaults, i.e. digits)
-    and ``--key value`` overrides. Raises ConfigError with a one-line message."""
+    and ``--key value`` overrides; the keys in ``FOLLOW_DATASET`` that neither sets follow the
+    dataset. Raises ConfigError with a one-line message."""
     argv = [_underscored(a) for a in argv]
-    args, rest = _parse(build_parser(file_defaults(argv)), argv)
+    base = file_defaults(argv)
+    args, rest = _parse(build_parser(base), argv)
     if rest:
         if rest[0].startswith("--") and len(rest[0]) > 2:
             raise unknown_key(rest[0][2:].partition("=")[0])
         raise ConfigError(f"unexpected argument {rest[0]!r}; use --key value (see --help)")
-    return TrainConfig(**{k: v for k, v in vars(args).items() if k != "config"})
+    values = {k: v for k, v in vars(args).items() if k != "config"}
+    given = set(base) | {a[2:].partition("=")[0] for a in argv if a.startswith("--")}
+    return TrainConfig(**{**values, **follow_dataset(values, given)})
+
+
+# Keys whose defaults are the digits run's: a run on other data that sets none of them gets
+# values that fit its data instead (``follow_dataset``), so that
+# ``train.py --dataset imagefolder --data_dir D --image_size 32 --channels 3`` is a valid run.
+FOLLOW_DATASET = ("output_dir", "image_size", "channel_mult", "attention_resolutions", "class_cond")
+
+
+def follow_dataset(values, given):
+    """
+    The ``FOLLOW_DATASET`` keys not in ``given`` set to fit ``values["dataset"]``: the output
+    folder named after it, the MNIST family's 28x28 images in three levels (28 -> 14 -> 7; two
+    from 14), class labels only for the data sets
+    known to have 10 classes, attention at the lowest resolution (for every dataset: the
+    digits' [4] is exactly that).
+
+    :param given: keys the config file or the command line set.
+    """
+    name = values["dataset"]
+    out = {}
+    if name != "digits":
+        slug = re.sub(r"[^A-Za-z0-9_.-]+", "_", os.path.basename(name.rstrip("/")) or "data")
+        out["output_dir"] = f"outputs/{slug}"
+        out["class_cond"] = name == "fashion_mnist"
+        if name in ("fashion_mnist", "idx"):
+            size = values["image_size"] if "image_size" in given else 28
+            out.update(image_size=28, channel_mult=[1, 2, 2] if size % 4 == 0 else [1, 2])  # 28, 32 / 14
+    out = {k: v for k, v in out.items() if k not in given}
+    shape = {**values, **out}
+    if "attention_resolutions" not in given and shape["image_size"] % 2 ** (len(shape["channel_mult"]) - 1) == 0:
+        out["attention_resolutions"] = [shape["image_size"] // 2 ** (len(shape["channel_mult"]) - 1)]
+    return out
 
 
 def help_text(argv=()):
@@ -608,7 +645,7 @@ def validate(cfg):
     for key, allowed in CHOICES.items():
         require(getattr(cfg, key) in allowed, key, "|".join(allowed), getattr(cfg, key))
     require(bool(cfg.output_dir.strip()), "output_dir", "a folder path (not empty)", cfg.output_dir)
-    require(bool(cfg.dataset.strip()), "dataset", '"digits", "imagefolder" or a Hugging Face hub name',
+    require(bool(cfg.dataset.strip()), "dataset", '"digits", "fashion_mnist", "idx", "imagefolder" or a hub name',
             cfg.dataset)
     check_numbers(cfg)
     check_batch_split(cfg.batch_size, cfg.grad_accum)
@@ -620,8 +657,25 @@ def validate(cfg):
     if cfg.dataset == "webdataset":
         require(bool(cfg.data_dir), "data_dir", "tar shards when dataset=webdataset: a folder or a pattern "
                 "like shards/train-*.tar", cfg.data_dir)
-    require(not (cfg.streaming and cfg.dataset == "digits"), "streaming", "false with dataset=digits (built in "
-            "memory)", cfg.streaming)
+    require(not (cfg.streaming and cfg.dataset in IN_MEMORY), "streaming", f"false with dataset={cfg.dataset} "
+            "(read into memory)", cfg.streaming)
+    check_mnist_family(cfg)
+
+
+IN_MEMORY = ("digits", "fashion_mnist", "idx")
+
+
+def check_mnist_family(cfg):
+    """Fashion-MNIST and IDX folders: grey images; Fashion-MNIST's 28 pixels as is, padded to 32
+    or pooled to 14 (an IDX folder's size is checked when it is read)."""
+    if cfg.dataset not in ("fashion_mnist", "idx"):
+        return
+    require(cfg.channels == 1, "channels", f"1 with dataset={cfg.dataset} (grey images)", cfg.channels)
+    if cfg.dataset == "fashion_mnist":
+        require(cfg.image_size in (28, 32, 14), "image_size", "28 (as is), 32 (zero-padded) or 14 (2x2 "
+                "average-pooled) with dataset=fashion_mnist", cfg.image_size)
+    require(cfg.dataset != "idx" or bool(cfg.data_dir), "data_dir", "a folder of MNIST-layout IDX files when "
+            "dataset=idx", cfg.data_dir)
 
 
 def resume_changes(saved, cfg, where):

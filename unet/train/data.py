@@ -1,5 +1,6 @@
 """Images through Hugging Face ``datasets``: scikit-learn's bundled handwritten digits (the
-default; nothing to download), a local folder of images (``imagefolder``), or a hub dataset.
+default; nothing to download), a local folder of images (``imagefolder``), or a hub dataset;
+the MNIST family (Fashion-MNIST, IDX folders) through ``unet.train.mnist``.
 
 The order in which training sees examples is a pure function of (data seed, step), not of
 an iterator's state: resuming at step s replays exactly the batches a straight run would
@@ -244,6 +245,10 @@ def load_image_data(cfg, log=print):
     :param log: where to report skipped files.
     :return: an ``ImageData``.
     """
+    if cfg.dataset in ("fashion_mnist", "idx"):  # read into memory by its own reader
+        from .mnist import load_mnist_family
+
+        return load_mnist_family(cfg, log)
     raw = _load_raw(cfg)
     split = "train" if "train" in raw else next(iter(raw))
     ds = raw[split]

@@ -24,8 +24,9 @@ from dataclasses import dataclass, field
 
 import torch
 
+from unet.evaluation.conv_judge import fit_conv_judge
 from unet.evaluation.fid import InceptionFeatures, fid_unavailable_reason, reference_from
-from unet.evaluation.judge import digit_quality, fit_digit_reference
+from unet.evaluation.judge import DigitReference, digit_quality, fit_digit_reference
 from unet.evaluation.metrics import Reference, ReferenceError, quality
 from unet.sample.sampling import generate, null_class_label
 from unet.utils.jsonfile import write_json
@@ -43,21 +44,47 @@ def digit_reference(image_size, seed=0):
     return fit_digit_reference(*real_digits(image_size), seed=seed)
 
 
+# Data sets with a judge of their own: the digits' MLP, the MNIST family's conv net.
+JUDGED = ("digits", "fashion_mnist", "idx")
+
+
+def judge_reference(cfg, log=print):
+    """The judge of ``cfg``'s data (a ``DigitReference``: judge, train and held-out images):
+    the digit judge for digits, else the MNIST family's ``ConvJudge`` (cached on disk, and
+    kept once per process)."""
+    if cfg.dataset == "digits":
+        return digit_reference(cfg.image_size)
+    if cfg.dataset not in JUDGED or cfg.channels != 1:
+        raise ReferenceError(f"dataset '{cfg.dataset}' has no judge (only {', '.join(JUDGED)} do): "
+                             "use --features inception")
+    key = (cfg.dataset, cfg.data_dir, cfg.image_size, cfg.cache_dir)
+    if key not in _CONV_REFERENCES:
+        plain = cfg.replace(class_cond=False, report_to="none")  # the judge takes the labels as they are
+        train, held = split_uint8(plain, "train"), split_uint8(plain, "held_out")
+        _CONV_REFERENCES[key] = DigitReference(fit_conv_judge(train, held, log=log), train, held)
+    return _CONV_REFERENCES[key]
+
+
+_CONV_REFERENCES = {}
+
+
 def feature_space(cfg):
-    """``fid_features`` resolved: "judge" for the digits (auto), else "inception"."""
+    """``fid_features`` resolved: "judge" for data sets that have one (auto), else "inception"."""
     if cfg.fid_features != "auto":
         return cfg.fid_features
-    return "judge" if cfg.dataset == "digits" and cfg.channels == 1 else "inception"
+    return "judge" if cfg.dataset in JUDGED and cfg.channels == 1 else "inception"
 
 
-def extractor_for(space, image_shape, weights=None, device="cpu"):
+def extractor_for(space, image_shape, weights=None, device="cpu", cfg=None, log=print):
     """(feature extractor, ``DigitReference`` or None) for feature space "judge" or "inception"
-    and images of ``image_shape`` (H, W, C); a missing Inception is a ``ReferenceError``."""
+    and images of ``image_shape`` (H, W, C); a missing Inception or judge is a ``ReferenceError``.
+
+    :param cfg: the training config whose data the judge knows (None: the digits)."""
     if space == "judge":
         if image_shape[-1] != 1:
-            raise ReferenceError(f"the digit judge reads 1-channel digits, these images have {image_shape[-1]} "
+            raise ReferenceError(f"the judges read 1-channel images, these have {image_shape[-1]} "
                                  "channels: use --features inception")
-        digits = digit_reference(int(image_shape[0]))
+        digits = digit_reference(int(image_shape[0])) if cfg is None else judge_reference(cfg, log)
         return digits.judge, digits
     return InceptionFeatures(image_shape, weights, device), None
 
@@ -112,7 +139,7 @@ def prepare(cfg, device, log, saved=None):
         if reason:
             log(f"{reason}; this run logs no eval/fid (fid_every 0 silences this)")
             return None
-        extractor, digits = extractor_for(space, shape, cfg.fid_inception_weights or None, device)
+        extractor, digits = extractor_for(space, shape, cfg.fid_inception_weights or None, device, cfg, log)
         ref, line = load_reference(cfg, extractor)
         ref.check(extractor.name, (cfg.image_size, cfg.image_size, cfg.channels), cfg.fid_ref or "the held-out split")
     except ReferenceError as e:
