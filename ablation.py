@@ -17,9 +17,10 @@ import argparse
 import difflib
 import os
 import sys
+import time
 
 from unet.ablation.grid import load_ablation
-from unet.ablation.runner import combine, report_only, run_ablation, run_init_study, wandb_group
+from unet.ablation.runner import INVOCATION_ENV, combine, report_only, run_ablation, run_init_study, wandb_group
 from unet.ablation.store import drop_claims, spawn_workers
 from unet.train.config import FIELDS, ConfigArgumentParser, ConfigError
 
@@ -32,6 +33,7 @@ ABLATION_OPTIONS = {
     "save_models": "true|false: keep each run's final checkpoint",
     "processes": "N: processes that split the runs (each with cores / N threads)",
     "early_steps": "a,b,c: the steps of the early-training deficit",
+    "stop_after": "MINUTES: start no new run after this many minutes (run the same command again to continue)",
 }
 
 
@@ -82,7 +84,7 @@ def parse_args(argv):
     return vars(opts)
 
 
-def _run(ab, out_dir, argv):
+def _run(ab, out_dir, argv, stop_after=0.0):
     """Run the ablation; errors a user can fix (data, config, checkpoint) are one line, exit 1."""
     import datasets
 
@@ -94,10 +96,13 @@ def _run(ab, out_dir, argv):
     try:
         os.makedirs(out_dir, exist_ok=True)
         ab.group = wandb_group(ab, out_dir)  # one group for the runs of every process
+        if os.environ.get("RANK", "0") == "0":  # a worker keeps the id of the invocation that started it
+            os.environ[INVOCATION_ENV] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()) + f"-{os.getpid()}"
         workers = spawn_workers(
             ab.processes, [sys.executable, os.path.abspath(__file__), *argv, "--group", ab.group], out_dir
         )
-        run_ablation(ab, out_dir, command=" ".join(["python -m unet.ablation", *argv]), workers=workers)
+        run_ablation(ab, out_dir, command=" ".join(["python -m unet.ablation", *argv]), workers=workers,
+                     stop_after=stop_after)
     except (ConfigError, DataError, TrainingError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
@@ -108,6 +113,16 @@ def _run(ab, out_dir, argv):
         if workers:
             drop_claims()
     return 0
+
+
+def _minutes(v):
+    try:
+        minutes = float(v)
+    except (TypeError, ValueError):
+        minutes = -1.0
+    if not 0 <= minutes < 1e6:
+        raise ConfigError(f"--stop_after must be minutes >= 0, got {v!r}")
+    return minutes
 
 
 def main(argv=None):
@@ -129,6 +144,7 @@ def main(argv=None):
         if "combine" in opts:
             combine(out_dir, [d for d in opts.pop("combine").split(",") if d])
             return 0
+        stop_after = _minutes(opts.pop("stop_after", 0))
         config = opts.pop("config", None)
         if not config:
             raise ConfigError("--config FILE is required (e.g. configs/ablation/digits.yaml)")
@@ -136,7 +152,7 @@ def main(argv=None):
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    return _run(ab, out_dir, argv)
+    return _run(ab, out_dir, argv, stop_after)
 
 
 if __name__ == "__main__":

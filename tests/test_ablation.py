@@ -28,6 +28,7 @@ TINY = {
     "smooth": 2,
     "symmetry": {"steps": 3},
     "save_models": False,
+    "failure": {"eval_every": 2},  # held-out checks at steps 0, 2 and 4
     "base": dict(dataset="digits", image_size=8, model_channels=32, channel_mult=[1, 2], attention_resolutions=[4],
                  num_res_blocks=1, batch_size=8, max_steps=4, diffusion_steps=20, eval_batch_size=16, lr=1e-3,
                  warmup_steps=0, grad_clip=0.0, report_to="wandb", log_every=2),
@@ -151,16 +152,19 @@ def test_failing_arm_is_recorded_and_the_rest_run_on(tiny_ablation):
     runs = {r["run_id"]: r for r in tiny_ablation["results"]["runs"]}
     for seed in (0, 1):
         bad = runs[f"c01_standard_s{seed}"]
-        assert bad["failed"] and bad["measures"]["failed"] and bad["steps"] < 4
-        assert bad["measures"]["final_eval_loss"] is None
-        # the one failure rule (diagnostics.FailureRule) stopped it and says why
-        assert bad["stop_reason"] == bad["failure_reason"]
-        assert bad["failure_reason"].startswith(("non-finite loss", "held-out L_simple", "mse spike"))
-        assert bad["diverged"] == bad["failure_reason"].startswith("non-finite")
+        # lr 1000 wrecks the weights: only a non-finite loss (or the guard) stops a run, and says why
+        assert bad["failed"] and bad["measures"]["failed"] and bad["steps"] < 4 and bad["stopped"]
+        assert bad["measures"]["final_eval_loss"] is None and bad["final_loss"] is None
+        assert bad["stop_reason"] == bad["failure_reason"] == bad["stopped"]
+        assert bad["failure_reason"].startswith(("non-finite loss", "guard"))
+        assert all(bad["verdicts"].values())  # failed under every definition
         for arm in ("zero", "standard"):
             good = runs[f"c00_{arm}_s{seed}"]
-            assert not good["failed"] and good["steps"] == 4
+            assert not good["failed"] and good["steps"] == 4 and good["stopped"] is None
+            assert good["checks"]["steps"] == [0, 2, 4]  # never censored: every check was made
+            assert good["final_loss"] == pytest.approx(sum(good["checks"]["mse"]) / 3)
             assert math.isfinite(good["measures"]["final_eval_loss"])
+            assert set(good["verdicts"]) == {"diverged", "late_rise", "spike", "old_rule", "early_progress"}
     cell = tiny_ablation["results"]["summary"]["cells"][1]
     assert cell["arms"]["standard"]["failed"] == 2
     assert " | 1000 | standard | 2/2 | 1.00 " in open(os.path.join(tiny_ablation["out"], "report.md")).read()
@@ -168,6 +172,9 @@ def test_failing_arm_is_recorded_and_the_rest_run_on(tiny_ablation):
 
 def test_same_seed_same_data_t_and_noise_in_every_arm(tiny_ablation):
     seen = tiny_ablation["seen"]
+    # training batches hold 8 images; the held-out check batch and the end-of-run summary's, 16
+    train = {r: [c for c in calls if len(c[0]) == 8] for r, calls in seen.items()}
+    held = {r: [c for c in calls if len(c[0]) == 16] for r, calls in seen.items()}
 
     def same(a, b, n=None):
         n = n or max(len(a), len(b))
@@ -175,17 +182,18 @@ def test_same_seed_same_data_t_and_noise_in_every_arm(tiny_ablation):
             all(torch.equal(u, v) for u, v in zip(a[i], b[i])) for i in range(n))
 
     for seed in (0, 1):
-        zero, standard = seen[f"c00_zero_s{seed}"], seen[f"c00_standard_s{seed}"]
-        assert len(zero) == 6  # four training steps, the held-out batch at the last, the end-of-run summary's
-        assert same(zero, standard)
+        zero, standard = train[f"c00_zero_s{seed}"], train[f"c00_standard_s{seed}"]
+        assert len(zero) == 4 and same(zero, standard)  # four training steps
         # the diverging cell saw the same batches for as long as it ran
-        bad = seen[f"c01_standard_s{seed}"]  # its training steps, then the end-of-run held-out loss
-        assert same(bad[:-1], zero, n=len(bad) - 1) and same(bad[-1:], zero[-1:])
+        bad = train[f"c01_standard_s{seed}"]
+        assert 1 <= len(bad) < 4 and same(bad, zero, n=len(bad))
     # and a different seed sees different data and noise
-    assert not torch.equal(seen["c00_zero_s0"][0][0], seen["c00_zero_s1"][0][0])
-    assert not torch.equal(seen["c00_zero_s0"][0][2], seen["c00_zero_s1"][0][2])
-    # while the held-out batch, t and noise are the same for every run
-    assert all(same([seen[r][-1]], [seen["c00_zero_s0"][-1]]) for r in ("c00_standard_s1", "c00_zero_s1"))
+    assert not torch.equal(train["c00_zero_s0"][0][0], train["c00_zero_s1"][0][0])
+    assert not torch.equal(train["c00_zero_s0"][0][2], train["c00_zero_s1"][0][2])
+    # while the held-out check batch (images, stratified t, noise) is the same for every run
+    first = held["c00_zero_s0"][0]
+    assert all(same(calls[:1], [first]) for calls in held.values())
+    assert first[1].tolist() == sorted(first[1].tolist())  # t stratified over the schedule
 
 
 def test_symmetry_zero_breaks_it_all_zero_keeps_it(tiny_ablation):
@@ -239,23 +247,24 @@ def test_running_again_continues_without_redoing_runs(tiny_ablation, monkeypatch
         run_ablation(load_ablation(path), tiny_ablation["out"], log=lambda *a, **k: None)
 
 
-def test_the_ablation_stops_a_run_by_the_one_failure_rule(tmp_path, monkeypatch):
-    """A run fails exactly when ``diagnostics.FailureRule`` says so, and stops there."""
-    from unet.train import diagnostics
+def test_a_chunked_grid_marks_its_invocations_and_writes_compact_results(tmp_path, capsys):
+    grid = write_grid(tmp_path / "g.yaml", {**TINY, "base": {**TINY["base"], "report_to": "none"},
+                                             "grid": [{"lr": [1e-3], "init": ["zero", "standard"]}]})
+    out = str(tmp_path / "out")
+    # --stop_after 1e-9: the process runs one run and starts no other; the same command continues
+    assert main(["--config", grid, "--output_dir", out, "--stop_after", "1e-9", "--processes", "1"]) == 0
+    import gzip
 
-    calls, real = [], diagnostics.FailureRule.update
-
-    def update(self, row):
-        calls.append(row["step"])
-        if len(calls) == 2:
-            self.reason, self.step = "forced by the test", row["step"]
-        return real(self, row)
-
-    monkeypatch.setattr(diagnostics.FailureRule, "update", update)
-    ab = load_ablation(write_grid(tmp_path / "g.yaml", {**TINY, "base": {**TINY["base"], "report_to": "none"}}))
-    res = ablation.run_one(expand(ab, str(tmp_path))[0], ab.threshold, ab.smooth)
-    assert res["failed"] and res["stop_reason"] == "forced by the test" and res["steps"] == 2
-    assert res["failure_step"] == 2 and not res["diverged"] and res["measures"]["final_eval_loss"] is None
+    with gzip.open(os.path.join(out, "compact_runs.json.gz"), "rt") as f:
+        first = json.load(f)["runs"]
+    assert len(first) == 1 and first[0]["run_id"] == "c00_zero_s0" and first[0]["checks"]["steps"] == [0, 2, 4]
+    assert not os.path.exists(os.path.join(out, "results.json"))
+    assert main(["--config", grid, "--output_dir", out, "--processes", "1"]) == 0
+    with open(os.path.join(out, "results.json")) as f:
+        runs = json.load(f)["runs"]
+    invocations = {r["run_id"]: r["invocation"] for r in runs}
+    assert len(runs) == 4 and len(set(invocations.values())) == 2
+    assert sum(v == invocations["c00_zero_s0"] for v in invocations.values()) == 1
 
 
 def test_bad_sweep_is_one_line_error_before_any_run(tmp_path, capsys):
@@ -315,7 +324,7 @@ def test_combine_pools_two_ablations_with_different_seeds(tiny_ablation, tmp_pat
 def test_init_model_is_the_model_training_starts_from(tmp_path):
     """The update ratio of step 1 is measured against ``init_model(cfg)``; a warmup makes
     the first update exactly 0, so after step 1 training holds the init weights."""
-    ab = load_ablation(write_grid(tmp_path / "g.yaml", {**TINY, "seeds": [3, 4], "base": {
+    ab = load_ablation(write_grid(tmp_path / "g.yaml", {**TINY, "seeds": [3, 4], "failure": {"eval_every": 1}, "base": {
         **TINY["base"], "report_to": "none", "warmup_steps": 5, "max_steps": 1}}))
     spec = expand(ab, str(tmp_path))[1]
     from unet.train.loop import train
@@ -373,7 +382,16 @@ def test_a_primary_test_outside_the_grid_is_refused_before_any_run(tmp_path, cap
              ({"primary": {**primary, "cells": [{"lr": [0.5]}]}}, "init 'zero' at lr=0.5"),
              ({"primary": {**primary, "arms": ["zero"]}}, "'primary.arms' must be two different init arms"),
              ({"secondary": [{**primary, "measure": "speed"}]}, "'secondary[0].measure'"),
-             ({"secondary": [primary] * 5}, "at most 4 tests")]
+             ({"secondary": [primary] * 6}, "at most 5 tests"),
+             ({"primary": {**primary, "measure": "final_loss", "pairs": [["zero", "standard"], ["zero", "kaiming"]],
+                           "arms": None}}, "'primary' must be a mapping"),
+             ({"primary": {"name": "p", "measure": "final_loss", "cells": [{"lr": [1e-3]}],
+                           "pairs": [["zero", "standard"], ["zero-output", "standard"]]}}, "init 'zero-output'"),
+             ({"primary": {**primary, "definition": "sometimes"}}, "'primary.definition' must be one of"),
+             ({"equivalence_margin": 0}, "'equivalence_margin' must be a number > 0"),
+             ({"equivalence_margin": -0.1}, "'equivalence_margin' must be a number > 0"),
+             ({"seeds": 1}, "at least 2 seeds"),
+             ({"failure": {"eval_every": 3}}, "must be >= 1 and divide every run's max_steps")]
     for extra, message in cases:
         bad = write_grid(tmp_path / "bad.yaml", {**TINY, **extra})
         assert main(["--config", bad, "--output_dir", str(tmp_path / "o")]) == 2
@@ -433,3 +451,28 @@ def test_saved_run_from_before_a_new_config_key_still_counts(tmp_path):
     write_json(os.path.join(spec.cfg.output_dir, "result.json"), {"config": {**old, "lr": 0.5}, "steps": 4})
     with pytest.raises(ConfigError, match="different config"):
         load_result(spec.cfg)
+
+
+def test_shipped_fashion_grid_is_the_preregistered_design():
+    """configs/ablation/fashion.yaml: the 2x2 factorial of branch ends x output conv on the same
+    seeds, warmup as a factor at the edge, the practical lrs, the no-norm deep panel with He and
+    Fixup, Fashion-MNIST, final-loss tests with a positive margin, checks that end at max_steps."""
+    ab = load_ablation(os.path.join(ROOT, "configs", "ablation", "fashion.yaml"))
+    runs = expand(ab, "out")
+    assert {r.cfg.dataset for r in runs} == {"fashion_mnist"} and ab.processes == 2
+    factorial = {"zero", "zero-branches", "zero-output", "standard"}
+    panel_a = [r for r in runs if r.cfg.norm == "group"]
+    cells = {(r.cfg.lr, r.cfg.warmup_steps) for r in panel_a}
+    for lr, warmup in cells:
+        by_arm = {a: sorted(r.seed for r in panel_a if (r.cfg.lr, r.cfg.warmup_steps, r.arm) == (lr, warmup, a))
+                  for a in factorial}
+        assert all(s == by_arm["zero"] and len(s) >= 6 for s in by_arm.values()), (lr, warmup)
+    assert {2e-4, 8e-4} <= {lr for lr, w in cells if w == 0}
+    edge = {lr for lr, w in cells if w > 0}
+    assert len(edge) == 2 and all((lr, 0) in cells for lr in edge)  # warmup crossed with the edge lrs
+    panel_b = [r for r in runs if r.cfg.norm == "none"]
+    assert {r.cfg.num_res_blocks for r in panel_b} == {4} and {r.arm for r in panel_b} == {
+        "kaiming", "fixup", "zero", "standard"}
+    assert ab.primary["measure"] == "final_loss" and ab.primary["arms"] == ["zero", "standard"]
+    assert len(ab.secondary) == 5 and ab.equivalence_margin > 0
+    assert all(r.cfg.max_steps % ab.failure["eval_every"] == 0 and r.cfg.grad_clip == 0.0 for r in runs)

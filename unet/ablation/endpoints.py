@@ -17,6 +17,8 @@ from scipy import stats as sps
 from unet.utils.stats import paired_differences, t_interval
 
 from .grid import cell_label, cell_matches, tested_cells
+from .inference import final_loss_test
+from .inference import verdict as final_loss_verdict
 from .summary import holm
 
 ALPHA = 0.05
@@ -57,7 +59,9 @@ def paired_outcomes(runs, spec):
         for seed in sorted(set(by_arm[a]) & set(by_arm[b])):
             ra, rb = by_arm[a][seed], by_arm[b][seed]
             if measure == "failure":
-                pairs.append((cell_label(cell), seed, bool(ra["failed"]), bool(rb["failed"])))
+                name = spec.get("definition")  # a never-censored grid's failure definition, scored from the record
+                fa, fb = (ra["verdicts"][name], rb["verdicts"][name]) if name else (ra["failed"], rb["failed"])
+                pairs.append((cell_label(cell), seed, bool(fa), bool(fb)))
             else:
                 pairs.append((cell_label(cell), seed, ra["measures"].get("final_eval_mse"),
                               rb["measures"].get("final_eval_mse")))
@@ -131,8 +135,35 @@ def paired_loss_test(pairs):
             "statistic": f"mean A - B = {mean:+.4f} over {len(d)} pairs"}
 
 
-def run_test(runs, spec):
+def final_loss_blocks(runs, spec):
+    """([{arm: final loss, inf for a stopped run}] per (cell, seed) that every arm of the spec's
+    pairs ran, their stratum labels): the blocks of a ``final_loss`` test."""
+    arms = sorted({a for pair in spec["pairs"] for a in pair})
+    blocks, strata = [], set()
+    for cell in tested_cells(spec):
+        by_arm = {arm: {r["seed"]: r for r in runs if r["arm"] == arm and cell_matches(r["cell"], cell)}
+                  for arm in arms}
+        for seed in sorted(set.intersection(*(set(v) for v in by_arm.values()))):
+            blocks.append({arm: math.inf if by_arm[arm][seed].get("final_loss") is None
+                           else by_arm[arm][seed]["final_loss"] for arm in arms})
+            strata.add(cell_label(cell))
+    return blocks, sorted(strata)
+
+
+def run_final_loss_test(runs, spec, margin):
+    """A ``final_loss`` test (``inference.final_loss_test``) in the fields the report reads."""
+    blocks, strata = final_loss_blocks(runs, spec)
+    t = final_loss_test(blocks, spec["pairs"], margin)
+    contrast = " and ".join(f"{a} - {b}" for a, b in spec["pairs"])
+    return {**spec, **t, "diff": t["mean"], "strata": strata, "test": "Wilcoxon signed-rank (stopped runs worst)",
+            "statistic": f"median contrast {t['median']:+.4f} ({contrast}) over {t['n']} pairs, "
+                         f"{t['imputed']} stopped run(s) ranked worst"}
+
+
+def run_test(runs, spec, margin=0.25):
     """One pre-registered test's result: its spec, the numbers, and the test's name."""
+    if spec["measure"] == "final_loss":
+        return run_final_loss_test(runs, spec, margin)
     pairs = paired_outcomes(runs, spec)
     result = mcnemar_exact(pairs) if spec["measure"] == "failure" else paired_loss_test(pairs)
     test = "stratified exact McNemar" if spec["measure"] == "failure" else "paired t-test"
@@ -142,8 +173,9 @@ def run_test(runs, spec):
 def endpoint_tests(results):
     """{"primary": test or None, "secondary": [tests with ``p_holm``]} of ``results.json``."""
     ab, runs = results["ablation"], results["runs"]
-    primary = run_test(runs, ab["primary"]) if ab.get("primary") else None
-    secondary = [run_test(runs, s) for s in ab.get("secondary", [])]
+    margin = ab.get("equivalence_margin", 0.25)
+    primary = run_test(runs, ab["primary"], margin) if ab.get("primary") else None
+    secondary = [run_test(runs, s, margin) for s in ab.get("secondary", [])]
     for t, p in zip(secondary, holm([t["p"] for t in secondary])):
         t["p_holm"] = p
     return {"primary": primary, "secondary": secondary, "alpha": ALPHA,
@@ -157,6 +189,9 @@ def verdict(test, margin, p=None):
     p = test["p"] if p is None else p
     if test["n"] < 2 or math.isnan(test["diff"]):
         return "too few pairs"
+    if test["measure"] == "final_loss":
+        names = (a, b) if len(test["pairs"]) == 1 else ("the zeroed side", "the default side")
+        return final_loss_verdict(test, p, names=names)
     if test["measure"] == "failure":
         if p < ALPHA:
             return f"{a} fails {'less' if test['diff'] < 0 else 'more'} often than {b}"

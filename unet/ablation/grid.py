@@ -7,6 +7,7 @@ overrides of the grid file's keys, parsed here too.
 """
 
 import itertools
+import math
 import os
 import typing
 from dataclasses import dataclass, field
@@ -28,7 +29,11 @@ KEYS = ("name", "group", "seeds", "threshold", "smooth", "comparisons", "symmetr
         "mechanism_every")
 # The one failure rule's parameters (``unet.train.diagnostics.FailureRule``), and the defaults.
 FAILURE_KEYS = {"eval_every": 25, "spike_factor": 3.0, "spike_window": 20}
-MEASURES_TESTED = ("failure", "held_out_loss")
+# failure: a stratified exact McNemar test of one failure definition; held_out_loss: the old
+# seed-paired t-test; final_loss: the never-censored grid's continuous endpoint (the mean held-out
+# L_simple of the last checks, stopped runs worst), a paired Wilcoxon signed-rank test.
+MEASURES_TESTED = ("failure", "held_out_loss", "final_loss")
+MAX_SECONDARY = 5
 # What the runner decides for every run: the grid is the only thing that differs between runs.
 SYMMETRY_ARMS = ("zero", "all-zero", "standard")  # standard: random rows from the start, for scale
 RUNNER_KEYS = ("output_dir", "seed", "data_seed", "group", "tags", "run_name", "resume", "progress",
@@ -248,29 +253,48 @@ def _set_design(ab, k, v, path):
             _fail(path, f"'failure' must be a mapping of {', '.join(FAILURE_KEYS)}, got {v!r}")
         ab.failure = {**FAILURE_KEYS, **{key: type(FAILURE_KEYS[key])(x) for key, x in v.items()}}
     elif k == "primary":
-        ab.primary = _test_spec(v, "primary", path, measure="failure")
+        ab.primary = _test_spec(v, "primary", path)
+        if ab.primary["measure"] == "held_out_loss":
+            _fail(path, "'primary.measure' must be failure or final_loss")
     elif k == "secondary":
-        if not isinstance(v, list) or len(v) > 4:
-            _fail(path, f"'secondary' must be a list of at most 4 tests, got {v!r}")
+        if not isinstance(v, list) or len(v) > MAX_SECONDARY:
+            _fail(path, f"'secondary' must be a list of at most {MAX_SECONDARY} tests, got {v!r}")
         ab.secondary = [_test_spec(t, f"secondary[{i}]", path) for i, t in enumerate(v)]
     elif k == "equivalence_margin":
-        ab.equivalence_margin = float(v)
-        if not 0 < ab.equivalence_margin < 1:
-            _fail(path, f"'equivalence_margin' must be a failure-fraction difference in (0, 1), got {v!r}")
+        try:
+            ab.equivalence_margin = float(v)
+        except (TypeError, ValueError):
+            ab.equivalence_margin = math.nan
+        if not 0 < ab.equivalence_margin < math.inf:
+            _fail(path, f"'equivalence_margin' must be a number > 0 in the endpoint's units, got {v!r}")
     else:
         ab.mechanism_every = int(v)
 
 
-def _test_spec(v, where, path, measure=None):
-    """{name, measure, arms: [A, B], cells: [{key: value or [values]}]} of one pre-registered test."""
-    if not isinstance(v, dict) or not {"arms", "cells"} <= set(v) or set(v) - {"name", "measure", "arms", "cells"}:
-        _fail(path, f"'{where}' must be a mapping with name, measure, arms: [A, B] and cells: [...], got {v!r}")
-    spec = {"name": str(v.get("name", where)), "measure": str(v.get("measure", measure or "failure")),
-            "arms": v["arms"], "cells": v["cells"]}
-    if spec["measure"] not in MEASURES_TESTED or (measure and spec["measure"] != measure):
-        _fail(path, f"'{where}.measure' must be {measure or ' or '.join(MEASURES_TESTED)}, got {spec['measure']!r}")
-    if not (isinstance(spec["arms"], list) and len(spec["arms"]) == 2 and spec["arms"][0] != spec["arms"][1]):
-        _fail(path, f"'{where}.arms' must be two different init arms [A, B], got {spec['arms']!r}")
+TEST_KEYS = {"name", "measure", "arms", "pairs", "cells", "definition"}
+
+
+def _test_spec(v, where, path):
+    """{name, measure, arms: [A, B] (or pairs: [[A, B], [C, D]], a factorial contrast: the mean of
+    the pairs' differences per cell and seed), cells: [{key: value or [values]}], definition (a
+    failure measure's ``definitions`` name)} of one pre-registered test."""
+    from .definitions import DEFINITIONS
+
+    if not isinstance(v, dict) or "cells" not in v or ("arms" in v) == ("pairs" in v) or set(v) - TEST_KEYS:
+        _fail(path, f"'{where}' must be a mapping with name, measure, arms: [A, B] (or pairs: [[A, B], ...]) and "
+                    f"cells: [...], got {v!r}")
+    pairs = v["pairs"] if "pairs" in v else [v["arms"]]
+    spec = {"name": str(v.get("name", where)), "measure": str(v.get("measure", "failure")),
+            "arms": pairs[0] if isinstance(pairs, list) and pairs else pairs, "pairs": pairs, "cells": v["cells"]}
+    if "definition" in v:
+        spec["definition"] = str(v["definition"])
+        if spec["definition"] not in DEFINITIONS:
+            _fail(path, f"'{where}.definition' must be one of {', '.join(DEFINITIONS)}, got {v['definition']!r}")
+    if spec["measure"] not in MEASURES_TESTED:
+        _fail(path, f"'{where}.measure' must be {' or '.join(MEASURES_TESTED)}, got {spec['measure']!r}")
+    if not (isinstance(pairs, list) and pairs and all(isinstance(a, list) and len(a) == 2 and a[0] != a[1]
+                                                      for a in pairs)):
+        _fail(path, f"'{where}.arms' must be two different init arms [A, B], got {v.get('arms', pairs)!r}")
     if not (isinstance(spec["cells"], list) and spec["cells"] and all(isinstance(c, dict) for c in spec["cells"])):
         _fail(path, f"'{where}.cells' must be a non-empty list of grid cells, got {spec['cells']!r}")
     return spec
@@ -293,13 +317,13 @@ def _check_tests(ab, path, runs):
     ]:
         for cell in tested_cells(spec):
             seeds = []
-            for arm in spec["arms"]:
+            for arm in [a for pair in spec.get("pairs", [spec["arms"]]) for a in pair]:
                 found = [r.seed for r in runs if r.arm == arm and cell_matches(r.cell, cell)]
                 if not found:
                     _fail(path, f"'{where}' names init {arm!r} at {cell_label(cell)}, which the grid does not run")
                 seeds.append(sorted(found))
-            if seeds[0] != seeds[1]:
-                _fail(path, f"'{where}': at {cell_label(cell)} the two arms run different seeds")
+            if any(s != seeds[0] for s in seeds):
+                _fail(path, f"'{where}': at {cell_label(cell)} the arms run different seeds")
 
 
 def cell_matches(cell, wanted):
@@ -325,7 +349,12 @@ def _check(ab, path):
         _fail(path, f"'smooth' must be >= 1, got {ab.smooth}")
     if len(ab.seeds) < 2 or any(len(sub.get("seeds", ab.seeds)) < 2 for sub in ab.grid):
         _fail(path, f"'seeds' must give at least 2 seeds: the intervals are over seeds, got {ab.seeds}")
-    _check_tests(ab, path, expand(ab, "unused"))
+    runs = expand(ab, "unused")
+    _check_tests(ab, path, runs)
+    every = ab.failure["eval_every"]
+    if every < 1 or any(r.cfg.max_steps % every for r in runs):
+        _fail(path, f"'failure.eval_every' ({every}) must be >= 1 and divide every run's max_steps: the last "
+                    "held-out check is the endpoint")
     if ab.symmetry.get("steps", 0):
         try:
             symmetry_config(ab, "unused", "zero")
@@ -362,12 +391,13 @@ def run_config(ab, out_dir, overrides, seed, run_id, tags):
     steps = overrides.get("max_steps", ab.base.get("max_steps", FIELDS["max_steps"].default))
     fixed = dict(output_dir=os.path.join(out_dir, "runs", run_id), seed=seed, data_seed=-1, resume="",
                  progress=False, group=ab.group, tags=tags, run_name=run_id,
-                 # the held-out L_simple the failure rule reads, and the block measures (at init too)
-                 eval_every=ab.failure["eval_every"], diagnostics_every=ab.mechanism_every or steps,
+                 # the held-out checks are the runner's (record.Recorder, every failure.eval_every steps);
+                 # training's own block measures every mechanism_every steps (at init too)
+                 eval_every=0, diagnostics_every=ab.mechanism_every or steps,
                  checkpoint_every=steps, keep_checkpoints=1,
                  # the runs log nothing themselves: the runner logs one wandb run per cell afterwards
                  report_to="none")
-    # One failure rule stops a run (``FailureRule``, applied by the runner), not training's own.
+    # Only the runner's guard stops a run (``record.Recorder``), not training's divergence rule.
     defaults = dict(divergence_factor=0.0, sample_every=-1)
     return TrainConfig.from_dict({**defaults, **ab.base, **overrides, **fixed})
 

@@ -20,6 +20,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import matplotlib.ticker  # noqa: E402
 import numpy as np  # noqa: E402
 
+from .answer import answer_sections, never_censored
 from .endpoints import endpoint_conclusions, endpoint_tests, failure_fractions, verdict  # noqa: E402
 from .grid import cell_label, cell_matches  # noqa: E402
 from .summary import (  # noqa: E402
@@ -461,6 +462,10 @@ def spike_words(results):
 def failure_words(results):
     """The failure rule the runs used, in words, from the grid's ``failure`` keys."""
     f = results["ablation"].get("failure", {})
+    if never_censored(results):
+        return ("a non-finite loss or the guard (the median training L_simple of the last 10 steps above 10x the "
+                "zero predictor's), the only rules that stop a run; the fractions count those stops, and every "
+                "other failure definition is scored from the records below")
     return (f"a non-finite training or held-out loss; a held-out L_simple (every {f.get('eval_every', '?')} steps, on "
             "the fixed held-out batch with fixed t and noise) above the zero predictor's (the L_simple of predicting "
             f"zero noise on that batch, computed: {_zero_loss(results)}); or an mse spike, a step's training mse above "
@@ -496,7 +501,8 @@ def tests_table_endpoints(tests):
     rows += [(t, t["p_holm"]) for t in tests["secondary"]]
     for t, p_holm in rows:
         what = "failure fraction" if t["measure"] == "failure" else "final held-out L_simple"
-        lines.append(_row([("primary: " if p_holm is None else "") + t["name"], " vs ".join(t["arms"]), what,
+        arms = " and ".join(" vs ".join(p) for p in t.get("pairs", [t["arms"]]))
+        lines.append(_row([("primary: " if p_holm is None else "") + t["name"], arms, what,
                            t["statistic"], f"{t['diff']:+.3f} {_ci(t['low'], t['high'], 3)}", fmt_num(t["p"], 2),
                            "–" if p_holm is None else fmt_num(p_holm, 2),
                            verdict(t, margin, t["p"] if p_holm is None else p_holm)]))
@@ -528,9 +534,12 @@ def endpoints_section(results, summary, plots):
     return ["## The answer: pre-registered endpoints", "",
             *[f"- {line}" for line in summary["conclusions"]], "",
             tests_table_endpoints(tests), "",
-            f"A failure-fraction difference is called equivalent only where its 95% interval lies inside ±"
-            f"{tests['equivalence_margin']:g}, the margin written in the grid file before the run; 'not resolved' "
-            "means neither a difference nor equivalence is supported by these seeds.", "",
+            (f"A difference is called equivalence only where both one-sided tests against "
+             f"±{tests['equivalence_margin']:g} (held-out L_simple) reject at 5% and no run in the test stopped (a "
+             "stopped run ranks worst)" if never_censored(results) else
+             f"A failure-fraction difference is called equivalent only where its 95% interval lies inside ±"
+             f"{tests['equivalence_margin']:g}, the margin written in the grid file before the run")
+            + "; 'not resolved' means neither a difference nor equivalence is supported by these seeds.", "",
             _image("failure fraction against learning rate", plots["failures"]), "",
             f"A run **fails** on {failure_words(results)}.", "",
             fractions_table(summary["fractions"]), ""]
@@ -601,7 +610,7 @@ def plot_mechanism(label, by_arm, path):
 
 def mechanism_plots(results, out_dir):
     """{panel label: path} of the mechanism figures (none when the runs recorded no mechanism)."""
-    if not any(r.get("mechanism", {}).get("rows") for r in results["runs"]):
+    if not any("update_ratio" in row for r in results["runs"] for row in r.get("mechanism", {}).get("rows", [])):
         return {}
     out = {}
     for i, (label, by_arm) in enumerate(_edge_runs(results).items()):
@@ -731,6 +740,7 @@ def measures_section(results, summary, plots):
 SECTIONS = (
     intro_section,
     endpoints_section,
+    answer_sections,
     mechanism_section,
     init_study_section,
     symmetry_section,

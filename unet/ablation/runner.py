@@ -58,113 +58,70 @@ def init_model(cfg):
     return create_model(cfg)
 
 
-HELD_OUT_KEYS = ("dataset", "data_dir", "image_size", "channels", "eval_fraction", "eval_batch_size", "class_cond",
-                 "diffusion_steps", "noise_schedule", "timestep_respacing", "rescale_timesteps")
-_HELD_OUT = {}
-
-
-def held_out_batch(cfg):
-    """The fixed held-out batch training evaluates on for ``cfg`` (the same numbers in every
-    run of a grid: it depends only on ``HELD_OUT_KEYS``): its zero-predictor loss and the
-    diagnostics' noised images, (x_t, model timesteps, labels)."""
-    from unet.train.data import eval_batch, load_image_data
-    from unet.train.diagnostics import zero_predictor_loss
-    from unet.train.factory import create_diffusion_from_config
-
-    key = tuple(getattr(cfg, k) for k in HELD_OUT_KEYS)
-    if key not in _HELD_OUT:
-        data = load_image_data(cfg, log=lambda *_: None)
-        batch = eval_batch(data, create_diffusion_from_config(cfg), cfg, "cpu")
-        _HELD_OUT[key] = zero_predictor_loss(batch["noise"]), batch["diag"]
-    return _HELD_OUT[key]
-
-
-class Mechanism:
-    """
-    The measures of how training moves the network, every ``every`` steps: the update-to-weight
-    ratio of the last step per layer group and the middle block's attention logits (training's
-    own diagnostics rows add each ResBlock's output RMS and branch/skip ratio at the same steps).
-    """
-
-    def __init__(self, model, every, diag):
-        from unet.train import diagnostics
-
-        self.d, self.every, self.diag = diagnostics, every, diag
-        self.groups, self.before = diagnostics.layer_groups(model), None
-        self.rows = []
-
-    def __call__(self, step, row, model):
-        if not self.every:
-            return False
-        if (step + 1) % self.every == 0:
-            self.before = self.d.snapshot(model)  # the next step's update is the one measured
-        elif step % self.every == 0 and self.before is not None:
-            x, t, y = self.diag
-            self.rows.append({"step": step, "update_ratio": self.d.group_update_ratios(self.before, model, self.groups),
-                              **self.d.attention_stats(model, x, t, y)})
-            self.before = None
-        return False
-
-
 def run_one(spec, threshold, smooth=10, early_steps=(10, 50, 100), failure=None, mechanism_every=50):
     """
-    Train one run and reduce it to the ablation's measures. The one failure rule
-    (``diagnostics.FailureRule``) reads every history row and stops the run when it fails.
+    Train one run to ``max_steps`` and keep its full record. No failure rule acts during the
+    run: only a non-finite loss or the guard stops it (``record.Recorder``); every failure
+    definition (``definitions``) is scored afterwards from the record.
 
     :param spec: a ``RunSpec``.
     :param early_steps: the steps whose training loss is kept as ``loss_at_<step>``.
-    :param failure: the rule's ``spike_factor`` and ``spike_window`` (``grid.FAILURE_KEYS``).
-    :return: dict with the run's identity, ``failed`` / ``failure_reason`` / ``diverged``,
-        ``measures``, per-step ``curves``, the ``mechanism`` rows and the ``init`` statistics.
+    :param failure: ``eval_every`` (the held-out check interval), ``spike_factor`` and
+        ``spike_window`` (``grid.FAILURE_KEYS``).
+    :param mechanism_every: unused (the mechanism is measured at every check); kept for old grids.
+    :return: dict with the run's identity, ``stopped`` (None, or why the run stopped early),
+        ``verdicts`` under every definition, ``checks``, ``measures``, per-step ``curves``, the
+        ``mechanism`` rows and update ratios, and the ``init`` statistics.
     """
-    from unet.train.diagnostics import FailureRule
     from unet.train.loop import train
 
+    from .definitions import final_loss, verdicts
+    from .record import Recorder
+
     failure = {**FAILURE_KEYS, **(failure or {})}
-    zero_loss, diag = held_out_batch(spec.cfg)
-    rule = FailureRule(zero_loss, failure["spike_factor"], failure["spike_window"])
-    mechanism = Mechanism(init_model(spec.cfg), mechanism_every, diag)
+    recorder = Recorder(init_model(spec.cfg), spec.cfg, failure["eval_every"])
     t0 = time.perf_counter()
-    out = train(spec.cfg, hooks=(mechanism, lambda step, row, model: rule.update(row) is not None))
+    out = train(spec.cfg, hooks=(recorder,))
     seconds = time.perf_counter() - t0
     hist = out["history"]
     curve = lambda key: [r.get(key, float("nan")) for r in hist]  # noqa: E731
-    evals = [(r["step"], r["eval_mse"]) for r in hist if "eval_mse" in r]
     first = hist[0] if hist else {}
+    rec = dict(stopped=recorder.stopped, checks=recorder.checks, zero_predictor_loss=recorder.zero_loss,
+               curves=dict(loss=curve("loss"), mse=curve("mse"), grad_norm=curve("grad_norm")))
+    final = final_loss(rec)
     return dict(
-        run_id=spec.run_id, cell_id=spec.cell_id, cell=spec.cell, arm=spec.arm, seed=spec.seed,
-        failed=rule.reason is not None, failure_reason=rule.reason, failure_step=rule.step, diverged=rule.diverged,
-        zero_predictor_loss=zero_loss,
-        measures={**run_measures(out, curve("loss"), curve("grad_norm"), rule, threshold, smooth),
+        run_id=spec.run_id, cell_id=spec.cell_id, cell=spec.cell, arm=spec.arm, seed=spec.seed, **rec,
+        verdicts=verdicts(rec), final_loss=None if math.isinf(final) else final,
+        # the run-time facts under the old names: failed = stopped early (non-finite or guard)
+        failed=recorder.stopped is not None, failure_reason=recorder.stopped, diverged=recorder.stopped is not None,
+        failure_step=len(hist) if recorder.stopped else None,
+        measures={**run_measures(out, curve("loss"), curve("grad_norm"), recorder.stopped, threshold, smooth,
+                                 None if math.isinf(final) else final),
                   **early_measures(curve("loss"), early_steps)},
-        stop_reason=rule.reason or out["stop_reason"], steps=len(hist), nan_skipped=out["nan_skipped"],
+        stop_reason=recorder.stopped or out["stop_reason"], steps=len(hist), nan_skipped=out["nan_skipped"],
         seconds=seconds,
-        curves=dict(loss=curve("loss"), mse=curve("mse"), grad_norm=curve("grad_norm"),
-                    eval_steps=[s for s, _ in evals], eval_mse=[v for _, v in evals]),
-        mechanism=dict(rows=mechanism.rows, blocks=[{"step": r["step"], "activation_rms": r["activation_rms"],
-                                                     "residual_ratios": r["residual_ratios"]}
-                                                    for r in hist if "activation_rms" in r]),
+        mechanism=dict(rows=recorder.mechanism, updates={str(k): v for k, v in recorder.updates.items()},
+                       fp16_overflow=recorder.overflowed(),
+                       blocks=[{"step": r["step"], "activation_rms": r["activation_rms"],
+                                "residual_ratios": r["residual_ratios"]} for r in hist if "activation_rms" in r]),
         init=dict(activation_rms=first.get("activation_rms", []), residual_ratios=first.get("residual_ratios", {})),
         model_key=_model_key(spec.cfg), config=spec.cfg.to_dict(),
     )
 
 
-def run_measures(out, losses, grads, rule, threshold, smooth):
-    """The ablation's per-run measures. A failed run has no final or threshold measures: it
-    stopped when it failed."""
-    failed = rule.reason is not None
-    last = out["history"][-1] if out["history"] else {}
+def run_measures(out, losses, grads, stopped, threshold, smooth, final):
+    """The per-run measures the summary reads. A stopped run has no final or threshold measures."""
     g = finite(grads)
     return dict(
         initial_loss=losses[0] if losses and math.isfinite(losses[0]) else None,
-        steps_to_threshold=None if failed else steps_to_threshold(losses, threshold, smooth),
-        final_eval_loss=None if failed else last.get("eval_loss"),
-        final_eval_mse=None if failed else last.get("eval_mse"),
+        steps_to_threshold=None if stopped else steps_to_threshold(losses, threshold, smooth),
+        final_eval_loss=None if stopped else final,
+        final_eval_mse=None if stopped else final,
         max_grad_norm=max(g) if g else None,
         median_grad_norm=statistics.median(g) if g else None,
-        spike_count=rule.spikes.count,
-        failed=failed,
-        diverged=rule.diverged,
+        spike_count=out["spike_count"],
+        failed=stopped is not None,
+        diverged=stopped is not None,
     )
 
 
@@ -231,19 +188,27 @@ def _progress_line(i, total, spec, res, threshold):
             f"max grad norm {m['max_grad_norm'] or float('nan'):.3g}, {res['seconds']:.1f}s")
 
 
-def _run_grid(ab, runs, rank, world, log):
+def _run_grid(ab, runs, rank, world, log, stop_after=0.0):
     """Every run this process owns (every ``world``-th) that has no saved result yet; returns
     {run_id: result} of the runs finished so far, by any process. Several processes on one
-    CPU share its cores (``cpu_threads``: cores / processes) unless the grid sets the threads."""
-    done, t0, started_with = {}, time.perf_counter(), finished_runs(runs)
+    CPU share its cores (``cpu_threads``: cores / processes) unless the grid sets the threads.
+
+    :param stop_after: minutes after which this process starts no new run (0: none; it always runs
+        one); the grid is finished by
+        running the same command again, each invocation's runs marked with its ``invocation``."""
+    done, t0, started_with, ran = {}, time.perf_counter(), finished_runs(runs), False
     cores = cpu_cores()
+    invocation = os.environ.get(INVOCATION_ENV) or time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     for i, spec in enumerate(runs):
         res = load_result(spec.cfg)
-        if res is None and owns_run(i, spec.run_id, rank, world):
+        late = stop_after and ran and time.perf_counter() - t0 > 60 * stop_after  # each process runs one at least
+        if res is None and not late and owns_run(i, spec.run_id, rank, world):
             if world > 1 and not spec.cfg.cpu_threads:
                 spec = replace(spec, cfg=spec.cfg.replace(cpu_threads=max(1, cores // world)))
             fresh_run_dir(spec.cfg)
-            res = run_one(spec, ab.threshold, ab.smooth, ab.early_steps, ab.failure, ab.mechanism_every)
+            res = {**run_one(spec, ab.threshold, ab.smooth, ab.early_steps, ab.failure, ab.mechanism_every),
+                   "invocation": invocation}
+            ran = True
             write_json(os.path.join(spec.cfg.output_dir, "result.json"), res, clean=True)
             if not ab.save_models:
                 shutil.rmtree(os.path.join(spec.cfg.output_dir, "checkpoints"), ignore_errors=True)
@@ -269,13 +234,16 @@ def _symmetry_runs(ab, out_dir, log):
     return results
 
 
-def _wait_for_other_processes(runs, done, workers=()):
-    """Until every run has a result; a worker process that failed is a one-line error."""
+def _wait_for_other_processes(runs, done, workers=(), chunk=False):
+    """Until every run has a result (``chunk``: until the workers have exited); a worker process
+    that failed is a one-line error."""
     while len(done) < len(runs):
         for w in workers:
             if w.poll():
                 raise ConfigError(f"a worker process exited with code {w.returncode}; "
                                   "run the same command again to finish the remaining runs")
+        if chunk and all(w.poll() is not None for w in workers):
+            return
         time.sleep(5)
         for spec in runs:
             if spec.run_id not in done:
@@ -293,13 +261,16 @@ def measurement_rules():
     return {"spikes": {"factor": spikes.factor, "window": spikes.window}, "failure": dict(FAILURE_KEYS)}
 
 
-def run_ablation(ab, out_dir, log=print, command=None, workers=()):
+def run_ablation(ab, out_dir, log=print, command=None, workers=(), stop_after=0.0):
     """
     Run (or finish) every run of the grid and the symmetry runs, then write ``results.json``,
-    ``report.md`` and the plots into ``out_dir``.
+    ``report.md`` and the plots into ``out_dir``; with ``stop_after`` (minutes), start no run
+    after that and write only ``compact_runs.json.gz`` of the runs finished so far when the grid
+    is not complete (the same command continues it).
 
     :param workers: the other processes' ``Popen``s (``spawn_workers``), watched for failure.
-    :return: the results dict (also in ``results.json``), or None on a process other than 0.
+    :return: the results dict (also in ``results.json``), or None on a process other than 0 or
+        for an unfinished grid.
     """
     rank, world = claim_process()
     os.makedirs(out_dir, exist_ok=True)
@@ -309,11 +280,17 @@ def run_ablation(ab, out_dir, log=print, command=None, workers=()):
         with open(os.path.join(out_dir, "ablation.yaml"), "w") as f:
             yaml.safe_dump(clean_json(asdict(ab)), f, sort_keys=False)
     t_start = time.perf_counter()
-    done = _run_grid(ab, runs, rank, world, log)
+    done = _run_grid(ab, runs, rank, world, log, stop_after)
     if rank != 0:
         return None
+    _wait_for_other_processes(runs, done, workers, chunk=bool(stop_after))
+    if len(done) < len(runs):
+        path = write_compact({s.run_id: done[s.run_id] for s in runs if s.run_id in done},
+                             os.path.join(out_dir, "compact_runs.json.gz"))
+        log(f"stopped after {stop_after:g} minutes: {len(done)} of {len(runs)} runs done ({path}); "
+            "run the same command again to continue")
+        return None
     symmetry = _symmetry_runs(ab, out_dir, log)
-    _wait_for_other_processes(runs, done, workers)
     results = clean_json(
         dict(
             name=ab.name,
@@ -374,11 +351,15 @@ def log_cells(ab, out_dir, results, log=print):
             row = {f"train/loss/s{r['seed']}": r["curves"]["loss"][step - 1] for r in runs
                    if step <= len(r["curves"]["loss"])}
             for r in runs:
-                if step in r["curves"]["eval_steps"]:
-                    row[f"eval/mse/s{r['seed']}"] = r["curves"]["eval_mse"][r["curves"]["eval_steps"].index(step)]
+                checks = r.get("checks") or {"steps": r["curves"].get("eval_steps", []),
+                                             "mse": r["curves"].get("eval_mse", [])}
+                if step in checks["steps"]:
+                    row[f"eval/mse/s{r['seed']}"] = checks["mse"][checks["steps"].index(step)]
             acc.log(row, step=step)
-        acc.get_tracker("wandb", unwrap=True).summary.update(
-            {"failed": sum(bool(r["failed"]) for r in runs), "runs": len(runs)})
+        summary = {"stopped": sum(bool(r["failed"]) for r in runs), "runs": len(runs)}
+        for name in runs[0].get("verdicts", {}):  # every failure definition's count, scored from the records
+            summary[f"failed/{name}"] = sum(bool(r["verdicts"][name]) for r in runs)
+        acc.get_tracker("wandb", unwrap=True).summary.update(summary)
         acc.end_training()
     log(f"wandb: {len(by_cell)} cell runs in group {ab.group} ({time.perf_counter() - t0:.0f}s)", flush=True)
 
@@ -423,6 +404,32 @@ def report_only(out_dir, source=None):
     write_json(path, results, clean=True)
     write_runs_table(results, os.path.join(out_dir, "runs.csv"))
     print(f"report: {os.path.join(out_dir, 'report.md')}")
+
+
+INVOCATION_ENV = "UNET_ABLATION_INVOCATION"  # one id for the runs of every process of one invocation
+COMPACT_KEYS = ("run_id", "cell_id", "cell", "arm", "seed", "invocation", "stopped", "verdicts", "final_loss",
+                "zero_predictor_loss", "checks", "steps", "seconds")
+
+
+def compact_run(r):
+    """What the tables and tests need of one run, and its curves (training L_simple at 4
+    significant digits), without the per-step measures the report's plots read."""
+    out = {k: r.get(k) for k in COMPACT_KEYS}
+    out["curves"] = {"mse": [None if v is None or not math.isfinite(v) else float(f"{v:.4g}")
+                             for v in r["curves"]["mse"]]}
+    mech = r.get("mechanism", {})
+    out["mechanism"] = {"updates": mech.get("updates"), "fp16_overflow": mech.get("fp16_overflow"),
+                        "rows": mech.get("rows")}
+    return out
+
+
+def write_compact(done, path):
+    """{run_id: result} as one gzip'd JSON file of ``compact_run``s (committed as chunks finish)."""
+    tmp = f"{path}.tmp"
+    with gzip.open(tmp, "wt") as f:
+        json.dump(clean_json({"runs": [compact_run(r) for r in done.values()]}), f)
+    os.replace(tmp, path)
+    return path
 
 
 RUN_COLUMNS = ("run_id", "norm", "num_res_blocks", "lr", "arm", "seed", "failed", "diverged", "failure_step",
