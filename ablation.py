@@ -89,9 +89,17 @@ def _run(ab, out_dir, argv):
     from unet.train.data import DataError
     from unet.train.loop import TrainingError
 
+    from unet.train.checkpoint import RunLock
+
     datasets.disable_progress_bars()
     workers = []
+    # One invocation owns the folder (its rank 0; the workers it starts, and a launcher's other
+    # ranks, are part of it): a second one into the same folder is refused instead of both
+    # training the same runs and deleting each other's live run folders.
+    lock = RunLock(out_dir, "the ablation's output folder") if os.environ.get("RANK", "0") == "0" else None
     try:
+        if lock is not None:
+            lock.__enter__()
         os.makedirs(out_dir, exist_ok=True)
         ab.group = wandb_group(ab, out_dir)  # one group for the runs of every process
         workers = spawn_workers(
@@ -107,6 +115,8 @@ def _run(ab, out_dir, argv):
                 w.terminate()  # a failed rank 0 leaves no orphans
         if workers:
             drop_claims()
+        if lock is not None:
+            lock.__exit__()
     return 0
 
 

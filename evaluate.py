@@ -64,8 +64,9 @@ def _load_samples(path):
     try:
         with np.load(path) as f:
             return f["arr_0"], (f["arr_1"] if "arr_1" in f else None)
-    except (OSError, ValueError, KeyError) as e:
-        raise ValueError(f"cannot read samples {path} (expected sample.py's samples.npz): {e}") from None
+    except Exception as e:  # also a truncated file: BadZipFile, zlib.error, EOFError
+        raise ValueError(f"cannot read samples {path} (expected sample.py's samples.npz): {type(e).__name__}: "
+                         f"{str(e).strip().splitlines()[0] if str(e).strip() else ''}") from None
 
 
 def build_parser():

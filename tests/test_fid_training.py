@@ -62,7 +62,7 @@ def test_fid_every_logs_to_wandb_history_and_checkpoint(fid_run, capsys):
         kept = json.load(f)
     assert kept["step"] == best["_step"] == saved["best_step"] and kept["fid"] == best["eval/fid"]
     assert kept["checkpoint"].endswith(f"checkpoint_{best['_step']:08d}")
-    assert load_checkpoint(str(out / "best")).config.max_steps == 4
+    assert load_checkpoint(str(out / "best")).config["max_steps"] == 4
 
 
 def test_best_pointer_moves_only_when_fid_falls(monkeypatch):

@@ -58,7 +58,7 @@ def test_a_fresh_run_never_mixes_with_checkpoints_already_there(straight, tmp_pa
     s = train(again.replace(overwrite=True))
     assert "overwrite: removed 2 checkpoint(s)" in capsys.readouterr().out
     assert names(out) == ["checkpoint_00000002"] and s["checkpoint"] == latest_checkpoint(str(out))
-    assert load_checkpoint(str(out)).config.seed == 1
+    assert load_checkpoint(str(out)).config["seed"] == 1
 
 
 def test_resuming_an_older_checkpoint_keeps_newer_ones_unless_told(straight, tmp_path, capsys):

@@ -12,6 +12,7 @@ from safetensors.torch import load_file
 
 from unet.core.diffusion import create_diffusion
 from unet.core.model import UNetModel
+from unet.utils.yamlfile import strict_load
 
 from .format import (
     CONFIG_FILE,
@@ -163,7 +164,10 @@ def parse_flag_string(text: str) -> dict:
     for name, value in zip(tokens[::2], tokens[1::2]):
         if not name.startswith("--"):
             raise ValueError(f"expected a --flag, got {name!r}")
-        flags[name[2:]] = yaml.safe_load(value) if value.lower() not in ("t", "f") else value.lower() == "t"
+        try:
+            flags[name[2:]] = yaml.safe_load(value) if value.lower() not in ("t", "f") else value.lower() == "t"
+        except yaml.YAMLError:
+            raise ValueError(f"flag --{name[2:]}: {value!r} is not a value") from None
     return flags
 
 
@@ -223,8 +227,11 @@ def architecture_of(config: object) -> tuple:
         elif not os.path.isfile(config):
             raise FileNotFoundError(f"config not found: {config}")
         else:
-            with open(config) as fh:
-                config = yaml.safe_load(fh)
+            try:
+                with open(config, encoding="utf-8") as fh:
+                    config = strict_load(fh)
+            except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
+                raise ValueError(f"config {config} is not readable YAML ({one_line(e)})") from None
     if not isinstance(config, dict):
         raise ValueError("the config must be a mapping")
     if isinstance(config.get("model"), dict) and "diffusion" in config and "image_size" in config:
