@@ -86,10 +86,9 @@ def _run(ab, out_dir, argv):
     """Run the ablation; errors a user can fix (data, config, checkpoint) are one line, exit 1."""
     import datasets
 
+    from unet.train.checkpoint import RunLock
     from unet.train.data import DataError
     from unet.train.loop import TrainingError
-
-    from unet.train.checkpoint import RunLock
 
     datasets.disable_progress_bars()
     workers = []

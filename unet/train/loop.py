@@ -377,6 +377,24 @@ def start_loop(run, state, hooks, signals):
     return train_loop(run, state, hooks, signals)
 
 
+def end_of_step(run, state, record, stop, signalled):
+    """The grid, FID and checkpoint of a step that did not diverge; returns (stop, why). After a
+    stop signal the checkpoint comes first and the grid and FID of the step are skipped (a resumed
+    run does the later ones). A last step whose loss was not finite is no clean finish: its
+    unchanged weights, the last good ones, are saved and the run stops as "nan"."""
+    if stop == "max_steps" and record.skipped:
+        maybe_checkpoint(run, state, record, "nan", run.log, last_good=True)
+        return "nan", f"the last step ({record.step}) had a non-finite loss and was skipped"
+    new_best = False
+    if not signalled:
+        maybe_sample(run, state, record.step)
+        new_best = quality.maybe_measure(run, state, record.step)  # True: keep_best_fid and a new lowest FID
+    maybe_checkpoint(run, state, record, stop, run.log, force=new_best)
+    if new_best:
+        quality.keep_best(run, state, record.step)
+    return stop, None
+
+
 def train_loop(run, state, hooks, signals):
     """Steps from ``state.step`` to ``max_steps`` or a stop rule; returns ``train``'s result.
     ``signals`` (``StopSignals``): a stop signal on any process ends the run after the step."""
@@ -413,18 +431,7 @@ def train_loop(run, state, hooks, signals):
             why = stop_message(stop, record, cfg)
             break  # no checkpoint: the last good one stays the latest
         phema.after_step(run, record)
-        if stop == "max_steps" and record.skipped:  # the last step's loss was not finite: not a clean finish
-            stop, why = "nan", f"the last step ({record.step}) had a non-finite loss and was skipped"
-            maybe_checkpoint(run, state, record, stop, run.log, last_good=True)
-            state.step = record.step
-            break
-        new_best = False
-        if not signalled:  # after a stop signal the checkpoint comes first; grids and FID wait for the resume
-            maybe_sample(run, state, record.step)
-            new_best = quality.maybe_measure(run, state, record.step)  # True: keep_best_fid and a new lowest FID
-        maybe_checkpoint(run, state, record, stop, run.log, force=new_best)
-        if new_best:
-            quality.keep_best(run, state, record.step)
+        stop, why = end_of_step(run, state, record, stop, signalled)
         state.step = record.step
         if stop:
             break
