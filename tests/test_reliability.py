@@ -139,12 +139,20 @@ def truncate(path):
     ("optimizer.bin", os.remove, "optimizer.bin is missing"),
     ("train_state.json", truncate, "cannot resume from"),
 ])
-def test_a_corrupt_checkpoint_part_is_one_line_naming_the_file(straight, tmp_path, name, damage, words):
+@pytest.mark.parametrize("manifest", [True, False], ids=["manifest", "no-manifest"])
+def test_a_corrupt_checkpoint_part_is_one_line_naming_the_file(straight, tmp_path, name, damage, words, manifest):
+    """With its manifest (issue 34) a damaged file is named by its size or sha256 before anything
+    reads it; a checkpoint written before manifests still gets the checks of each file's reader."""
     cfg, _ = straight
     shutil.copytree(cfg.output_dir, tmp_path / "run")
-    damage(os.path.join(latest_checkpoint(str(tmp_path / "run")), name))
+    ckpt = latest_checkpoint(str(tmp_path / "run"))
+    if not manifest:
+        os.remove(os.path.join(ckpt, "manifest.json"))
+    damage(os.path.join(ckpt, name))
     with pytest.raises(CheckpointError) as e:
         train(cfg.replace(output_dir=str(tmp_path / "run"), resume="latest", max_steps=7))
+    if manifest and damage is not os.remove:
+        words = f"{name} is {os.path.getsize(os.path.join(ckpt, name))} bytes, its manifest says"
     assert words in str(e.value) and "\n" not in str(e.value)
 
 
