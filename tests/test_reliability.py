@@ -137,7 +137,7 @@ def truncate(path):
     ("random_states_0.pkl", os.remove, "random_states_0.pkl is missing"),
     ("random_states_0.pkl", truncate, "random_states_0.pkl is unreadable"),
     ("optimizer.bin", os.remove, "optimizer.bin is missing"),
-    ("train_state.json", truncate, "cannot resume from"),
+    ("train_state.json", truncate, "train_state.json is unreadable"),
 ])
 @pytest.mark.parametrize("manifest", [True, False], ids=["manifest", "no-manifest"])
 def test_a_corrupt_checkpoint_part_is_one_line_naming_the_file(straight, tmp_path, name, damage, words, manifest):
