@@ -89,7 +89,7 @@ def save_reference(path, ref):
     os.replace(tmp, path)  # whole or not at all
 
 
-def check_features(features, where, width=None):
+def check_features(features: np.ndarray, where: str, width: "int | None" = None) -> np.ndarray:
     """Refuse, in one line, reference features that are not an [N x D] finite numeric array with
     N >= 2 (and D == ``width`` when given): a NaN there crashes torchmetrics' covariance (a
     segfault inside MKL, seen), a wrong width fails only at the first measurement."""

@@ -266,7 +266,7 @@ def export_pipeline(loaded, out_dir, tolerance=1e-4, quality=None, repo_id=None,
     return diff
 
 
-def save_listed(pipe, out_dir):
+def save_listed(pipe, out_dir: str) -> list:
     """``pipe.save_pretrained`` into a fresh folder inside ``out_dir``, each file then moved into
     place: the list of what diffusers wrote (relative paths), whatever else ``out_dir`` holds."""
     tmp = tempfile.mkdtemp(prefix=".export-", dir=out_dir)
@@ -287,7 +287,7 @@ def save_listed(pipe, out_dir):
 LOCAL_PATH_KEYS = ("output_dir", "data_dir", "cache_dir", "fid_ref", "resume")
 
 
-def hub_dataset(cfg):
+def hub_dataset(cfg: "dict | None") -> bool:
     """Whether the config's dataset is a hub dataset (``user/name``), not a local folder."""
     name = str((cfg or {}).get("dataset", ""))
     return "/" in name and not os.path.isabs(name) and not name.startswith(".") and not os.path.exists(name)
@@ -311,7 +311,7 @@ class PushError(RuntimeError):
     """A push to the hub that failed (no token, no network, refused); the message is one line."""
 
 
-def push_to_hub(out_dir, repo_id, files, private=False):
+def push_to_hub(out_dir: str, repo_id: str, files: list, private: bool = False) -> str:
     """
     Upload the files an export wrote into ``out_dir`` to the hub repository ``repo_id`` (created
     if missing) with ``huggingface_hub``: ``create_repo`` then ``upload_folder`` restricted to

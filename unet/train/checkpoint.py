@@ -291,14 +291,14 @@ PARTS = (
 )
 
 
-def run_state(run, state):
+def run_state(run: object, state: object) -> dict:
     """What ``train_state.json`` holds for this run at ``state``: the ``TrainState`` and every
     ``PARTS`` entry the run has (call on every process: the stream's is a collective)."""
     saved = {p.key: p.save(run) for p in PARTS}
     return {**state.state_dict(), **{k: v for k, v in saved.items() if v is not None}}
 
 
-def restore_parts(run, state, loaded):
+def restore_parts(run: object, state: object, loaded: dict) -> None:
     """``run_state`` undone: the ``TrainState``, then every part the run has."""
     state.load_state_dict(loaded)
     for part in PARTS:
@@ -385,7 +385,8 @@ def ema_state_dict(model, ema):
     return {n: p.detach().cpu().contiguous() for n, p in zip(names, ema.shadow_params)}
 
 
-def save_checkpoint(accelerator, output_dir, step, cfg, model, emas, train_state, keep):
+def save_checkpoint(accelerator, output_dir: str, step: int, cfg, model, emas: dict, train_state: dict,
+                    keep: int) -> str:
     """
     Save everything needed to continue the run at ``step``. Call on every process. Every
     process's files are in the temporary folder (a barrier) and flushed to disk before the
@@ -514,7 +515,7 @@ def check_training_files(path, num_processes, emas, scaler=False):
     return writers
 
 
-def verify_checkpoint(path, log):
+def verify_checkpoint(path: str, log: Callable) -> None:
     """Every file ``path``'s manifest lists, checked against it (size and sha256), before a
     resume reads any; a checkpoint written before manifests is resumed unchecked, and the log
     says so."""
@@ -524,7 +525,7 @@ def verify_checkpoint(path, log):
     verify_files(path, read_manifest(path))
 
 
-def load_training_state(accelerator, path, model, emas, log=lambda *a: None):
+def load_training_state(accelerator, path: str, model, emas: dict, log: Callable = lambda *a: None) -> dict:
     """Restore a checkpoint saved by ``save_checkpoint`` into prepared objects; returns
     train_state (with ``"rng_writers"``: how many processes saved the checkpoint). The files
     are verified against the manifest, ``train_state.json`` against its schema and the EMA
@@ -578,10 +579,10 @@ class RunLock:
     :param what: what the folder is, for the message ("output_dir", "the ablation's output folder").
     """
 
-    def __init__(self, folder, what="output_dir"):
+    def __init__(self, folder: str, what: str = "output_dir"):
         self.folder, self.what, self.fd = folder, what, None
 
-    def __enter__(self):
+    def __enter__(self) -> "RunLock":
         path = os.path.join(self.folder, LOCK_FILE)
         try:
             os.makedirs(self.folder, exist_ok=True)
@@ -602,7 +603,7 @@ class RunLock:
         self.fd = fd
         return self
 
-    def __exit__(self, *exc):
+    def __exit__(self, *exc) -> None:
         if self.fd is not None:
             os.close(self.fd)  # closing the last descriptor releases the lock
             self.fd = None

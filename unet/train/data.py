@@ -121,7 +121,7 @@ def center_crop_resize(img, size):
 SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")
 
 
-def to_tensor(img, size, channels):
+def to_tensor(img: Image.Image, size: int, channels: int) -> torch.Tensor:
     """A PIL image -> [C, size, size] float32 in [-1, 1]; 16-bit greyscale scaled by its range
     (0..65535), a float or 32-bit image (no fixed range) refused with a ``ValueError``, which
     the callers skip and count like an undecodable file."""

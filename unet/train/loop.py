@@ -349,7 +349,7 @@ def train(cfg, hooks=(), stop_signals=False):
         lock.__exit__()
 
 
-def own_folder(accelerator, lock):
+def own_folder(accelerator, lock: RunLock) -> None:
     """The main process takes ``output_dir``'s lock; if it is held, every process raises its
     one-line ``ConfigError`` (the others would otherwise wait at the next barrier)."""
     error = None
@@ -377,7 +377,7 @@ def start_loop(run, state, hooks, signals):
     return train_loop(run, state, hooks, signals)
 
 
-def end_of_step(run, state, record, stop, signalled):
+def end_of_step(run: Run, state: TrainState, record: StepRecord, stop: "str | None", signalled: bool) -> tuple:
     """The grid, FID and checkpoint of a step that did not diverge; returns (stop, why). After a
     stop signal the checkpoint comes first and the grid and FID of the step are skipped (a resumed
     run does the later ones). A last step whose loss was not finite is no clean finish: its
