@@ -88,12 +88,19 @@ def _run(ab, out_dir, argv, stop_after=0.0):
     """Run the ablation; errors a user can fix (data, config, checkpoint) are one line, exit 1."""
     import datasets
 
+    from unet.train.checkpoint import RunLock
     from unet.train.data import DataError
     from unet.train.loop import TrainingError
 
     datasets.disable_progress_bars()
     workers = []
+    # One invocation owns the folder (its rank 0; the workers it starts, and a launcher's other
+    # ranks, are part of it): a second one into the same folder is refused instead of both
+    # training the same runs and deleting each other's live run folders.
+    lock = RunLock(out_dir, "the ablation's output folder") if os.environ.get("RANK", "0") == "0" else None
     try:
+        if lock is not None:
+            lock.__enter__()
         os.makedirs(out_dir, exist_ok=True)
         ab.group = wandb_group(ab, out_dir)  # one group for the runs of every process
         if os.environ.get("RANK", "0") == "0":  # a worker keeps the id of the invocation that started it
@@ -112,6 +119,8 @@ def _run(ab, out_dir, argv, stop_after=0.0):
                 w.terminate()  # a failed rank 0 leaves no orphans
         if workers:
             drop_claims()
+        if lock is not None:
+            lock.__exit__()
     return 0
 
 

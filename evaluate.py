@@ -24,6 +24,7 @@ import os
 
 import numpy as np
 
+from unet.checkpoint.load import load_checkpoint
 from unet.evaluation.fid import folder_images, reference_from
 from unet.evaluation.held_out import bits_per_dim, held_out_losses, paired_report
 from unet.evaluation.judge import check_sample_count, digit_quality, format_quality
@@ -37,8 +38,7 @@ from unet.evaluation.samplers import (
     parse_runs,
     read_rows,
 )
-from unet.sample.sampling import SCHEDULERS, check_seed, check_steps, generate, null_class_label
-from unet.train.checkpoint import load_checkpoint
+from unet.sample.sampling import SCHEDULERS, check_seed, check_steps, generate
 from unet.train.config import ConfigError, TrainConfig
 from unet.train.data import DataError, held_out_data, split_uint8
 from unet.train.quality import digit_reference, extractor_for, feature_space, judge_reference, sample_quality
@@ -64,8 +64,9 @@ def _load_samples(path):
     try:
         with np.load(path) as f:
             return f["arr_0"], (f["arr_1"] if "arr_1" in f else None)
-    except (OSError, ValueError, KeyError) as e:
-        raise ValueError(f"cannot read samples {path} (expected sample.py's samples.npz): {e}") from None
+    except Exception as e:  # also a truncated file: BadZipFile, zlib.error, EOFError
+        raise ValueError(f"cannot read samples {path} (expected sample.py's samples.npz): {type(e).__name__}: "
+                         f"{str(e).strip().splitlines()[0] if str(e).strip() else ''}") from None
 
 
 def build_parser():
@@ -151,7 +152,7 @@ def load_held_out(args):
     if args.num_images < 0 or args.batch_size < 1:
         raise ValueError("--num_images must be >= 0 (0: all) and --batch_size >= 1")
     loaded = [load_checkpoint(c, ema=not args.raw) for c in args.checkpoint]
-    images, labels = held_out_data(loaded[0].config)
+    images, labels = held_out_data(TrainConfig.from_dict(loaded[0].config))
     if args.num_images:
         images, labels = images[:args.num_images], labels[:args.num_images]
     return loaded, images, labels
@@ -222,7 +223,7 @@ def fid_samples(args):
 
 def run_fid(args):
     images, labels, loaded = fid_samples(args)
-    cfg = loaded.config if loaded else None
+    cfg = TrainConfig.from_dict(loaded.config) if loaded and loaded.config else None
     shape = (loaded.image_size, loaded.image_size, loaded.model.in_channels) if loaded else tuple(images.shape[1:])
     accelerator = device_accelerator() if loaded else None
     extractor, digits = extractor_for(resolve_space(args.features, shape, cfg), shape, args.inception_weights,
@@ -236,7 +237,7 @@ def run_fid(args):
     if loaded:
         images, labels = generate(loaded.model.to(accelerator.device), loaded.diffusion_kwargs, loaded.image_size, n,
                                   args.scheduler, args.steps, args.batch_size, args.seed, accelerator=accelerator,
-                                  null_label=null_class_label(cfg))
+                                  null_label=loaded.null_label)
         if not accelerator.is_main_process:
             return
     q = sample_quality(ref, extractor, digits, images, labels, subset, seed=args.seed)

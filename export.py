@@ -12,9 +12,9 @@ folder is written.
 
 import argparse
 
+from unet.checkpoint.load import ema_from_flags, load_checkpoint
 from unet.evaluation.samplers import read_rows, summarize_seeds
 from unet.sample.export import ExportError, PushError, check_out_dir, export_pipeline, push_to_hub
-from unet.train.checkpoint import ema_from_flags, load_checkpoint
 
 
 def read_quality(path):
@@ -48,14 +48,15 @@ def main(argv=None):
         check_out_dir(args.out)
         quality = read_quality(args.quality) if args.quality else None
         loaded = load_checkpoint(args.checkpoint, ema=ema_from_flags(args.raw, args.ema_rate), config=args.config)
-        diff = export_pipeline(loaded, args.out, quality=quality, repo_id=args.hub_model_id)
+        written = []
+        diff = export_pipeline(loaded, args.out, quality=quality, repo_id=args.hub_model_id, written=written)
     except (FileNotFoundError, ValueError) as e:
         p.exit(2, f"error: {e}\n")  # one line, exit status 2 as for argparse's own errors
     kind = "DDPMPipeline" if loaded.model.num_classes is None else "ClassConditionalDDPMPipeline (pipeline.py)"
     print(f"wrote {args.out}: {kind}, UNet2DModel + DDPMScheduler, README.md; max output difference to ours {diff:.2g}")
     if args.push_to_hub:
         try:
-            print(f"pushed {args.out} to {push_to_hub(args.out, args.hub_model_id, private=args.private)}")
+            print(f"pushed {args.out} to {push_to_hub(args.out, args.hub_model_id, written, private=args.private)}")
         except PushError as e:
             p.exit(1, f"error: {e}\n")
 

@@ -12,9 +12,16 @@ samples it and scores the samples with the digit judge's Frechet distance (the m
 import argparse
 import os
 
-from unet.train.checkpoint import CheckpointError, latest_checkpoint
-from unet.train.config import TrainConfig
-from unet.train.phema import PhemaError, check_sigma_rel, reconstruct, run_folder, snapshot_profiles, write_checkpoint
+from unet.checkpoint.format import CheckpointError, latest_checkpoint
+from unet.checkpoint.phema import (
+    PhemaError,
+    check_out,
+    check_sigma_rel,
+    reconstruct,
+    run_folder,
+    snapshot_profiles,
+    write_checkpoint,
+)
 
 
 def parse_lengths(text):
@@ -30,9 +37,9 @@ def parse_lengths(text):
 
 def score(folder, args):
     """The digit judge's Frechet distance of ``args.num_samples`` samples from the checkpoint ``folder``."""
+    from unet.checkpoint.load import load_checkpoint
     from unet.evaluation.samplers import benchmark
-    from unet.train.checkpoint import load_checkpoint
-    from unet.train.quality import digit_reference
+    from unet.train.quality import digit_reference  # the judge fitted on the real digits (train's data)
 
     loaded = load_checkpoint(folder)
     rows = benchmark(loaded, [(args.scheduler, args.steps)], args.num_samples, seeds=(args.seed,),
@@ -40,19 +47,18 @@ def score(folder, args):
     return rows[0]["fd"]
 
 
-def sweep(run_dir, lengths, args, config_file, cfg):
+def sweep(run_dir, lengths, args, ckpt):
     """Reconstruct, sample and score each length; write the best to ``args.out``."""
     scores = {}
     for s in lengths:
         weights, info = reconstruct(run_dir, s, args.step)
-        folder = write_checkpoint(config_file, weights, info, cfg.ema_rates, os.path.join(args.out, f"sigma_{s:g}"))
+        folder = write_checkpoint(ckpt, weights, info, os.path.join(args.out, f"sigma_{s:g}"))
         scores[s] = score(folder, args)
         print(f"sigma_rel {s:g}: Frechet distance {scores[s]:.3f} ({args.num_samples} samples, "
               f"{args.scheduler} {args.steps} steps, seed {args.seed})")
     best = min(scores, key=scores.get)
     weights, info = reconstruct(run_dir, best, args.step)
-    write_checkpoint(config_file, weights, {**info, "sweep": {f"{k:g}": v for k, v in scores.items()}},
-                     cfg.ema_rates, args.out)
+    write_checkpoint(ckpt, weights, {**info, "sweep": {f"{k:g}": v for k, v in scores.items()}}, args.out)
     print(f"best sigma_rel {best:g} (Frechet distance {scores[best]:.3f}): wrote {args.out}")
 
 
@@ -80,12 +86,11 @@ def main(argv=None):
         ckpt = latest_checkpoint(run_dir)
         if ckpt is None:
             raise CheckpointError(f"no checkpoint in '{run_dir}' to take the model's config from")
-        config_file = os.path.join(ckpt, "config.yaml")
-        cfg = TrainConfig.load(config_file)
+        check_out(args.out, ckpt)  # before any work: never into what training wrote
         if args.sweep:
-            return sweep(run_dir, lengths, args, config_file, cfg)
+            return sweep(run_dir, lengths, args, ckpt)
         weights, info = reconstruct(run_dir, args.sigma_rel, args.step)
-        write_checkpoint(config_file, weights, info, cfg.ema_rates, args.out)
+        write_checkpoint(ckpt, weights, info, args.out)
     except (FileNotFoundError, ValueError) as e:
         p.exit(2, f"error: {e}\n")
     print(f"wrote {args.out}: the EMA with sigma_rel {info['sigma_rel']:g} (gamma {info['gamma']:.3f}) at step "

@@ -16,6 +16,7 @@ import re
 
 import numpy as np
 
+from unet.checkpoint.load import ema_from_flags, load_checkpoint
 from unet.core.model import LAYOUTS, apply_layout
 from unet.sample.sampling import (
     SCHEDULERS,
@@ -23,10 +24,8 @@ from unet.sample.sampling import (
     check_seed,
     check_steps,
     generate,
-    null_class_label,
     real_class_count,
 )
-from unet.train.checkpoint import ema_from_flags, load_checkpoint
 from unet.utils.devices import device_accelerator
 from unet.utils.images import image_grid, save_png
 
@@ -130,7 +129,7 @@ def main(argv=None):
         steps = trained_steps if args.steps is None else args.steps
         check_steps(steps, loaded.diffusion_kwargs)
         check_seed(args.seed)
-        null_label = null_class_label(loaded.config)
+        null_label = loaded.null_label
         check_guidance(args.guidance_scale, loaded.model.num_classes, null_label)
         labels = parse_class_labels(args.class_labels, real_class_count(loaded.model, null_label))
         prepare_out(args.out)  # every process checks, so that none waits for a main process that stopped

@@ -20,8 +20,8 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from unet.checkpoint.load import load_checkpoint  # noqa: E402
 from unet.sample import sampling as current  # noqa: E402
-from unet.train.checkpoint import load_checkpoint  # noqa: E402
 
 
 def old_sampling(tree):
@@ -45,7 +45,7 @@ def main(argv=None):
     a = p.parse_args(argv)
     loaded = load_checkpoint(a.checkpoint)
     model, kw, size = loaded.model.eval(), loaded.diffusion_kwargs, loaded.image_size
-    null = current.null_class_label(loaded.config)
+    null = loaded.null_label
     codes = [("old", old_sampling(a.old_tree)), ("new", current)]
     for rep in range(a.repeats):
         for run in a.runs.split(","):

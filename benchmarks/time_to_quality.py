@@ -116,9 +116,9 @@ def parse_args(argv):
 
 def judge(checkpoint, args):
     """Digit quality of ``checkpoint``'s EMA samples, once per judge seed."""
+    from unet.checkpoint.load import load_checkpoint
     from unet.evaluation.judge import digit_quality
     from unet.sample.sampling import generate
-    from unet.train.checkpoint import load_checkpoint
     from unet.train.quality import judge_reference
 
     loaded = load_checkpoint(checkpoint)  # the first EMA rate, as sample.py
@@ -191,7 +191,7 @@ def format_table(points):
 
 def judge_settings(args, cfg):
     return dict(samples=args.judge_samples, seeds=args.judge_seeds, sampler=list(args.judge_sampler),
-                labels="0-9 in turn", weights=f"EMA {cfg.ema_rates[0]:g}", judge_seed=0)
+                labels="0-9 in turn", weights=f"EMA {cfg['ema_rates'][0]:g}", judge_seed=0)
 
 
 def measure(argv):
@@ -238,7 +238,7 @@ def rejudge(argv):
             raise ValueError(f"checkpoint not found: {c}")
     import torch
 
-    from unet.train.checkpoint import load_checkpoint
+    from unet.checkpoint.load import load_checkpoint
 
     start = time.perf_counter()
     judged = []

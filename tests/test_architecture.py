@@ -12,7 +12,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 # Lower layers first: a subpackage imports only the ones before it (and itself).
-LAYERS = ["utils", "core", "sample", "evaluation", "train", "ablation"]
+LAYERS = ["utils", "core", "checkpoint", "sample", "evaluation", "train", "ablation"]
 COMMAND_LINES = {"train", "sample", "evaluate", "export", "phema", "ablation", "benchmarks", "scripts"}
 CORE_THIRD_PARTY = {"torch", "numpy", "einops"}  # torch and its array helpers: no accelerate, diffusers, data
 
@@ -62,6 +62,24 @@ def test_the_library_never_imports_a_command_line():
     for path in library_files():
         for name in imports(path):
             assert name.split(".")[0] not in COMMAND_LINES, f"{path.relative_to(ROOT)} imports {name}"
+
+
+# What the command lines that read a trained model may still take from the training layer:
+# evaluate.py the held-out split, the config that names it and the digit judge (unet.train.data,
+# .config, .quality); phema.py's --sweep the digit judge. Checkpoint loading is unet.checkpoint's.
+TRAIN_IMPORTS_ALLOWED = {
+    "sample.py": set(),
+    "export.py": set(),
+    "phema.py": {"unet.train.quality"},
+    "evaluate.py": {"unet.train.config", "unet.train.data", "unet.train.quality"},
+}
+
+
+@pytest.mark.parametrize("script", sorted(TRAIN_IMPORTS_ALLOWED))
+def test_model_readers_do_not_import_training(script):
+    train_imports = {n for n in imports(ROOT / script) if n == "unet.train" or n.startswith("unet.train.")}
+    assert train_imports <= TRAIN_IMPORTS_ALLOWED[script], f"{script} imports {sorted(train_imports)}"
+    assert "unet.checkpoint.load" in imports(ROOT / script) or script == "phema.py"
 
 
 def test_architecture_doc_names_every_module():

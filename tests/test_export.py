@@ -17,11 +17,11 @@ from cli_errors import refused
 from PIL import Image
 
 from export import main
+from unet.checkpoint.load import Loaded
 from unet.core.diffusion import create_diffusion
 from unet.core.model import UNetModel
 from unet.sample.export import ExportError, export_scheduler, max_output_difference, to_unet2d
 from unet.sample.sampling import generate, sample_generators
-from unet.train.checkpoint import Loaded
 from unet.train.config import TrainConfig
 
 FIXTURE = Path(__file__).parent / "fixtures" / "iddpm_reference.pt"

@@ -72,3 +72,20 @@ def test_architecture_from_each_kind_of_config(tmp_path):
     assert isinstance(architecture_from_config("--image_size 32")[3], TrainConfig)
     with pytest.raises(FileNotFoundError, match="config not found"):
         architecture_from_config(str(tmp_path / "missing.yaml"))
+
+
+@pytest.mark.parametrize("flags", [
+    dict(image_size=64),
+    dict(image_size=32, num_channels=64, learn_sigma=True, class_cond=True, attention_resolutions="16",
+         diffusion_steps=4000, noise_schedule="cosine", timestep_respacing="250"),
+    dict(image_size=16, channel_mult="1,2", in_channels=1, num_classes=10, class_cond=True, use_kl=True),
+])
+def test_the_formats_reading_of_improved_diffusion_flags_matches_the_training_configs(flags):
+    """unet.checkpoint reads an original .pt's flags without TrainConfig (it sits below training):
+    the model and diffusion it builds are the ones config_from_iddpm_flags describes."""
+    from unet.checkpoint.load import iddpm_architecture
+
+    cfg = config_from_iddpm_flags(flags)
+    size, model, diffusion = iddpm_architecture(flags)
+    theirs = {k: v for k, v in cfg.model_kwargs().items() if k not in ("init", "norm")}
+    assert (size, model, diffusion) == (cfg.image_size, theirs, cfg.diffusion_kwargs())

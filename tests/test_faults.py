@@ -15,7 +15,8 @@ import time
 import pytest
 from test_training import ROOT, files_equal, subprocess_env, tiny
 
-from unet.train.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint
+from unet.checkpoint.load import load_checkpoint
+from unet.train.checkpoint import latest_checkpoint, list_checkpoints
 from unet.train.loop import train
 
 DRIVER = textwrap.dedent("""

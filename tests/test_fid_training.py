@@ -16,8 +16,8 @@ from wandb_offline import read_run
 
 import train as train_script
 from evaluate import main as evaluate_main
+from unet.checkpoint.load import load_checkpoint
 from unet.train import quality
-from unet.train.checkpoint import load_checkpoint
 from unet.train.config import TrainConfig
 from unet.train.loop import train
 
@@ -62,7 +62,7 @@ def test_fid_every_logs_to_wandb_history_and_checkpoint(fid_run, capsys):
         kept = json.load(f)
     assert kept["step"] == best["_step"] == saved["best_step"] and kept["fid"] == best["eval/fid"]
     assert kept["checkpoint"].endswith(f"checkpoint_{best['_step']:08d}")
-    assert load_checkpoint(str(out / "best")).config.max_steps == 4
+    assert load_checkpoint(str(out / "best")).config["max_steps"] == 4
 
 
 def test_best_pointer_moves_only_when_fid_falls(monkeypatch):

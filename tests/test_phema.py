@@ -15,8 +15,10 @@ from test_training import ROOT, files_equal, subprocess_env
 from test_training import tiny as _tiny
 
 import phema as phema_script
+from unet.checkpoint import phema as posthoc
+from unet.checkpoint.load import load_checkpoint
 from unet.train import phema
-from unet.train.checkpoint import list_checkpoints, load_checkpoint
+from unet.train.checkpoint import list_checkpoints
 from unet.train.config import FIELDS
 from unet.train.loop import train
 
@@ -76,18 +78,18 @@ def stored(tmp_path_factory):
 
 @pytest.mark.parametrize("sigma_rel", [0.06, 0.08, 0.09])
 def test_a_length_between_the_stored_two_is_reconstructed_to_1e_4(stored, sigma_rel):
-    weights, info = phema.reconstruct(stored, sigma_rel)
+    weights, info = posthoc.reconstruct(stored, sigma_rel)
     gamma = phema.gamma_of_sigma_rel(sigma_rel)
     err = (weights["w"].double() - closed_form(gamma, T)).abs().max().item()
     # Cauchy-Schwarz: |<fit - target, theta>| <= |fit - target| |theta|, |theta| <= 1 per element
     # on the unit time interval, plus float32 rounding of the snapshots
-    bound = info["profile_error"] * np.sqrt(phema.profile_inner(1.0, gamma, 1.0, gamma)) + 1e-6
+    bound = info["profile_error"] * np.sqrt(posthoc.profile_inner(1.0, gamma, 1.0, gamma)) + 1e-6
     assert err < 1e-4 and err <= bound
     assert info["step"] == T and info["snapshots"] == T // EVERY and info["profiles"] == 2 * T // EVERY
 
 
 def test_a_stored_length_is_reconstructed_as_itself(stored):
-    weights, info = phema.reconstruct(stored, 0.05)
+    weights, info = posthoc.reconstruct(stored, 0.05)
     assert info["profile_error"] < 1e-6
     assert torch.allclose(weights["w"].double(), closed_form(phema.gamma_of_sigma_rel(0.05), T), atol=1e-6)
 
@@ -123,7 +125,7 @@ def test_the_reconstructed_checkpoint_samples_through_sample_py(runs, tmp_path, 
     phema_script.main(["--checkpoint", straight.output_dir, "--sigma_rel", "0.07", "--out", out])
     assert "wrote" in capsys.readouterr().out
     ld = load_checkpoint(out)
-    weights, _ = phema.reconstruct(straight.output_dir, 0.07)
+    weights, _ = posthoc.reconstruct(straight.output_dir, 0.07)
     assert all(torch.equal(ld.model.state_dict()[k], v) for k, v in weights.items())
     r = subprocess.run([sys.executable, "sample.py", "--checkpoint", out, "--num_samples", "4", "--steps", "5",
                         "--out", str(tmp_path / "samples")], cwd=ROOT, env=subprocess_env(), capture_output=True,
@@ -142,7 +144,7 @@ def test_the_sweep_writes_the_length_with_the_lowest_frechet_distance(runs, tmp_
     scores = {float(ln.split()[1].rstrip(":")): float(ln.split()[4]) for ln in lines if ln.startswith("sigma_rel")}
     best = min(scores, key=scores.get)
     assert len(scores) == 2 and lines[-1].startswith(f"best sigma_rel {best:g}")
-    weights, _ = phema.reconstruct(straight.output_dir, best)
+    weights, _ = posthoc.reconstruct(straight.output_dir, best)
     assert all(torch.equal(load_checkpoint(out).model.state_dict()[k], v) for k, v in weights.items())
 
 

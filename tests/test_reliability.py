@@ -17,14 +17,9 @@ from test_bad_input import tree_digest
 from test_training import ROOT, files_equal, subprocess_env, tiny
 
 import train as train_script
+from unet.checkpoint.load import load_checkpoint
 from unet.train import checkpoint as ckpt_mod
-from unet.train.checkpoint import (
-    CheckpointError,
-    latest_checkpoint,
-    list_checkpoints,
-    load_checkpoint,
-    log_process_count_change,
-)
+from unet.train.checkpoint import CheckpointError, latest_checkpoint, list_checkpoints, log_process_count_change
 from unet.train.config import ConfigError
 from unet.train.loop import train
 from unet.train.preemption import PREEMPTED_EXIT
@@ -63,7 +58,7 @@ def test_a_fresh_run_never_mixes_with_checkpoints_already_there(straight, tmp_pa
     s = train(again.replace(overwrite=True))
     assert "overwrite: removed 2 checkpoint(s)" in capsys.readouterr().out
     assert names(out) == ["checkpoint_00000002"] and s["checkpoint"] == latest_checkpoint(str(out))
-    assert load_checkpoint(str(out)).config.seed == 1
+    assert load_checkpoint(str(out)).config["seed"] == 1
 
 
 def test_resuming_an_older_checkpoint_keeps_newer_ones_unless_told(straight, tmp_path, capsys):
@@ -142,14 +137,22 @@ def truncate(path):
     ("random_states_0.pkl", os.remove, "random_states_0.pkl is missing"),
     ("random_states_0.pkl", truncate, "random_states_0.pkl is unreadable"),
     ("optimizer.bin", os.remove, "optimizer.bin is missing"),
-    ("train_state.json", truncate, "cannot resume from"),
+    ("train_state.json", truncate, "train_state.json is unreadable"),
 ])
-def test_a_corrupt_checkpoint_part_is_one_line_naming_the_file(straight, tmp_path, name, damage, words):
+@pytest.mark.parametrize("manifest", [True, False], ids=["manifest", "no-manifest"])
+def test_a_corrupt_checkpoint_part_is_one_line_naming_the_file(straight, tmp_path, name, damage, words, manifest):
+    """With its manifest (issue 34) a damaged file is named by its size or sha256 before anything
+    reads it; a checkpoint written before manifests still gets the checks of each file's reader."""
     cfg, _ = straight
     shutil.copytree(cfg.output_dir, tmp_path / "run")
-    damage(os.path.join(latest_checkpoint(str(tmp_path / "run")), name))
+    ckpt = latest_checkpoint(str(tmp_path / "run"))
+    if not manifest:
+        os.remove(os.path.join(ckpt, "manifest.json"))
+    damage(os.path.join(ckpt, name))
     with pytest.raises(CheckpointError) as e:
         train(cfg.replace(output_dir=str(tmp_path / "run"), resume="latest", max_steps=7))
+    if manifest and damage is not os.remove:
+        words = f"{name} is {os.path.getsize(os.path.join(ckpt, name))} bytes, its manifest says"
     assert words in str(e.value) and "\n" not in str(e.value)
 
 

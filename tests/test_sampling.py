@@ -18,6 +18,7 @@ from cli_errors import refused
 from diffusers import DDPMScheduler
 
 from sample import main
+from unet.checkpoint.load import load_checkpoint
 from unet.core.diffusion import create_diffusion
 from unet.core.model import UNetModel
 from unet.sample.sampling import (
@@ -28,7 +29,6 @@ from unet.sample.sampling import (
     sample_generators,
     scheduler_kwargs,
 )
-from unet.train.checkpoint import load_checkpoint
 from unet.train.config import TrainConfig
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -16,8 +16,9 @@ from safetensors.torch import load_file
 from wandb_offline import read_run
 
 import train as train_script
+from unet.checkpoint.load import load_checkpoint
 from unet.train import checkpoint as ckpt_mod
-from unet.train.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint
+from unet.train.checkpoint import latest_checkpoint, list_checkpoints
 from unet.train.config import TrainConfig
 from unet.train.loop import TrainingError, train
 
@@ -80,7 +81,7 @@ def test_load_checkpoint_reads_ema_and_never_unpickles(straight, monkeypatch, tm
     monkeypatch.setattr(torch, "load", lambda *a, **k: calls.append(k.get("weights_only")) or real_load(*a, **k))
     loaded = load_checkpoint(cfg.output_dir)
     model, diffusion, loaded_cfg = loaded.model, loaded.diffusion(), loaded.config
-    assert loaded_cfg == cfg and diffusion.num_timesteps == 4
+    assert loaded_cfg == cfg.to_dict() and diffusion.num_timesteps == 4
     ema = load_file(os.path.join(latest_checkpoint(cfg.output_dir), "ema_0.999.safetensors"))
     raw = load_file(os.path.join(latest_checkpoint(cfg.output_dir), "model.safetensors"))
     state = model.state_dict()
@@ -308,8 +309,12 @@ def test_bad_resume_and_corrupt_checkpoint_are_one_line_errors(straight, tmp_pat
     bad = os.path.join(latest_checkpoint(str(tmp_path / "copy")), "model.safetensors")
     with open(bad, "r+b") as f:
         f.write(b"garbage!" * 4)
-    with pytest.raises(ckpt_mod.CheckpointError, match="cannot load .*model.safetensors"):
+    # the manifest names the file before it is read (issue 34); without one, its reader does
+    with pytest.raises(ckpt_mod.CheckpointError, match="model.safetensors does not match its sha256"):
         load_checkpoint(str(tmp_path / "copy"), ema=False)
+    with pytest.raises(ckpt_mod.CheckpointError, match="model.safetensors does not match its sha256"):
+        train(cfg.replace(output_dir=str(tmp_path / "copy"), resume="latest", max_steps=8))
+    os.remove(os.path.join(os.path.dirname(bad), "manifest.json"))
     with pytest.raises(ckpt_mod.CheckpointError, match="cannot resume from"):
         train(cfg.replace(output_dir=str(tmp_path / "copy"), resume="latest", max_steps=8))
     assert os.path.getsize(bad) > 0 and len(list_checkpoints(str(tmp_path / "copy"))) == 2  # nothing deleted

@@ -41,6 +41,9 @@ def load_result(cfg):
             res = json.load(f)
     except (OSError, ValueError):
         return None  # a damaged result: the run is done again
+    if not isinstance(res, dict) or not isinstance(res.get("config", {}), dict):
+        raise ConfigError(f"'{path}' is not a run's result (a JSON {type(res).__name__} where an object with a "
+                          "'config' mapping belongs); delete it to run that cell again")
     saved = res.get("config", {})
     # Keys the saved run does not have were added to TrainConfig after it ran, with defaults
     # that keep the old behaviour (the ablation's divergence window reproduces its old rule).

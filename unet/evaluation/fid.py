@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from .metrics import Reference, ReferenceError, fmt_shape, load_reference_file
+from .metrics import Reference, ReferenceError, check_features, fmt_shape, load_reference_file
 
 INCEPTION_FILE = "weights-inception-2015-12-05-6726825d.pth"
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
@@ -90,9 +90,9 @@ def folder_images(folder, channels):
 def npz_images(path):
     """guided-diffusion's reference batch (and ``sample.py``'s ``samples.npz``): NHWC uint8 in ``arr_0``."""
     try:
-        with np.load(path) as f:
+        with np.load(path, allow_pickle=False) as f:
             images = f["arr_0"]
-    except (OSError, ValueError, KeyError) as e:
+    except Exception as e:  # truncated, not an .npz, no arr_0: BadZipFile, zlib.error, EOFError, ...
         raise ReferenceError(f"cannot read reference {path} (expected statistics from 'evaluate.py ref' or "
                              f"images in arr_0): {str(e).splitlines()[0] if str(e) else e!r}") from None
     if images.ndim != 4 or images.dtype != np.uint8:
@@ -122,4 +122,7 @@ def reference_from(path, extractor):
             extractor.name, extractor.image_shape, path)
         ref = Reference(extractor.name, tuple(images.shape[1:]), extractor.features(images), source=path)
     ref.check(extractor.name, extractor.image_shape, path)
+    # Width and finiteness before the first measurement: the extractor's width, from one blank image.
+    width = extractor.features(np.zeros((2, *extractor.image_shape), np.uint8)).shape[1]
+    ref.features = check_features(ref.features, path, width)
     return ref, f"reference: {kind}, {len(ref.features)} images of {fmt_shape(ref.image_shape)}"

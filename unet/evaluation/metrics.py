@@ -89,21 +89,44 @@ def save_reference(path, ref):
     os.replace(tmp, path)  # whole or not at all
 
 
+def check_features(features: np.ndarray, where: str, width: "int | None" = None) -> np.ndarray:
+    """Refuse, in one line, reference features that are not an [N x D] finite numeric array with
+    N >= 2 (and D == ``width`` when given): a NaN there crashes torchmetrics' covariance (a
+    segfault inside MKL, seen), a wrong width fails only at the first measurement."""
+    f = np.asarray(features)
+    if f.ndim != 2 or f.shape[0] < 2 or not np.issubdtype(f.dtype, np.number) or np.iscomplexobj(f):
+        raise ReferenceError(f"{where}: reference features must be a real [N x D] array with N >= 2, got "
+                             f"{f.dtype} {f.shape}")
+    if width is not None and f.shape[1] != width:
+        raise ReferenceError(f"{where}: reference features are {f.shape[1]} wide, the feature extractor gives "
+                             f"{width}; recompute them with 'evaluate.py ref'")
+    if not np.isfinite(f).all():
+        raise ReferenceError(f"{where}: reference features hold {int((~np.isfinite(f)).sum())} non-finite "
+                             "value(s) (NaN or inf); recompute them with 'evaluate.py ref'")
+    return f.astype(np.float64)
+
+
 def load_reference_file(path):
-    """A file ``save_reference`` wrote, or None when ``path`` is an ``.npz`` of another layout."""
+    """A file ``save_reference`` wrote, checked (``check_features``), or None when ``path`` is an
+    ``.npz`` of another layout; anything unreadable (truncated, not an ``.npz``) is one line."""
     try:
-        with np.load(path) as f:
+        f = np.load(path, allow_pickle=False)
+        if not isinstance(f, np.lib.npyio.NpzFile):
+            raise ReferenceError(f"{path}: not an .npz archive (a bare array of {f.dtype} {f.shape}); give "
+                                 "statistics from 'evaluate.py ref' or images in arr_0")
+        with f:
             if "extractor" not in f:
                 return None
             if int(f["format"]) != REFERENCE_FORMAT:
                 raise ReferenceError(f"{path}: reference format {int(f['format'])}, this version reads "
                                      f"{REFERENCE_FORMAT}; recompute it with 'evaluate.py ref'")
             return Reference(str(f["extractor"]), tuple(int(s) for s in f["image_shape"]),
-                             f["features"].astype(np.float64), source=f"reference statistics {path}")
-    except (OSError, ValueError, KeyError) as e:
-        if isinstance(e, ReferenceError):
-            raise
-        raise ReferenceError(f"cannot read reference {path}: {str(e).splitlines()[0] if str(e) else e!r}") from None
+                             check_features(f["features"], path), source=f"reference statistics {path}")
+    except ReferenceError:
+        raise
+    except Exception as e:  # truncated or foreign: BadZipFile, zlib.error, EOFError, ValueError, KeyError
+        raise ReferenceError(f"cannot read reference {path}: {type(e).__name__}: "
+                             f"{str(e).splitlines()[0] if str(e) else e!r}") from None
 
 
 # --- the measures ---------------------------------------------------------------------------

@@ -9,7 +9,7 @@ import time
 
 import numpy as np
 
-from unet.sample.sampling import SCHEDULERS, check_guidance, check_steps, generate, null_class_label
+from unet.sample.sampling import SCHEDULERS, check_guidance, check_steps, generate
 from unet.utils.stats import finite, paired_differences, t_interval
 
 from .judge import digit_quality
@@ -43,7 +43,7 @@ def parse_guidance(spec, loaded):
     if not scales:
         raise ValueError("--guidance needs at least one scale, e.g. '1' or '0,1,2,3'")
     for w in scales:
-        check_guidance(w, loaded.model.num_classes, null_class_label(loaded.config))
+        check_guidance(w, loaded.model.num_classes, loaded.null_label)
     return scales
 
 
@@ -53,7 +53,7 @@ def benchmark(loaded, runs, num_samples, batch_size=256, seeds=(0,), guidance_sc
     within a seed every row has the same labels and initial noise. A seed also draws the real
     digits the Frechet distance is measured against, so rows of different seeds differ in all
     the randomness a reader's rerun would."""
-    null = null_class_label(loaded.config)
+    null = loaded.null_label
     rows = []
     for seed in seeds:
         for name, steps in runs:

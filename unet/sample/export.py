@@ -18,6 +18,7 @@ one attention head width for the whole model; a model outside that gets a one-li
 import json
 import os
 import shutil
+import tempfile
 
 import numpy as np
 import torch
@@ -28,7 +29,7 @@ from unet.core.diffusion import get_named_beta_schedule, respaced_betas
 from unet.core.model import AttentionBlock, Downsample, ResBlock, Upsample
 
 from . import guidance, hub_pipeline
-from .sampling import ddpm_variance_type, make_scheduler, null_class_label, scheduler_kwargs
+from .sampling import ddpm_variance_type, make_scheduler, scheduler_kwargs
 
 
 class ExportError(ValueError):
@@ -227,10 +228,10 @@ def build_pipeline(loaded, unet):
     if loaded.model.num_classes is None:
         return DDPMPipeline(unet=unet, scheduler=scheduler)
     return hub_pipeline.ClassConditionalDDPMPipeline(unet=unet, scheduler=scheduler,
-                                                     null_class_label=null_class_label(loaded.config))
+                                                     null_class_label=loaded.null_label)
 
 
-def export_pipeline(loaded, out_dir, tolerance=1e-4, quality=None, repo_id=None):
+def export_pipeline(loaded, out_dir, tolerance=1e-4, quality=None, repo_id=None, written=None):
     """
     Write ``out_dir`` (``model_index.json``, ``unet/``, ``scheduler/``, ``README.md``, and
     ``pipeline.py`` for a class-conditional model), after checking that the converted U-Net
@@ -239,6 +240,8 @@ def export_pipeline(loaded, out_dir, tolerance=1e-4, quality=None, repo_id=None)
     :param quality: rows of ``evaluate.py benchmark --json`` for the model card, if measured
         (one per run: ``summarize_seeds`` rows where several seeds were measured).
     :param repo_id: the hub repository it will be pushed to: the card's snippet loads it from there.
+    :param written: a list the paths this export wrote (relative to ``out_dir``) are appended to:
+        what a push uploads, and nothing else that lies in the folder.
     :return: the measured largest output difference.
     """
     check_out_dir(out_dir)
@@ -247,19 +250,48 @@ def export_pipeline(loaded, out_dir, tolerance=1e-4, quality=None, repo_id=None)
     if not diff <= tolerance:
         raise ExportError(f"the converted U-Net differs from ours by {diff:.3g} (> {tolerance:g}); nothing written")
     pipe = build_pipeline(loaded, unet)
-    pipe.save_pretrained(out_dir)
+    os.makedirs(out_dir, exist_ok=True)
+    files = save_listed(pipe, out_dir)
     code = {"pipeline.py": hub_pipeline.__file__, "guidance.py": guidance.__file__}  # pipeline.py imports .guidance
     for name, source in code.items():
         path = os.path.join(out_dir, name)
         if not isinstance(pipe, DDPMPipeline):
             shutil.copyfile(source, path)
+            files.append(name)
         elif os.path.exists(path):  # an earlier class-conditional export into the same folder
             os.remove(path)
     hub_card(loaded, model_card(loaded, repo_id or out_dir, diff, quality)).save(os.path.join(out_dir, "README.md"))
+    if written is not None:
+        written.extend(sorted([*files, "README.md"]))
     return diff
 
 
+def save_listed(pipe, out_dir: str) -> list:
+    """``pipe.save_pretrained`` into a fresh folder inside ``out_dir``, each file then moved into
+    place: the list of what diffusers wrote (relative paths), whatever else ``out_dir`` holds."""
+    tmp = tempfile.mkdtemp(prefix=".export-", dir=out_dir)
+    try:
+        pipe.save_pretrained(tmp)
+        files = sorted(os.path.relpath(os.path.join(d, f), tmp) for d, _, fs in os.walk(tmp) for f in fs)
+        for rel in files:
+            os.makedirs(os.path.dirname(os.path.join(out_dir, rel)) or out_dir, exist_ok=True)
+            os.replace(os.path.join(tmp, rel), os.path.join(out_dir, rel))
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return files
+
+
 # --- the model card ------------------------------------------------------------------
+
+# Config keys that hold paths on the training machine: never in a card.
+LOCAL_PATH_KEYS = ("output_dir", "data_dir", "cache_dir", "fid_ref", "resume")
+
+
+def hub_dataset(cfg: "dict | None") -> bool:
+    """Whether the config's dataset is a hub dataset (``user/name``), not a local folder."""
+    name = str((cfg or {}).get("dataset", ""))
+    return "/" in name and not os.path.isabs(name) and not name.startswith(".") and not os.path.exists(name)
+
 
 def hub_card(loaded, text):
     """``text`` as a ``huggingface_hub.ModelCard`` whose metadata the hub reads: diffusers as
@@ -271,7 +303,7 @@ def hub_card(loaded, text):
     tags = ["diffusers", "improved-ddpm", "unet2d", "ddpm",
             "unconditional" if loaded.model.num_classes is None else "class-conditional"]
     data = ModelCardData(library_name="diffusers", pipeline_tag="unconditional-image-generation", tags=tags,
-                         license="mit", datasets=[cfg.dataset] if cfg is not None and "/" in cfg.dataset else None)
+                         license="mit", datasets=[cfg["dataset"]] if hub_dataset(cfg) else None)
     return ModelCard(f"---\n{data.to_yaml()}\n---\n\n{text}")
 
 
@@ -279,10 +311,13 @@ class PushError(RuntimeError):
     """A push to the hub that failed (no token, no network, refused); the message is one line."""
 
 
-def push_to_hub(out_dir, repo_id, private=False):
+def push_to_hub(out_dir: str, repo_id: str, files: list, private: bool = False) -> str:
     """
-    Upload the export folder ``out_dir`` to the hub repository ``repo_id`` (created if
-    missing) with ``huggingface_hub``: ``create_repo`` then ``upload_folder``.
+    Upload the files an export wrote into ``out_dir`` to the hub repository ``repo_id`` (created
+    if missing) with ``huggingface_hub``: ``create_repo`` then ``upload_folder`` restricted to
+    ``files`` (anything else in the folder, a ``.env`` or notes, stays local).
+
+    :param files: the paths, relative to ``out_dir``, that ``export_pipeline`` wrote.
 
     :param private: create the repository private (an existing one keeps its visibility).
     :return: the repository's URL.
@@ -295,7 +330,7 @@ def push_to_hub(out_dir, repo_id, private=False):
     api = HfApi()
     try:
         url = api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
-        api.upload_folder(repo_id=repo_id, folder_path=out_dir, repo_type="model",
+        api.upload_folder(repo_id=repo_id, folder_path=out_dir, repo_type="model", allow_patterns=list(files),
                           commit_message="Upload an improved-DDPM U-Net exported by the unet package")
     except Exception as e:  # offline, refused, rate-limited: one line, the local folder stays
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
@@ -310,7 +345,7 @@ def usage_lines(loaded, out_dir):
         return ["from diffusers import DDPMPipeline",
                 f"pipe = DDPMPipeline.from_pretrained({out_dir!r})",
                 "pipe(batch_size=16, num_inference_steps=100).images[0].save('sample.png')"]
-    null = null_class_label(loaded.config)
+    null = loaded.null_label
     classes = loaded.model.num_classes if null is None else null
     guidance = ", guidance_scale=2.0" if null is not None else ""
     resize = ", resize=64" if loaded.image_size < 64 else ""  # small images: a grid big enough to see
@@ -338,15 +373,16 @@ def quality_table(rows):
 
 def model_card(loaded, out_dir, diff, quality=None):
     """``README.md`` of an export: architecture, training config, how to generate, quality."""
-    m, null = loaded.model, null_class_label(loaded.config)
+    m, null = loaded.model, loaded.null_label
     kind = ("unconditional" if m.num_classes is None else
             f"class-conditional ({m.num_classes if null is None else null} classes"
             + (f", trained with label dropout: classifier-free guidance, null label {null})" if null is not None
                else "; trained without label dropout, so no guidance)"))
     params = sum(p.numel() for p in m.parameters())
     arch = {k: list(v) if isinstance(v, tuple) else v for k, v in loaded.model_kwargs.items()}
-    config = (
-        loaded.config.to_dict() if loaded.config is not None else {"model": arch, "diffusion": loaded.diffusion_kwargs}
+    config = (  # without the training machine's paths: a card is public
+        {k: v for k, v in loaded.config.items() if k not in LOCAL_PATH_KEYS} if loaded.config is not None
+        else {"model": arch, "diffusion": loaded.diffusion_kwargs}
     )
     text = [
         f"# {os.path.basename(os.path.normpath(out_dir))}: an improved-DDPM U-Net, {kind}",

@@ -1,86 +1,79 @@
-"""The run folder and its checkpoints: one concept, from the folder down to the files.
+"""The run folder and resume: the training side of checkpoints.
 
-The folder (``output_dir/checkpoints/``): which checkpoints it holds, how a finished one is
-published (fsync, then one rename), which are rotated out, what an interrupted save or
-deletion leaves behind and how that is cleaned, and what a starting run may do with it.
-Names there: ``checkpoint_<step:08d>`` a published checkpoint; ``.tmp-checkpoint_<step>``
-one being written; ``checkpoint_<step>.old`` the copy being replaced when the same step is
-saved again; ``.del-checkpoint_<step>`` one being deleted (renamed first, so a deletion
-killed half-way never leaves a half-empty folder under a checkpoint's name).
+The folder (``output_dir/checkpoints/``): how a finished checkpoint is published (fsync, then
+one rename), which are rotated out, what an interrupted save or deletion leaves behind and how
+that is cleaned, who owns the folder (``RunLock``: one run at a time), and what a starting run
+may do with it. Names there: ``checkpoint_<step:08d>`` a published checkpoint;
+``.tmp-checkpoint_<step>`` one being written; ``checkpoint_<step>.old`` the copy being replaced
+when the same step is saved again; ``.del-checkpoint_<step>`` one being deleted (renamed first,
+so a deletion killed half-way never leaves a half-empty folder under a checkpoint's name).
 
-A checkpoint: ``accelerator.save_state`` (model, optimizer, lr schedule, RNG) plus what
-accelerate does not know about (EMA weights, timestep-sampler state, step counters),
-written into a temporary folder and renamed into place, so that a process killed while
-saving leaves the previous checkpoint as the latest complete one. Layout of
-``checkpoint_<step:08d>/``: ``model.safetensors`` (UNetModel keys), ``ema_<rate>.safetensors``,
-``config.yaml``, ``train_state.json`` + ``train_state.safetensors``, and accelerate's
-optimizer, scheduler and RNG files. Nothing is ever unpickled when loading: weights come from
-safetensors, accelerate reads its own files with ``torch.load(weights_only=True)``.
+What a checkpoint folder holds, its manifest and how it is read and checked is
+``unet.checkpoint``'s (the format, below training and sampling). Here: writing one
+(``accelerator.save_state`` for model, optimizer, lr schedule and RNG, then the files accelerate
+does not know, then the manifest, into a temporary folder renamed into place), and restoring
+one. The run's stateful parts are saved and restored through one list, ``PARTS``, so that a
+part cannot be saved and forgotten on load. Accelerate's optimizer, scheduler and RNG files are
+pickles, read only through ``torch.load(weights_only=True)`` (torch's restricted unpickler);
+weights and tensors come from safetensors.
 
 Resume: which checkpoint a starting run continues (``plan``), which changed keys that allows
 (``unet.train.config.resume_changes``), tidying the folder before the first step, and
 restoring a checkpoint's state with the changed optimizer settings applied.
-
-``load_checkpoint`` is the one loader for sampling, evaluation and export: it reads these
-folders (or a run's latest) and original improved-diffusion ``.pt`` state dicts (also with
-``weights_only=True``), and returns a ``Loaded``.
 """
 
+import fcntl
 import json
 import os
-import re
 import shutil
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 
-import torch
 from accelerate.utils import load as accelerate_load
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from unet.core.model import LAYOUTS, UNetModel
+from unet.checkpoint.format import (  # noqa: F401 (list_checkpoints, checkpoint_step: the folder's listing)
+    ACCELERATE_FILES,
+    CHECKPOINT_RE,
+    CONFIG_FILE,
+    MANIFEST_FILE,
+    MODEL_FILE,
+    OPTIONAL_STATE,
+    RNG_FILE,
+    STATE_FILE,
+    STATE_TENSORS_FILE,
+    TRAIN_STATE_SCHEMA,
+    CheckpointError,
+    architecture_record,
+    checkpoint_step,
+    checkpoints_root,
+    ema_filename,
+    join_state,
+    latest_checkpoint,
+    list_checkpoints,
+    one_line,
+    read_config_mapping,
+    read_manifest,
+    read_train_state,
+    split_state,
+    verify_files,
+    write_manifest,
+)
+from unet.checkpoint.load import check_shapes
+from unet.core.model import LAYOUTS
+from unet.sample.sampling import null_class_label
 from unet.utils.devices import any_process
 
 from .config import ConfigError, TrainConfig, resume_changes
-from .factory import architecture_from_config, create_model, diffusion_from_kwargs
 
-CHECKPOINT_RE = re.compile(r"^checkpoint_(\d{8})$")
 TMP_PREFIX = ".tmp-"
 DEL_PREFIX = ".del-"
 OLD_SUFFIX = ".old"
-# Files a folder must hold to be loadable as a checkpoint (weights and what they are).
-REQUIRED_FILES = ("model.safetensors", "config.yaml")
-
-
-class CheckpointError(ValueError):
-    """A missing, incomplete or corrupt checkpoint; the message is one line."""
-
-
-def checkpoints_root(output_dir):
-    return os.path.join(output_dir, "checkpoints")
-
-
-def checkpoint_step(path):
-    m = CHECKPOINT_RE.match(os.path.basename(os.path.normpath(path)))
-    return int(m.group(1)) if m else None
-
-
-def list_checkpoints(output_dir):
-    """Complete checkpoints of a run, lowest step first (temporary, old and half-deleted
-    folders are not listed)."""
-    root = checkpoints_root(output_dir)
-    if not os.path.isdir(root):
-        return []
-    names = sorted(n for n in os.listdir(root) if CHECKPOINT_RE.match(n))
-    paths = [os.path.join(root, n) for n in names]
-    return [p for p in paths if all(os.path.isfile(os.path.join(p, f)) for f in REQUIRED_FILES)]
-
-
-def latest_checkpoint(output_dir):
-    """The highest-step complete checkpoint folder under ``output_dir``, or None. (A run
-    never leaves a checkpoint of a higher step than its own: see ``plan_start``.)"""
-    found = list_checkpoints(output_dir)
-    return found[-1] if found else None
+# What a failed write raises: the OS's errors, and what torch.save (RuntimeError from its zip
+# writer) and safetensors (SafetensorError) raise on a full disk instead of OSError.
+WRITE_ERRORS = (OSError, RuntimeError, SafetensorError)
 
 
 # --- writing ---------------------------------------------------------------------------
@@ -232,9 +225,12 @@ def plan(cfg):
     path, stale = plan_start(cfg)
     if path is None:
         return None, stale, {}
+    if os.path.isfile(os.path.join(path, MANIFEST_FILE)):
+        verify_files(path, read_manifest(path), [CONFIG_FILE])
     try:
-        saved = TrainConfig.load(os.path.join(path, "config.yaml"))
-    except ConfigError as e:
+        # Through the format's reader: an emptied config.yaml is an error, never the defaults.
+        saved = TrainConfig.from_dict(read_config_mapping(path))
+    except (ConfigError, CheckpointError) as e:
         raise CheckpointError(f"cannot resume from '{path}': its config.yaml is unusable: {e}") from None
     return path, stale, resume_changes(saved, cfg, path)
 
@@ -251,18 +247,79 @@ def tidy(output_dir, stale, log):
             + ", ".join(os.path.basename(f) for f in stale))
 
 
-def restore(run, state, path, changes, log):
-    """Restore model, optimizer, schedule, RNG, EMAs, sampler and counters from ``path``,
-    then apply and log the keys this run changed."""
-    loaded = load_training_state(run.accelerator, path, run.model, run.emas)
-    state.load_state_dict(loaded)
-    run.sampler.load_state_dict(loaded["sampler"])
-    if getattr(run, "phema", None) is not None:  # post-hoc EMA's power EMAs (main process)
-        run.phema.load_state_dict(loaded["phema"])
-    if getattr(run.data, "stream", None) is not None:  # every process's stream position
-        run.data.stream["resume"] = loaded.get("stream")
+# --- the run's stateful parts ---------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Part:
+    """One stateful part of a run, as ``train_state.json`` keeps it under ``key``: ``save(run)``
+    gives its state (None: this run has no such part), ``load(run, value)`` puts it back.
+    ``needed``: a run that has the part cannot resume from a checkpoint without it."""
+    key: str
+    save: Callable
+    load: Callable
+    needed: bool = True
+
+
+def _set_ema_steps(run, steps):
     for r, ema in run.emas.items():
-        ema.optimization_step = loaded["ema_steps"][f"{r:g}"]
+        ema.optimization_step = steps[f"{r:g}"]
+
+
+def _set_stream(run, positions):
+    if getattr(run.data, "stream", None) is not None:  # read when the stream is first opened
+        run.data.stream["resume"] = positions
+
+
+def _stream_state(run):
+    from . import streaming  # a collective on every process (gathers their positions)
+    return streaming.checkpoint_state(run).get("stream")
+
+
+# Every part of a run that a checkpoint carries besides the weights, the EMAs' weights and
+# accelerate's files. ``TrainState`` (step, counters, spikes, divergence, clock) is restored first.
+PARTS = (
+    Part("sampler", lambda run: run.sampler.state_dict(), lambda run, v: run.sampler.load_state_dict(v)),
+    Part("ema_steps", lambda run: {f"{r:g}": e.optimization_step for r, e in run.emas.items()}, _set_ema_steps),
+    # The layout is read before the model is built (``setup.run_layout``); kept here to be checked.
+    Part("memory_format", lambda run: run.layout, lambda run, v: None),
+    Part("phema", lambda run: run.phema.state_dict() if getattr(run, "phema", None) is not None else None,
+         lambda run, v: run.phema.load_state_dict(v)),
+    Part("stream", _stream_state, _set_stream),
+    # Sample quality's history (best FID so far); a run that starts measuring on resume starts it empty.
+    Part("quality", lambda run: run.quality.state_dict() if getattr(run, "quality", None) is not None else None,
+         lambda run, v: run.quality.load_state_dict(v), needed=False),
+)
+
+
+def run_state(run: object, state: object) -> dict:
+    """What ``train_state.json`` holds for this run at ``state``: the ``TrainState`` and every
+    ``PARTS`` entry the run has (call on every process: the stream's is a collective)."""
+    saved = {p.key: p.save(run) for p in PARTS}
+    return {**state.state_dict(), **{k: v for k, v in saved.items() if v is not None}}
+
+
+def restore_parts(run: object, state: object, loaded: dict) -> None:
+    """``run_state`` undone: the ``TrainState``, then every part the run has."""
+    state.load_state_dict(loaded)
+    for part in PARTS:
+        if part.save is _stream_state:
+            present = getattr(run.data, "stream", None) is not None  # not a collective here
+        else:
+            present = part.save(run) is not None
+        if not present:
+            continue
+        if part.key in loaded:
+            part.load(run, loaded[part.key])
+        elif part.needed:
+            raise CheckpointError(f"cannot resume: the checkpoint's {STATE_FILE} has no '{part.key}', which this "
+                                  "run needs")
+
+
+def restore(run, state, path, changes, log):
+    """Restore model, optimizer, schedule, RNG, EMAs and every part in ``PARTS`` from ``path``,
+    then apply and log the keys this run changed."""
+    loaded = load_training_state(run.accelerator, path, run.model, run.emas, log)
+    restore_parts(run, state, loaded)
     log_process_count_change(loaded["rng_writers"], run.accelerator.num_processes, log)
     log(f"resumed from {path} at step {state.step}")
     if state.step >= run.cfg.max_steps:
@@ -317,14 +374,6 @@ def apply_optimizer_settings(optimizer, scheduler, cfg):
         scheduler.step()
 
 
-RNG_FILE = "random_states_{}.pkl"  # accelerate's RNG state of process i
-ACCELERATE_FILES = ("optimizer.bin", "scheduler.bin")  # read with torch.load(weights_only=True)
-
-
-def ema_filename(rate):
-    return f"ema_{rate:g}.safetensors"
-
-
 def _strip_module(state):
     # DDP's wrapper prefixes every key with "module."; files hold the UNetModel's own keys.
     return {k[len("module."):] if k.startswith("module.") else k: v for k, v in state.items()}
@@ -336,37 +385,15 @@ def ema_state_dict(model, ema):
     return {n: p.detach().cpu().contiguous() for n, p in zip(names, ema.shadow_params)}
 
 
-def _split_state(state, prefix, tensors):
-    """JSON-able part of a (nested) state dict; tensors go to ``tensors`` under dotted keys."""
-    out = {}
-    for k, v in state.items():
-        key = f"{prefix}.{k}"
-        if isinstance(v, torch.Tensor):
-            tensors[key] = v.detach().cpu().contiguous()
-            out[k] = {"__tensor__": key}
-        elif isinstance(v, dict):
-            out[k] = _split_state(v, key, tensors)
-        elif hasattr(v, "tolist"):  # numpy arrays and scalars
-            out[k] = v.tolist()
-        else:
-            out[k] = v
-    return out
-
-
-def _join_state(state, tensors):
-    if isinstance(state, dict):
-        if set(state) == {"__tensor__"}:
-            return tensors[state["__tensor__"]]
-        return {k: _join_state(v, tensors) for k, v in state.items()}
-    return state
-
-
-def save_checkpoint(accelerator, output_dir, step, cfg, model, emas, train_state, keep):
+def save_checkpoint(accelerator, output_dir: str, step: int, cfg, model, emas: dict, train_state: dict,
+                    keep: int) -> str:
     """
     Save everything needed to continue the run at ``step``. Call on every process. Every
     process's files are in the temporary folder (a barrier) and flushed to disk before the
-    main process publishes it with one rename; a failed write (disk full, unwritable
-    folder) is a one-line ``CheckpointError`` on every process, the previous checkpoint kept.
+    main process writes the manifest and publishes it with one rename; a failed write (disk
+    full, unwritable folder: ``OSError``, or torch's ``RuntimeError`` and safetensors'
+    ``SafetensorError``, which a full disk raises) is a one-line ``CheckpointError`` on every
+    process, the temporary folder removed and the previous checkpoint kept.
 
     :param model: the prepared (possibly DDP-wrapped) model.
     :param emas: {rate: diffusers ``EMAModel``}.
@@ -385,7 +412,7 @@ def save_checkpoint(accelerator, output_dir, step, cfg, model, emas, train_state
         accelerator.wait_for_everyone()
         accelerator.save_state(tmp)
         fsync_path(os.path.join(tmp, RNG_FILE.format(accelerator.process_index)))
-    except OSError as e:
+    except WRITE_ERRORS as e:
         error = e
     weights = accelerator.get_state_dict(model)  # on every process: sharded setups gather here
     accelerator.wait_for_everyone()  # every process's files are in before the main one publishes
@@ -394,18 +421,21 @@ def save_checkpoint(accelerator, output_dir, step, cfg, model, emas, train_state
         # error) from a process that did not exist when this checkpoint was saved.
         train_state = {**train_state, "num_processes": accelerator.num_processes}
         try:
-            write_own_files(tmp, accelerator.unwrap_model(model), weights, emas, train_state, cfg)
+            unwrapped = accelerator.unwrap_model(model)
+            write_own_files(tmp, unwrapped, weights, emas, train_state, cfg)
+            write_manifest(tmp, architecture_record(cfg.image_size, cfg.model_kwargs(), cfg.diffusion_kwargs(),
+                                                    cfg.ema_rates, null_class_label(cfg)))
             fsync_tree(tmp)
             publish(tmp, final)
             rotate(output_dir, final, keep)
-        except OSError as e:
+        except WRITE_ERRORS as e:
             error = e
     if any_process(accelerator, error is not None):
         if accelerator.is_main_process:
             shutil.rmtree(tmp, ignore_errors=True)
         accelerator.wait_for_everyone()
         kept = latest_checkpoint(output_dir)
-        why = _one_line(error) if error is not None else "failed on another process"
+        why = one_line(error) if error is not None else "failed on another process"
         raise CheckpointError(f"cannot write checkpoint {final}: {why}; the previous checkpoint "
                               f"({kept or 'none'}) is kept")
     accelerator.wait_for_everyone()
@@ -415,23 +445,23 @@ def save_checkpoint(accelerator, output_dir, step, cfg, model, emas, train_state
 def write_own_files(folder, unwrapped, weights, emas, train_state, cfg):
     """What accelerate's ``save_state`` does not write: the UNetModel's keys, the EMAs, the
     training state and the config."""
-    save_file(_strip_module(weights), os.path.join(folder, "model.safetensors"))
+    save_file(_strip_module(weights), os.path.join(folder, MODEL_FILE))
     for rate, ema in emas.items():
         save_file(ema_state_dict(unwrapped, ema), os.path.join(folder, ema_filename(rate)))
     tensors = {}
-    meta = _split_state(train_state, "state", tensors)
+    meta = split_state(train_state, "state", tensors)
     if tensors:
-        save_file(tensors, os.path.join(folder, "train_state.safetensors"))
-    with open(os.path.join(folder, "train_state.json"), "w") as f:
+        save_file(tensors, os.path.join(folder, STATE_TENSORS_FILE))
+    with open(os.path.join(folder, STATE_FILE), "w") as f:
         json.dump(meta, f)
-    cfg.save(os.path.join(folder, "config.yaml"))
+    cfg.save(os.path.join(folder, CONFIG_FILE))
 
 
 def saved_train_state(path):
     """The ``train_state.json`` of the checkpoint at ``path`` as a dict, for a look before the
     state is loaded; {} where it cannot be read (loading the state reports that in one line)."""
     try:
-        with open(os.path.join(path, "train_state.json")) as f:
+        with open(os.path.join(path, STATE_FILE)) as f:
             state = json.load(f)
     except (OSError, ValueError):
         return {}
@@ -467,7 +497,7 @@ def check_training_files(path, num_processes, emas, scaler=False):
     :param num_processes: the resuming run's process count.
     :return: how many processes saved the checkpoint (``rng_writers``).
     """
-    names = ["model.safetensors", "train_state.json", "config.yaml", *ACCELERATE_FILES,
+    names = [MODEL_FILE, STATE_FILE, CONFIG_FILE, *ACCELERATE_FILES,
              *(ema_filename(r) for r in emas), *(["scaler.pt"] if scaler else [])]
     writers = rng_writers(path)
     names += [RNG_FILE.format(i) for i in range(min(writers, num_processes))]
@@ -481,128 +511,99 @@ def check_training_files(path, num_processes, emas, scaler=False):
                 accelerate_load(file, map_location="cpu")
             except Exception as e:  # truncated or foreign: EOFError, UnpicklingError, RuntimeError
                 raise CheckpointError(f"cannot resume from '{path}': {name} is unreadable "
-                                      f"({type(e).__name__}: {_one_line(e)})") from None
+                                      f"({type(e).__name__}: {one_line(e)})") from None
     return writers
 
 
-def load_training_state(accelerator, path, model, emas):
+def verify_checkpoint(path: str, log: Callable) -> None:
+    """Every file ``path``'s manifest lists, checked against it (size and sha256), before a
+    resume reads any; a checkpoint written before manifests is resumed unchecked, and the log
+    says so."""
+    if not os.path.isfile(os.path.join(path, MANIFEST_FILE)):
+        log(f"resume: '{path}' has no {MANIFEST_FILE} (written before manifests): its files are not verified")
+        return
+    verify_files(path, read_manifest(path))
+
+
+def load_training_state(accelerator, path: str, model, emas: dict, log: Callable = lambda *a: None) -> dict:
     """Restore a checkpoint saved by ``save_checkpoint`` into prepared objects; returns
-    train_state (with ``"rng_writers"``: how many processes saved the checkpoint)."""
+    train_state (with ``"rng_writers"``: how many processes saved the checkpoint). The files
+    are verified against the manifest, ``train_state.json`` against its schema and the EMA
+    files against the model's shapes before anything is loaded."""
+    verify_checkpoint(path, log)
+    legacy = {k: t for k, t in TRAIN_STATE_SCHEMA.items() if k not in ("num_processes", "memory_format")}
+    meta = read_train_state(path, required=legacy if not os.path.isfile(os.path.join(path, MANIFEST_FILE))
+                            else None)
     writers = check_training_files(path, accelerator.num_processes, emas, scaler=accelerator.scaler is not None)
+    unwrapped = accelerator.unwrap_model(model)
+    shapes = {n: p.shape for n, p in unwrapped.named_parameters()}
     try:
+        ema_states = {}
+        for rate in emas:
+            file = os.path.join(path, ema_filename(rate))
+            ema_states[rate] = load_file(file)
+            check_shapes(shapes, ema_states[rate], file)
+        weights_file = os.path.join(path, MODEL_FILE)
+        weights = load_file(weights_file)
+        check_shapes({k: v.shape for k, v in unwrapped.state_dict().items()}, weights, weights_file)
+        tensors_file = os.path.join(path, STATE_TENSORS_FILE)
+        tensors = load_file(tensors_file) if os.path.exists(tensors_file) else {}
+        state = join_state(meta, tensors)
         # The model file holds unwrapped keys, which a DDP wrapper would not match: let
         # accelerate restore optimizer, scheduler and RNG, then load the weights strictly here.
         accelerator.load_state(path, strict=False)
-        accelerator.unwrap_model(model).load_state_dict(load_file(os.path.join(path, "model.safetensors")))
+        unwrapped.load_state_dict(weights)
         for rate, ema in emas.items():
-            state = load_file(os.path.join(path, ema_filename(rate)))
-            names = [n for n, _ in accelerator.unwrap_model(model).named_parameters()]
-            ema.shadow_params = [state[n].to(p.device) for n, p in zip(names, ema.shadow_params)]
-        with open(os.path.join(path, "train_state.json")) as f:
-            meta = json.load(f)
-        tensors_file = os.path.join(path, "train_state.safetensors")
-        tensors = load_file(tensors_file) if os.path.exists(tensors_file) else {}
+            ema.shadow_params = [ema_states[rate][n].to(p.device) for n, p in zip(shapes, ema.shadow_params)]
     except (OSError, KeyError, RuntimeError, SafetensorError, ValueError, EOFError) as e:
-        raise CheckpointError(f"cannot resume from '{path}': {_one_line(e)}") from None
-    return {**_join_state(meta, tensors), "rng_writers": writers}
+        if isinstance(e, CheckpointError):
+            raise
+        raise CheckpointError(f"cannot resume from '{path}': {one_line(e)}") from None
+    return {**state, "rng_writers": writers}
 
 
-def _one_line(e):
-    s = str(e).strip()
-    return s.splitlines()[0] if s else type(e).__name__
+# --- one owner per run folder ----------------------------------------------------------------
+
+LOCK_FILE = ".lock"
 
 
-# --- loading a model to sample, evaluate or export ----------------------------------
-
-@dataclass
-class Loaded:
-    """A model in eval mode with what is needed to sample from it, rebuild or export it.
-    ``config`` is None only for an original ``.pt`` described by explicit kwargs."""
-    model: UNetModel
-    model_kwargs: dict
-    diffusion_kwargs: dict
-    image_size: int
-    config: "TrainConfig | None" = None
-
-    def diffusion(self, timestep_respacing=None):
-        """The model's diffusion process (``timestep_respacing`` overrides the trained one)."""
-        return diffusion_from_kwargs(self.diffusion_kwargs, timestep_respacing)
-
-
-def load_checkpoint(path, ema=True, config=None, device="cpu"):
+class RunLock:
     """
-    Load a trained model from either format; every failure is a one-line ``CheckpointError``
-    (or ``FileNotFoundError`` for a missing ``config`` file).
+    An exclusive ``flock`` on ``folder/.lock``, held while a run writes the folder: a second
+    run into the same folder is refused with one line instead of both writing it. The kernel
+    drops the lock when its process ends, however it ends (SIGKILL included), so a dead run
+    never leaves the folder locked. (On NFS, ``flock`` is emulated with POSIX locks since
+    Linux 2.6.12 and works across clients with a lock manager; a file system without locks is
+    reported, not ignored.)
 
-    :param path: a checkpoint folder (``.../checkpoint_00001000``), a run's output_dir (its
-        latest checkpoint), or an improved-diffusion ``.pt`` state dict.
-    :param ema: True for the first EMA rate, a float for that rate, False for the raw
-        weights (``.pt`` files hold one set of weights: ignored).
-    :param config: for ``.pt`` files, their architecture (see ``factory.architecture_from_config``).
+    :param what: what the folder is, for the message ("output_dir", "the ablation's output folder").
     """
-    if not os.path.exists(path):
-        raise CheckpointError(f"checkpoint not found: {path}")
-    if os.path.isfile(path):
-        return load_iddpm_checkpoint(path, config, device)
-    ckpt = path if os.path.isfile(os.path.join(path, "train_state.json")) else latest_checkpoint(path)
-    if ckpt is None:
-        raise CheckpointError(f"no checkpoint in '{path}' (expected a checkpoint folder or checkpoints/checkpoint_*/)")
-    try:
-        cfg = TrainConfig.load(os.path.join(ckpt, "config.yaml"))
-    except ConfigError as e:
-        raise CheckpointError(f"checkpoint '{ckpt}' has an unusable config.yaml: {e}") from None
-    file = os.path.join(ckpt, weights_filename(ckpt, cfg, ema))
-    model = create_model(cfg)
-    try:
-        model.load_state_dict(load_file(file, device=str(device)))
-    except (OSError, RuntimeError, SafetensorError) as e:
-        raise CheckpointError(f"cannot load '{file}': {_one_line(e)}") from None
-    return Loaded(model.to(device).eval(), cfg.model_kwargs(), cfg.diffusion_kwargs(), cfg.image_size, cfg)
 
+    def __init__(self, folder: str, what: str = "output_dir"):
+        self.folder, self.what, self.fd = folder, what, None
 
-def ema_from_flags(raw, ema_rate):
-    """``load_checkpoint``'s ``ema`` from the tools' ``--raw`` and ``--ema_rate`` flags."""
-    return False if raw else (ema_rate if ema_rate is not None else True)
+    def __enter__(self) -> "RunLock":
+        path = os.path.join(self.folder, LOCK_FILE)
+        try:
+            os.makedirs(self.folder, exist_ok=True)
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:
+            raise ConfigError(f"{self.what} '{self.folder}': cannot create {path} ({one_line(e)})") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "another process"
+            os.close(fd)
+            if e.errno in (11, 13):  # EAGAIN/EACCES: held
+                raise ConfigError(f"{self.what} '{self.folder}' is in use by {holder}: one run writes a folder at "
+                                  "a time (wait for it, stop it, or choose another folder)") from None
+            raise ConfigError(f"{self.what} '{self.folder}': cannot lock {path} ({one_line(e)})") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"process {os.getpid()} on {os.uname().nodename}\n".encode(), 0)
+        self.fd = fd
+        return self
 
-
-def weights_filename(ckpt, cfg, ema):
-    """The weights file of checkpoint ``ckpt`` that ``ema`` (True, a rate, False) names."""
-    if ema is False:
-        return "model.safetensors"
-    rate = cfg.ema_rates[0] if ema is True else float(ema)
-    if rate not in cfg.ema_rates:
-        raise CheckpointError(f"checkpoint '{ckpt}' has no EMA rate {rate:g} (it has {cfg.ema_rates})")
-    return ema_filename(rate)
-
-
-def load_iddpm_checkpoint(path, config, device="cpu"):
-    """An improved-diffusion ``.pt`` state dict (e.g. ``ema_0.9999_500000.pt``), read with
-    ``weights_only=True``, into the architecture ``config`` describes."""
-    if config is None:
-        raise CheckpointError(
-            f"{path} is an improved-diffusion state dict: pass --config with its model and diffusion flags"
-        )
-    image_size, model_kwargs, diffusion_kwargs, cfg = architecture_from_config(config)
-    try:
-        state_dict = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # any unpickling failure means the file is not a usable checkpoint
-        raise CheckpointError(
-            f"cannot read checkpoint {path}: {type(e).__name__}: {_one_line(e) if str(e) else ''}"
-        ) from None
-    if not isinstance(state_dict, dict) or not all(torch.is_tensor(v) for v in state_dict.values()):
-        raise CheckpointError(f"checkpoint {path} is not a state dict of tensors")
-    model = UNetModel(**model_kwargs)
-    check_state_dict(model, state_dict, path)
-    model.load_state_dict(state_dict, strict=True)
-    return Loaded(model.to(device).eval(), model_kwargs, diffusion_kwargs, image_size, cfg)
-
-
-def check_state_dict(model, state_dict, path):
-    """Raise a one-line ``CheckpointError`` summarising how ``state_dict`` misses the model."""
-    ours, theirs = model.state_dict(), set(state_dict)
-    missing, unexpected = sorted(set(ours) - theirs), sorted(theirs - set(ours))
-    wrong = sorted(k for k in set(ours) & theirs if ours[k].shape != state_dict[k].shape)
-    if missing or unexpected or wrong:
-        parts = [f"{name} {len(keys)} (e.g. {keys[0]})" for name, keys in
-                 (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong)) if keys]
-        raise CheckpointError(f"checkpoint {path} does not match the model config: {'; '.join(parts)}")
+    def __exit__(self, *exc) -> None:
+        if self.fd is not None:
+            os.close(self.fd)  # closing the last descriptor releases the lock
+            self.fd = None

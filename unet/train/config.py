@@ -22,6 +22,7 @@ import yaml
 
 from unet.core.choices import INIT_SCHEMES, LAYOUTS, NOISE_SCHEDULES, NORMS, SCHEDULE_SAMPLERS
 from unet.core.respace import respacing_error
+from unet.utils.yamlfile import strict_load
 
 
 @dataclass
@@ -273,7 +274,7 @@ def read_yaml(path):
         raise ConfigError(f"config file '{path}' does not exist")
     try:
         with open(path, encoding="utf-8") as f:
-            d = yaml.safe_load(f) or {}
+            d = strict_load(f) or {}  # a repeated key is an error; only true/false are booleans
     except yaml.YAMLError as e:
         raise ConfigError(f"config file '{path}' is not valid YAML: {str(e).splitlines()[0]}") from None
     except UnicodeDecodeError as e:
@@ -593,6 +594,10 @@ def check_optimizer(cfg):
 def check_diffusion(cfg):
     """Enough steps to diffuse and to sample, and a respacing of them that exists."""
     require(2 <= cfg.diffusion_steps < INT_LIMIT, "diffusion_steps", "an integer >= 2", cfg.diffusion_steps)
+    # improved-diffusion's linear betas end at 0.02 * 1000 / T: 1 or more (every loss NaN) for T <= 20.
+    require(cfg.noise_schedule != "linear" or cfg.diffusion_steps > 20, "diffusion_steps",
+            "an integer > 20 with the linear noise_schedule (its last beta, 20 / diffusion_steps, must be < 1)",
+            cfg.diffusion_steps)
     why = respacing_error(cfg.timestep_respacing, cfg.diffusion_steps)
     require(why is None, "timestep_respacing", why, cfg.timestep_respacing)
     require(2 <= cfg.sample_steps < INT_LIMIT, "sample_steps", "an integer >= 2 (respaced sampling steps)",

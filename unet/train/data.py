@@ -117,8 +117,23 @@ def center_crop_resize(img, size):
     return ImageOps.fit(img, (size, size), method=Image.BICUBIC)
 
 
-def to_tensor(img, size, channels):
-    """A PIL image -> [C, size, size] float32 in [-1, 1]."""
+# PIL's integer modes wider than 8 bits, by their range: 16-bit PNGs and TIFFs open as I;16*
+# (or as I, 32-bit, holding 16-bit values); convert("L") would clip them at 255.
+SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")
+
+
+def to_tensor(img: Image.Image, size: int, channels: int) -> torch.Tensor:
+    """A PIL image -> [C, size, size] float32 in [-1, 1]; 16-bit greyscale scaled by its range
+    (0..65535), a float or 32-bit image (no fixed range) refused with a ``ValueError``, which
+    the callers skip and count like an undecodable file."""
+    if img.mode == "F" or (img.mode == "I" and np.asarray(img).max(initial=0) > 65535) or img.mode == "I;32":
+        raise ValueError(f"image mode {img.mode} (float or 32-bit values) has no fixed range to scale to [-1, 1]; "
+                         "convert it to 8- or 16-bit")
+    if img.mode in SIXTEEN_BIT_MODES:
+        grey = Image.fromarray(np.asarray(img, dtype=np.float32) / 65535.0, mode="F")
+        arr = np.asarray(center_crop_resize(grey, size), dtype=np.float32).clip(0, 1) * 2.0 - 1.0
+        arr = np.repeat(arr.reshape(size, size, 1), channels, axis=2)
+        return torch.from_numpy(np.ascontiguousarray(arr)).permute(2, 0, 1).contiguous()
     img = center_crop_resize(img.convert("L" if channels == 1 else "RGB"), size)
     arr = np.asarray(img, dtype=np.float32).reshape(size, size, channels) / 127.5 - 1.0
     return torch.from_numpy(arr).permute(2, 0, 1).contiguous()

@@ -9,7 +9,13 @@ import os
 
 import yaml
 
-from unet.core.diffusion import create_diffusion
+from unet.checkpoint.load import (  # noqa: F401 (improved-diffusion's flags: the format's; re-exported)
+    IDDPM_CHANNEL_MULT,
+    IDDPM_DEFAULTS,
+    IDDPM_EXTRAS,
+    diffusion_from_kwargs,
+    parse_flag_string,
+)
 from unet.core.model import UNetModel
 
 from .config import TrainConfig
@@ -30,25 +36,8 @@ def create_diffusion_from_config(cfg, timestep_respacing=None):
     return diffusion_from_kwargs(cfg.diffusion_kwargs(), timestep_respacing)
 
 
-def diffusion_from_kwargs(diffusion_kwargs, timestep_respacing=None):
-    """The diffusion process of ``create_diffusion`` arguments (a checkpoint's record of them),
-    with ``timestep_respacing`` overriding theirs when not None."""
-    kwargs = dict(diffusion_kwargs)
-    if timestep_respacing is not None:
-        kwargs["timestep_respacing"] = timestep_respacing
-    return create_diffusion(**kwargs)
-
-
 # --- improved-diffusion's flags --------------------------------------------------------
 
-# improved-diffusion's ``model_and_diffusion_defaults()``.
-IDDPM_DEFAULTS = dict(image_size=64, num_channels=128, num_res_blocks=2, num_heads=4, num_heads_upsample=-1,
-                      attention_resolutions="16,8", dropout=0.0, learn_sigma=False, sigma_small=False,
-                      class_cond=False, diffusion_steps=1000, noise_schedule="linear", timestep_respacing="",
-                      use_kl=False, predict_xstart=False, rescale_timesteps=True, rescale_learned_sigmas=True,
-                      use_checkpoint=False, use_scale_shift_norm=True)
-IDDPM_EXTRAS = {"channel_mult", "num_classes", "in_channels"}  # ours: what the original hard-codes
-IDDPM_CHANNEL_MULT = {256: "1,1,2,2,4,4", 64: "1,2,3,4", 32: "1,2,2,2"}
 # improved-diffusion flag -> TrainConfig key, where the names differ
 IDDPM_RENAMED = dict(num_channels="model_channels", in_channels="channels")
 
@@ -73,18 +62,6 @@ def config_from_iddpm_flags(flags):
         f["channel_mult"] = IDDPM_CHANNEL_MULT[size]
     f["num_classes"] = f.get("num_classes") or 1000
     return TrainConfig.from_dict({IDDPM_RENAMED.get(k, k): v for k, v in f.items()})
-
-
-def parse_flag_string(text):
-    """``"--image_size 64 --learn_sigma True"`` -> {"image_size": 64, "learn_sigma": True}."""
-    tokens, flags = text.split(), {}
-    if len(tokens) % 2:
-        raise ValueError(f"flags must come in '--name value' pairs: {text!r}")
-    for name, value in zip(tokens[::2], tokens[1::2]):
-        if not name.startswith("--"):
-            raise ValueError(f"expected a --flag, got {name!r}")
-        flags[name[2:]] = yaml.safe_load(value) if value.lower() not in ("t", "f") else value.lower() == "t"
-    return flags
 
 
 def architecture_from_config(config):

@@ -31,7 +31,8 @@ from unet.utils.devices import any_process
 from unet.utils.images import image_grid, save_png
 
 from . import diagnostics, phema, quality, streaming
-from .checkpoint import plan, restore, save_checkpoint, saved_train_state, tidy
+from .checkpoint import RunLock, plan, restore, run_state, save_checkpoint, tidy
+from .config import ConfigError
 from .data import batch_slice, draw_step_inputs, eval_batch, mixed_seed, seeded_generator
 from .factory import create_diffusion_from_config, create_model
 from .preemption import StopSignals
@@ -206,21 +207,21 @@ def maybe_sample(run, state, done, final=False):
         state.last_samples = write_samples(run, done) or state.last_samples
 
 
-def maybe_checkpoint(run, state, record, stop, log, force=False):
+def maybe_checkpoint(run, state, record, stop, log, force=False, last_good=False):
     """A checkpoint every ``checkpoint_every`` steps, at the last step and when a hook or a
     signal stops the run; never after a skipped (non-finite) step or with non-finite
-    weights, so that the latest checkpoint is always a good one."""
+    weights, so that the latest checkpoint is always a good one.
+
+    :param last_good: the run ends on a skipped step: its weights are the last good ones
+        (a skipped step changes none), saved under its step if they are finite."""
     cfg, done = run.cfg, record.step
     if not ((cfg.checkpoint_every and done % cfg.checkpoint_every == 0) or done == cfg.max_steps
-            or stop in ("hook", "preempted", "max_minutes") or force):
+            or stop in ("hook", "preempted", "max_minutes") or force or last_good):
         return
-    if record.skipped or not all(torch.isfinite(p).all() for p in run.raw.parameters()):
+    if (record.skipped and not last_good) or not all(torch.isfinite(p).all() for p in run.raw.parameters()):
         log(f"step {done}: checkpoint not written (non-finite loss or weights); latest good: {state.last_checkpoint}")
         return
-    train_state = {**state.state_dict(), "step": done, "sampler": run.sampler.state_dict(), "memory_format": run.layout,
-                   **quality.checkpoint_entry(run),
-                   "ema_steps": {f"{r:g}": e.optimization_step for r, e in run.emas.items()},
-                   **phema.checkpoint_state(run), **streaming.checkpoint_state(run)}
+    train_state = {**run_state(run, state), "step": done}
     state.last_checkpoint = save_checkpoint(run.accelerator, cfg.output_dir, done, cfg, run.model, run.emas,
                                             train_state, cfg.keep_checkpoints)
 
@@ -323,13 +324,14 @@ def train(cfg, hooks=(), stop_signals=False):
     """
     resume_path, stale, changes = plan(cfg)  # refusals and a bad resume path fail before anything starts
     accelerator = make_accelerator(cfg)
-    run = None
+    run, lock = None, RunLock(cfg.output_dir)
     try:
         check_run(cfg, accelerator)
+        own_folder(accelerator, lock)  # one run writes output_dir at a time
         log = print if accelerator.is_main_process else (lambda *a, **k: None)
-        # The FID reference is read and checked before any training work.
-        saved = saved_train_state(resume_path) if resume_path else None
-        measures = quality.prepare(cfg, accelerator.device, log, saved)
+        # The FID reference is read and checked before any training work (its saved history
+        # is restored with the rest of the run's parts).
+        measures = quality.prepare(cfg, accelerator.device, log)
         if accelerator.is_main_process:
             tidy(cfg.output_dir, stale, log)
         accelerator.wait_for_everyone()
@@ -344,6 +346,20 @@ def train(cfg, hooks=(), stop_signals=False):
             return start_loop(run, state, hooks, signals)
     finally:
         end_run(accelerator, run)  # close the wandb run even when training raised
+        lock.__exit__()
+
+
+def own_folder(accelerator, lock: RunLock) -> None:
+    """The main process takes ``output_dir``'s lock; if it is held, every process raises its
+    one-line ``ConfigError`` (the others would otherwise wait at the next barrier)."""
+    error = None
+    if accelerator.is_main_process:
+        try:
+            lock.__enter__()
+        except ConfigError as e:
+            error = e
+    if any_process(accelerator, error is not None):
+        raise error or ConfigError(f"output_dir '{lock.folder}' is in use by another run")
 
 
 def start_loop(run, state, hooks, signals):
@@ -359,6 +375,24 @@ def start_loop(run, state, hooks, signals):
     if accelerator.is_main_process and cfg.sample_every >= 0:
         run.sample_model = copy.deepcopy(run.raw).eval().requires_grad_(False)
     return train_loop(run, state, hooks, signals)
+
+
+def end_of_step(run: Run, state: TrainState, record: StepRecord, stop: "str | None", signalled: bool) -> tuple:
+    """The grid, FID and checkpoint of a step that did not diverge; returns (stop, why). After a
+    stop signal the checkpoint comes first and the grid and FID of the step are skipped (a resumed
+    run does the later ones). A last step whose loss was not finite is no clean finish: its
+    unchanged weights, the last good ones, are saved and the run stops as "nan"."""
+    if stop == "max_steps" and record.skipped:
+        maybe_checkpoint(run, state, record, "nan", run.log, last_good=True)
+        return "nan", f"the last step ({record.step}) had a non-finite loss and was skipped"
+    new_best = False
+    if not signalled:
+        maybe_sample(run, state, record.step)
+        new_best = quality.maybe_measure(run, state, record.step)  # True: keep_best_fid and a new lowest FID
+    maybe_checkpoint(run, state, record, stop, run.log, force=new_best)
+    if new_best:
+        quality.keep_best(run, state, record.step)
+    return stop, None
 
 
 def train_loop(run, state, hooks, signals):
@@ -397,11 +431,7 @@ def train_loop(run, state, hooks, signals):
             why = stop_message(stop, record, cfg)
             break  # no checkpoint: the last good one stays the latest
         phema.after_step(run, record)
-        maybe_sample(run, state, record.step)
-        new_best = quality.maybe_measure(run, state, record.step)  # True: keep_best_fid and a new lowest FID
-        maybe_checkpoint(run, state, record, stop, run.log, force=new_best)
-        if new_best:
-            quality.keep_best(run, state, record.step)
+        stop, why = end_of_step(run, state, record, stop, signalled)
         state.step = record.step
         if stop:
             break
@@ -409,7 +439,7 @@ def train_loop(run, state, hooks, signals):
     stop = stop or "max_steps"
     if stop == "max_minutes":
         run.log(f"max_minutes: stopped after step {state.step}, {state.elapsed:.1f} s of training")
-    if stop in ("max_steps", "hook", "max_minutes") and state.step > start:
+    if stop in ("max_steps", "hook", "max_minutes") and state.step > start and not signals.received:
         maybe_sample(run, state, state.step, final=True)
     acc.wait_for_everyone()
     out = {**result(run, state, stop, why), "signal": signals.received}

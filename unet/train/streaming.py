@@ -60,7 +60,7 @@ def load_stream(raw, cfg, log):
     num_classes = features[label_col].num_classes if label_col and isinstance(
         features.get(label_col), datasets.ClassLabel) else (cfg.num_classes if label_col else 0)
     data = ImageData(streams[split], held, num_classes, 0)
-    data.stream = dict(image_col=image_col, label_col=label_col, live=None, resume=None)
+    data.stream = dict(image_col=image_col, label_col=label_col, live=None, resume=None, log=log)
     return data
 
 
@@ -140,6 +140,10 @@ class StreamBatches:
                 item = decode(example, *cols, self.cfg)
                 if item is None:
                     self.data.skipped += 1
+                    n = self.data.skipped
+                    if n & (n - 1) == 0:  # the 1st, 2nd, 4th, 8th, ...: seen, without a line per image
+                        self.data.stream.get("log", print)(
+                            f"streaming: skipped an image that does not decode ({n} skipped so far in this run)")
                     continue
                 xs.append(item[0])
                 ys.append(item[1])
