@@ -10,7 +10,6 @@ import glob
 import io
 import math
 import os
-from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -20,31 +19,10 @@ from unet.utils.devices import cpu_cores
 from unet.utils.images import to_uint8
 
 from .config import ConfigError, check_batch_split
+from .mnist import MNIST_FAMILY, load_mnist_family
+from .splits import DataError, ImageData  # noqa: F401 (re-exported: callers catch data.DataError)
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
-
-
-class DataError(ValueError):
-    """Missing, empty or unusable data; its message is the one line the user sees."""
-
-
-@dataclass
-class ImageData:
-    """
-    :param train: a ``datasets.Dataset`` whose rows are {"image": [C,H,W] float in [-1, 1], "label": int}.
-    :param eval: the held-out split in the same format, or None.
-    :param num_classes: classes of the label column (0 when there is none).
-    :param skipped: corrupt image files left out up front (``verify_images`` parallel).
-    """
-
-    train: object
-    eval: object
-    num_classes: int
-    skipped: int
-
-    def skipped_images(self):
-        """Corrupt files left out: up front, plus those a lazy split has met so far (in this process)."""
-        return self.skipped + sum(len(p.bad) for p in (self.train, self.eval) if isinstance(p, LazyImages))
 
 
 class LazyImages(torch.utils.data.Dataset):
@@ -260,9 +238,7 @@ def load_image_data(cfg, log=print):
     :param log: where to report skipped files.
     :return: an ``ImageData``.
     """
-    if cfg.dataset in ("fashion_mnist", "idx"):  # read into memory by its own reader
-        from .mnist import load_mnist_family
-
+    if cfg.dataset in MNIST_FAMILY:  # read into memory by its own reader
         return load_mnist_family(cfg, log)
     raw = _load_raw(cfg)
     split = "train" if "train" in raw else next(iter(raw))

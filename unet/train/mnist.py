@@ -15,7 +15,7 @@ import torch
 
 from unet.utils.idx import IdxError, find_idx_files, read_idx
 
-from .data import DataError, ImageData
+from .splits import DataError, ImageData
 
 MNIST_FAMILY = ("fashion_mnist", "idx")
 # Debian's dataset-fashion-mnist puts the four original files here.
