@@ -6,7 +6,7 @@ import math
 import pytest
 
 from unet.ablation.report import spike_words
-from unet.ablation.summary import MEASURES, mean_ci, steps_to_threshold, summarize, verdict
+from unet.ablation.summary import MEASURES, ci_words, mean_ci, steps_to_threshold, summarize
 from unet.utils.stats import paired_differences
 
 
@@ -27,11 +27,11 @@ def test_paired_difference_and_verdicts():
     assert diffs == [0.5, 1.0, 1.0]  # seeds 3 (A diverged) and 4 (no A run) have no pair
     mean, half, n = mean_ci(diffs)  # 0.833 +- 4.303 * 0.2887 / sqrt(3) = 0.833 +- 0.717: excludes 0
     assert mean == pytest.approx(0.8333, abs=1e-4) and half == pytest.approx(0.717, abs=1e-3)
-    assert verdict(mean, half, n, "lower", "zero") == "zero worse"
-    assert verdict(-mean, half, n, "lower", "zero") == "zero better"
-    assert verdict(mean, half, n, None, "zero") == "zero higher"
-    assert verdict(*mean_ci([0.5, -1.0, 1.0]), "lower", "zero") == "indistinguishable"
-    assert verdict(*mean_ci([0.5]), "lower", "zero") == "too few runs to compare"
+    assert ci_words(mean, half, n, "lower", "zero") == "zero worse"
+    assert ci_words(-mean, half, n, "lower", "zero") == "zero better"
+    assert ci_words(mean, half, n, None, "zero") == "zero higher"
+    assert ci_words(*mean_ci([0.5, -1.0, 1.0]), "lower", "zero") == "indistinguishable"
+    assert ci_words(*mean_ci([0.5]), "lower", "zero") == "too few runs to compare"
 
 
 def test_steps_to_threshold_needs_a_full_window():

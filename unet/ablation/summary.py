@@ -25,11 +25,11 @@ import math
 from dataclasses import dataclass, field
 
 import numpy as np
-from scipy import stats as sps
 
 from unet.utils.stats import column_band, finite, fisher_p, paired_differences, running_mean, t_interval
 
 from .grid import cell_label
+from .inference import ALPHA, holm, paired_test  # noqa: F401 (the report and tests read them here too)
 
 
 @dataclass(frozen=True)
@@ -150,35 +150,6 @@ def log10_or_none(x):
     return None if x is None else math.log10(x)
 
 
-def paired_test(a, b):
-    """
-    Seed-paired comparison of a per-seed measure of arm A against arm B.
-
-    :param a: {seed: value or None} for arm A; b likewise.
-    :return: dict with ``n`` pairs, ``mean`` difference A - B, its 95% ``half`` width and the
-        two-sided paired t-test ``p`` (1.0 when the differences are all equal or n < 2: no evidence).
-    """
-    d = paired_differences({s: v for s, v in a.items() if v is not None},
-                           {s: v for s, v in b.items() if v is not None})
-    mean, half = t_interval(d)
-    if len(d) < 2 or max(d) == min(d):
-        p = 1.0 if len(d) < 2 or d[0] == 0 else 0.0  # identical non-zero shifts: exact, not noise
-    else:
-        p = float(sps.ttest_1samp(d, 0.0).pvalue)
-    return {"n": len(d), "mean": mean, "half": half, "p": p}
-
-
-def holm(pvalues):
-    """Holm's step-down adjusted p-values, in the input order: the k-th smallest of m is
-    multiplied by (m - k + 1), made monotone, capped at 1. Controls the family-wise error."""
-    order = sorted(range(len(pvalues)), key=lambda i: pvalues[i])
-    adjusted, running = [0.0] * len(pvalues), 0.0
-    for rank, i in enumerate(order):
-        running = max(running, min(1.0, (len(pvalues) - rank) * pvalues[i]))
-        adjusted[i] = running
-    return adjusted
-
-
 def early_losses(seeds, steps, lr):
     """{step: {seed: training loss at that step}} of one arm's runs at learning rate ``lr``, for
     the seed-paired early-training deficit (None where the run had stopped or lacks that lr)."""
@@ -193,9 +164,6 @@ def early_losses(seeds, steps, lr):
 COMPARED = [("log10_max_stable_lr", "log10 max stable lr", "higher"),
             ("log10_max_trainable_lr", "log10 max trainable lr", "higher"), ("sensitivity", "lr sensitivity", "lower"),
             ("best_loss", "best final loss", "lower"), ("log10_opt_lr", "log10 optimal lr", None)]
-ALPHA = 0.05
-
-
 def _hashable(v):
     return tuple(v) if isinstance(v, list) else v
 
@@ -316,7 +284,7 @@ def mean_ci(values):
     return (*t_interval(v), len(v))
 
 
-def verdict(mean, half, n, better, name="A"):
+def ci_words(mean, half, n, better, name="A"):
     """Plain words for a difference ``name`` - other with CI mean +- half over n pairs."""
     if n < 2 or not math.isfinite(half):
         return TOO_FEW
@@ -421,7 +389,7 @@ def compare_arms(runs, arms, a, b):
     for key, _, better in MEASURES:
         m, h, n = mean_ci(paired_differences(*[{s: r["measures"].get(key) for s, r in by_seed[arm].items()}
                                                 for arm in (a, b)]))
-        comp[key] = {"mean": m, "ci": h, "n": n, "verdict": verdict(m, h, n, better, a)}
+        comp[key] = {"mean": m, "ci": h, "n": n, "verdict": ci_words(m, h, n, better, a)}
     return comp
 
 
