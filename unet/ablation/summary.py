@@ -1,8 +1,11 @@
-"""Learning-rate frontiers: the stability measures the field uses, computed from a sweep of
-runs over learning rates, per arm (an init scheme in one panel: norm, depth, ...) and seed.
-Pure functions of plain records; nothing here trains or plots.
+"""
+The ablation's descriptive summary: ``results.json`` in, numbers and plain-words conclusions out,
+for the report (``unet.ablation.report``) to render; the tests themselves are ``inference``'s.
+Every interval is a 95% t-interval over seeds; a difference between two arms is paired by seed
+(same data, t and noise) and is called "indistinguishable" when its interval covers 0. Pure
+functions of plain records; nothing here trains, plots or imports torch.
 
-Definitions (each also printed in the report):
+The learning-rate frontier (each definition also printed in the report):
 - maximal stable learning rate: the largest swept learning rate at which every seed of the
   arm finished without divergence (per seed: the largest at which that seed did);
 - maximal trainable learning rate: the same, where every seed also ended below its initial
@@ -13,12 +16,6 @@ Definitions (each also printed in the report):
   sweep; a diverged run counts as the initial loss. 0 = the loss does not depend on the lr;
 - optimal learning rate and best loss: where the final loss is lowest;
 - Holm's step-down correction (Holm 1979) of the p-values of all comparisons in a report.
-
-The ablation's summary: ``results.json`` in, numbers and plain-words conclusions out, for the
-report (``unet.ablation.report``) to render. Every interval is a 95% t-interval over seeds; a
-difference between two arms is paired by seed (same data, t and noise), and is called
-"indistinguishable" when its interval covers 0. Pure functions; nothing here trains, plots or
-imports torch.
 """
 
 import math
