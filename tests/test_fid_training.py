@@ -51,6 +51,7 @@ def test_fid_every_logs_to_wandb_history_and_checkpoint(fid_run, capsys):
         assert 0 <= h["eval/judge_accuracy"] <= 1
         # Judge features against the held-out split: eval/fid and the judge's distance are one number.
         assert h["eval/judge_fd"] == pytest.approx(h["eval/fid"], rel=1e-9)
+        assert h["eval/judge_fd_floor"] > 0  # the real-vs-real floor beside every distance
     rows = {r["step"]: r for r in result["history"] if "eval/fid" in r}
     assert [rows[h["_step"]]["eval/fid"] for h in logged] == [h["eval/fid"] for h in logged]
     with open(os.path.join(result["checkpoint"], "train_state.json")) as f:

@@ -165,7 +165,7 @@ def measure(run):
                               min(cfg.fid_steps, cfg.diffusion_steps), cfg.fid_batch_size, seed=run.data_seed,
                               accelerator=run.accelerator, progress=False, null_label=null_class_label(cfg))
     m = sample_quality(q.reference, q.extractor, q.digits, images, labels, cfg.kid_subset_size)
-    keys = ("fid", "kid", "kid_std", "precision", "recall", "judge_fd", "judge_accuracy")
+    keys = ("fid", "kid", "kid_std", "precision", "recall", "judge_fd", "judge_fd_floor", "judge_accuracy")
     return {f"eval/{k}": m[k] for k in keys if k in m}
 
 
