@@ -6,14 +6,8 @@ import math
 import pytest
 import torch
 
-from unet.ablation.endpoints import (
-    endpoint_conclusions,
-    endpoint_tests,
-    failure_fractions,
-    mcnemar_exact,
-    paired_difference_interval,
-    verdict,
-)
+from unet.ablation.endpoints import endpoint_conclusions, endpoint_tests, failure_fractions
+from unet.ablation.inference import mcnemar_exact, paired_difference_interval, verdict
 from unet.train.diagnostics import FailureRule, zero_predictor_loss
 
 
