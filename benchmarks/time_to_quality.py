@@ -257,7 +257,8 @@ def rejudge(argv):
               "(95% t half-widths)")
     out = dict(machine=machine(), torch=torch.__version__, threads=torch.get_num_threads(),
                command="python benchmarks/time_to_quality.py judge " + " ".join(argv),
-               judge=judge_settings(args, load_checkpoint(args.checkpoints[0]).config["ema_rates"][0]), checkpoints=judged,
+               judge=judge_settings(args, load_checkpoint(args.checkpoints[0]).config["ema_rates"][0]),
+               checkpoints=judged,
                wall_seconds=time.perf_counter() - start)
     if args.json:
         write_json(args.json, out, indent=1)
