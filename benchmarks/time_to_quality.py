@@ -189,9 +189,9 @@ def format_table(points):
     return "\n".join([head, *body])
 
 
-def judge_settings(args, cfg):
+def judge_settings(args, ema_rate):
     return dict(samples=args.judge_samples, seeds=args.judge_seeds, sampler=list(args.judge_sampler),
-                labels="0-9 in turn", weights=f"EMA {cfg['ema_rates'][0]:g}", judge_seed=0)
+                labels="0-9 in turn", weights=f"EMA {ema_rate:g}", judge_seed=0)
 
 
 def measure(argv):
@@ -203,7 +203,7 @@ def measure(argv):
     out = dict(machine=machine(), torch=torch.__version__, threads=torch.get_num_threads(),
                command="python benchmarks/time_to_quality.py " + " ".join(argv), config=cfg.to_dict(),
                budgets_minutes=args.budgets, full=not args.no_full,
-               judge=judge_settings(args, cfg),
+               judge=judge_settings(args, cfg.ema_rates[0]),
                points=points, wall_seconds=time.perf_counter() - start)
     print(format_table(points))
     if args.json:
@@ -257,7 +257,8 @@ def rejudge(argv):
               "(95% t half-widths)")
     out = dict(machine=machine(), torch=torch.__version__, threads=torch.get_num_threads(),
                command="python benchmarks/time_to_quality.py judge " + " ".join(argv),
-               judge=judge_settings(args, load_checkpoint(args.checkpoints[0]).config), checkpoints=judged,
+               judge=judge_settings(args, load_checkpoint(args.checkpoints[0]).config["ema_rates"][0]),
+               checkpoints=judged,
                wall_seconds=time.perf_counter() - start)
     if args.json:
         write_json(args.json, out, indent=1)
