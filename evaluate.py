@@ -267,7 +267,8 @@ def run_benchmark(args):
     runs = parse_runs(args.runs, loaded.diffusion_kwargs.get("steps", 1000))
     scales = parse_guidance(args.guidance, loaded)
     rows = benchmark(loaded, runs, args.num_samples, args.batch_size, range(args.seed, args.seed + args.seeds), scales,
-                     reference=judge_reference(loaded.config) if loaded.config else digit_reference(loaded.image_size))
+                     reference=judge_reference(TrainConfig.from_dict(loaded.config)) if loaded.config
+                     else digit_reference(loaded.image_size))
     if args.json:
         write_json(args.json, rows, indent=1)
     print(format_table(rows) if args.seeds == 1 else format_seed_summary(rows))

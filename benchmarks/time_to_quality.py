@@ -33,7 +33,7 @@ import sys
 import time
 
 from benchmarks.machine import cpu_name
-from unet.train.config import ConfigError, load_config
+from unet.train.config import ConfigError, TrainConfig, load_config
 from unet.utils.jsonfile import write_json
 
 
@@ -122,7 +122,7 @@ def judge(checkpoint, args):
     from unet.train.quality import judge_reference
 
     loaded = load_checkpoint(checkpoint)  # the first EMA rate, as sample.py
-    reference = judge_reference(loaded.config)  # the digits', or the MNIST family's
+    reference = judge_reference(TrainConfig.from_dict(loaded.config))  # the digits', or the MNIST family's
     name, steps = args.judge_sampler
     labels = list(range(loaded.model.num_classes)) if loaded.model.num_classes else None
     rows = []

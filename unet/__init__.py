@@ -1,3 +1,3 @@
 """unet: the improved-DDPM U-Net and Gaussian diffusion, with the init ablation."""
 
-__version__ = "0.2.0"
+__version__ = "0.3.0"

@@ -129,8 +129,8 @@ def read_manifest(folder: str) -> dict:
     missing, unreadable, of another schema, or malformed."""
     path = os.path.join(folder, MANIFEST_FILE)
     if not os.path.isfile(path):
-        raise CheckpointError(f"checkpoint '{folder}': {MANIFEST_FILE} is missing (a checkpoint written before "
-                              "manifests, or not a complete checkpoint)")
+        raise CheckpointError(f"checkpoint '{folder}': {MANIFEST_FILE} is missing (not a complete checkpoint, or "
+                              "one written before manifests: python scripts/add_manifest.py FOLDER gives it one)")
     try:
         with open(path) as f:
             manifest = json.load(f)

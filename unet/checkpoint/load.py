@@ -178,13 +178,10 @@ def _ints(value: object) -> list:
     return [int(v) for v in str(value).replace(" ", ",").split(",") if v]
 
 
-def iddpm_architecture(flags: dict) -> tuple:
-    """
-    improved-diffusion's flags -> (image_size, UNetModel kwargs, create_diffusion kwargs) as its
-    ``create_model_and_diffusion`` builds them: its defaults, its channel multipliers by image
-    size (``channel_mult`` overrides), 3 input channels and 1000 classes unless ``in_channels``
-    / ``num_classes`` say otherwise. Raises ``ValueError`` in one line.
-    """
+def iddpm_flags(flags: dict) -> dict:
+    """improved-diffusion's flags completed as its ``create_model_and_diffusion`` completes them:
+    its defaults, 3 input channels, its channel multipliers by image size (``channel_mult``
+    overrides); an unknown flag or a size without multipliers raises ``ValueError`` in one line."""
     unknown = set(flags) - set(IDDPM_DEFAULTS) - IDDPM_EXTRAS
     if unknown:
         raise ValueError(f"unknown improved-diffusion flag(s): {', '.join(sorted(unknown))}")
@@ -195,6 +192,18 @@ def iddpm_architecture(flags: dict) -> tuple:
             raise ValueError(f"improved-diffusion has no channel_mult for image_size {size}; add channel_mult to "
                              "the config")
         f["channel_mult"] = IDDPM_CHANNEL_MULT[size]
+    return f
+
+
+def iddpm_architecture(flags: dict) -> tuple:
+    """
+    improved-diffusion's flags -> (image_size, UNetModel kwargs, create_diffusion kwargs) as its
+    ``create_model_and_diffusion`` builds them: its defaults, its channel multipliers by image
+    size (``channel_mult`` overrides), 3 input channels and 1000 classes unless ``in_channels``
+    / ``num_classes`` say otherwise. Raises ``ValueError`` in one line.
+    """
+    f = iddpm_flags(flags)
+    size = int(f["image_size"])
     channels, learn_sigma = int(f["in_channels"]), bool(f["learn_sigma"])
     model = dict(in_channels=channels, model_channels=int(f["num_channels"]),
                  out_channels=channels * (2 if learn_sigma else 1), num_res_blocks=int(f["num_res_blocks"]),
@@ -211,16 +220,9 @@ def iddpm_architecture(flags: dict) -> tuple:
     return size, model, diffusion
 
 
-def architecture_of(config: object) -> tuple:
-    """
-    (image_size, UNetModel kwargs, create_diffusion kwargs) of a ``.pt`` file's ``config``:
-    improved-diffusion's flags (a dict, a YAML/JSON file of them, or a ``"--flag value"``
-    string), a mapping with ``image_size`` and explicit ``model`` and ``diffusion`` kwargs, or
-    such a tuple already built (e.g. by ``unet.train.factory.architecture_from_config`` from
-    this package's config.yaml).
-    """
-    if isinstance(config, tuple):
-        return config[:3]
+def config_mapping(config: object) -> dict:
+    """A ``.pt`` file's config as a mapping: given as one, a ``"--flag value"`` string or a
+    YAML/JSON file (a repeated key refused); one-line errors."""
     if isinstance(config, str):
         if config.lstrip().startswith("--"):
             config = parse_flag_string(config)
@@ -234,11 +236,34 @@ def architecture_of(config: object) -> tuple:
                 raise ValueError(f"config {config} is not readable YAML ({one_line(e)})") from None
     if not isinstance(config, dict):
         raise ValueError("the config must be a mapping")
+    return config
+
+
+def explicit_architecture(config: dict) -> "tuple | None":
+    """(image_size, model kwargs, diffusion kwargs) of a mapping that gives them explicitly
+    ({image_size, model, diffusion}), else None."""
     if isinstance(config.get("model"), dict) and "diffusion" in config and "image_size" in config:
         model = dict(config["model"])
         model["attention_resolutions"] = tuple(model.get("attention_resolutions", ()))
         model["channel_mult"] = tuple(model.get("channel_mult", (1, 2, 4, 8)))
         return int(config["image_size"]), model, dict(config["diffusion"])
+    return None
+
+
+def architecture_of(config: object) -> tuple:
+    """
+    (image_size, UNetModel kwargs, create_diffusion kwargs) of a ``.pt`` file's ``config``:
+    improved-diffusion's flags (a dict, a YAML/JSON file of them, or a ``"--flag value"``
+    string), a mapping with ``image_size`` and explicit ``model`` and ``diffusion`` kwargs, or
+    such a tuple already built (e.g. by ``unet.train.factory.architecture_from_config`` from
+    this package's config.yaml).
+    """
+    if isinstance(config, tuple):
+        return config[:3]
+    config = config_mapping(config)
+    explicit = explicit_architecture(config)
+    if explicit:
+        return explicit
     if set(config) <= set(IDDPM_DEFAULTS) | IDDPM_EXTRAS:
         return iddpm_architecture(config)
     raise ValueError("a .pt file's config must be improved-diffusion's flags or {image_size, model, diffusion}; "

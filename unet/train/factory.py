@@ -5,15 +5,16 @@ One place that turns a description of a model into objects: a ``TrainConfig`` in
 checkpoint loading, sampling and the benchmark all build through here.
 """
 
-import os
 
-import yaml
 
 from unet.checkpoint.load import (  # noqa: F401 (improved-diffusion's flags: the format's; re-exported)
     IDDPM_CHANNEL_MULT,
     IDDPM_DEFAULTS,
     IDDPM_EXTRAS,
+    config_mapping,
     diffusion_from_kwargs,
+    explicit_architecture,
+    iddpm_flags,
     parse_flag_string,
 )
 from unet.core.model import UNetModel
@@ -49,17 +50,7 @@ def config_from_iddpm_flags(flags):
     image size (``channel_mult`` overrides), 3 input channels and 1000 classes unless
     ``in_channels`` / ``num_classes`` say otherwise. Raises ``ValueError`` in one line.
     """
-    unknown = set(flags) - set(IDDPM_DEFAULTS) - IDDPM_EXTRAS
-    if unknown:
-        raise ValueError(f"unknown improved-diffusion flag(s): {', '.join(sorted(unknown))}")
-    f = {**IDDPM_DEFAULTS, "in_channels": 3, **flags}
-    size = int(f["image_size"])
-    if f.get("channel_mult") is None:
-        if size not in IDDPM_CHANNEL_MULT:
-            raise ValueError(
-                f"improved-diffusion has no channel_mult for image_size {size}; add channel_mult to the config"
-            )
-        f["channel_mult"] = IDDPM_CHANNEL_MULT[size]
+    f = iddpm_flags(flags)
     f["num_classes"] = f.get("num_classes") or 1000
     return TrainConfig.from_dict({IDDPM_RENAMED.get(k, k): v for k, v in f.items()})
 
@@ -74,21 +65,10 @@ def architecture_from_config(config):
         mapping with ``image_size`` and explicit ``model`` and ``diffusion`` kwargs (for
         models no config describes; the TrainConfig is then None).
     """
-    if isinstance(config, str):
-        if config.lstrip().startswith("--"):
-            config = parse_flag_string(config)
-        elif not os.path.isfile(config):
-            raise FileNotFoundError(f"config not found: {config}")
-        else:
-            with open(config) as fh:
-                config = yaml.safe_load(fh)
-    if not isinstance(config, dict):
-        raise ValueError("the config must be a mapping")
-    if isinstance(config.get("model"), dict) and "diffusion" in config and "image_size" in config:
-        model = dict(config["model"])
-        model["attention_resolutions"] = tuple(model.get("attention_resolutions", ()))
-        model["channel_mult"] = tuple(model.get("channel_mult", (1, 2, 4, 8)))
-        return int(config["image_size"]), model, dict(config["diffusion"]), None
+    config = config_mapping(config)
+    explicit = explicit_architecture(config)
+    if explicit:
+        return (*explicit, None)
     if set(config) <= set(IDDPM_DEFAULTS) | IDDPM_EXTRAS:
         cfg = config_from_iddpm_flags(config)
     else:
