@@ -18,6 +18,7 @@ import difflib
 import os
 import sys
 import time
+import uuid
 
 from unet.ablation.grid import load_ablation
 from unet.ablation.runner import INVOCATION_ENV, combine, report_only, run_ablation, run_init_study, wandb_group
@@ -104,7 +105,7 @@ def _run(ab, out_dir, argv, stop_after=0.0):
         os.makedirs(out_dir, exist_ok=True)
         ab.group = wandb_group(ab, out_dir)  # one group for the runs of every process
         if os.environ.get("RANK", "0") == "0":  # a worker keeps the id of the invocation that started it
-            os.environ[INVOCATION_ENV] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()) + f"-{os.getpid()}"
+            os.environ[INVOCATION_ENV] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()) + f"-{uuid.uuid4().hex[:8]}"
         workers = spawn_workers(
             ab.processes, [sys.executable, os.path.abspath(__file__), *argv, "--group", ab.group], out_dir
         )

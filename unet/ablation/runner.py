@@ -242,14 +242,16 @@ def _wait_for_other_processes(runs, done, workers=(), chunk=False):
             if w.poll():
                 raise ConfigError(f"a worker process exited with code {w.returncode}; "
                                   "run the same command again to finish the remaining runs")
-        if chunk and all(w.poll() is not None for w in workers):
-            return
-        time.sleep(5)
+        finished = chunk and all(w.poll() is not None for w in workers)
+        if not finished:
+            time.sleep(5)
         for spec in runs:
             if spec.run_id not in done:
                 res = load_result(spec.cfg)
                 if res is not None:
                     done[spec.run_id] = res
+        if finished:
+            return  # a chunk: every worker has stopped, and its last runs were read just above
 
 
 def measurement_rules():
