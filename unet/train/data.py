@@ -429,12 +429,20 @@ def held_out_data(cfg):
 def split_uint8(cfg, split):
     """One split of ``cfg``'s data as (NHWC uint8 images, labels), as the model sees it ("train",
     or "held_out": the split ``held_out_data`` gives)."""
+    return splits_uint8(cfg, split)[0]
+
+
+def splits_uint8(cfg, *splits):
+    """``split_uint8`` of several splits from one read of the data."""
     data = load_image_data(cfg, log=lambda *_: None)
-    part = data.train if split == "train" else data.eval
-    if part is None or len(part) == 0:
-        raise DataError(f"dataset '{cfg.dataset}' has no {split} split (eval_fraction={cfg.eval_fraction})")
-    images, labels = fixed_batch(part, len(part))
-    return to_uint8(images), labels.numpy()
+    out = []
+    for split in splits:
+        part = data.train if split == "train" else data.eval
+        if part is None or len(part) == 0:
+            raise DataError(f"dataset '{cfg.dataset}' has no {split} split (eval_fraction={cfg.eval_fraction})")
+        images, labels = fixed_batch(part, len(part))
+        out.append((to_uint8(images), labels.numpy()))
+    return out
 
 
 def real_digits(image_size):
@@ -443,4 +451,4 @@ def real_digits(image_size):
     from .config import TrainConfig
 
     cfg = TrainConfig(dataset="digits", image_size=image_size, channels=1, report_to="none")
-    return split_uint8(cfg, "train"), split_uint8(cfg, "held_out")
+    return tuple(splits_uint8(cfg, "train", "held_out"))

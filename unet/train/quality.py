@@ -32,7 +32,7 @@ from unet.sample.sampling import generate, null_class_label
 from unet.utils.jsonfile import write_json
 
 from .config import ConfigError
-from .data import real_digits, split_uint8
+from .data import real_digits, split_uint8, splits_uint8
 
 BEST_DIR = "best"
 
@@ -60,7 +60,7 @@ def judge_reference(cfg, log=print):
     key = (cfg.dataset, cfg.data_dir, cfg.image_size, cfg.cache_dir)
     if key not in _CONV_REFERENCES:
         plain = cfg.replace(class_cond=False, report_to="none")  # the judge takes the labels as they are
-        train, held = split_uint8(plain, "train"), split_uint8(plain, "held_out")
+        train, held = splits_uint8(plain, "train", "held_out")
         _CONV_REFERENCES[key] = DigitReference(fit_conv_judge(train, held, log=log), train, held)
     return _CONV_REFERENCES[key]
 
