@@ -92,6 +92,11 @@ def verdicts(record):
     return {name: failed(record, name) for name in DEFINITIONS}
 
 
+def never_censored(results):
+    """Whether the runs come from the never-censoring runner (they carry ``verdicts``)."""
+    return all("verdicts" in r for r in results["runs"]) and bool(results["runs"])
+
+
 def start_neutral(name):
     return DEFINITIONS[name][1]
 

@@ -61,17 +61,22 @@ def paired_outcomes(runs, spec):
     return pairs
 
 
-def final_loss_blocks(runs, spec):
+def _final(r):
+    return r.get("final_loss")
+
+
+def final_loss_blocks(runs, spec, value=_final):
     """([{arm: final loss, inf for a stopped run}] per (cell, seed) that every arm of the spec's
-    pairs ran, their stratum labels): the blocks of a ``final_loss`` test."""
+    pairs ran, their stratum labels): the blocks of a ``final_loss`` test (``value``: another
+    per-run number, such as the step-0 loss)."""
     arms = sorted({a for pair in spec["pairs"] for a in pair})
     blocks, strata = [], set()
     for cell in tested_cells(spec):
         by_arm = {arm: {r["seed"]: r for r in runs if r["arm"] == arm and cell_matches(r["cell"], cell)}
                   for arm in arms}
         for seed in sorted(set.intersection(*(set(v) for v in by_arm.values()))):
-            blocks.append({arm: math.inf if by_arm[arm][seed].get("final_loss") is None
-                           else by_arm[arm][seed]["final_loss"] for arm in arms})
+            values = {arm: value(by_arm[arm][seed]) for arm in arms}
+            blocks.append({arm: math.inf if v is None else v for arm, v in values.items()})
             strata.add(cell_label(cell))
     return blocks, sorted(strata)
 

@@ -116,6 +116,20 @@ def verdict(test, margin=None, p=None, names=None):
     return "not resolved"
 
 
+def seed_paired_verdict(test, p_holm):
+    """The old grids' frontier tests' verdict from a Holm-adjusted p: '<a> better' / '<a> worse'
+    (or higher / lower where neither is better), 'no detectable difference' (not equivalence: these
+    tests have no margin), or too few pairs."""
+    if test["n"] < 2:
+        return "too few runs to compare"
+    if p_holm >= ALPHA or test["mean"] == 0:
+        return "no detectable difference"
+    if test["better"] is None:
+        return f"{test['a']} {'higher' if test['mean'] > 0 else 'lower'}"
+    good = test["mean"] > 0 if test["better"] == "higher" else test["mean"] < 0
+    return f"{test['a']} {'better' if good else 'worse'}"
+
+
 def binomial_interval(k, n):
     """The exact (Clopper-Pearson) 95% interval of a fraction k / n; (nan, nan) for n = 0."""
     if n == 0:

@@ -1,13 +1,12 @@
-"""The learning-rate frontier in the ablation report: the lead figure (final held-out loss against
-learning rate, one panel per (norm, depth), one line per init with its seed band, divergences
-marked), the table of frontier measures per arm, the Holm-corrected seed-paired tests, the
-early-training deficit and the measures' definitions with their sources. The numbers come from
-``unet.ablation.frontier`` through ``unet.ablation.summary``; this module only draws and writes them.
-
-The ablation's report: ``results.json`` in; ``report.md`` and PNG plots out. The numbers and
-conclusions come from ``unet.ablation.summary``; this module only draws and writes them, one small
-function per plot and per report section. The rules the prose states (divergence, spikes,
-threshold) are read from the results, never restated here. Nothing here trains or imports torch.
+"""
+The report of the grids run before the never-censoring runner (the superseded digits grid, whose
+``results.json`` ships in ``docs/ablation/``): ``results.json`` in, ``report.md`` and PNG plots out.
+The lead figure is the learning-rate frontier (final held-out loss against lr, one panel per
+(norm, depth), one line per init with its seed band, divergences marked), then the pre-registered
+failure-count tests, the frontier measures, the Holm-corrected seed-paired tests, the curves, the
+mechanism, the init study and the symmetry runs. The numbers come from ``summary``, ``endpoints``
+and ``inference``; this module only draws and writes them. A never-censored grid's report is
+``answer``'s.
 """
 
 import math
@@ -20,7 +19,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import matplotlib.ticker  # noqa: E402
 import numpy as np  # noqa: E402
 
-from .answer import answer_sections, never_censored
+from .definitions import never_censored
 from .endpoints import endpoint_conclusions, endpoint_tests, failure_fractions, verdict  # noqa: E402
 from .grid import cell_label, cell_matches  # noqa: E402
 from .summary import (  # noqa: E402
@@ -740,7 +739,6 @@ def measures_section(results, summary, plots):
 SECTIONS = (
     intro_section,
     endpoints_section,
-    answer_sections,
     mechanism_section,
     init_study_section,
     symmetry_section,

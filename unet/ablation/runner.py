@@ -34,6 +34,7 @@ from unet.utils.devices import cpu_cores
 from unet.utils.jsonfile import clean_json, write_json
 from unet.utils.stats import finite
 
+from .answer import never_censored, write_answer_report
 from .grid import FAILURE_KEYS, SYMMETRY_ARMS, Ablation, RunSpec, cell_label, expand, load_ablation, symmetry_config  # noqa: F401
 from .report import write_report
 from .store import (
@@ -288,7 +289,7 @@ def run_ablation(ab, out_dir, log=print, command=None, workers=(), stop_after=0.
     _wait_for_other_processes(runs, done, workers, chunk=bool(stop_after))
     if len(done) < len(runs):
         path = write_compact({s.run_id: done[s.run_id] for s in runs if s.run_id in done},
-                             os.path.join(out_dir, "compact_runs.json.gz"))
+                             os.path.join(out_dir, COMPACT_FILE))
         log(f"stopped after {stop_after:g} minutes: {len(done)} of {len(runs)} runs done ({path}); "
             "run the same command again to continue")
         return None
@@ -309,6 +310,13 @@ def run_ablation(ab, out_dir, log=print, command=None, workers=(), stop_after=0.
     write_json(os.path.join(out_dir, "results.json"), results, clean=True)  # the runs are kept even if the report fails
     log_cells(ab, out_dir, results, log)
     results.update(_init_study_file(out_dir))
+    if never_censored(results):
+        data = write_compact_results(results, out_dir)
+        data["report_command"] = report_command(out_dir)
+        _log_report(ab, out_dir, {"plots": write_answer_report(data, out_dir)[1:]}, results)
+        log(f"report: {os.path.join(out_dir, 'report.md')}; compact per-run results: "
+            f"{os.path.join(out_dir, COMPACT_FILE)}")
+        return results
     files = write_report(results, out_dir)
     results["summary"] = clean_json(files.pop("summary"))
     write_json(os.path.join(out_dir, "results.json"), results, clean=True)
@@ -386,10 +394,18 @@ def _log_report(ab, out_dir, files, results):
     acc.end_training()
 
 
+def report_command(out_dir, source=None):
+    """The command that rebuilds a never-censored grid's report (the report names it)."""
+    return " ".join(["python ablation.py --report_only", *(["--results", source] if source else []),
+                     "--output_dir", out_dir])
+
+
 def report_only(out_dir, source=None):
-    """Rebuild ``report.md``, the plots and the summary in ``out_dir/results.json`` from that
-    file, or from ``source`` (a results.json, gzipped or not, such as the shipped
-    ``docs/ablation/digits_results.json.gz``)."""
+    """Rebuild ``report.md`` and the plots from ``out_dir/results.json``, or from ``source`` (a
+    results.json, gzipped or not, such as ``docs/ablation/digits_results.json.gz``, or a
+    never-censored grid's compact results, such as ``docs/ablation/fashion_runs.json.gz``). A
+    never-censored grid's report is built from its compact results alone (written beside it
+    when the source is a full results.json); an older grid's also rewrites its summary."""
     path = os.path.join(out_dir, "results.json")
     source = source or path
     if not os.path.isfile(source):
@@ -398,9 +414,21 @@ def report_only(out_dir, source=None):
     try:
         with opener(source, "rt") as f:
             results = json.load(f)
-    except (OSError, ValueError) as e:
+        results["runs"]
+    except (OSError, ValueError, KeyError, TypeError, EOFError) as e:
         raise ConfigError(f"'{source}' is not a results.json: {e}") from None
     os.makedirs(out_dir, exist_ok=True)
+    if never_censored(results):
+        if "ablation" not in results:
+            raise ConfigError(f"'{source}' has runs but no grid ('ablation'): it is a chunk's compact file; "
+                              "finish the grid to report on it")
+        if "curves" not in results["runs"][0] or "loss" in results["runs"][0]["curves"]:  # a full results.json
+            results.update(_init_study_file(out_dir) or _init_study_file(os.path.dirname(source)))
+            results = write_compact_results(results, out_dir)
+        results["report_command"] = report_command(out_dir, None if source == path else source)
+        write_answer_report(results, out_dir)
+        print(f"report: {os.path.join(out_dir, 'report.md')}")
+        return
     results.update(_init_study_file(out_dir) or _init_study_file(os.path.dirname(source)))
     results["summary"] = write_report(results, out_dir)["summary"]
     write_json(path, results, clean=True)
@@ -425,13 +453,33 @@ def compact_run(r):
     return out
 
 
-def write_compact(done, path):
-    """{run_id: result} as one gzip'd JSON file of ``compact_run``s (committed as chunks finish)."""
+def _write_gzip_json(path, obj):
+    """``obj`` as gzip'd JSON in one step, without a timestamp in the header (same data, same bytes)."""
     tmp = f"{path}.tmp"
-    with gzip.open(tmp, "wt") as f:
-        json.dump(clean_json({"runs": [compact_run(r) for r in done.values()]}), f)
+    with open(tmp, "wb") as raw, gzip.GzipFile(fileobj=raw, mode="wb", mtime=0) as f:
+        f.write(json.dumps(clean_json(obj), sort_keys=True).encode())
     os.replace(tmp, path)
     return path
+
+
+def write_compact(done, path):
+    """{run_id: result} as one gzip'd JSON file of ``compact_run``s (committed as chunks finish)."""
+    return _write_gzip_json(path, {"runs": [compact_run(r) for r in done.values()]})
+
+
+COMPACT_FILE = "compact_runs.json.gz"
+
+
+def write_compact_results(results, out_dir):
+    """A finished never-censored grid's compact results (what its report reads: the grid, every
+    run's ``compact_run``, the symmetry runs, the init study) into ``out_dir/COMPACT_FILE``;
+    returns them."""
+    data = clean_json({"name": results["name"], "command": results.get("command", ""),
+                       "ablation": results["ablation"], "symmetry": results.get("symmetry"),
+                       "init_study": results.get("init_study"),
+                       "runs": [compact_run(r) for r in results["runs"]]})
+    _write_gzip_json(os.path.join(out_dir, COMPACT_FILE), data)
+    return data
 
 
 RUN_COLUMNS = ("run_id", "norm", "num_res_blocks", "lr", "arm", "seed", "failed", "diverged", "failure_step",
@@ -466,9 +514,14 @@ def run_init_study(ab, out_dir, log=print):
     from .init_study import init_memory, scaling_study
 
     t0 = time.perf_counter()
-    cfg = expand(ab, out_dir)[0].cfg.replace(output_dir=os.path.join(out_dir, "init_memory"), seed=ab.seeds[0])
+    runs = expand(ab, out_dir)
+    cfg = runs[0].cfg.replace(output_dir=os.path.join(out_dir, "init_memory"), seed=ab.seeds[0])
+    panel = sorted({float(r.cfg.lr) for r in runs if (r.cfg.norm, r.cfg.num_res_blocks, r.cfg.warmup_steps)
+                    == (cfg.norm, cfg.num_res_blocks, cfg.warmup_steps)})
     scaling = scaling_study()
-    memory = init_memory(cfg, lrs=(4e-4, float(cfg.lr)), steps=cfg.max_steps)
+    # the first panel's smallest and largest lr: the practical end and the edge
+    memory = init_memory(cfg, lrs=tuple(dict.fromkeys((panel[0], panel[-1]))), steps=cfg.max_steps,
+                         every=max(25, cfg.max_steps // 10))
     study = {"scaling": scaling, "memory": {"panel": cfg_label(cfg), "steps": next(iter(memory.values()))["steps"],
                                             "ratio": {f"{lr:g}": m["ratio"] for lr, m in memory.items()}},
              "seconds": time.perf_counter() - t0}
@@ -514,6 +567,11 @@ def combine(out_dir, sources):
         "run_seconds": sum(r["run_seconds"] for r in loaded),
     }
     os.makedirs(out_dir, exist_ok=True)
-    results["summary"] = write_report(results, out_dir)["summary"]
-    write_json(os.path.join(out_dir, "results.json"), results, clean=True)
+    if never_censored(results):
+        write_json(os.path.join(out_dir, "results.json"), results, clean=True)
+        data = write_compact_results(results, out_dir)
+        write_answer_report({**data, "report_command": report_command(out_dir)}, out_dir)
+    else:
+        results["summary"] = write_report(results, out_dir)["summary"]
+        write_json(os.path.join(out_dir, "results.json"), results, clean=True)
     print(f"report: {os.path.join(out_dir, 'report.md')}")

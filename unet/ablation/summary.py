@@ -26,7 +26,7 @@ import numpy as np
 from unet.utils.stats import column_band, finite, fisher_p, paired_differences, running_mean, t_interval
 
 from .grid import cell_label
-from .inference import ALPHA, holm, paired_test  # noqa: F401 (the report and tests read them here too)
+from .inference import ALPHA, holm, paired_test, seed_paired_verdict  # noqa: F401 (the report and tests read them here too)
 
 
 @dataclass(frozen=True)
@@ -221,19 +221,6 @@ def pair_tests(a_seeds, b_seeds, ma, mb, a, b, early_steps):
     return tests
 
 
-def judge(test, p_holm):
-    """The test's verdict from its Holm-adjusted p-value: '<a> better' / '<a> worse' (or
-    higher / lower where neither is better), 'no detectable difference', or too few pairs."""
-    if test["n"] < 2:
-        return "too few runs to compare"
-    if p_holm >= ALPHA or test["mean"] == 0:
-        return "no detectable difference"
-    if test["better"] is None:
-        return f"{test['a']} {'higher' if test['mean'] > 0 else 'lower'}"
-    good = test["mean"] > 0 if test["better"] == "higher" else test["mean"] < 0
-    return f"{test['a']} {'better' if good else 'worse'}"
-
-
 def frontier_summary(runs, pairs, early_steps):
     """
     The frontier of every panel: each arm's measures (``arm_measures``) and final loss per lr,
@@ -258,7 +245,7 @@ def frontier_summary(runs, pairs, early_steps):
     for panel in panels:
         for t in panel["tests"]:
             t.setdefault("p_holm", float("nan"))
-            t["verdict"] = judge(t, t["p_holm"])
+            t["verdict"] = seed_paired_verdict(t, t["p_holm"])
     return {"panels": panels, "tests": len(tests), "alpha": ALPHA}
 
 
