@@ -123,6 +123,8 @@ def supported_lines(data, tests):
     """One line per pre-registered test saying what it supports, worded from its numbers."""
     runs, out = data["runs"], []
     named = [tests["primary"]] * bool(tests["primary"]) + tests["secondary"]
+    if not named:
+        return ["This grid pre-registers no test: everything below is descriptive."]
     for t in named:
         p = t.get("p_holm", t["p"])
         stopped = _all_stopped(runs, t)
@@ -298,6 +300,8 @@ def preregistration_words(name, root="."):
     """The commits of ``docs/ablation/NAME_preregistration.md`` (oldest first) from git, so the
     report names the commits that precede its data."""
     path = os.path.join("docs", "ablation", f"{name}_preregistration.md")
+    if not os.path.isfile(os.path.join(root, path)):
+        return f"No pre-registration (`{path}` does not exist): nothing here is a pre-registered result."
     try:
         out = subprocess.run(["git", "log", "--reverse", "--format=%h %cs %s", "--", path], cwd=root,
                              capture_output=True, text=True, check=True, timeout=30).stdout.split("\n")
