@@ -108,7 +108,7 @@ def test_report_has_every_section_and_results_json_is_valid(tiny_ablation):
     ):
         assert heading in report, heading
     assert "- Primary: zero against standard. Contrast zero - standard of the final loss over 4 (cell, seed) pairs, " \
-           "2 stopped run(s) ranked worst" in report
+           "4 stopped run(s) ranked worst" in report
     for png in ("held_out_curves.png", "final_loss.png"):
         assert f"]({png})" in report
         with Image.open(os.path.join(out, png)) as im:
@@ -147,7 +147,7 @@ def test_failing_arm_is_recorded_and_the_rest_run_on(tiny_ablation):
             assert math.isfinite(good["measures"]["final_eval_loss"])
             assert set(good["verdicts"]) == {"diverged", "late_rise", "spike", "old_rule", "early_progress"}
     report = open(os.path.join(tiny_ablation["out"], "report.md")).read()
-    assert "6 of 8 runs reached max_steps (4); 2 stopped early" in report
+    assert "4 of 8 runs reached max_steps (4); 4 stopped early" in report
     assert "| lr=1000 | standard | 2/2 | 2/2 | 2/2 | 2/2 | 2/2 |" in report  # failed under every definition
 
 
@@ -232,7 +232,8 @@ def test_running_again_continues_without_redoing_runs(tiny_ablation, monkeypatch
 
 def test_a_chunked_grid_marks_its_invocations_and_writes_compact_results(tmp_path, capsys):
     grid = write_grid(tmp_path / "g.yaml", {**TINY, "base": {**TINY["base"], "report_to": "none"},
-                                             "grid": [{"lr": [1e-3], "init": ["zero", "standard"]}]})
+                                             "grid": [{"lr": [1e-3], "init": ["zero", "standard"]}],
+                                             "primary": {**TINY["primary"], "cells": [{"lr": [1e-3]}]}})
     out = str(tmp_path / "out")
     # --stop_after 1e-9: the process runs one run and starts no other; the same command continues
     assert main(["--config", grid, "--output_dir", out, "--stop_after", "1e-9", "--processes", "1"]) == 0
@@ -292,7 +293,7 @@ def test_combine_pools_two_ablations_with_different_seeds(tiny_ablation, tmp_pat
         both = json.load(f)
     assert len(both["runs"]) == 16 and both["ablation"]["seeds"] == [0, 1, 10, 11]
     report = open(os.path.join(out, "report.md")).read()
-    assert "seeds 0, 1, 10, 11" in report and "over 8 (cell, seed) pairs, 4 stopped run(s)" in report
+    assert "seeds 0, 1, 10, 11" in report and "over 8 (cell, seed) pairs, 8 stopped run(s)" in report
     # the same seeds twice, or different grids, are refused with one line
     assert main(["--combine", f"{tiny_ablation['out']},{tiny_ablation['out']}", "--output_dir", out]) == 2
     assert "different seeds" in capsys.readouterr().err
