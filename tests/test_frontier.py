@@ -4,6 +4,7 @@ import math
 
 import pytest
 
+from unet.ablation.inference import seed_paired_verdict
 from unet.ablation.summary import (
     SweepRun,
     arm_measures,
@@ -11,7 +12,6 @@ from unet.ablation.summary import (
     early_losses,
     frontier_summary,
     holm,
-    judge,
     lr_sensitivity,
     max_stable_lr,
     max_trainable_lr,
@@ -143,9 +143,9 @@ def test_frontier_summary_known_frontier_and_holm_family():
     assert tests["best_loss"]["mean"] == pytest.approx(0.42 - 0.458, abs=1e-12)
 
 
-def test_judge_reads_direction_and_holm():
+def test_seed_paired_verdict_reads_direction_and_holm():
     t = {"a": "zero", "n": 5, "mean": -0.1, "better": "lower"}
-    assert judge(t, 0.01) == "zero better" and judge(t, 0.2) == "no detectable difference"
-    assert judge({**t, "better": "higher"}, 0.01) == "zero worse"
-    assert judge({**t, "better": None}, 0.01) == "zero lower"
-    assert judge({**t, "n": 1}, 0.0) == "too few runs to compare"
+    assert seed_paired_verdict(t, 0.01) == "zero better" and seed_paired_verdict(t, 0.2) == "no detectable difference"
+    assert seed_paired_verdict({**t, "better": "higher"}, 0.01) == "zero worse"
+    assert seed_paired_verdict({**t, "better": None}, 0.01) == "zero lower"
+    assert seed_paired_verdict({**t, "n": 1}, 0.0) == "too few runs to compare"
