@@ -23,7 +23,7 @@ import uuid
 from unet.ablation.grid import load_ablation
 from unet.ablation.runner import INVOCATION_ENV, combine, report_only, run_ablation, run_init_study, wandb_group
 from unet.ablation.store import drop_claims, spawn_workers
-from unet.train.config import FIELDS, ConfigArgumentParser, ConfigError
+from unet.config import FIELDS, ConfigArgumentParser, ConfigError
 
 ABLATION_OPTIONS = {
     "seeds": "N|a,b,c: a seed count or list (replaces the grid's seeds)",

@@ -11,7 +11,7 @@ loss, 75 stopped by SIGTERM/SIGUSR1 after writing a checkpoint (requeue with --r
 
 import sys
 
-from unet.train.config import ConfigError, help_text, load_config
+from unet.config import ConfigError, help_text, load_config
 
 
 def main(argv=None):

@@ -33,8 +33,8 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from benchmarks.layout import LAYOUTS, MEASURED, apply_layout, describe_measurement, layout_key, wait_for
 from benchmarks.machine import cpu_name
+from unet.config import TrainConfig
 from unet.sample.export import check_expressible, unet2d_config
-from unet.train.config import TrainConfig
 from unet.train.factory import config_from_iddpm_flags, create_diffusion_from_config, create_model
 from unet.train.setup import adamw
 from unet.utils.jsonfile import write_json

@@ -479,7 +479,7 @@ def train_worker(argv):
     p.add_argument("--result_file", required=True)
     p.add_argument("--timed_from", type=int, default=0)
     own, rest = p.parse_known_args(argv)
-    from unet.train.config import ConfigError, load_config
+    from unet.config import ConfigError, load_config
 
     try:
         cfg = load_config(rest)

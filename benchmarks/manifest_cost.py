@@ -14,8 +14,8 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from unet.config import load_config  # noqa: E402
 from unet.train import checkpoint as ckpt_mod  # noqa: E402
-from unet.train.config import load_config  # noqa: E402
 from unet.train.loop import train  # noqa: E402
 
 

@@ -33,7 +33,7 @@ import sys
 import time
 
 from benchmarks.machine import cpu_name
-from unet.train.config import ConfigError, TrainConfig, load_config
+from unet.config import ConfigError, TrainConfig, load_config
 from unet.utils.jsonfile import write_json
 
 

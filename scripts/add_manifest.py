@@ -10,8 +10,8 @@ import os
 import sys
 
 from unet.checkpoint.format import MANIFEST_FILE, architecture_record, write_manifest
+from unet.config import ConfigError, TrainConfig
 from unet.sample.sampling import null_class_label
-from unet.train.config import ConfigError, TrainConfig
 
 
 def main(argv):

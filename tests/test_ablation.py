@@ -17,8 +17,8 @@ from wandb_offline import read_run
 from ablation import main, parse_args
 from unet.ablation import runner as ablation
 from unet.ablation.runner import expand, init_model, load_ablation, run_ablation
+from unet.config import ConfigError
 from unet.core.diffusion import GaussianDiffusion
-from unet.train.config import ConfigError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = {

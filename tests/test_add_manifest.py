@@ -8,7 +8,7 @@ import sys
 import pytest
 
 from unet.checkpoint.load import CheckpointError, load_checkpoint
-from unet.train.config import TrainConfig
+from unet.config import TrainConfig
 from unet.train.loop import train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

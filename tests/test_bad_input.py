@@ -11,7 +11,7 @@ import sys
 import pytest
 
 import train as train_script
-from unet.train.config import load_config
+from unet.config import load_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from unet.train.config import ConfigError, TrainConfig, load_config
+from unet.config import ConfigError, TrainConfig, load_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -118,11 +118,11 @@ def test_cli_rejects_before_anything_starts(tmp_path):
 
 
 def test_config_choices_mirror_the_package():
-    """config.py lists the valid names without importing torch; they must stay the package's."""
+    """train_config.py lists the valid names without importing torch; they must stay the package's."""
+    from unet.config import CHOICES
     from unet.core.init import INIT_SCHEMES
     from unet.core.model import NORMS
     from unet.core.resample import SCHEDULE_SAMPLERS
-    from unet.train.config import CHOICES
 
     assert CHOICES["init"] == INIT_SCHEMES
     assert CHOICES["norm"] == NORMS
@@ -132,7 +132,7 @@ def test_config_choices_mirror_the_package():
 def test_help_lists_every_key_with_its_default():
     import dataclasses
 
-    from unet.train.config import help_text
+    from unet.config import help_text
 
     text = help_text()
     for f in dataclasses.fields(TrainConfig):

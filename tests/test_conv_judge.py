@@ -55,7 +55,7 @@ REAL = "/usr/share/datasets/fashion-mnist"
 @pytest.mark.skipif(not os.path.isdir(REAL), reason="Fashion-MNIST is not installed (apt-get install "
                     "dataset-fashion-mnist)")
 def test_fashion_judge_reads_the_test_split_at_least_90_percent(tmp_path, monkeypatch):
-    from unet.train.config import load_config
+    from unet.config import load_config
     from unet.train.quality import judge_reference
 
     monkeypatch.setenv("UNET_CACHE", str(tmp_path))  # trained here, not read from a cache

@@ -7,7 +7,7 @@ from PIL import Image
 from sklearn.datasets import load_digits
 
 import unet.train.data as data_mod
-from unet.train.config import TrainConfig
+from unet.config import TrainConfig
 from unet.train.data import DataError, batch_indices, fixed_batch, load_image_data, train_loader
 
 

@@ -11,7 +11,7 @@ from unet.ablation import definitions as defs
 from unet.ablation.inference import contrasts, final_loss_test, holm, tost, verdict
 from unet.ablation.record import Recorder, stratified_batch
 from unet.ablation.runner import init_model
-from unet.train.config import TrainConfig
+from unet.config import TrainConfig
 from unet.train.loop import train
 
 ARMS = ("zero", "standard", "zero-branches", "zero-output", "near-zero", "kaiming", "fixup")

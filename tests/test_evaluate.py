@@ -10,6 +10,7 @@ from checkpoint_files import write_checkpoint
 from cli_errors import refused
 
 from evaluate import main
+from unet.config import TrainConfig
 from unet.core.diffusion import create_diffusion
 from unet.core.model import UNetModel
 from unet.evaluation.fid import fid_unavailable_reason
@@ -17,7 +18,6 @@ from unet.evaluation.held_out import bits_per_dim, held_out_losses
 from unet.evaluation.judge import digit_quality
 from unet.evaluation.metrics import frechet_distance
 from unet.evaluation.samplers import format_table, guidance_differences, summarize_seeds
-from unet.train.config import TrainConfig
 from unet.train.quality import digit_reference
 
 

@@ -18,11 +18,11 @@ from PIL import Image
 
 from export import main
 from unet.checkpoint.load import Loaded
+from unet.config import TrainConfig
 from unet.core.diffusion import create_diffusion
 from unet.core.model import UNetModel
 from unet.sample.export import ExportError, export_scheduler, max_output_difference, to_unet2d
 from unet.sample.sampling import generate, sample_generators
-from unet.train.config import TrainConfig
 
 FIXTURE = Path(__file__).parent / "fixtures" / "iddpm_reference.pt"
 

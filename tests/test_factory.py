@@ -5,7 +5,7 @@ import pytest
 import torch
 import yaml
 
-from unet.train.config import TrainConfig
+from unet.config import TrainConfig
 from unet.train.factory import (
     architecture_from_config,
     config_from_iddpm_flags,

@@ -23,7 +23,7 @@ DRIVER = textwrap.dedent("""
     import os, signal, sys
     from unet.train import checkpoint as c
     run_dir = c
-    from unet.train.config import TrainConfig
+    from unet.config import TrainConfig
     from unet.train.loop import train
 
     kind, step = os.environ.get("KILL_AT", "none:0").split(":")

@@ -17,8 +17,8 @@ from wandb_offline import read_run
 import train as train_script
 from evaluate import main as evaluate_main
 from unet.checkpoint.load import load_checkpoint
+from unet.config import TrainConfig
 from unet.train import quality
-from unet.train.config import TrainConfig
 from unet.train.loop import train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -103,7 +103,7 @@ def test_dry_run_bench_figures(dry):
 
 
 def test_dry_run_training_figures(dry):
-    from unet.train.config import TrainConfig
+    from unet.config import TrainConfig
     from unet.train.factory import create_model
 
     _, report = dry

@@ -9,10 +9,10 @@ from checkpoint_files import write_checkpoint
 from cli_errors import refused
 
 from sample import main
+from unet.config import TrainConfig
 from unet.core.model import UNetModel
 from unet.sample.guidance import guided_output
 from unet.sample.sampling import SCHEDULERS, generate, model_output, null_class_label
-from unet.train.config import TrainConfig
 
 DK = dict(steps=100, learn_sigma=True, noise_schedule="cosine")
 

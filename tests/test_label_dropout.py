@@ -4,8 +4,8 @@ constant-rate EMA: what the model sees, what the EMA holds, and the config's che
 import pytest
 import torch
 
+from unet.config import ConfigError, TrainConfig
 from unet.core.resample import UniformSampler
-from unet.train.config import ConfigError, TrainConfig
 from unet.train.data import draw_step_inputs, seeded_generator
 from unet.train.loop import make_ema, train
 

@@ -196,7 +196,7 @@ def test_fixed_layouts_are_taken_as_given():
 def test_training_auto_layout_is_contiguous_and_a_resume_keeps_the_checkpoints(tmp_path, capsys):
     import json
 
-    from unet.train.config import TrainConfig
+    from unet.config import TrainConfig
     from unet.train.loop import train
 
     seen = []

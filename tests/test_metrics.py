@@ -10,6 +10,7 @@ from scipy import linalg
 from torchmetrics.image.fid import FrechetInceptionDistance
 
 from evaluate import main
+from unet.config import FID_SCHEDULERS, ConfigError, TrainConfig
 from unet.evaluation.fid import reference_from
 from unet.evaluation.metrics import (
     Reference,
@@ -21,7 +22,6 @@ from unet.evaluation.metrics import (
     save_reference,
 )
 from unet.sample.sampling import SCHEDULERS
-from unet.train.config import FID_SCHEDULERS, ConfigError, TrainConfig
 
 
 def correlated(rng, n, d=8, shift=0.0):

@@ -12,7 +12,7 @@ import torch
 
 import train as train_script
 import unet.train.mnist as mnist
-from unet.train.config import ConfigError, TrainConfig, load_config
+from unet.config import ConfigError, TrainConfig, load_config
 from unet.train.data import DataError, fixed_batch, load_image_data
 from unet.utils.idx import write_idx
 

@@ -28,7 +28,7 @@ WORKER = textwrap.dedent("""
     import sys
     sys.path.insert(0, sys.argv[1])
     from test_multinode import record_inputs, save_record
-    from unet.train.config import TrainConfig
+    from unet.config import TrainConfig
     from unet.train.loop import train
     record = record_inputs()
     summary = train(TrainConfig.load(sys.argv[2]), hooks=[lambda step, row, model: record.update(model=model)])

@@ -28,10 +28,10 @@ import train as train_script
 from unet.checkpoint.format import MANIFEST_FILE, CheckpointError, read_manifest, verify_files, write_manifest
 from unet.checkpoint.load import load_checkpoint
 from unet.checkpoint.phema import snapshot_profiles
+from unet.config import ConfigError, TrainConfig, load_config
 from unet.core.model import UNetModel
 from unet.evaluation.metrics import Reference, ReferenceError, save_reference
 from unet.train import checkpoint as ckpt_mod
-from unet.train.config import ConfigError, TrainConfig, load_config
 from unet.train.data import decode_image
 from unet.train.loop import train
 

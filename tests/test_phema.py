@@ -17,9 +17,9 @@ from test_training import tiny as _tiny
 import phema as phema_script
 from unet.checkpoint import phema as posthoc
 from unet.checkpoint.load import load_checkpoint
+from unet.config import FIELDS
 from unet.train import phema
 from unet.train.checkpoint import list_checkpoints
-from unet.train.config import FIELDS
 from unet.train.loop import train
 
 T, EVERY = 2000, 100
@@ -174,7 +174,7 @@ def test_a_run_without_snapshots_is_one_line(tmp_path, capsys):
 
 
 def test_phema_keys_are_checked_and_fixed_on_resume(tmp_path):
-    from unet.train.config import ConfigError, TrainConfig
+    from unet.config import ConfigError, TrainConfig
 
     with pytest.raises(ConfigError, match="phema_sigma_rels"):
         TrainConfig(phema_sigma_rels=[0.05, 0.3])

@@ -12,8 +12,8 @@ from cli_errors import refused
 from huggingface_hub import HfApi, ModelCard
 
 from export import main
+from unet.config import TrainConfig
 from unet.core.model import UNetModel
-from unet.train.config import TrainConfig
 
 
 @pytest.fixture(scope="module")

@@ -18,9 +18,9 @@ from test_training import ROOT, files_equal, subprocess_env, tiny
 
 import train as train_script
 from unet.checkpoint.load import load_checkpoint
+from unet.config import ConfigError
 from unet.train import checkpoint as ckpt_mod
 from unet.train.checkpoint import CheckpointError, latest_checkpoint, list_checkpoints, log_process_count_change
-from unet.train.config import ConfigError
 from unet.train.loop import train
 from unet.train.preemption import PREEMPTED_EXIT
 

@@ -5,6 +5,7 @@ import os
 
 import pytest
 
+from unet.config import ConfigError, TrainConfig
 from unet.train import checkpoint as run_dir
 from unet.train.checkpoint import (
     CheckpointError,
@@ -15,7 +16,6 @@ from unet.train.checkpoint import (
     publish,
     rotate,
 )
-from unet.train.config import ConfigError, TrainConfig
 
 
 def make(root, step, mtime=None, files=("model.safetensors", "config.yaml", "train_state.json"), name=None):

@@ -19,6 +19,7 @@ from diffusers import DDPMScheduler
 
 from sample import main
 from unet.checkpoint.load import load_checkpoint
+from unet.config import TrainConfig
 from unet.core.diffusion import create_diffusion
 from unet.core.model import UNetModel
 from unet.sample.sampling import (
@@ -29,7 +30,6 @@ from unet.sample.sampling import (
     sample_generators,
     scheduler_kwargs,
 )
-from unet.train.config import TrainConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 FIXTURE = ROOT / "tests" / "fixtures" / "iddpm_reference.pt"

@@ -13,8 +13,8 @@ from test_training import files_equal, stop_and_resume
 from test_training import tiny as _tiny
 
 import train as train_script
+from unet.config import LR_SCHEDULES
 from unet.train.checkpoint import latest_checkpoint
-from unet.train.config import LR_SCHEDULES
 from unet.train.loop import train
 from unet.train.setup import make_lr_schedule, make_optimizer, set_tf32
 

@@ -14,8 +14,8 @@ from test_training import files_equal, stop_and_resume
 from test_training import tiny as _tiny
 
 import train as train_script
+from unet.config import FIELDS
 from unet.train.checkpoint import latest_checkpoint
-from unet.train.config import FIELDS
 from unet.train.data import load_image_data
 from unet.train.loop import train
 from unet.train.streaming import StreamBatches, load_data

@@ -16,8 +16,8 @@ import torch
 from test_training import ROOT, files_equal, subprocess_env, tiny
 
 import train as train_script
+from unet.config import TrainConfig, load_config
 from unet.train.checkpoint import list_checkpoints
-from unet.train.config import TrainConfig, load_config
 from unet.train.diagnostics import DivergenceMonitor
 from unet.train.loop import train
 from unet.train.state import StepRecord, TrainState, should_stop

@@ -8,7 +8,7 @@ import os
 from test_training import tiny as _tiny
 from wandb_offline import read_run
 
-from unet.train.config import FIELDS
+from unet.config import FIELDS
 from unet.train.loop import train
 from unet.train.tracking import RUN_ID_FILE
 

@@ -4,7 +4,7 @@ import math
 
 import pytest
 
-from unet.train.config import TrainConfig
+from unet.config import TrainConfig
 from unet.train.diagnostics import DivergenceMonitor
 from unet.train.state import StepRecord, TrainState, finite_mean, log_window, should_stop
 

@@ -17,9 +17,9 @@ from wandb_offline import read_run
 
 import train as train_script
 from unet.checkpoint.load import load_checkpoint
+from unet.config import TrainConfig
 from unet.train import checkpoint as ckpt_mod
 from unet.train.checkpoint import latest_checkpoint, list_checkpoints
-from unet.train.config import TrainConfig
 from unet.train.loop import TrainingError, train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -96,7 +96,7 @@ def test_load_checkpoint_reads_ema_and_never_unpickles(straight, monkeypatch, tm
 KILLER = textwrap.dedent("""
     import os, signal, sys
     import unet.train.checkpoint as c
-    from unet.train.config import TrainConfig
+    from unet.config import TrainConfig
     from unet.train.loop import train
     real = c.publish
     def publish(tmp, final):  # die while the step-4 checkpoint is still a temporary folder
@@ -214,7 +214,7 @@ DDP_WORKER = textwrap.dedent("""
     import json, sys
     from accelerate import PartialState
     from safetensors.torch import save_file
-    from unet.train.config import load_config
+    from unet.config import load_config
     from unet.train.loop import train
     cfg = load_config(sys.argv[1:])
     import torch
@@ -254,7 +254,7 @@ def test_two_process_ddp_matches_one_process(tmp_path):
     steps = [h["_step"] for h in read_run(str(out / "wandb")).history if "train/loss" in h]
     assert steps == [2, 4]  # logged once, by the main process
     # Gradients averaged over 2 x 4 images equal one process's over the same 8 images.
-    from unet.train.config import load_config
+    from unet.config import load_config
 
     single = train(load_config([*args, "--output_dir", str(tmp_path / "one"), "--report_to", "none"]))
     one = load_file(os.path.join(single["checkpoint"], "model.safetensors"))
@@ -277,7 +277,7 @@ def test_grad_accumulation_matches_one_big_batch(tmp_path):
 
 FINAL_EVAL_LOSS = textwrap.dedent("""
     import json, sys
-    from unet.train.config import TrainConfig
+    from unet.config import TrainConfig
     from unet.train.loop import train
     print(json.dumps(train(TrainConfig.load(sys.argv[1]))["final_eval_loss"]))
 """)

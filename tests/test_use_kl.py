@@ -3,7 +3,7 @@ whatever rescale_learned_sigmas says (issue 13)."""
 
 import pytest
 
-from unet.train.config import TrainConfig
+from unet.config import TrainConfig
 from unet.train.loop import train
 
 T = 20

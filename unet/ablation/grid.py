@@ -12,9 +12,8 @@ import os
 import typing
 from dataclasses import dataclass, field
 
-from unet.train.config import (
+from unet.config import (
     FIELDS,
-    INIT_SCHEMES,
     TYPES,
     ConfigError,
     TrainConfig,
@@ -23,6 +22,7 @@ from unet.train.config import (
     read_yaml,
     unknown_key,
 )
+from unet.core.choices import INIT_SCHEMES
 
 KEYS = ("name", "group", "seeds", "threshold", "smooth", "comparisons", "symmetry", "save_models", "processes",
         "early_steps", "base_config", "base", "grid", "failure", "primary", "secondary", "equivalence_margin",

@@ -29,7 +29,7 @@ from dataclasses import asdict, replace
 
 import yaml
 
-from unet.train.config import FIELDS, ConfigError
+from unet.config import FIELDS, ConfigError
 from unet.utils.devices import cpu_cores
 from unet.utils.jsonfile import clean_json, write_json
 from unet.utils.stats import finite

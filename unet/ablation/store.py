@@ -10,7 +10,7 @@ import shutil
 import subprocess
 import time
 
-from unet.train.config import ConfigError
+from unet.config import ConfigError
 from unet.utils.jsonfile import clean_json
 
 

@@ -18,7 +18,7 @@ pickles, read only through ``torch.load(weights_only=True)`` (torch's restricted
 weights and tensors come from safetensors.
 
 Resume: which checkpoint a starting run continues (``plan``), which changed keys that allows
-(``unet.train.config.resume_changes``), tidying the folder before the first step, and
+(``unet.config.resume_changes``), tidying the folder before the first step, and
 restoring a checkpoint's state with the changed optimizer settings applied.
 """
 
@@ -62,11 +62,10 @@ from unet.checkpoint.format import (  # noqa: F401 (list_checkpoints, checkpoint
     write_manifest,
 )
 from unet.checkpoint.load import check_shapes
+from unet.config import ConfigError, TrainConfig, resume_changes
 from unet.core.model import LAYOUTS
 from unet.sample.sampling import null_class_label
 from unet.utils.devices import any_process
-
-from .config import ConfigError, TrainConfig, resume_changes
 
 TMP_PREFIX = ".tmp-"
 DEL_PREFIX = ".del-"

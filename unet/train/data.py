@@ -15,10 +15,10 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from unet.config import ConfigError, check_batch_split
 from unet.utils.devices import cpu_cores
 from unet.utils.images import to_uint8
 
-from .config import ConfigError, check_batch_split
 from .mnist import MNIST_FAMILY, load_mnist_family
 from .splits import DataError, ImageData  # noqa: F401 (re-exported: callers catch data.DataError)
 
@@ -448,7 +448,7 @@ def splits_uint8(cfg, *splits):
 def real_digits(image_size):
     """scikit-learn's digits as the training loop sees them at ``image_size``, split as it
     splits them: ((train images, labels), (held-out images, labels)), images NHWC uint8."""
-    from .config import TrainConfig
+    from unet.config import TrainConfig
 
     cfg = TrainConfig(dataset="digits", image_size=image_size, channels=1, report_to="none")
     return tuple(splits_uint8(cfg, "train", "held_out"))

@@ -17,9 +17,8 @@ from unet.checkpoint.load import (  # noqa: F401 (improved-diffusion's flags: th
     iddpm_flags,
     parse_flag_string,
 )
+from unet.config import TrainConfig
 from unet.core.model import UNetModel
-
-from .config import TrainConfig
 
 
 def create_model(cfg):

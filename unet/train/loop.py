@@ -25,6 +25,7 @@ from accelerate.utils import set_seed
 from diffusers.training_utils import EMAModel
 from tqdm.auto import tqdm
 
+from unet.config import ConfigError
 from unet.core.resample import create_named_schedule_sampler
 from unet.sample.sampling import generate
 from unet.utils.devices import any_process
@@ -32,7 +33,6 @@ from unet.utils.images import image_grid, save_png
 
 from . import diagnostics, phema, quality, streaming
 from .checkpoint import RunLock, plan, restore, run_state, save_checkpoint, tidy
-from .config import ConfigError
 from .data import batch_slice, draw_step_inputs, eval_batch, mixed_seed, seeded_generator
 from .factory import create_diffusion_from_config, create_model
 from .preemption import StopSignals

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from unet.config import ConfigError
 from unet.evaluation.conv_judge import fit_conv_judge
 from unet.evaluation.fid import InceptionFeatures, fid_unavailable_reason, reference_from
 from unet.evaluation.judge import DigitReference, digit_quality, fit_digit_reference
@@ -31,7 +32,6 @@ from unet.evaluation.metrics import Reference, ReferenceError, quality
 from unet.sample.sampling import generate, null_class_label
 from unet.utils.jsonfile import write_json
 
-from .config import ConfigError
 from .data import real_digits, split_uint8, splits_uint8
 
 BEST_DIR = "best"

@@ -14,11 +14,11 @@ from accelerate.state import AcceleratorState, is_initialized
 from accelerate.utils import DistributedType
 from diffusers.optimization import get_scheduler
 
+from unet.config import ConfigError, check_batch_split
 from unet.core.model import apply_layout
 from unet.utils.devices import cpu_cores, device_accelerator
 
 from .checkpoint import saved_layout
-from .config import ConfigError, check_batch_split
 from .streaming import check_source
 from .tracking import TrackerError, prepare_tracker
 
