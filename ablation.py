@@ -89,8 +89,8 @@ def _run(ab, out_dir, argv, stop_after=0.0):
     """Run the ablation; errors a user can fix (data, config, checkpoint) are one line, exit 1."""
     import datasets
 
+    from unet.data.dataset import DataError
     from unet.train.checkpoint import RunLock
-    from unet.train.data import DataError
     from unet.train.loop import TrainingError
 
     datasets.disable_progress_bars()

@@ -26,6 +26,7 @@ import numpy as np
 
 from unet.checkpoint.load import load_checkpoint
 from unet.config import ConfigError, TrainConfig
+from unet.data.dataset import DataError, held_out_data, split_uint8
 from unet.evaluation.fid import folder_images, reference_from
 from unet.evaluation.held_out import bits_per_dim, held_out_losses, paired_report
 from unet.evaluation.judge import check_sample_count, digit_quality, format_quality
@@ -40,7 +41,6 @@ from unet.evaluation.samplers import (
     read_rows,
 )
 from unet.sample.sampling import SCHEDULERS, check_seed, check_steps, generate
-from unet.train.data import DataError, held_out_data, split_uint8
 from unet.train.quality import digit_reference, extractor_for, feature_space, judge_reference, sample_quality
 from unet.utils.devices import device_accelerator
 from unet.utils.jsonfile import write_json

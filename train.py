@@ -25,8 +25,8 @@ def main(argv=None):
         print(f"error: {e}", file=sys.stderr)
         return 2
     # Imported only now so that a bad flag is reported without loading torch.
+    from unet.data.dataset import DataError
     from unet.train.checkpoint import CheckpointError
-    from unet.train.data import DataError
     from unet.train.loop import TrainingError, train
     from unet.train.preemption import PREEMPTED_EXIT
 

@@ -6,9 +6,9 @@ import torch
 from PIL import Image
 from sklearn.datasets import load_digits
 
-import unet.train.data as data_mod
+import unet.data.dataset as data_mod
 from unet.config import TrainConfig
-from unet.train.data import DataError, batch_indices, fixed_batch, load_image_data, train_loader
+from unet.data.dataset import DataError, batch_indices, fixed_batch, load_image_data, train_loader
 
 
 def test_digits_are_the_real_sklearn_digits():

@@ -6,7 +6,7 @@ import torch
 
 from unet.config import ConfigError, TrainConfig
 from unet.core.resample import UniformSampler
-from unet.train.data import draw_step_inputs, seeded_generator
+from unet.data.dataset import draw_step_inputs, seeded_generator
 from unet.train.loop import make_ema, train
 
 SHAPE = (64, 1, 8, 8)

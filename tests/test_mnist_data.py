@@ -11,9 +11,9 @@ import pytest
 import torch
 
 import train as train_script
-import unet.train.mnist as mnist
+import unet.data.mnist as mnist
 from unet.config import ConfigError, TrainConfig, load_config
-from unet.train.data import DataError, fixed_batch, load_image_data
+from unet.data.dataset import DataError, fixed_batch, load_image_data
 from unet.utils.idx import write_idx
 
 QUIET = dict(log=lambda *a: None)
@@ -111,7 +111,7 @@ def test_dataset_defaults_follow_the_data():
 
 OFFLINE = """
 import sys
-import unet.train.mnist as m
+import unet.data.mnist as m
 m.FASHION_MNIST_DIRS = ({missing!r},)
 import train
 sys.exit(train.main(["--dataset", "fashion_mnist", "--report_to", "none", "--output_dir", {out!r}]))

@@ -16,8 +16,8 @@ from adam_bounds import assert_adam_close, lrs_used
 from safetensors.torch import load_file, save_file
 from test_training import ROOT, files_equal, free_port, subprocess_env, tiny
 
+from unet.data.dataset import mixed_seed
 from unet.train.checkpoint import latest_checkpoint
-from unet.train.data import mixed_seed
 from unet.train.loop import train
 
 TESTS = os.path.dirname(os.path.abspath(__file__))

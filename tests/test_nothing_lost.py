@@ -30,9 +30,9 @@ from unet.checkpoint.load import load_checkpoint
 from unet.checkpoint.phema import snapshot_profiles
 from unet.config import ConfigError, TrainConfig, load_config
 from unet.core.model import UNetModel
+from unet.data.dataset import decode_image
 from unet.evaluation.metrics import Reference, ReferenceError, save_reference
 from unet.train import checkpoint as ckpt_mod
-from unet.train.data import decode_image
 from unet.train.loop import train
 
 
@@ -486,7 +486,7 @@ def test_mixed_precision_no_unquoted_is_no(tmp_path):
 
 
 def test_the_stream_logs_skipped_images(tmp_path):
-    from unet.train import streaming
+    from unet.data import streaming
 
     lines = []
     good = io.BytesIO()

@@ -15,10 +15,10 @@ from test_training import tiny as _tiny
 
 import train as train_script
 from unet.config import FIELDS
+from unet.data.dataset import load_image_data
+from unet.data.streaming import StreamBatches, load_data
 from unet.train.checkpoint import latest_checkpoint
-from unet.train.data import load_image_data
 from unet.train.loop import train
-from unet.train.streaming import StreamBatches, load_data
 
 
 def tiny(out, **kw):
@@ -141,7 +141,7 @@ def test_a_corrupt_image_in_a_stream_is_skipped_and_counted(tmp_path):
 def test_a_decompression_bomb_in_a_stream_is_skipped_not_raised(tmp_path, monkeypatch):
     """PIL's DecompressionBombError is no OSError: the stream's decode catches it as the
     up-front check does (data.DECODE_ERRORS, one list for both)."""
-    from unet.train.streaming import decode
+    from unet.data.streaming import decode
 
     buf = io.BytesIO()
     Image.new("L", (64, 64)).save(buf, format="PNG")  # 4096 pixels: a bomb under the limit below

@@ -26,7 +26,7 @@ FP16_MAX = 65504.0
 
 def stratified_batch(cfg, count=None):
     """(x, t, noise, model kwargs, zero-predictor L_simple): the held-out check batch of ``cfg``."""
-    from unet.train.data import fixed_batch, load_image_data
+    from unet.data.dataset import fixed_batch, load_image_data
     from unet.train.diagnostics import zero_predictor_loss
 
     data = load_image_data(cfg, log=lambda *_: None)

@@ -4,7 +4,7 @@ training split of the same held-out split the training loop makes) judges sample
 accuracy on their labels (class-conditional models) or its confidence and class histogram
 (unconditional ones), and by a Frechet distance in its hidden-layer features against the
 held-out real digits, printed beside the same distance for as many real training digits (the
-floor that sampling noise alone gives). The real digits are given (``unet.train.data.real_digits``
+floor that sampling noise alone gives). The real digits are given (``unet.data.dataset.real_digits``
 loads them); the distance is ``unet.evaluation.metrics.frechet_distance``, FID's own code.
 """
 

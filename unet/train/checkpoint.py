@@ -270,7 +270,7 @@ def _set_stream(run, positions):
 
 
 def _stream_state(run):
-    from . import streaming  # a collective on every process (gathers their positions)
+    from unet.data import streaming  # a collective on every process (gathers their positions)
     return streaming.checkpoint_state(run).get("stream")
 
 

@@ -27,13 +27,14 @@ from tqdm.auto import tqdm
 
 from unet.config import ConfigError
 from unet.core.resample import create_named_schedule_sampler
+from unet.data import streaming
+from unet.data.dataset import batch_slice, draw_step_inputs, eval_batch, mixed_seed, seeded_generator
 from unet.sample.sampling import generate
 from unet.utils.devices import any_process
 from unet.utils.images import image_grid, save_png
 
-from . import diagnostics, phema, quality, streaming
+from . import diagnostics, phema, quality
 from .checkpoint import RunLock, plan, restore, run_state, save_checkpoint, tidy
-from .data import batch_slice, draw_step_inputs, eval_batch, mixed_seed, seeded_generator
 from .factory import create_diffusion_from_config, create_model
 from .preemption import StopSignals
 from .setup import (  # noqa: F401 (TrainingError: what train raises)

@@ -25,14 +25,13 @@ from dataclasses import dataclass, field
 import torch
 
 from unet.config import ConfigError
+from unet.data.dataset import real_digits, split_uint8, splits_uint8
 from unet.evaluation.conv_judge import fit_conv_judge
 from unet.evaluation.fid import InceptionFeatures, fid_unavailable_reason, reference_from
 from unet.evaluation.judge import DigitReference, digit_quality, fit_digit_reference
 from unet.evaluation.metrics import Reference, ReferenceError, quality
 from unet.sample.sampling import generate, null_class_label
 from unet.utils.jsonfile import write_json
-
-from .data import real_digits, split_uint8, splits_uint8
 
 BEST_DIR = "best"
 

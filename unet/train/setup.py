@@ -16,10 +16,10 @@ from diffusers.optimization import get_scheduler
 
 from unet.config import ConfigError, check_batch_split
 from unet.core.model import apply_layout
+from unet.data.streaming import check_source
 from unet.utils.devices import cpu_cores, device_accelerator
 
 from .checkpoint import saved_layout
-from .streaming import check_source
 from .tracking import TrackerError, prepare_tracker
 
 SHARDED = (DistributedType.FSDP, DistributedType.DEEPSPEED, DistributedType.MEGATRON_LM)

@@ -15,8 +15,8 @@ run's. t, noise and flips are drawn per step as for every source, so they are al
 
 import torch
 
-from . import data as data_mod
-from .data import DECODE_ERRORS, DataError, ImageData, _load_raw, columns, decode_image, load_args
+from . import dataset as data_mod
+from .dataset import DECODE_ERRORS, DataError, ImageData, _load_raw, columns, decode_image, load_args
 
 
 def decode(example, image_col, label_col, cfg):
@@ -77,7 +77,7 @@ def check_source(cfg):
 
 
 def load_data(cfg, log=print):
-    """The run's ``ImageData``: ``load_stream`` for a stream, else ``data.load_image_data``."""
+    """The run's ``ImageData``: ``load_stream`` for a stream, else ``dataset.load_image_data``."""
     if not is_stream(cfg):
         return data_mod.load_image_data(cfg, log=log)
     return load_stream(_load_raw(cfg), cfg, log)
@@ -86,7 +86,7 @@ def load_data(cfg, log=print):
 def train_loader(data, cfg, start_step, rank, world_size, seed):
     """This process's micro-batches from ``start_step`` on: ``StreamBatches`` for a stream
     (which continues from its restored position, whatever ``start_step``), else
-    ``data.train_loader``'s step-indexed ones."""
+    ``dataset.train_loader``'s step-indexed ones."""
     if getattr(data, "stream", None) is None:
         return data_mod.train_loader(data, cfg, start_step, rank, world_size, seed)
     data_mod.check_batch_split(cfg.batch_size, cfg.grad_accum, world_size)

@@ -1,6 +1,6 @@
 """Images through Hugging Face ``datasets``: scikit-learn's bundled handwritten digits (the
 default; nothing to download), a local folder of images (``imagefolder``), or a hub dataset;
-the MNIST family (Fashion-MNIST, IDX folders) through ``unet.train.mnist``.
+the MNIST family (Fashion-MNIST, IDX folders) through ``unet.data.mnist``.
 
 The order in which training sees examples is a pure function of (data seed, step), not of
 an iterator's state: resuming at step s replays exactly the batches a straight run would
@@ -20,7 +20,7 @@ from unet.utils.devices import cpu_cores
 from unet.utils.images import to_uint8
 
 from .mnist import MNIST_FAMILY, load_mnist_family
-from .splits import DataError, ImageData  # noqa: F401 (re-exported: callers catch data.DataError)
+from .splits import DataError, ImageData  # noqa: F401 (re-exported: callers catch dataset.DataError)
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 
@@ -390,7 +390,7 @@ def fixed_batch(split, count):
 def draw_step_inputs(sampler, gen, shape, random_flip, label_drop=0.0):
     """t, importance weights, noise, flip mask and label-drop mask for a whole global batch
     of ``shape``, drawn in one go so that they do not depend on the number of processes or
-    micro-batches (each takes the slice ``data.batch_slice`` gives it, as it does for the
+    micro-batches (each takes the slice ``batch_slice`` gives it, as it does for the
     examples). The drop mask is drawn last and only when ``label_drop`` > 0, so runs without
     label dropout see exactly the t, noise and flips they saw before the option existed."""
     t, w = sampler.sample(shape[0], "cpu", generator=gen)

@@ -1,5 +1,5 @@
 """What every data source returns: the train and held-out splits (``ImageData``), and the one
-error a data problem raises (``DataError``). Apart from ``data`` so that the sources it
+error a data problem raises (``DataError``). Apart from ``dataset`` so that the sources it
 dispatches to (``mnist``) need not import it back."""
 
 from dataclasses import dataclass
