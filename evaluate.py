@@ -31,6 +31,7 @@ from unet.evaluation.fid import folder_images, reference_from
 from unet.evaluation.held_out import bits_per_dim, held_out_losses, paired_report
 from unet.evaluation.judge import check_sample_count, digit_quality, format_quality
 from unet.evaluation.metrics import Reference, ReferenceError, format_measures, save_reference
+from unet.evaluation.quality import digit_reference, extractor_for, feature_space, judge_reference, sample_quality
 from unet.evaluation.samplers import (
     DEFAULT_RUNS,
     benchmark,
@@ -41,7 +42,6 @@ from unet.evaluation.samplers import (
     read_rows,
 )
 from unet.sample.sampling import SCHEDULERS, check_seed, check_steps, generate
-from unet.train.quality import digit_reference, extractor_for, feature_space, judge_reference, sample_quality
 from unet.utils.devices import device_accelerator
 from unet.utils.jsonfile import write_json
 

@@ -38,8 +38,8 @@ def parse_lengths(text):
 def score(folder, args):
     """The digit judge's Frechet distance of ``args.num_samples`` samples from the checkpoint ``folder``."""
     from unet.checkpoint.load import load_checkpoint
+    from unet.evaluation.quality import digit_reference  # the judge fitted on the real digits
     from unet.evaluation.samplers import benchmark
-    from unet.train.quality import digit_reference  # the judge fitted on the real digits (train's data)
 
     loaded = load_checkpoint(folder)
     rows = benchmark(loaded, [(args.scheduler, args.steps)], args.num_samples, seeds=(args.seed,),

@@ -118,8 +118,8 @@ def judge(checkpoint, args):
     """Digit quality of ``checkpoint``'s EMA samples, once per judge seed."""
     from unet.checkpoint.load import load_checkpoint
     from unet.evaluation.judge import digit_quality
+    from unet.evaluation.quality import judge_reference
     from unet.sample.sampling import generate
-    from unet.train.quality import judge_reference
 
     loaded = load_checkpoint(checkpoint)  # the first EMA rate, as sample.py
     reference = judge_reference(TrainConfig.from_dict(loaded.config))  # the digits', or the MNIST family's

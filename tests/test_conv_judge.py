@@ -56,7 +56,7 @@ REAL = "/usr/share/datasets/fashion-mnist"
                     "dataset-fashion-mnist)")
 def test_fashion_judge_reads_the_test_split_at_least_90_percent(tmp_path, monkeypatch):
     from unet.config import load_config
-    from unet.train.quality import judge_reference
+    from unet.evaluation.quality import judge_reference
 
     monkeypatch.setenv("UNET_CACHE", str(tmp_path))  # trained here, not read from a cache
     ref = judge_reference(load_config(["--dataset", "fashion_mnist", "--report_to", "none"]), log=print)

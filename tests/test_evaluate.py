@@ -17,8 +17,8 @@ from unet.evaluation.fid import fid_unavailable_reason
 from unet.evaluation.held_out import bits_per_dim, held_out_losses
 from unet.evaluation.judge import digit_quality
 from unet.evaluation.metrics import frechet_distance
+from unet.evaluation.quality import digit_reference
 from unet.evaluation.samplers import format_table, guidance_differences, summarize_seeds
-from unet.train.quality import digit_reference
 
 
 def test_frechet_distance_matches_eigenvalue_formula():

@@ -153,7 +153,7 @@ def test_a_reference_is_a_statistics_file_a_folder_or_an_image_batch(tmp_path):
 def test_ref_and_fid_command_lines(tmp_path, capsys):
     """``ref`` from the digits config, then ``fid`` of real training digits against it; a file
     of another extractor, a missing file and too large a KID subset are one line, exit 2."""
-    from unet.train.quality import digit_reference
+    from unet.evaluation.quality import digit_reference
 
     main(["ref", "--data", "configs/digits.yaml", "--out", str(tmp_path / "ref.npz")])
     assert capsys.readouterr().out.startswith(f"wrote {tmp_path / 'ref.npz'}: 180 images of 8x8x1, features digit-")
