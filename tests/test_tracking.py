@@ -27,6 +27,7 @@ def offline_runs(out):
 def test_a_resumed_run_continues_the_same_wandb_run_and_overwrite_starts_a_new_one(tmp_path, monkeypatch):
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
     monkeypatch.delenv("WANDB_MODE", raising=False)
+    monkeypatch.setenv("NETRC", os.devnull)  # not this machine's `wandb login`: the runs go offline
     out = str(tmp_path / "run")
     cfg = tiny(out, max_steps=3, checkpoint_every=3, report_to="wandb", dropout=0.0)
     train(cfg)
