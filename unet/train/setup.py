@@ -96,8 +96,12 @@ def set_tf32(cfg, device, log):
             log(f"allow_tf32: no effect on a {device.type} device")
         return
     precision = "tf32" if cfg.allow_tf32 else "ieee"
-    torch.backends.cuda.matmul.fp32_precision = precision
-    torch.backends.cudnn.conv.fp32_precision = precision
+    if hasattr(torch.backends.cudnn, "conv") and hasattr(torch.backends.cuda.matmul, "fp32_precision"):
+        torch.backends.cuda.matmul.fp32_precision = precision  # torch 2.9's switches
+        torch.backends.cudnn.conv.fp32_precision = precision
+    else:  # before 2.9: the flags those switches replace
+        torch.backends.cuda.matmul.allow_tf32 = cfg.allow_tf32
+        torch.backends.cudnn.allow_tf32 = cfg.allow_tf32
     log(f"allow_tf32: {'on' if cfg.allow_tf32 else 'off'} (float32 matmuls and convolutions in {precision})")
 
 
