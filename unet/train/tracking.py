@@ -108,7 +108,8 @@ def wandb_run_id(output_dir, resumed_from):
 
 def init_trackers(accelerator, cfg, resumed_from=None):
     """Start the run's tracker with its config; returns the wandb run folder (main process,
-    wandb only), else None.
+    wandb only), else None. wandb runs in ``wandb_mode()``'s mode, and one line says which and why
+    (an offline run's line also says where it is and how to upload it).
 
     :param resumed_from: the checkpoint the run continues (None: fresh); one of ``output_dir``'s
         continues the saved wandb run id.
