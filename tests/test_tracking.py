@@ -19,8 +19,10 @@ def tiny(out, **kw):
 
 
 def offline_runs(out):
-    """(run id, logged train steps) of every offline run folder, oldest first (not wandb's latest-run link)."""
-    files = sorted(glob.glob(os.path.join(out, "wandb", "offline-run-*", "run-*.wandb")))
+    """(run id, logged train steps) of every offline run folder, oldest first (not wandb's latest-run link):
+    by when each run's file was last written (a run is finished before the next starts), since two
+    short runs can start within the second that names their folders."""
+    files = sorted(glob.glob(os.path.join(out, "wandb", "offline-run-*", "run-*.wandb")), key=os.path.getmtime)
     return [(r.run_id, [h["_step"] for h in r.history if "train/loss" in h]) for r in map(read_run, files)]
 
 
