@@ -12,11 +12,10 @@ import textwrap
 
 import pytest
 import torch
-from test_training import subprocess_env
+from test_training import subprocess_env, tiny
 
 from unet.checkpoint.format import read_config_mapping
 from unet.train.checkpoint import latest_checkpoint
-from unet.train.config import TrainConfig
 from unet.train.setup import set_tf32
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -186,11 +185,11 @@ def tf32_switches():
 
 
 @pytest.mark.parametrize("on", [True, False])
-def test_tf32_uses_torchs_fp32_precision_switches_where_they_exist(on, tf32_switches):
+def test_tf32_uses_torchs_fp32_precision_switches_where_they_exist(on, tf32_switches, tmp_path):
     if not tf32_switches:
         pytest.skip("torch before 2.9 has no fp32_precision switches")
     logged = []
-    set_tf32(TrainConfig(allow_tf32=on), torch.device("cuda"), logged.append)  # a flag: no GPU needed to set it
+    set_tf32(tiny(tmp_path, allow_tf32=on), torch.device("cuda"), logged.append)  # a flag: no GPU needed to set it
     precision = "tf32" if on else "ieee"
     assert torch.backends.cuda.matmul.fp32_precision == precision
     assert torch.backends.cudnn.conv.fp32_precision == precision
@@ -198,12 +197,12 @@ def test_tf32_uses_torchs_fp32_precision_switches_where_they_exist(on, tf32_swit
 
 
 @pytest.mark.parametrize("on", [True, False])
-def test_tf32_falls_back_to_allow_tf32_on_a_torch_before_2_9(on, tf32_switches, monkeypatch):
+def test_tf32_falls_back_to_allow_tf32_on_a_torch_before_2_9(on, tf32_switches, monkeypatch, tmp_path):
     # torch 2.6-2.8 (which pyproject allows) have no torch.backends.cudnn.conv: setting it would fail at start.
     if tf32_switches:
         monkeypatch.delattr(type(torch.backends.cudnn), "conv")
     assert not hasattr(torch.backends.cudnn, "conv")
     logged = []
-    set_tf32(TrainConfig(allow_tf32=on), torch.device("cuda"), logged.append)
+    set_tf32(tiny(tmp_path, allow_tf32=on), torch.device("cuda"), logged.append)
     assert torch.backends.cuda.matmul.allow_tf32 is on and torch.backends.cudnn.allow_tf32 is on
     assert len(logged) == 1 and logged[0].startswith(f"allow_tf32: {'on' if on else 'off'}")
