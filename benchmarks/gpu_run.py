@@ -510,6 +510,7 @@ def train_worker(argv):
 
 def worker_result(cfg, stamps, started, timed_from, state, summary, weights):
     import torch
+    from accelerate.state import AcceleratorState
 
     timed = [s for s in stamps if s[0] >= timed_from]  # hook stamps are taken after steps 1..N
     seconds = timed[-1][1] - timed[0][1]
@@ -517,7 +518,8 @@ def worker_result(cfg, stamps, started, timed_from, state, summary, weights):
     per_step = [b[1] - a[1] for a, b in zip(timed, timed[1:])]
     cuda = state.device.type == "cuda"
     result = dict(steps=len(stamps), stop_reason=summary["stop_reason"], world_size=state.num_processes,
-                  device=str(state.device), global_batch_size=cfg.batch_size, mixed_precision=cfg.mixed_precision,
+                  device=str(state.device), global_batch_size=cfg.batch_size,
+                  mixed_precision=AcceleratorState().mixed_precision,  # the run's, where the config says auto
                   compile=cfg.compile, timed_steps=steps, timed_from_step=timed[0][0], timed_seconds=seconds,
                   steps_per_second=steps / seconds if seconds > 0 else float("nan"),
                   step_seconds_median=statistics.median(per_step) if per_step else float("nan"),

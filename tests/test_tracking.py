@@ -19,14 +19,17 @@ def tiny(out, **kw):
 
 
 def offline_runs(out):
-    """(run id, logged train steps) of every offline run folder, oldest first (not wandb's latest-run link)."""
-    files = sorted(glob.glob(os.path.join(out, "wandb", "offline-run-*", "run-*.wandb")))
+    """(run id, logged train steps) of every offline run folder, oldest first (not wandb's latest-run link):
+    by when each run's file was last written (a run is finished before the next starts), since two
+    short runs can start within the second that names their folders."""
+    files = sorted(glob.glob(os.path.join(out, "wandb", "offline-run-*", "run-*.wandb")), key=os.path.getmtime)
     return [(r.run_id, [h["_step"] for h in r.history if "train/loss" in h]) for r in map(read_run, files)]
 
 
 def test_a_resumed_run_continues_the_same_wandb_run_and_overwrite_starts_a_new_one(tmp_path, monkeypatch):
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
     monkeypatch.delenv("WANDB_MODE", raising=False)
+    monkeypatch.setenv("NETRC", os.devnull)  # not this machine's `wandb login`: the runs go offline
     out = str(tmp_path / "run")
     cfg = tiny(out, max_steps=3, checkpoint_every=3, report_to="wandb", dropout=0.0)
     train(cfg)

@@ -47,9 +47,10 @@ def stop_and_resume(cfg, out, at=3):
 
 
 def subprocess_env(**extra):
-    """No wandb key or mode: the run must go offline by itself."""
+    """No wandb key, login or mode: the run must go offline by itself (an empty netrc hides a
+    `wandb login` of this machine's user, which would take the run online)."""
     env = {k: v for k, v in os.environ.items() if k not in ("WANDB_API_KEY", "WANDB_MODE")}
-    env.update(HF_DATASETS_OFFLINE="1", PYTHONPATH=ROOT, **extra)
+    env.update(HF_DATASETS_OFFLINE="1", PYTHONPATH=ROOT, NETRC=os.devnull, **extra)
     return env
 
 

@@ -44,7 +44,7 @@ class TrainConfig:
     data_seed: int = -1  # data order, t, noise, flips; -1 = same as seed
     ema_rates: list[float] = field(default_factory=lambda: [0.999])
     ema_warmup: bool = True  # diffusers' (1+t)/(10+t) warm-up; false = improved-diffusion's constant rate from step 1
-    mixed_precision: str = "no"
+    mixed_precision: str = "auto"  # no | fp16 | bf16 | auto: accelerate's (accelerate launch or config), else no
     checkpoint_every: int = 500  # 0 = only at the end (and when stopped)
     keep_checkpoints: int = 2
     resume: str = ""  # "" (fresh), "latest", "auto" (latest if any, else fresh) or a checkpoint/output folder
@@ -437,7 +437,7 @@ FID_FEATURES = ("auto", "judge", "inception")
 CHOICES = {
     "init": INIT_SCHEMES,
     "norm": NORMS,
-    "mixed_precision": ("no", "fp16", "bf16"),
+    "mixed_precision": ("auto", "no", "fp16", "bf16"),
     "memory_format": LAYOUTS,
     "report_to": ("wandb", "tensorboard", "none"),
     "noise_schedule": NOISE_SCHEDULES,

@@ -22,6 +22,7 @@ Resume: which checkpoint a starting run continues (``plan``), which changed keys
 restoring a checkpoint's state with the changed optimizer settings applied.
 """
 
+import dataclasses
 import fcntl
 import json
 import os
@@ -231,6 +232,8 @@ def plan(cfg):
         saved = TrainConfig.from_dict(read_config_mapping(path))
     except (ConfigError, CheckpointError) as e:
         raise CheckpointError(f"cannot resume from '{path}': its config.yaml is unusable: {e}") from None
+    if cfg.mixed_precision == "auto":  # the checkpoint's precision is kept (unet.train.setup.choose_precision)
+        cfg = dataclasses.replace(cfg, mixed_precision=saved.mixed_precision)
     return path, stale, resume_changes(saved, cfg, path)
 
 
@@ -472,6 +475,16 @@ def saved_layout(path):
     where it cannot be read (loading the state reports that in one line)."""
     layout = saved_train_state(path).get("memory_format")
     return layout if layout in LAYOUTS else "auto"
+
+
+def saved_precision(path):
+    """The ``mixed_precision`` the checkpoint at ``path`` was trained with (no, fp16 or bf16), or
+    None where its config does not say (loading the state reports an unreadable one)."""
+    try:
+        precision = read_config_mapping(path).get("mixed_precision")
+    except CheckpointError:
+        return None
+    return precision if precision in ("no", "fp16", "bf16") else None
 
 
 def rng_writers(path):

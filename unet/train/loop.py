@@ -324,7 +324,7 @@ def train(cfg, hooks=(), stop_signals=False):
         stop signal received, e.g. "SIGTERM", or None; stop_reason "preempted").
     """
     resume_path, stale, changes = plan(cfg)  # refusals and a bad resume path fail before anything starts
-    accelerator = make_accelerator(cfg)
+    accelerator, cfg = make_accelerator(cfg, resume_path)  # cfg.mixed_precision: the one accelerate uses
     run, lock = None, RunLock(cfg.output_dir)
     try:
         check_run(cfg, accelerator)

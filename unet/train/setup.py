@@ -3,6 +3,7 @@ Starting a run: the ``Accelerator`` (processes, mixed precision, CPU threads, th
 prerequisites), the checks that need it, and the optimizer.
 """
 
+import dataclasses
 import functools
 import math
 import os
@@ -19,7 +20,7 @@ from unet.core.model import apply_layout
 from unet.data.streaming import check_source
 from unet.utils.devices import cpu_cores, device_accelerator
 
-from .checkpoint import saved_layout
+from .checkpoint import saved_layout, saved_precision
 from .tracking import TrackerError, prepare_tracker
 
 SHARDED = (DistributedType.FSDP, DistributedType.DEEPSPEED, DistributedType.MEGATRON_LM)
@@ -95,8 +96,12 @@ def set_tf32(cfg, device, log):
             log(f"allow_tf32: no effect on a {device.type} device")
         return
     precision = "tf32" if cfg.allow_tf32 else "ieee"
-    torch.backends.cuda.matmul.fp32_precision = precision
-    torch.backends.cudnn.conv.fp32_precision = precision
+    if hasattr(torch.backends.cudnn, "conv") and hasattr(torch.backends.cuda.matmul, "fp32_precision"):
+        torch.backends.cuda.matmul.fp32_precision = precision  # torch 2.9's switches
+        torch.backends.cudnn.conv.fp32_precision = precision
+    else:  # before 2.9: the flags those switches replace
+        torch.backends.cuda.matmul.allow_tf32 = cfg.allow_tf32
+        torch.backends.cudnn.allow_tf32 = cfg.allow_tf32
     log(f"allow_tf32: {'on' if cfg.allow_tf32 else 'off'} (float32 matmuls and convolutions in {precision})")
 
 
@@ -106,40 +111,84 @@ def cpu_compiler():
     return shutil.which(os.environ.get("CXX") or ("clang++" if sys.platform == "darwin" else "g++"))
 
 
-def make_accelerator(cfg):
-    """The run's ``Accelerator``. accelerate fixes the mixed precision once per process
-    (its ``AcceleratorState`` is process-wide and has no public reset), so a second run in
-    the same process must use the first one's ``mixed_precision``."""
+# Where accelerate takes the mixed precision from when the Accelerator is given none: the
+# variable `accelerate launch` sets from its --mixed_precision flag or `accelerate config`'s file.
+ACCELERATE_PRECISION_VAR = "ACCELERATE_MIXED_PRECISION"
+
+
+def choose_precision(cfg, resume_path=None):
+    """
+    The ``mixed_precision`` to hand the ``Accelerator`` (None: accelerate's own choice) and where
+    it comes from, for the log: the config (file or command line) when it sets one; else, for a
+    resumed run, the checkpoint's (a run keeps its precision; accelerate asking for another one
+    is refused, as a config asking for another one is); else accelerate's: what ``accelerate
+    launch --mixed_precision`` or ``accelerate config`` set, or its default "no".
+
+    :param resume_path: the checkpoint the run continues, or None.
+    """
+    if cfg.mixed_precision != "auto":
+        return cfg.mixed_precision, "set in the config"
+    asked = os.environ.get(ACCELERATE_PRECISION_VAR)  # what Accelerator(mixed_precision=None) reads, else "no"
+    from_accelerate = (f"from accelerate: {ACCELERATE_PRECISION_VAR}={asked}, which `accelerate launch` sets from "
+                       "its --mixed_precision or `accelerate config`")
+    if asked and asked.lower() not in ("no", "fp16", "bf16"):
+        raise ConfigError(f"mixed_precision: accelerate asks for {asked} ({ACCELERATE_PRECISION_VAR}, from "
+                          "`accelerate launch --mixed_precision` or `accelerate config`); this training loop takes "
+                          "no, fp16 or bf16: set mixed_precision in the config")
+    saved = saved_precision(resume_path) if resume_path else None
+    if saved is None:
+        return None, from_accelerate if asked else "accelerate's default: neither the config nor accelerate sets it"
+    if asked and asked.lower() != saved:
+        raise ConfigError(f"mixed_precision: the checkpoint {resume_path} was trained with {saved} and accelerate "
+                          f"asks for {asked} ({ACCELERATE_PRECISION_VAR}, from `accelerate launch "
+                          f"--mixed_precision` or `accelerate config`); a resumed run keeps its precision: set "
+                          f"mixed_precision: {saved} in the config (it wins over accelerate's), or start a new "
+                          "output_dir")
+    return saved, f"the checkpoint's: {resume_path} was trained with it, and a resumed run keeps it"
+
+
+def make_accelerator(cfg, resume_path=None):
+    """The run's ``Accelerator``, and ``cfg`` with the ``mixed_precision`` it chose
+    (``choose_precision``; one log line says which and from where). accelerate fixes the mixed
+    precision once per process (its ``AcceleratorState`` is process-wide and has no public
+    reset), so a second run in the same process must use the first one's ``mixed_precision``.
+
+    :param resume_path: the checkpoint the run continues, or None.
+    """
     try:
         log_with = prepare_tracker(cfg.report_to)
     except TrackerError as e:
         raise TrainingError(str(e)) from None
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    if is_initialized() and AcceleratorState().mixed_precision != cfg.mixed_precision:
-        raise TrainingError(f"mixed_precision={cfg.mixed_precision}: this process already trained with "
+    precision, source = choose_precision(cfg, resume_path)
+    wanted = precision or os.environ.get(ACCELERATE_PRECISION_VAR) or "no"
+    if is_initialized() and AcceleratorState().mixed_precision != wanted:
+        raise TrainingError(f"mixed_precision={wanted}: this process already trained with "
                             f"mixed_precision={AcceleratorState().mixed_precision}, and accelerate sets it once "
                             "per process; run it in a new process")
     try:
         # The lr schedule is per optimizer step; accelerate's default would step it once per process.
         accelerator = device_accelerator(
-            mixed_precision=cfg.mixed_precision,
+            mixed_precision=precision,
             gradient_accumulation_steps=cfg.grad_accum,
             log_with=log_with,
             project_dir=cfg.output_dir,
             step_scheduler_with_optimizer=False,
         )
     except (ValueError, RuntimeError) as e:
-        raise TrainingError(f"accelerate could not start (mixed_precision={cfg.mixed_precision}): "
+        raise TrainingError(f"accelerate could not start (mixed_precision={wanted}): "
                             f"{str(e).strip().splitlines()[0]}") from None
     if accelerator.num_processes != world:
         raise TrainingError(f"{world} processes were launched but accelerate sees {accelerator.num_processes}; "
                             "each would train alone and overwrite the others' files")
+    if accelerator.is_main_process:
+        print(f"mixed_precision: {accelerator.mixed_precision} ({source})")
     if accelerator.device.type == "cpu":
         # `accelerate launch` sets OMP_NUM_THREADS=1 unless told otherwise, which halves the
         # default run's speed on a 2-core machine; share the cores between the processes.
         local = int(os.environ.get("LOCAL_WORLD_SIZE", world))
         torch.set_num_threads(cfg.cpu_threads or max(1, cpu_cores() // local))
-    return accelerator
+    return accelerator, dataclasses.replace(cfg, mixed_precision=accelerator.mixed_precision)
 
 
 def run_layout(cfg, model, resume_path, log):

@@ -1,6 +1,7 @@
 """
-Experiment trackers through accelerate (wandb or tensorboard): offline wandb when there is no
-API key, the run's config as hyperparameters, and sample grids as images. A wandb run keeps one
+Experiment trackers through accelerate (wandb or tensorboard): wandb online when wandb finds
+credentials (``wandb login`` or ``WANDB_API_KEY``), offline otherwise, the run's config as
+hyperparameters, and sample grids as images. A wandb run keeps one
 id across resumes and requeues: it is written to ``output_dir/wandb_run_id`` and passed back
 with ``resume="allow"`` whenever the run continues one of that folder's checkpoints.
 """
@@ -15,19 +16,63 @@ class TrackerError(RuntimeError):
     """A tracker that cannot start; the message is one line."""
 
 
+def wandb_mode():
+    """
+    How wandb runs, as (mode, why): ``WANDB_MODE`` when the user set it; else the mode in wandb's
+    own settings when that is not online (``wandb offline``); else "online" when wandb finds
+    credentials the way ``wandb.init`` would (``WANDB_API_KEY``, the netrc file ``wandb login``
+    writes, wandb's settings), and "offline" when it finds none, so a run never stops at a login
+    prompt. Nothing is verified against a server, nothing is prompted, and wandb's settings are
+    left as they were found (``wandb.init`` reads them again).
+    """
+    if os.environ.get("WANDB_MODE"):
+        return os.environ["WANDB_MODE"], "WANDB_MODE is set"
+    try:
+        from wandb.sdk import wandb_setup
+        from wandb.sdk.lib import wbauth
+    except ImportError:  # an older wandb, without this lookup: only the variable is seen
+        if os.environ.get("WANDB_API_KEY"):
+            return "online", "WANDB_API_KEY is set"
+        return "offline", "WANDB_API_KEY is not set (this wandb version cannot be asked for `wandb login`'s key)"
+    setup = wandb_setup.singleton()
+    loaded = setup.settings_if_loaded is not None
+    try:
+        settings = setup.settings
+        if settings.mode != "online":
+            return settings.mode, "wandb's settings say so (`wandb online` undoes `wandb offline`)"
+        host = wbauth.HostUrl(settings.base_url, app_url=settings.app_url)
+        auth = wbauth.authenticate_session(host=host, source="unet", prompt=False, verify=False,
+                                           update_session=False)
+        if auth is None:
+            return "offline", f"no credentials for {host.url}; `wandb login` or WANDB_API_KEY logs online"
+        where = ("WANDB_API_KEY" if os.environ.get("WANDB_API_KEY") else
+                 "the netrc file `wandb login` writes" if wbauth.read_netrc_auth(host=host) else "wandb's settings")
+        return "online", f"wandb found credentials for {host.url} in {where}"
+    except Exception as e:  # an unusable login (a malformed key, a bad host) is reported; offline still works
+        return "offline", f"wandb's credentials could not be read ({type(e).__name__}: {str(e).strip()[:200]})"
+    finally:
+        if not loaded:
+            import wandb
+
+            wandb.teardown()  # drop the settings read here: WANDB_MODE set after this must still count
+
+
 def wandb_offline_setup():
-    """No API key and no explicit mode: run wandb offline (``wandb sync DIR`` uploads the run
-    later) rather than prompting for a login, and quietly."""
-    if not os.environ.get("WANDB_API_KEY") and not os.environ.get("WANDB_MODE"):
+    """Before an ``Accelerator(log_with="wandb")`` whose ``init_trackers`` gets no mode: wandb
+    offline (``wandb sync DIR`` uploads the run later) when ``wandb_mode`` says so rather than a
+    login prompt, and quietly. Returns ``wandb_mode()``."""
+    mode, why = wandb_mode()
+    if mode == "offline" and not os.environ.get("WANDB_MODE"):
         os.environ["WANDB_MODE"] = "offline"
     os.environ.setdefault("WANDB_SILENT", "true")
+    return mode, why
 
 
 def prepare_tracker(report_to):
     """What has to happen before the ``Accelerator`` is made with ``log_with=report_to``;
     returns accelerate's ``log_with`` (None for "none")."""
     if report_to == "wandb":
-        wandb_offline_setup()
+        os.environ.setdefault("WANDB_SILENT", "true")  # the mode is chosen where the run starts (init_trackers)
     if report_to == "tensorboard":
         try:
             import tensorboard  # noqa: F401
@@ -63,7 +108,8 @@ def wandb_run_id(output_dir, resumed_from):
 
 def init_trackers(accelerator, cfg, resumed_from=None):
     """Start the run's tracker with its config; returns the wandb run folder (main process,
-    wandb only), else None.
+    wandb only), else None. wandb runs in ``wandb_mode()``'s mode, and one line says which and why
+    (an offline run's line also says where it is and how to upload it).
 
     :param resumed_from: the checkpoint the run continues (None: fresh); one of ``output_dir``'s
         continues the saved wandb run id.
@@ -71,20 +117,23 @@ def init_trackers(accelerator, cfg, resumed_from=None):
     if cfg.report_to == "none":
         return None
     config = cfg.to_dict()
-    kwargs = {}
+    kwargs, why = {}, ""
     if cfg.report_to == "wandb":
         kwargs["wandb"] = {"dir": cfg.output_dir, "name": cfg.run_name or None, "group": cfg.group or None,
                            "tags": list(cfg.tags) or None}
         if accelerator.is_main_process:  # the only process accelerate starts a tracker on
-            kwargs["wandb"].update(id=wandb_run_id(cfg.output_dir, resumed_from), resume="allow")
+            mode, why = wandb_mode()
+            kwargs["wandb"].update(id=wandb_run_id(cfg.output_dir, resumed_from), resume="allow", mode=mode)
+            if mode != "offline":
+                print(f"wandb {mode} ({why})")
     else:  # tensorboard hparams take scalars only
         config = {k: (",".join(map(str, v)) if isinstance(v, list) else v) for k, v in config.items()}
     accelerator.init_trackers(cfg.project, config=config, init_kwargs=kwargs)
     if cfg.report_to == "wandb" and accelerator.is_main_process:
         run = accelerator.get_tracker("wandb", unwrap=True)
         run_dir = os.path.dirname(run.dir.rstrip("/"))
-        if run.settings.mode == "offline" or os.environ.get("WANDB_MODE") == "offline":
-            print(f"wandb offline: run saved in {run_dir}; upload it later with `wandb sync {run_dir}`")
+        if run.settings.mode == "offline":
+            print(f"wandb offline ({why}): run saved in {run_dir}; upload it later with `wandb sync {run_dir}`")
         return run_dir
     return None
 
