@@ -64,7 +64,7 @@ def test_overrides_are_typed():
 
 
 @pytest.mark.parametrize("argv, words", [
-    (["--lrr", "1"], ["'lrr'", "did you mean 'lr'", "allowed keys"]),
+    (["--lrr", "1"], ["'lrr'", "did you mean 'lr'", "--help"]),
     (["--init", "he"], ["'init'", "zero|standard|zero-branches|zero-output|near-zero|kaiming|fixup|all-zero"]),
     (["--norm", "batch"], ["'norm'", "group|none"]),
     (["--mixed_precision", "fp8"], ["'mixed_precision'", "no|fp16|bf16"]),

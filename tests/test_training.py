@@ -82,7 +82,8 @@ def test_load_checkpoint_reads_ema_and_never_unpickles(straight, monkeypatch, tm
     monkeypatch.setattr(torch, "load", lambda *a, **k: calls.append(k.get("weights_only")) or real_load(*a, **k))
     loaded = load_checkpoint(cfg.output_dir)
     model, diffusion, loaded_cfg = loaded.model, loaded.diffusion(), loaded.config
-    assert loaded_cfg == cfg.to_dict() and diffusion.num_timesteps == 4
+    # the checkpoint records the precision the run used: "auto" resolved by accelerate (here "no")
+    assert loaded_cfg == {**cfg.to_dict(), "mixed_precision": "no"} and diffusion.num_timesteps == 4
     ema = load_file(os.path.join(latest_checkpoint(cfg.output_dir), "ema_0.999.safetensors"))
     raw = load_file(os.path.join(latest_checkpoint(cfg.output_dir), "model.safetensors"))
     state = model.state_dict()

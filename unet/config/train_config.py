@@ -15,6 +15,7 @@ import difflib
 import math
 import os
 import re
+import sys
 import typing
 from dataclasses import dataclass, field
 
@@ -23,6 +24,8 @@ import yaml
 from unet.core.choices import INIT_SCHEMES, LAYOUTS, NOISE_SCHEDULES, NORMS, SCHEDULE_SAMPLERS
 from unet.core.respace import respacing_error
 from unet.utils.yamlfile import strict_load
+
+from .aliases import ALIASES, alias_of
 
 
 @dataclass
@@ -251,20 +254,68 @@ def parse_value(key, v):
 
 
 def unknown_key(key):
-    """The one-line error for a key TrainConfig does not have, with the closest it does."""
+    """The one-line error for a key TrainConfig does not have, with the (at most three) closest."""
     key = str(key)  # a YAML key may be a number or a boolean
-    close = difflib.get_close_matches(key, FIELDS, n=1)
-    hint = f" (did you mean '{close[0]}'?)" if close else ""
-    return ConfigError(f"unknown config key '{key}'{hint}; allowed keys: {', '.join(FIELDS)}")
+    close = difflib.get_close_matches(key, [*FIELDS, *ALIASES], n=3, cutoff=0.6)
+    also = f" Also close: {', '.join(close[1:])}" if close[1:] else ""
+    hint = f" (did you mean '{close[0]}'?{also})" if close else ""
+    return ConfigError(f"unknown config key '{key}'{hint}; `train.py --help` lists every key")
+
+
+def _note(message):
+    print(message, file=sys.stderr)
+
+
+def canonical(key, log=_note):
+    """(key, None) for a config key; for another script's name of it (``aliases``), the key it names
+    and its value converter, said in one line; a name whose meaning differs is a ConfigError."""
+    if key in FIELDS:
+        return key, None
+    try:
+        found = alias_of(key)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    if found is None:
+        raise unknown_key(key)
+    log(f"'{key}' is read as '{found[0]}'" + (" (its value converted)" if found[1] else "") +
+        " (the name another training script uses)")
+    return found
+
+
+def dealias_mapping(d, log=_note):
+    """A mapping with other scripts' names replaced by this config's keys (``canonical``)."""
+    out, source = {}, {}
+    for k, v in d.items():
+        key, convert = canonical(str(k), log)
+        if key in out:
+            other = k if k != key else source[key]
+            raise ConfigError(f"both '{key}' and '{other}' are set: '{other}' is another name for '{key}'; keep one")
+        out[key], source[key] = (convert(v) if convert else v), str(k)
+    return out
 
 
 def parse_mapping(d):
-    """A mapping of config keys (a YAML file's) parsed by ``parse_value``; unknown keys fail."""
-    out = {}
-    for k, v in d.items():
-        if k not in FIELDS:
-            raise unknown_key(k)
-        out[k] = parse_value(k, v)
+    """A mapping of config keys (a YAML file's) parsed by ``parse_value``; other scripts' names are
+    read as the keys they name, unknown keys fail."""
+    return {k: parse_value(k, v) for k, v in dealias_mapping(d).items()}
+
+
+def dealias_argv(argv, log=_note):
+    """``--name value`` of another script's name (``aliases``) as ``--key value``, said in one line."""
+    out, i = [], 0
+    while i < len(argv):
+        arg = argv[i]
+        name, eq, value = arg[2:].partition("=")
+        if arg.startswith("--") and len(arg) > 2 and name not in FIELDS and name != "config":
+            key, convert = canonical(name, log)
+            if convert:
+                if not eq and i + 1 < len(argv) and not argv[i + 1].startswith("--"):
+                    value, i = argv[i + 1], i + 1
+                arg = f"--{key}={convert(value if eq or value else 'true')}"
+            else:
+                arg = f"--{key}{eq}{value}"
+        out.append(arg)
+        i += 1
     return out
 
 
@@ -363,17 +414,17 @@ def file_defaults(argv):
     pre.add_argument("--config")
     config_file = _parse(pre, argv)[0].config
     base = read_yaml(config_file) if config_file else {}
-    for k in base:
-        if k not in FIELDS:
-            raise ConfigError(f"in '{config_file}': {unknown_key(k)}")
-    return parse_mapping(base)
+    try:
+        return parse_mapping(base)
+    except ConfigError as e:
+        raise ConfigError(f"in '{config_file}': {e}") from None
 
 
 def load_config(argv):
     """The run's config from ``--config FILE`` (default: the dataclass defaults, i.e. digits)
     and ``--key value`` overrides; the keys in ``FOLLOW_DATASET`` that neither sets follow the
     dataset. Raises ConfigError with a one-line message."""
-    argv = [_underscored(a) for a in argv]
+    argv = dealias_argv([_underscored(a) for a in argv])
     base = file_defaults(argv)
     args, rest = _parse(build_parser(base), argv)
     if rest:
