@@ -31,6 +31,8 @@ def test_each_alias_gives_the_config_its_key_gives(alias, capsys):
 def test_use_fp16_maps_to_mixed_precision():
     assert load_config(["--use_fp16", "True"]).mixed_precision == "fp16"
     assert load_config(["--use_fp16", "False"]).mixed_precision == "no"
+    with pytest.raises(ConfigError, match="'use_fp16': expected true or false, got 'maybe'"):
+        load_config(["--use_fp16", "maybe"])  # not silently "no"
 
 
 def test_an_alias_in_the_config_file(tmp_path, capsys):

@@ -12,19 +12,19 @@ import os
 import statistics
 import subprocess
 
-from .definitions import DEFINITIONS, never_censored, start_neutral  # noqa: F401 (the runner reads it here)
+from .definitions import DEFINITIONS, start_neutral
 from .endpoints import endpoint_tests, final_loss_blocks
-from .grid import cell_label, tested_cells
+from .grid import cell_label, cell_matches, tested_cells
 from .inference import ALPHA, contrasts, final_loss_test, verdict
 from .record import FP16_MAX, UPDATE_STEPS, largest
 from .report import symmetry_table, symmetry_words
 
 
-def _groups(runs, key=lambda r: cell_label(r["cell"])):
-    """{(key, arm): [runs]} in the grid's order."""
+def _groups(runs):
+    """{(cell label, arm): [runs]} in the grid's order."""
     out = {}
     for r in runs:
-        out.setdefault((key(r), r["arm"]), []).append(r)
+        out.setdefault((cell_label(r["cell"]), r["arm"]), []).append(r)
     return out
 
 
@@ -101,10 +101,8 @@ def test_sentence(label, t, p, start):
 def _all_stopped(runs, spec):
     """The arms of ``spec`` every one of whose runs in its cells stopped."""
     arms = {a for pair in spec["pairs"] for a in pair}
-    mine = [r for r in runs for cell in tested_cells(spec) if r["arm"] in arms
-            and all(r["cell"].get(k) == v for k, v in cell.items())]
-    return sorted(a for a in arms if all(r["stopped"] for r in mine if r["arm"] == a) and
-                  any(r["arm"] == a for r in mine))
+    mine = [r for r in runs if r["arm"] in arms and any(cell_matches(r["cell"], c) for c in tested_cells(spec))]
+    return sorted(a for a in arms if (rs := [r for r in mine if r["arm"] == a]) and all(r["stopped"] for r in rs))
 
 
 def trend_words(series):
@@ -144,8 +142,7 @@ def supported_lines(data, tests):
     return out
 
 
-def tests_section(data):
-    tests = endpoint_tests(data)
+def tests_section(data, tests):
     runs, margin = data["runs"], tests["equivalence_margin"]
     md = ["## The pre-registered tests", "",
           "The endpoint is the final loss: the mean held-out L_simple of the last 3 checks (a stopped run ranks "
@@ -215,15 +212,13 @@ def factorial_table(runs):
     cells = {}
     for r in runs:
         cells.setdefault(cell_label(r["cell"]), []).append(r)
+    branch_pairs = [["zero", "zero-output"], ["zero-branches", "standard"]]
     for cell, rs in cells.items():
         if {r["arm"] for r in rs} != set(FACTORIAL):
             continue
-        blocks = {}
-        for r in rs:
-            blocks.setdefault(r["seed"], {})[r["arm"]] = math.inf if r["final_loss"] is None else r["final_loss"]
-        blocks = [b for b in blocks.values() if len(b) == 4]
+        blocks, _ = final_loss_blocks(rs, {"pairs": branch_pairs, "cells": [rs[0]["cell"]]})
         means = [_fmt(statistics.fmean(b[a] for b in blocks)) for a in FACTORIAL]
-        branch, _ = contrasts(blocks, [["zero", "zero-output"], ["zero-branches", "standard"]])
+        branch, _ = contrasts(blocks, branch_pairs)
         output, _ = contrasts(blocks, [["zero", "zero-branches"], ["zero-output", "standard"]])
         lines.append(f"| {cell} | " + " | ".join(means) + f" | {_signed(statistics.fmean(branch))} | "
                      f"{_signed(statistics.fmean(output))} |")
@@ -245,7 +240,7 @@ def mechanism_table(runs):
     for (cell, arm), rs in _groups(runs).items():
         rows = [_mech_rows(r) for r in rs]
         biggest = [largest(x["max_abs_activation"] for x in rw) for rw in rows if rw]
-        overflow = sum(not b <= FP16_MAX for b in biggest if b is not None)
+        overflow = sum(bool(r["mechanism"]["fp16_overflow"]) for r in rs)  # the recorder's own verdict
         block = _median([largest(x["max_block_rms"] for x in rw) for rw in rows if rw])
         logit = _median([largest(x["max_logit"] for x in rw) for rw in rows if rw and None not in
                          [x["max_logit"] for x in rw]])
@@ -261,13 +256,11 @@ def mechanism_table(runs):
 
 
 def overflow_words(runs):
-    """fp16 overflows per arm over every cell, and the largest activation of any finished run."""
+    """fp16 overflows per arm over every cell (the recorder's verdict on each run)."""
     arms = {}
     for r in runs:
-        rows = _mech_rows(r)
-        over = bool(rows) and not largest(x["max_abs_activation"] for x in rows) <= FP16_MAX
         k, n = arms.get(r["arm"], (0, 0))
-        arms[r["arm"]] = (k + over, n + 1)
+        arms[r["arm"]] = (k + bool(r["mechanism"]["fp16_overflow"]), n + 1)
     per = ", ".join(f"{arm} {k}/{n}" for arm, (k, n) in arms.items())
     total = sum(k for k, _ in arms.values())
     return (f"{total} of {len(runs)} runs had an activation above fp16's largest value ({FP16_MAX:g}) at some check "
@@ -318,7 +311,7 @@ def preregistration_words(name, root="."):
 
 
 def report_lines(data, plots, prereg):
-    runs, ab = data["runs"], data["ablation"]
+    runs, ab, tests = data["runs"], data["ablation"], endpoint_tests(data)
     invocations = {}
     for r in runs:
         invocations[r["invocation"]] = invocations.get(r["invocation"], 0) + 1
@@ -329,8 +322,8 @@ def report_lines(data, plots, prereg):
         f"`{data.get('command', '')}` in {len(invocations)} invocation(s) ("
         + ", ".join(f"{k}: {n} runs" for k, n in invocations.items())
         + f"), {seconds / 60:.1f} min of training summed over runs. {completeness_words(runs)}", "",
-        "## What these numbers support", "", *supported_lines(data, endpoint_tests(data)), "",
-        *tests_section(data),
+        "## What these numbers support", "", *supported_lines(data, tests), "",
+        *tests_section(data, tests),
         "## The 2x2 factorial: mean final loss per arm (descriptive)", "", *factorial_table(runs), "",
         "## Where each arm starts and ends (held-out L_simple, medians over seeds)", "",
         f"![held-out curves]({os.path.basename(plots['curves'])})", "",

@@ -34,7 +34,8 @@ from unet.utils.devices import cpu_cores
 from unet.utils.jsonfile import clean_json, write_json
 from unet.utils.stats import finite
 
-from .answer import never_censored, write_answer_report
+from .answer import write_answer_report
+from .definitions import never_censored
 from .grid import FAILURE_KEYS, SYMMETRY_ARMS, Ablation, RunSpec, cell_label, expand, load_ablation, symmetry_config  # noqa: F401
 from .report import write_report
 from .store import (
@@ -311,9 +312,7 @@ def run_ablation(ab, out_dir, log=print, command=None, workers=(), stop_after=0.
     log_cells(ab, out_dir, results, log)
     results.update(_init_study_file(out_dir))
     if never_censored(results):
-        data = write_compact_results(results, out_dir)
-        data["report_command"] = report_command(out_dir)
-        _log_report(ab, out_dir, {"plots": write_answer_report(data, out_dir)[1:]}, results)
+        _log_report(ab, out_dir, {"plots": write_grid_report(results, out_dir)[1:]}, results)
         log(f"report: {os.path.join(out_dir, 'report.md')}; compact per-run results: "
             f"{os.path.join(out_dir, COMPACT_FILE)}")
         return results
@@ -422,11 +421,12 @@ def report_only(out_dir, source=None):
         if "ablation" not in results:
             raise ConfigError(f"'{source}' has runs but no grid ('ablation'): it is a chunk's compact file; "
                               "finish the grid to report on it")
+        command = report_command(out_dir, None if source == path else source)
         if "curves" not in results["runs"][0] or "loss" in results["runs"][0]["curves"]:  # a full results.json
             results.update(_init_study_file(out_dir) or _init_study_file(os.path.dirname(source)))
-            results = write_compact_results(results, out_dir)
-        results["report_command"] = report_command(out_dir, None if source == path else source)
-        write_answer_report(results, out_dir)
+            write_grid_report(results, out_dir, command)
+        else:  # compact results already
+            write_answer_report({**results, "report_command": command}, out_dir)
         print(f"report: {os.path.join(out_dir, 'report.md')}")
         return
     results.update(_init_study_file(out_dir) or _init_study_file(os.path.dirname(source)))
@@ -480,6 +480,14 @@ def write_compact_results(results, out_dir):
                        "runs": [compact_run(r) for r in results["runs"]]})
     _write_gzip_json(os.path.join(out_dir, COMPACT_FILE), data)
     return data
+
+
+def write_grid_report(results, out_dir, command=None):
+    """A finished never-censored grid's compact results (``write_compact_results``) and the report
+    built from them alone, which names ``command`` (default: rebuild from ``out_dir``); returns the
+    report's paths."""
+    data = write_compact_results(results, out_dir)
+    return write_answer_report({**data, "report_command": command or report_command(out_dir)}, out_dir)
 
 
 RUN_COLUMNS = ("run_id", "norm", "num_res_blocks", "lr", "arm", "seed", "failed", "diverged", "failure_step",
@@ -569,8 +577,7 @@ def combine(out_dir, sources):
     os.makedirs(out_dir, exist_ok=True)
     if never_censored(results):
         write_json(os.path.join(out_dir, "results.json"), results, clean=True)
-        data = write_compact_results(results, out_dir)
-        write_answer_report({**data, "report_command": report_command(out_dir)}, out_dir)
+        write_grid_report(results, out_dir)
     else:
         results["summary"] = write_report(results, out_dir)["summary"]
         write_json(os.path.join(out_dir, "results.json"), results, clean=True)

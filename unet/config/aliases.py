@@ -32,8 +32,8 @@ ALIASES = {
     "use_fp16": "mixed_precision",
 }
 
-# Aliases whose values are spelled differently here: alias -> (value -> this config's value).
-VALUE_MAPS = {"use_fp16": lambda v: "fp16" if str(v).strip().lower() in ("1", "true", "yes", "on") else "no"}
+# Boolean aliases whose key here takes a word: alias -> {their boolean: this config's value}.
+VALUE_MAPS = {"use_fp16": {True: "fp16", False: "no"}}
 
 REFUSED = {
     "train_batch_size": "'train_batch_size' is per device in diffusers' scripts, while 'batch_size' here is the "
@@ -48,10 +48,8 @@ REFUSED = {
 
 
 def alias_of(key):
-    """(this config's key, a value converter or None) for an alias; raises ValueError with the
-    conversion for a name whose meaning differs; None for a name that is not an alias."""
+    """(this config's key, its ``VALUE_MAPS`` table or None) for an alias; raises ValueError with
+    the conversion for a name whose meaning differs; None for a name that is not an alias."""
     if key in REFUSED:
         raise ValueError(REFUSED[key])
-    if key in ALIASES and ALIASES[key] != key:
-        return ALIASES[key], VALUE_MAPS.get(key)
-    return None
+    return (ALIASES[key], VALUE_MAPS.get(key)) if key in ALIASES else None

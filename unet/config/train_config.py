@@ -277,9 +277,11 @@ def canonical(key, log=_note):
         raise ConfigError(str(e)) from None
     if found is None:
         raise unknown_key(key)
-    log(f"'{key}' is read as '{found[0]}'" + (" (its value converted)" if found[1] else "") +
+    name, table = found
+    log(f"'{key}' is read as '{name}'" + (" (its value converted)" if table else "") +
         " (the name another training script uses)")
-    return found
+    # a boolean there, a word here: read as a boolean (a bad value is the usual one-line error)
+    return name, (lambda v: table[parse_bool(key, v)]) if table else None
 
 
 def dealias_mapping(d, log=_note):
