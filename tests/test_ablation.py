@@ -14,9 +14,9 @@ import yaml
 from PIL import Image
 from wandb_offline import read_run
 
-from ablation import main, parse_args
 from unet.ablation import runner as ablation
 from unet.ablation.runner import expand, init_model, load_ablation, run_ablation
+from unet.cli.ablation import main, parse_args
 from unet.config import ConfigError
 from unet.core.diffusion import GaussianDiffusion
 

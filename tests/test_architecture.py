@@ -12,8 +12,9 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 # Lower layers first: a subpackage imports only the ones before it (and itself).
-LAYERS = ["utils", "core", "config", "data", "checkpoint", "sample", "evaluation", "train", "ablation"]
-COMMAND_LINES = {"train", "sample", "evaluate", "export", "phema", "ablation", "benchmarks", "scripts"}
+LAYERS = ["utils", "core", "config", "data", "checkpoint", "sample", "evaluation", "train", "ablation", "cli"]
+SCRIPTS = ("train", "sample", "evaluate", "export", "phema", "ablation")  # unet/cli/NAME.py, NAME.py at the root
+COMMAND_LINES = {*SCRIPTS, "benchmarks", "scripts"}
 CORE_THIRD_PARTY = {"torch", "numpy", "einops"}  # torch and its array helpers: no accelerate, diffusers, data
 
 
@@ -35,11 +36,17 @@ def library_files():
     return sorted((ROOT / "unet").rglob("*.py"))
 
 
+def is_alias(path):
+    """``python -m unet.evaluate`` and ``python -m unet.ablation``: one-line command aliases."""
+    rel = path.relative_to(ROOT / "unet").parts
+    return path.name == "__main__.py" or (len(rel) == 1 and path.stem in SCRIPTS)
+
+
 def test_subpackages_import_only_lower_layers():
     bad = []
     for path in library_files():
         rel = path.relative_to(ROOT / "unet").parts
-        if len(rel) == 1:
+        if len(rel) == 1 or is_alias(path):
             continue  # the package's own __init__ and the one-line command aliases
         layer = LAYERS.index(rel[0])
         for name in imports(path):
@@ -62,6 +69,21 @@ def test_the_library_never_imports_a_command_line():
     for path in library_files():
         for name in imports(path):
             assert name.split(".")[0] not in COMMAND_LINES, f"{path.relative_to(ROOT)} imports {name}"
+            if not (is_alias(path) or path.parent.name == "cli" or path.name == "__init__.py" and len(
+                    path.relative_to(ROOT / "unet").parts) == 1):
+                assert not name.startswith("unet.cli"), f"{path.relative_to(ROOT)} imports {name}"
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_root_scripts_are_thin_wrappers(script):
+    # train.py and the others only call the installed command line's main()
+    assert set(imports(ROOT / f"{script}.py")) == {"sys", f"unet.cli.{script}"}
+
+
+def test_console_scripts_name_the_command_lines():
+    tomllib = pytest.importorskip("tomllib")  # 3.11+; the project supports 3.10, where this check is skipped
+    scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
+    assert scripts == {f"unet-{s}": f"unet.cli.{s}:main" for s in SCRIPTS}
 
 
 # The command lines that read a trained model take nothing from the training layer: the config is
@@ -71,9 +93,10 @@ MODEL_READERS = ("sample.py", "evaluate.py", "export.py", "phema.py")
 
 @pytest.mark.parametrize("script", MODEL_READERS)
 def test_model_readers_do_not_import_training(script):
-    train_imports = {n for n in imports(ROOT / script) if n == "unet.train" or n.startswith("unet.train.")}
+    path = ROOT / "unet" / "cli" / script
+    train_imports = {n for n in imports(path) if n == "unet.train" or n.startswith("unet.train.")}
     assert not train_imports, f"{script} imports {sorted(train_imports)}"
-    assert "unet.checkpoint.load" in imports(ROOT / script) or script == "phema.py"
+    assert "unet.checkpoint.load" in imports(path) or script == "phema.py"
 
 
 def test_architecture_doc_names_every_module():
@@ -116,7 +139,7 @@ def test_readme_commands_name_scripts_and_flags_that_exist(command):
 
 
 def test_module_aliases_run_the_command_lines():
-    for alias in ("unet.evaluate", "unet.export", "unet.ablation"):
+    for alias in ("unet.evaluate", "unet.export", "unet.phema", "unet.ablation"):
         out = subprocess.run([sys.executable, "-m", alias, "--help"], cwd=ROOT, capture_output=True, text=True,
                              timeout=120)
         assert out.returncode == 0 and "usage" in out.stdout.lower(), (alias, out.stderr)

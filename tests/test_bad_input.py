@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-import train as train_script
+from unet.cli import train as train_script
 from unet.config import load_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

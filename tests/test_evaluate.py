@@ -9,7 +9,7 @@ import torch
 from checkpoint_files import write_checkpoint
 from cli_errors import refused
 
-from evaluate import main
+from unet.cli.evaluate import main
 from unet.config import TrainConfig
 from unet.core.diffusion import create_diffusion
 from unet.core.model import UNetModel

@@ -16,8 +16,8 @@ from checkpoint_files import write_checkpoint
 from cli_errors import refused
 from PIL import Image
 
-from export import main
 from unet.checkpoint.load import Loaded
+from unet.cli.export import main
 from unet.config import TrainConfig
 from unet.core.diffusion import create_diffusion
 from unet.core.model import UNetModel

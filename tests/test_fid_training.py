@@ -14,9 +14,9 @@ import pytest
 from cli_errors import refused
 from wandb_offline import read_run
 
-import train as train_script
-from evaluate import main as evaluate_main
 from unet.checkpoint.load import load_checkpoint
+from unet.cli import train as train_script
+from unet.cli.evaluate import main as evaluate_main
 from unet.config import TrainConfig
 from unet.train import quality
 from unet.train.loop import train

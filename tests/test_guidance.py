@@ -8,7 +8,7 @@ import torch
 from checkpoint_files import write_checkpoint
 from cli_errors import refused
 
-from sample import main
+from unet.cli.sample import main
 from unet.config import TrainConfig
 from unet.core.model import UNetModel
 from unet.sample.guidance import guided_output

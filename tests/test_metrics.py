@@ -9,7 +9,7 @@ from PIL import Image
 from scipy import linalg
 from torchmetrics.image.fid import FrechetInceptionDistance
 
-from evaluate import main
+from unet.cli.evaluate import main
 from unet.config import FID_SCHEDULERS, ConfigError, TrainConfig
 from unet.evaluation.fid import reference_from
 from unet.evaluation.metrics import (

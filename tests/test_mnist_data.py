@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-import train as train_script
 import unet.data.mnist as mnist
+from unet.cli import train as train_script
 from unet.config import ConfigError, TrainConfig, load_config
 from unet.data.dataset import DataError, fixed_batch, load_image_data
 from unet.utils.idx import write_idx
@@ -113,7 +113,7 @@ OFFLINE = """
 import sys
 import unet.data.mnist as m
 m.FASHION_MNIST_DIRS = ({missing!r},)
-import train
+from unet.cli import train
 sys.exit(train.main(["--dataset", "fashion_mnist", "--report_to", "none", "--output_dir", {out!r}]))
 """
 

@@ -21,13 +21,13 @@ from safetensors.torch import load_file, save_file
 from test_bad_input import tree_digest
 from test_training import ROOT, nan_diffusion, subprocess_env, tiny
 
-import ablation as ablation_script
-import phema as phema_script
-import sample as sample_script
-import train as train_script
 from unet.checkpoint.format import MANIFEST_FILE, CheckpointError, read_manifest, verify_files, write_manifest
 from unet.checkpoint.load import load_checkpoint
 from unet.checkpoint.phema import snapshot_profiles
+from unet.cli import ablation as ablation_script
+from unet.cli import phema as phema_script
+from unet.cli import sample as sample_script
+from unet.cli import train as train_script
 from unet.config import ConfigError, TrainConfig, load_config
 from unet.core.model import UNetModel
 from unet.data.dataset import decode_image

@@ -14,9 +14,9 @@ from safetensors.torch import load_file
 from test_training import ROOT, files_equal, subprocess_env
 from test_training import tiny as _tiny
 
-import phema as phema_script
 from unet.checkpoint import phema as posthoc
 from unet.checkpoint.load import load_checkpoint
+from unet.cli import phema as phema_script
 from unet.config import FIELDS
 from unet.train import phema
 from unet.train.checkpoint import list_checkpoints

@@ -11,7 +11,7 @@ from checkpoint_files import write_checkpoint
 from cli_errors import refused
 from huggingface_hub import HfApi, ModelCard
 
-from export import main
+from unet.cli.export import main
 from unet.config import TrainConfig
 from unet.core.model import UNetModel
 

@@ -16,8 +16,8 @@ import torch
 from test_bad_input import tree_digest
 from test_training import ROOT, files_equal, subprocess_env, tiny
 
-import train as train_script
 from unet.checkpoint.load import load_checkpoint
+from unet.cli import train as train_script
 from unet.config import ConfigError
 from unet.train import checkpoint as ckpt_mod
 from unet.train.checkpoint import CheckpointError, latest_checkpoint, list_checkpoints, log_process_count_change

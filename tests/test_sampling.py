@@ -17,8 +17,8 @@ from checkpoint_files import write_checkpoint
 from cli_errors import refused
 from diffusers import DDPMScheduler
 
-from sample import main
 from unet.checkpoint.load import load_checkpoint
+from unet.cli.sample import main
 from unet.config import TrainConfig
 from unet.core.diffusion import create_diffusion
 from unet.core.model import UNetModel

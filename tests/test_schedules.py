@@ -12,7 +12,7 @@ from diffusers.optimization import SchedulerType, get_scheduler
 from test_training import files_equal, stop_and_resume
 from test_training import tiny as _tiny
 
-import train as train_script
+from unet.cli import train as train_script
 from unet.config import LR_SCHEDULES
 from unet.train.checkpoint import latest_checkpoint
 from unet.train.loop import train

@@ -13,7 +13,7 @@ from PIL import Image
 from test_training import files_equal, stop_and_resume
 from test_training import tiny as _tiny
 
-import train as train_script
+from unet.cli import train as train_script
 from unet.config import FIELDS
 from unet.data.dataset import load_image_data
 from unet.data.streaming import StreamBatches, load_data

@@ -15,7 +15,7 @@ import pytest
 import torch
 from test_training import ROOT, files_equal, subprocess_env, tiny
 
-import train as train_script
+from unet.cli import train as train_script
 from unet.config import TrainConfig, load_config
 from unet.train.checkpoint import list_checkpoints
 from unet.train.diagnostics import DivergenceMonitor

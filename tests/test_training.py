@@ -15,8 +15,8 @@ from adam_bounds import assert_adam_close, float32_update_rounding, lrs_used
 from safetensors.torch import load_file
 from wandb_offline import read_run
 
-import train as train_script
 from unet.checkpoint.load import load_checkpoint
+from unet.cli import train as train_script
 from unet.config import TrainConfig
 from unet.train import checkpoint as ckpt_mod
 from unet.train.checkpoint import latest_checkpoint, list_checkpoints

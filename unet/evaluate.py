@@ -1,7 +1,8 @@
-"""``python -m unet.evaluate ...`` runs ``evaluate.py`` at the repository root (the command
-line lives outside the library; this alias only keeps the short form working)."""
+"""``python -m unet.evaluate``: the same command as ``evaluate.py`` and ``unet-evaluate``."""
 
-import runpy
-from pathlib import Path
+import sys
 
-runpy.run_path(str(Path(__file__).resolve().parents[1] / "evaluate.py"), run_name="__main__")
+from unet.cli.evaluate import main
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,7 +1,8 @@
-"""``python -m unet.export ...`` runs ``export.py`` at the repository root (the command line
-lives outside the library; this alias only keeps the short form working)."""
+"""``python -m unet.export``: the same command as ``export.py`` and ``unet-export``."""
 
-import runpy
-from pathlib import Path
+import sys
 
-runpy.run_path(str(Path(__file__).resolve().parents[1] / "export.py"), run_name="__main__")
+from unet.cli.export import main
+
+if __name__ == "__main__":
+    sys.exit(main())

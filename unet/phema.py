@@ -1,7 +1,8 @@
-"""``python -m unet.phema ...`` runs ``phema.py`` at the repository root (the command line
-lives outside the library; this alias only keeps the short form working)."""
+"""``python -m unet.phema``: the same command as ``phema.py`` and ``unet-phema``."""
 
-import runpy
-from pathlib import Path
+import sys
 
-runpy.run_path(str(Path(__file__).resolve().parents[1] / "phema.py"), run_name="__main__")
+from unet.cli.phema import main
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,7 +1,8 @@
-"""``python -m unet.ablation ...`` runs ``ablation.py`` at the repository root (the command
-line lives outside the library; this alias only keeps the short form working)."""
+"""``python -m unet.ablation``: the same command as ``ablation.py`` and ``unet-ablation``."""
 
-import runpy
-from pathlib import Path
+import sys
 
-runpy.run_path(str(Path(__file__).resolve().parents[2] / "ablation.py"), run_name="__main__")
+from unet.cli.ablation import main
+
+if __name__ == "__main__":
+    sys.exit(main())
