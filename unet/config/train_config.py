@@ -422,7 +422,7 @@ def file_defaults(argv):
         raise ConfigError(f"in '{config_file}': {e}") from None
 
 
-def load_config(argv):
+def load_config(argv: "list[str]") -> TrainConfig:
     """The run's config from ``--config FILE`` (default: the dataclass defaults, i.e. digits)
     and ``--key value`` overrides; the keys in ``FOLLOW_DATASET`` that neither sets follow the
     dataset. Raises ConfigError with a one-line message."""

@@ -25,6 +25,7 @@ import torch
 import yaml
 from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
 
+from unet.checkpoint.load import Loaded
 from unet.core.diffusion import get_named_beta_schedule, respaced_betas
 from unet.core.model import AttentionBlock, Downsample, ResBlock, Upsample
 
@@ -231,7 +232,8 @@ def build_pipeline(loaded, unet):
                                                      null_class_label=loaded.null_label)
 
 
-def export_pipeline(loaded, out_dir, tolerance=1e-4, quality=None, repo_id=None, written=None):
+def export_pipeline(loaded: Loaded, out_dir: str, tolerance: float = 1e-4, quality: "list[dict] | None" = None,
+                    repo_id: "str | None" = None, written: "list[str] | None" = None) -> float:
     """
     Write ``out_dir`` (``model_index.json``, ``unet/``, ``scheduler/``, ``README.md``, and
     ``pipeline.py`` for a class-conditional model), after checking that the converted U-Net

@@ -23,6 +23,7 @@ from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
 from diffusers.utils.torch_utils import randn_tensor
 from tqdm.auto import tqdm
 
+from unet.checkpoint.load import Loaded
 from unet.core.diffusion import get_named_beta_schedule, linear_beta_range, scale_timesteps
 from unet.utils.images import to_uint8
 
@@ -284,3 +285,21 @@ def generate(model, diffusion_kwargs, image_size, num_samples, scheduler="ddpm",
     images = np.stack([r[1] for r in results])
     labels = None if model.num_classes is None else np.array([r[2] for r in results], dtype=np.int64)
     return images, labels
+
+
+def generate_from(loaded: Loaded, num_samples: int, scheduler: str = "dpm-solver++", steps: "int | None" = 20,
+                  seed: int = 0, class_labels: "list[int] | None" = None, guidance_scale: float = 1.0,
+                  batch_size: int = 64, device: "str | None" = None,
+                  progress: bool = True) -> "tuple[np.ndarray, np.ndarray | None]":
+    """
+    Sample a loaded checkpoint (``unet.load_checkpoint``) in this process: ``generate`` with the
+    model's own diffusion, image size and null label. Exported as ``unet.generate``.
+
+    :param steps: sampling steps; None: every training step (slow with ``ddpm``).
+    :param device: where to sample (default: the CPU); the model is moved there.
+    :return: (NHWC uint8 images, [N] int64 labels or None).
+    """
+    model = loaded.model.to(device or "cpu")
+    return generate(model, loaded.diffusion_kwargs, loaded.image_size, num_samples, scheduler, steps, batch_size,
+                    seed, class_labels, progress=progress, device=device, guidance_scale=guidance_scale,
+                    null_label=loaded.null_label)

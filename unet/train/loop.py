@@ -18,17 +18,23 @@ import copy
 import math
 import os
 import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from typing import TypedDict
 
 import torch
+from accelerate import Accelerator
 from accelerate.utils import set_seed
 from diffusers.training_utils import EMAModel
 from tqdm.auto import tqdm
 
-from unet.config import ConfigError
-from unet.core.resample import create_named_schedule_sampler
+from unet.config import ConfigError, TrainConfig
+from unet.core.diffusion import GaussianDiffusion
+from unet.core.model import UNetModel
+from unet.core.resample import ScheduleSampler, create_named_schedule_sampler
 from unet.data import streaming
 from unet.data.dataset import batch_slice, draw_step_inputs, eval_batch, mixed_seed, seeded_generator
+from unet.data.splits import ImageData
 from unet.sample.sampling import generate
 from unet.utils.devices import any_process
 from unet.utils.images import image_grid, save_png
@@ -56,25 +62,47 @@ class Run:
     (possibly DDP-wrapped) module, ``raw`` the plain one, ``train_model`` what the training
     forward calls (compiled or not)."""
 
-    cfg: object
-    accelerator: object
-    data: object
-    model: object
-    raw: object
-    train_model: object
-    diffusion: object
-    sampler: object
-    optimizer: object
-    scheduler: object
-    emas: dict
+    cfg: TrainConfig
+    accelerator: Accelerator
+    data: ImageData  # the training images (in memory, lazily decoded, or a stream) and the held-out split
+    model: torch.nn.Module
+    raw: UNetModel
+    train_model: Callable[..., torch.Tensor]
+    diffusion: GaussianDiffusion
+    sampler: ScheduleSampler
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    emas: dict[float, EMAModel]
     data_seed: int
-    eval_batch: dict = None
-    sample_model: object = None
-    wandb_dir: str = None
-    log: object = print  # the main process's log (a no-op on the others)
+    eval_batch: "dict | None" = None
+    sample_model: "UNetModel | None" = None
+    wandb_dir: "str | None" = None
+    log: Callable[..., None] = print  # the main process's log (a no-op on the others)
     layout: str = "contiguous"  # the memory format it trains in (unet.core.model.resolve_layout)
-    quality: object = None  # sample quality every fid_every steps (unet.train.quality.Quality), or None
-    phema: object = None  # post-hoc EMA's power EMAs (unet.train.phema.PowerEMA; main process, phema_every > 0)
+    quality: "quality.Quality | None" = None  # sample quality every fid_every steps, or None
+    phema: "phema.PowerEMA | None" = None  # post-hoc EMA's power EMAs (main process, phema_every > 0)
+
+
+class TrainSummary(TypedDict):
+    """What ``train`` returns (its docstring says what each entry holds)."""
+
+    history: list[dict]
+    diverged: bool
+    stop_reason: str
+    divergence_reason: "str | None"
+    nan_skipped: int
+    spike_count: int
+    initial_loss: "float | None"
+    final_loss: "float | None"
+    final_eval_loss: "float | None"
+    steps: int
+    output_dir: str
+    checkpoint: "str | None"
+    samples: "str | None"
+    wandb_dir: "str | None"
+    skipped_images: int
+    elapsed_seconds: float
+    signal: "str | None"
 
 
 # --- one optimizer step ----------------------------------------------------------------
@@ -303,7 +331,7 @@ def end_run(accelerator, run):
     accelerator.end_training()
 
 
-def train(cfg, hooks=(), stop_signals=False):
+def train(cfg: TrainConfig, hooks: Iterable[Callable] = (), stop_signals: bool = False) -> TrainSummary:
     """
     Train a U-Net as ``cfg`` says; resumable, multi-process through accelerate.
 
@@ -448,11 +476,11 @@ def train_loop(run, state, hooks, signals):
     return out
 
 
-def result(run, state, stop_reason, divergence_reason):
+def result(run: Run, state: TrainState, stop_reason: str, divergence_reason: "str | None") -> TrainSummary:
     """``train``'s return value (see its docstring)."""
     losses = [r["loss"] for r in state.history if not r.get("skipped")]
     evals = [r["eval_loss"] for r in state.history if "eval_loss" in r]
-    return dict(history=state.history, diverged=stop_reason in ("nan", "diverged"), stop_reason=stop_reason,
+    return TrainSummary(history=state.history, diverged=stop_reason in ("nan", "diverged"), stop_reason=stop_reason,
                 divergence_reason=divergence_reason, nan_skipped=state.nan_skipped, spike_count=state.spikes.count,
                 initial_loss=state.divergence.initial_loss, final_loss=losses[-1] if losses else None,
                 final_eval_loss=evals[-1] if evals else None, steps=state.step, output_dir=run.cfg.output_dir,

@@ -1,0 +1,1 @@
+"""Helpers every stage shares: statistics, images, devices and processes, atomic JSON."""
