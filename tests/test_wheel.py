@@ -5,6 +5,7 @@ the checkout (which is not on the path there)."""
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import venv
@@ -20,8 +21,12 @@ CONSOLE_SCRIPTS = ("unet-train", "unet-sample", "unet-evaluate", "unet-export", 
 def installed(tmp_path_factory):
     """(the environment's bin folder, a working folder outside the checkout, its environment)."""
     tmp = tmp_path_factory.mktemp("wheel")
+    # built from a copy: setuptools writes build/ and *.egg-info into the folder it builds
+    source = tmp / "source"
+    shutil.copytree(ROOT, source, ignore=shutil.ignore_patterns(".git", "outputs", "build", "dist", "*.egg-info",
+                                                                "wandb", "__pycache__", ".pytest_cache", "tests"))
     build = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
-                            "-w", str(tmp / "dist"), str(ROOT)], capture_output=True, text=True, timeout=300)
+                            "-w", str(tmp / "dist"), str(source)], capture_output=True, text=True, timeout=300)
     assert build.returncode == 0, build.stderr
     (wheel,) = (tmp / "dist").glob("iddpm_unet-*.whl")
     # The dependencies (torch, diffusers, ...) come from this interpreter's site-packages, as they

@@ -1,1 +1,0 @@
-"""Helpers every stage shares: statistics, images, devices and processes, atomic JSON."""
