@@ -9,7 +9,8 @@ import pytest
 import yaml
 
 from unet.config import ConfigError, load_config
-from unet.config.aliases import ALIASES, REFUSED, VALUE_MAPS
+from unet.config.aliases import REFUSED
+from unet.config.train_config import ALIASES, VALUE_MAPS
 
 # A value each aliased key accepts (the run is never started: only the config is built).
 VALUES = {"image_size": "16", "lr": "0.002", "lr_schedule": "cosine", "warmup_steps": "7", "grad_accum": "2",

@@ -135,13 +135,19 @@ def test_help_lists_every_key_with_its_default():
     from unet.config import help_text
 
     text = help_text()
-    for f in dataclasses.fields(TrainConfig):
+    flat = re.sub(r"(?<=\w)- ", "-", " ".join(text.split()))  # argparse wraps the lines, also after a hyphen
+    fields = dataclasses.fields(TrainConfig)
+    for f, following in zip(fields, [*fields[1:], None]):
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
         # the keys the dataset decides when unset say so after their default
-        assert re.search(rf"--{f.name} \S+\s+\({re.escape(repr(default))}\)( follows --dataset when unset)?\n",
-                         text), f.name
+        follows = " (follows --dataset when unset)" if f.name in ("output_dir", "image_size", "channel_mult",
+                                                                 "attention_resolutions", "class_cond") else ""
+        end = rf" --{following.name} " if following else "$"
+        entry = re.search(rf" --{f.name} \S+ (.*?){end}", flat).group(1)
+        assert re.search(rf"; default {re.escape(repr(default))}{re.escape(follows)}(;|$)", entry), (f.name, entry)
     # with a config file, its values are the defaults shown
-    assert re.search(r"--lr FLOAT\s+\(0.0001\)\n", help_text(["--config", cfg_path("cifar10.yaml")]))
+    assert re.search(r"--lr FLOAT peak learning rate \(AdamW\); default 0.0001;",
+                     " ".join(help_text(["--config", cfg_path("cifar10.yaml")]).split()))
     r = subprocess.run([sys.executable, "train.py", "--help"], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert r.returncode == 0 and r.stdout == text + "\n"
 
@@ -152,3 +158,69 @@ def test_command_line_spellings():
     assert load_config(["--max_steps", "7", "--max_steps=8"]).max_steps == 8  # the last one wins
     with pytest.raises(ConfigError, match="^unexpected argument 'x'; use --key value"):
         load_config(["x"])
+
+
+# --- each key declared once: the checks, help and aliases come from the declaration ----------
+
+def _declared():
+    from unet.config import META, TYPES
+
+    return META, TYPES
+
+
+def test_every_key_declares_a_help_line_that_help_prints():
+    from unet.config import help_text
+
+    meta, _ = _declared()
+    text = re.sub(r"(?<=\w)- ", "-", " ".join(help_text().split()))  # argparse wraps the lines
+    for name, m in meta.items():
+        assert m["help"] and "\n" not in m["help"], name
+        assert f"--{name} " in text and " ".join(m["help"].split()) in text, name
+        for alias in m["aliases"]:
+            assert f"--{alias}" in text, (name, alias)
+
+
+def _outside(m, typ):
+    """Values a key's declared range excludes: just below its least value (or the bound itself
+    when that is open), and its upper bound; floats also nan and inf."""
+    low = m["low"]
+    out = [low] if m["open_low"] else [low - 1 if typ is int else low - 1e-6]
+    if m["high"] is not None:
+        out.append(m["high"])
+    return out + ([float("nan"), float("inf")] if typ is float else [])
+
+
+def _declared_ranges():
+    meta, types = _declared()
+    return [(k, v) for k, m in meta.items() if m["low"] is not None for v in _outside(m, types[k])]
+
+
+@pytest.mark.parametrize("name,value", _declared_ranges(), ids=lambda x: str(x))
+def test_a_value_outside_its_declared_range_is_refused_in_one_line(name, value):
+    from unet.config.train_config import range_text
+
+    with pytest.raises(ConfigError) as e:
+        TrainConfig.from_dict({name: value})
+    got = _declared()[1][name](value)  # the value as the key's type: 0 for a float key reads 0.0
+    assert str(e.value) == f"config key '{name}': got {got!r}, allowed: {range_text(name)}"
+
+
+def test_declared_bounds_are_what_the_messages_say():
+    from unet.config.train_config import range_text
+
+    assert range_text("max_steps") == "an integer >= 1 and < 2^31"
+    assert range_text("lr") == "a finite number > 0"
+    assert range_text("weight_decay") == "a finite number >= 0"
+    assert range_text("adam_beta2") == "a number in [0, 1)"
+    assert TrainConfig.from_dict({"adam_beta2": 0.0}).adam_beta2 == 0.0  # a closed lower bound is allowed
+
+
+def test_resume_rules_and_dataset_defaults_come_from_the_declarations():
+    from unet.config import RESUME_CHANGEABLE
+    from unet.config.train_config import FOLLOW_DATASET
+
+    meta, _ = _declared()
+    assert RESUME_CHANGEABLE == {k for k, m in meta.items() if m["resume"]}
+    assert {"lr", "max_steps", "output_dir"} <= RESUME_CHANGEABLE
+    assert not {"init", "model_channels", "seed", "batch_size", "mixed_precision"} & RESUME_CHANGEABLE
+    assert set(FOLLOW_DATASET) == {"output_dir", "image_size", "channel_mult", "attention_resolutions", "class_cond"}

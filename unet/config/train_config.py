@@ -25,7 +25,45 @@ from unet.core.choices import INIT_SCHEMES, LAYOUTS, NOISE_SCHEDULES, NORMS, SCH
 from unet.core.respace import respacing_error
 from unet.utils.yamlfile import strict_load
 
-from .aliases import ALIASES, alias_of
+from .aliases import REFUSED
+
+INT_LIMIT = 2 ** 31  # step counts and sizes beyond this overflow int32 indices and int64 positions
+SEED_LIMIT = 2 ** 32  # numpy's seed range (accelerate's set_seed seeds numpy too)
+
+# diffusers' get_scheduler names (its SchedulerType, tests/test_schedules.py checks them)
+# without piecewise_constant, which needs rules no other key describes; and inverse_sqrt
+# (EDM2's decay), which diffusers does not have (unet.train.setup.inverse_sqrt_factor).
+LR_SCHEDULES = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial",
+                "inverse_sqrt")
+
+# unet.sample.sampling.SCHEDULERS, written here so that the config stays torch-free (a test
+# checks the two agree), and the feature spaces FID can be measured in.
+FID_SCHEDULERS = ("ddpm", "ddim", "dpm-solver++")
+FID_FEATURES = ("auto", "judge", "inception")
+
+
+def key(default, help, *, choices=None, low=None, high=None, open_low=False, allowed=None, resume=False,
+        aliases=(), alias_values=None, follows_dataset=False):
+    """
+    One config key, declared once beside its field: the parser, the checks, the help, the aliases
+    and the resume rule are all generated from what is said here.
+
+    :param help: one line for ``--help``.
+    :param choices: the values it may take.
+    :param low: a number's least value (``open_low``: it must be above it); ``high``: the bound it
+        stays below (an int's default: 2^31). ``allowed`` replaces the generated message.
+    :param resume: a resumed run may change it (every other key describes what the checkpoint is).
+    :param aliases: the names other training scripts give it; ``alias_values`` converts their
+        boolean values to this key's words.
+    :param follows_dataset: its default is the digits run's, replaced to fit another dataset.
+    """
+    if low is not None and high is None and isinstance(default, int) and not isinstance(default, bool):
+        high = INT_LIMIT
+    meta = dict(help=help, choices=choices, low=low, high=high, open_low=open_low, allowed=allowed, resume=resume,
+                aliases=tuple(aliases), alias_values=alias_values, follows_dataset=follows_dataset)
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata=meta)
+    return field(default=default, metadata=meta)
 
 
 @dataclass
@@ -34,111 +72,148 @@ class TrainConfig:
     class-conditional U-Net on scikit-learn's bundled handwritten digits, sized for a CPU."""
 
     # --- run ---
-    output_dir: str = "outputs/digits"
-    max_steps: int = 3000
-    max_minutes: float = 0.0  # stop after the first step ending past this many minutes of training; 0 = off
-    batch_size: int = 64  # global: split over processes and accumulation steps
-    grad_accum: int = 1
-    lr: float = 1e-3
-    weight_decay: float = 0.0
-    warmup_steps: int = 100
-    grad_clip: float = 1.0  # max global grad norm; 0 = no clipping (the norm is logged either way)
-    seed: int = 0  # model init, dropout
-    data_seed: int = -1  # data order, t, noise, flips; -1 = same as seed
-    ema_rates: list[float] = field(default_factory=lambda: [0.999])
-    ema_warmup: bool = True  # diffusers' (1+t)/(10+t) warm-up; false = improved-diffusion's constant rate from step 1
-    mixed_precision: str = "auto"  # no | fp16 | bf16 | auto: accelerate's (accelerate launch or config), else no
-    checkpoint_every: int = 500  # 0 = only at the end (and when stopped)
-    keep_checkpoints: int = 2
-    resume: str = ""  # "" (fresh), "latest", "auto" (latest if any, else fresh) or a checkpoint/output folder
-    overwrite: bool = False  # a fresh run may replace the checkpoints already in output_dir
-    cpu_threads: int = 0  # torch threads per process on a CPU; 0 = the cores / processes on this machine
-    compile: bool = False  # torch.compile the training forward/backward (minutes of compiling first)
-    memory_format: str = "auto"  # channels_last | contiguous | auto (unet.core.model.resolve_layout)
-    max_nan_steps: int = 10  # stop after this many non-finite losses in a row
-    divergence_factor: float = 0.0  # stop on a non-finite loss, or when loss > factor * initial loss; 0 = never
-    divergence_window: int = 1  # the loss compared is the median of the last N finite losses
+    output_dir: str = key("outputs/digits", "the run folder: checkpoints, config.yaml, samples, logs",
+                          resume=True, follows_dataset=True)
+    max_steps: int = key(3000, "optimizer steps to train for", low=1, resume=True, aliases=("max_train_steps",))
+    max_minutes: float = key(0.0, "stop after the first step ending past this many minutes of training; 0 = off",
+                             low=0, resume=True)
+    batch_size: int = key(64, "the global batch of one optimizer step, split over processes and grad_accum", low=1)
+    grad_accum: int = key(1, "micro-batches per optimizer step (the batch is split, not multiplied)", low=1,
+                          resume=True, aliases=("gradient_accumulation_steps",))
+    lr: float = key(1e-3, "peak learning rate (AdamW)", low=0, open_low=True, resume=True,
+                    aliases=("learning_rate",))
+    weight_decay: float = key(0.0, "AdamW's decoupled weight decay", low=0, resume=True,
+                              aliases=("adam_weight_decay",))
+    warmup_steps: int = key(100, "linear lr warm-up steps", low=0, resume=True, aliases=("lr_warmup_steps",))
+    grad_clip: float = key(1.0, "max global grad norm; 0 = no clipping (the norm is logged either way)", low=0,
+                           resume=True)
+    seed: int = key(0, "model init and dropout", low=0, high=SEED_LIMIT, allowed="an integer in [0, 2^32)")
+    data_seed: int = key(-1, "data order, t, noise and flips; -1 = same as seed", low=-1, high=SEED_LIMIT,
+                         allowed="-1 (same as seed) or an integer in [0, 2^32)")
+    ema_rates: list[float] = key([0.999], "EMA decay rates kept beside the weights (sampling uses the first)",
+                                 aliases=("ema_rate",))
+    ema_warmup: bool = key(True, "diffusers' (1+t)/(10+t) EMA warm-up; false = improved-diffusion's constant rate")
+    mixed_precision: str = key("auto", "auto = accelerate's setting (accelerate launch or accelerate config), "
+                               "else no", choices=("auto", "no", "fp16", "bf16"), aliases=("use_fp16",),
+                               alias_values={True: "fp16", False: "no"})
+    checkpoint_every: int = key(500, "steps between checkpoints; 0 = only at the end (and when stopped)", low=0,
+                                resume=True, aliases=("checkpointing_steps", "save_interval"))
+    keep_checkpoints: int = key(2, "how many of the latest checkpoints are kept", low=1, resume=True,
+                                aliases=("checkpoints_total_limit",))
+    resume: str = key("", '"" (fresh), "latest", "auto" (latest if any, else fresh) or a checkpoint/output folder',
+                      resume=True, aliases=("resume_from_checkpoint", "resume_checkpoint"))
+    overwrite: bool = key(False, "a fresh run may replace the checkpoints already in output_dir", resume=True)
+    cpu_threads: int = key(0, "torch threads per process on a CPU; 0 = the cores / processes", low=0, resume=True)
+    compile: bool = key(False, "torch.compile the training forward/backward (minutes of compiling first)",
+                        resume=True)
+    memory_format: str = key("auto", "the layout it trains in; auto = unet.core.model.resolve_layout's rule",
+                             choices=LAYOUTS, resume=True)
+    max_nan_steps: int = key(10, "stop after this many non-finite losses in a row", low=1, resume=True)
+    divergence_factor: float = key(0.0, "stop when loss > factor x the initial loss; 0 = never", low=0,
+                                   resume=True)
+    divergence_window: int = key(1, "the loss compared is the median of the last N finite losses", low=1,
+                                 resume=True)
     # --- logging and samples ---
-    report_to: str = "wandb"
-    project: str = "unet"
-    run_name: str = ""
-    group: str = ""
-    tags: list[str] = field(default_factory=list)
-    log_every: int = 10
-    diagnostics_every: int = 250  # residual ratios and activation RMS (extra forward passes)
-    eval_every: int = 500  # loss on a fixed held-out batch with fixed t and noise; 0 = off
-    eval_batch_size: int = 256
-    sample_every: int = 1000  # EMA sample grid every N steps and at the end; 0 = only at the end; -1 = never
-    num_samples: int = 100
-    sample_steps: int = 100  # respaced ancestral steps for the grid
-    progress: bool = True
+    report_to: str = key("wandb", "the tracker: wandb (online with credentials, else offline), tensorboard, none",
+                         choices=("wandb", "tensorboard", "none"), resume=True, aliases=("logger",))
+    project: str = key("unet", "the wandb project", resume=True)
+    run_name: str = key("", "the wandb run name; \"\" = wandb's", resume=True)
+    group: str = key("", "the wandb group", resume=True)
+    tags: list[str] = key([], "wandb tags, comma-separated", resume=True)
+    log_every: int = key(10, "steps between log lines", low=1, resume=True, aliases=("log_interval",))
+    diagnostics_every: int = key(250, "residual ratios and activation RMS (extra forward passes); 0 = off", low=0,
+                                 resume=True)
+    eval_every: int = key(500, "loss on a fixed held-out batch with fixed t and noise; 0 = off", low=0,
+                          resume=True)
+    eval_batch_size: int = key(256, "images in the held-out batch", low=1, resume=True)
+    sample_every: int = key(1000, "EMA sample grid every N steps and at the end; 0 = only at the end; -1 = never",
+                            low=-1, allowed="-1 (never), 0 (at the end) or a step interval", resume=True)
+    num_samples: int = key(100, "images in a sample grid", low=1, resume=True)
+    sample_steps: int = key(100, "respaced ancestral steps for the grid", low=2,
+                            allowed="an integer >= 2 (respaced sampling steps)", resume=True)
+    progress: bool = key(True, "a progress bar", resume=True)
     # --- sample quality during training (FID/judge) ---
-    fid_every: int = 500  # EMA samples measured (FID, KID, precision/recall) every N steps; 0 = off
-    fid_num_samples: int = 256  # sampled across all processes
-    fid_ref: str = ""  # statistics file (evaluate.py ref), image folder or arr_0 .npz; "" = the held-out split
-    fid_features: str = "auto"  # judge (digits, MNIST family) | inception (torch-fidelity) | auto: the judge if any
-    fid_scheduler: str = "dpm-solver++"
-    fid_steps: int = 20  # at most diffusion_steps are taken
-    fid_batch_size: int = 256  # per process
-    kid_subset_size: int = 100  # KID's subset size: at most fid_num_samples and the reference's image count
-    keep_best_fid: bool = False  # copy the checkpoint with the lowest FID to output_dir/best
-    fid_inception_weights: str = ""  # Inception weights file; "" = torch-fidelity's cache path
+    fid_every: int = key(500, "EMA samples measured (FID, KID, precision/recall) every N steps; 0 = off", low=0,
+                         allowed="an integer >= 0 (0 = off)", resume=True)
+    fid_num_samples: int = key(256, "samples measured, across all processes (>= kid_subset_size)", resume=True)
+    fid_ref: str = key("", "statistics file (evaluate.py ref), image folder or arr_0 .npz; \"\" = the held-out "
+                       "split", resume=True)
+    fid_features: str = key("auto", "judge (digits, MNIST family) | inception (torch-fidelity) | auto: the judge "
+                            "if any", choices=FID_FEATURES, resume=True)
+    fid_scheduler: str = key("dpm-solver++", "the sampler of the measured samples", choices=FID_SCHEDULERS,
+                             resume=True)
+    fid_steps: int = key(20, "its steps (at most diffusion_steps are taken)", low=1,
+                         allowed="an integer >= 1 (at most diffusion_steps are taken)", resume=True)
+    fid_batch_size: int = key(256, "sampling batch per process", low=1, resume=True)
+    kid_subset_size: int = key(100, "KID's subset size: at most fid_num_samples and the reference's image count",
+                               low=2, resume=True)
+    keep_best_fid: bool = key(False, "copy the checkpoint with the lowest FID to output_dir/best", resume=True)
+    fid_inception_weights: str = key("", "Inception weights file; \"\" = torch-fidelity's cache path",
+                                     resume=True)
     # --- data ---
-    dataset: str = "digits"  # digits | fashion_mnist | idx (data_dir) | imagefolder (data_dir) | a hub name
-    data_dir: str = ""
-    image_size: int = 8
-    channels: int = 1
-    random_flip: bool = False
-    eval_fraction: float = 0.1
-    num_workers: int = 0
+    dataset: str = key("digits", "digits | fashion_mnist | idx (data_dir) | imagefolder (data_dir) | webdataset "
+                       "| parquet | a hub name", aliases=("dataset_name",))
+    data_dir: str = key("", "the folder (or shards) of idx, imagefolder, webdataset and parquet data", resume=True,
+                        aliases=("train_data_dir",))
+    image_size: int = key(8, "height and width the images are resized or padded to", low=1,
+                          aliases=("resolution",), follows_dataset=True)
+    channels: int = key(1, "1 (greyscale) or 3 (RGB)")
+    random_flip: bool = key(False, "flip training images left-right at random")
+    eval_fraction: float = key(0.1, "the held-out share of a dataset without a test split", low=0, high=1)
+    num_workers: int = key(0, "data loader processes", low=0, resume=True, aliases=("dataloader_num_workers",))
     # --- model ---
-    model_channels: int = 32
-    num_res_blocks: int = 2
-    attention_resolutions: list[int] = field(default_factory=lambda: [4])  # in pixels
-    channel_mult: list[int] = field(default_factory=lambda: [1, 2])
-    dropout: float = 0.0
-    num_heads: int = 1
-    num_heads_upsample: int = -1
-    use_scale_shift_norm: bool = True
-    use_checkpoint: bool = False
-    class_cond: bool = True
-    num_classes: int = 10
-    class_dropout_prob: float = (
-        0.0  # classifier-free guidance: labels -> the null label (index num_classes) with this probability
-    )
-    init: str = "zero"
-    norm: str = "group"
+    model_channels: int = key(32, "the first level's channels", low=1, aliases=("num_channels",))
+    num_res_blocks: int = key(2, "ResBlocks per level", low=1)
+    attention_resolutions: list[int] = key([4], "the resolutions in pixels with self-attention",
+                                           follows_dataset=True)
+    channel_mult: list[int] = key([1, 2], "each level's channels as multiples of model_channels",
+                                  follows_dataset=True)
+    dropout: float = key(0.0, "dropout in the ResBlocks", low=0, high=1)
+    num_heads: int = key(1, "attention heads", low=1)
+    num_heads_upsample: int = key(-1, "attention heads on the way up; -1 = num_heads")
+    use_scale_shift_norm: bool = key(True, "the timestep embedding scales and shifts the norm (FiLM)")
+    use_checkpoint: bool = key(False, "gradient checkpointing (less memory, more compute)")
+    class_cond: bool = key(True, "class-conditional (the data's labels)", follows_dataset=True)
+    num_classes: int = key(10, "classes of a class-conditional model")
+    class_dropout_prob: float = key(0.0, "classifier-free guidance: labels -> the null label with this probability",
+                                    low=0, high=1)
+    init: str = key("zero", "the init scheme of the zeroed layers (the ablation's arms)", choices=INIT_SCHEMES)
+    norm: str = key("group", "the normalisation layers", choices=NORMS)
     # --- diffusion ---
-    diffusion_steps: int = 1000
-    noise_schedule: str = "cosine"
-    learn_sigma: bool = True
-    sigma_small: bool = False
-    use_kl: bool = False
-    predict_xstart: bool = False
-    rescale_timesteps: bool = False
-    rescale_learned_sigmas: bool = True
-    timestep_respacing: str = ""
-    schedule_sampler: str = "uniform"
+    diffusion_steps: int = key(1000, "T, the diffusion steps", low=2, aliases=("ddpm_num_steps",))
+    noise_schedule: str = key("cosine", "the beta schedule", choices=NOISE_SCHEDULES)
+    learn_sigma: bool = key(True, "learn the variance (Eq. 15's interpolation; the hybrid loss)")
+    sigma_small: bool = key(False, "fixed variance beta-tilde instead of beta (learn_sigma false)")
+    use_kl: bool = key(False, "train on the variational bound alone")
+    predict_xstart: bool = key(False, "the model predicts x_0 instead of the noise")
+    rescale_timesteps: bool = key(False, "timesteps fed to the model scaled to [0, 1000)")
+    rescale_learned_sigmas: bool = key(True, "the hybrid loss's L_vlb weight (lambda = 0.001)")
+    timestep_respacing: str = key("", "train on a respaced process, e.g. 250 or ddim50; \"\" = all steps")
+    schedule_sampler: str = key("uniform", "how t is drawn (loss-second-moment: importance sampling)",
+                                choices=SCHEDULE_SAMPLERS)
     # --- optimizer and schedule ---
-    lr_schedule: str = "constant_with_warmup"  # a diffusers get_scheduler name; it decays over max_steps
-    lr_cycles: int = 1  # cosine_with_restarts: how many hard restarts (cosine always decays once, to 0)
-    lr_power: float = 1.0  # polynomial: the decay's power (1 = linear)
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.999
-    adam_eps: float = 1e-8
-    allow_tf32: bool = False  # TF32 matmuls and convolutions on an NVIDIA GPU (Ampere or newer); no effect on a CPU
+    lr_schedule: str = key("constant_with_warmup", "a diffusers get_scheduler name; it decays over max_steps",
+                           choices=LR_SCHEDULES, resume=True, aliases=("lr_scheduler",))
+    lr_cycles: int = key(1, "cosine_with_restarts: how many hard restarts", low=1, allowed="an integer >= 1",
+                         resume=True)
+    lr_power: float = key(1.0, "polynomial: the decay's power (1 = linear)", low=0, open_low=True, resume=True)
+    adam_beta1: float = key(0.9, "Adam's beta1", low=0, high=1, resume=True)
+    adam_beta2: float = key(0.999, "Adam's beta2", low=0, high=1, resume=True)
+    adam_eps: float = key(1e-8, "Adam's epsilon", low=0, open_low=True, resume=True, aliases=("adam_epsilon",))
+    allow_tf32: bool = key(False, "TF32 matmuls and convolutions on an NVIDIA GPU (Ampere or newer)", resume=True)
     # --- post-hoc EMA ---
-    phema_every: int = 0  # store power-function EMA snapshots every N steps (EDM2); 0 = off
-    phema_sigma_rels: list[float] = field(default_factory=lambda: [0.05, 0.10])  # the stored profiles
+    phema_every: int = key(0, "store power-function EMA snapshots every N steps (EDM2); 0 = off", low=0)
+    phema_sigma_rels: list[float] = key([0.05, 0.10], "the stored EMA profiles' relative widths")
     # --- data at scale ---
-    streaming: bool = False  # read the dataset as a stream (hub, imagefolder, parquet, webdataset): no decode pass
-    shuffle_buffer: int = 1000  # streaming: examples shuffled in a buffer; 0 = the stream's order (exact resume)
-    image_column: str = ""  # "" = the first image feature
-    label_column: str = ""  # "" = the first ClassLabel feature
-    dataset_config: str = ""  # a hub dataset's configuration name
-    cache_dir: str = ""  # datasets' cache folder; "" = its default
-    verify_images: str = "auto"  # parallel | lazy | off | auto (parallel up to 100k images, else lazy)
-    num_proc: int = 0  # processes for verify_images parallel; 0 = the cores of this machine
+    streaming: bool = key(False, "read the dataset as a stream (hub, imagefolder, parquet, webdataset)")
+    shuffle_buffer: int = key(1000, "streaming: examples shuffled in a buffer; 0 = the stream's order", low=0)
+    image_column: str = key("", "the image column; \"\" = the first image feature")
+    label_column: str = key("", "the label column; \"\" = the first ClassLabel feature")
+    dataset_config: str = key("", "a hub dataset's configuration name")
+    cache_dir: str = key("", "datasets' cache folder; \"\" = its default", resume=True)
+    verify_images: str = key("auto", "parallel | lazy | off | auto (parallel up to 100k images, else lazy)",
+                             choices=("auto", "parallel", "lazy", "off"))
+    num_proc: int = key(0, "processes for verify_images parallel; 0 = the cores", low=0, resume=True)
 
     def __post_init__(self):
         validate(self)
@@ -201,6 +276,17 @@ class TrainConfig:
 
 FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
 TYPES = typing.get_type_hints(TrainConfig)
+# What the declarations say, by key: every table below is generated from them.
+META = {name: f.metadata for name, f in FIELDS.items()}
+CHOICES = {name: m["choices"] for name, m in META.items() if m["choices"]}
+# Keys a resumed run may change: where and how long to train, the optimizer's step size and decay
+# (applied to the restored optimizer), safety rules, logging, cadence and sample quality. Every
+# other key (architecture, diffusion, data, batch, seeds, EMA, precision) describes what the
+# checkpoint is, and a different value is refused.
+RESUME_CHANGEABLE = frozenset(name for name, m in META.items() if m["resume"])
+FOLLOW_DATASET = tuple(name for name, m in META.items() if m["follows_dataset"])
+ALIASES = {alias: name for name, m in META.items() for alias in m["aliases"]}
+VALUE_MAPS = {alias: m["alias_values"] for name, m in META.items() for alias in m["aliases"] if m["alias_values"]}
 
 
 def parse_bool(key, v):
@@ -251,6 +337,15 @@ def parse_value(key, v):
             v = [v]
         return [parse_scalar(key, inner, x) for x in v]
     return parse_scalar(key, typ, v)
+
+
+def alias_of(key):
+    """(this config's key, its ``VALUE_MAPS`` table or None) for another script's name of it;
+    raises ValueError with the conversion for a name whose meaning differs (``aliases.REFUSED``);
+    None for a name that is not an alias."""
+    if key in REFUSED:
+        raise ValueError(REFUSED[key])
+    return (ALIASES[key], VALUE_MAPS.get(key)) if key in ALIASES else None
 
 
 def unknown_key(key):
@@ -369,6 +464,14 @@ def _metavar(key):
     return "true|false" if typ is bool else typ.__name__.upper()
 
 
+def key_help(name, default):
+    """One key's ``--help`` line: its declared help, default, the other names it is read under."""
+    m = META[name]
+    aliases = ", ".join(f"--{a}" for a in m["aliases"])
+    return (f"{m['help']}; default {default!r}" + (" (follows --dataset when unset)" if m["follows_dataset"] else "")
+            + (f"; also read as {aliases}" if aliases else ""))
+
+
 def build_parser(defaults=None):
     """
     ``train.py``'s command line, one ``--key value`` option per ``TrainConfig`` field (as
@@ -382,13 +485,12 @@ def build_parser(defaults=None):
                      "[--key value ...]", allow_abbrev=False, exit_on_error=False, add_help=False,
                      formatter_class=lambda prog: argparse.HelpFormatter(prog, max_help_position=44, width=100))
     parser.add_argument("--config", metavar="FILE", help="YAML file of keys (default: none, i.e. the values below)")
-    group = parser.add_argument_group("keys (default)")
+    group = parser.add_argument_group("keys")
     for name in FIELDS:
         flag = TYPES[name] is bool
         group.add_argument(f"--{name}", type=_typed(name), default=defaults[name], metavar=_metavar(name),
                            nargs="?" if flag else None, const=True if flag else None,
-                           help=(f"({defaults[name]!r})" + (" follows --dataset when unset" if name in FOLLOW_DATASET
-                                                             else "")).replace("%", "%%"))
+                           help=key_help(name, defaults[name]).replace("%", "%%"))
     return parser
 
 
@@ -438,10 +540,9 @@ def load_config(argv: "list[str]") -> TrainConfig:
     return TrainConfig(**{**values, **follow_dataset(values, given)})
 
 
-# Keys whose defaults are the digits run's: a run on other data that sets none of them gets
-# values that fit its data instead (``follow_dataset``), so that
-# ``train.py --dataset imagefolder --data_dir D --image_size 32 --channels 3`` is a valid run.
-FOLLOW_DATASET = ("output_dir", "image_size", "channel_mult", "attention_resolutions", "class_cond")
+# The keys declared ``follows_dataset``: a run on other data that sets none of them gets values
+# that fit its data instead, so that ``train.py --dataset imagefolder --data_dir D --image_size 32
+# --channels 3`` is a valid run.
 
 
 def follow_dataset(values, given):
@@ -476,105 +577,6 @@ def help_text(argv=()):
     return build_parser(file_defaults(argv)).format_help()
 
 
-# diffusers' get_scheduler names (its SchedulerType, tests/test_schedules.py checks them)
-# without piecewise_constant, which needs rules no other key describes; and inverse_sqrt
-# (EDM2's decay), which diffusers does not have (unet.train.setup.inverse_sqrt_factor).
-LR_SCHEDULES = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial",
-                "inverse_sqrt")
-
-# unet.sample.sampling.SCHEDULERS, written here so that the config stays torch-free (a test
-# checks the two agree), and the feature spaces FID can be measured in.
-FID_SCHEDULERS = ("ddpm", "ddim", "dpm-solver++")
-FID_FEATURES = ("auto", "judge", "inception")
-
-CHOICES = {
-    "init": INIT_SCHEMES,
-    "norm": NORMS,
-    "mixed_precision": ("auto", "no", "fp16", "bf16"),
-    "memory_format": LAYOUTS,
-    "report_to": ("wandb", "tensorboard", "none"),
-    "noise_schedule": NOISE_SCHEDULES,
-    "schedule_sampler": SCHEDULE_SAMPLERS,
-    "fid_scheduler": FID_SCHEDULERS,
-    "fid_features": FID_FEATURES,
-    "lr_schedule": LR_SCHEDULES,
-    "verify_images": ("auto", "parallel", "lazy", "off"),
-}
-POSITIVE_INTS = ("max_steps", "batch_size", "grad_accum", "keep_checkpoints", "log_every", "num_samples",
-                 "image_size", "model_channels", "num_res_blocks", "max_nan_steps", "num_heads",
-                 "eval_batch_size", "divergence_window")
-NON_NEGATIVE_INTS = ("warmup_steps", "num_workers", "diagnostics_every", "eval_every", "cpu_threads",
-                     "checkpoint_every", "phema_every", "shuffle_buffer", "num_proc")
-NON_NEGATIVE_FLOATS = ("weight_decay", "grad_clip", "dropout", "divergence_factor", "max_minutes")
-INT_LIMIT = 2 ** 31  # step counts and sizes beyond this overflow int32 indices and int64 positions
-SEED_LIMIT = 2 ** 32  # numpy's seed range (accelerate's set_seed seeds numpy too)
-
-# Keys a resumed run may change: where and how long to train, the optimizer's step size
-# and decay (applied to the restored optimizer), safety rules, logging and cadence. Every
-# other key (architecture, diffusion, data, batch, seeds, EMA, precision) describes what
-# the checkpoint is, and a different value is refused.
-RESUME_CHANGEABLE = frozenset(
-    (
-        "output_dir",
-        "max_steps",
-        "max_minutes",
-        "lr",
-        "weight_decay",
-        "warmup_steps",
-        "grad_clip",
-        "grad_accum",
-        "checkpoint_every",
-        "keep_checkpoints",
-        "resume",
-        "overwrite",
-        "cpu_threads",
-        "compile",
-        "memory_format",
-        "max_nan_steps",
-        "divergence_factor",
-        "divergence_window",
-        "report_to",
-        "project",
-        "run_name",
-        "group",
-        "tags",
-        "log_every",
-        "diagnostics_every",
-        "eval_every",
-        "eval_batch_size",
-        "sample_every",
-        "num_samples",
-        "sample_steps",
-        "progress",
-        "data_dir",
-        "num_workers",
-        # sample quality during training: what is measured and how often, not what is trained
-        "fid_every",
-        "fid_num_samples",
-        "fid_ref",
-        "fid_features",
-        "fid_scheduler",
-        "fid_steps",
-        "fid_batch_size",
-        "kid_subset_size",
-        "keep_best_fid",
-        "fid_inception_weights",
-        # optimizer and schedule: applied to the restored optimizer and lr schedule (a new schedule
-        # or horizon sets the lr its formula gives at the restored step)
-        "lr_schedule",
-        "lr_cycles",
-        "lr_power",
-        "adam_beta1",
-        "adam_beta2",
-        "adam_eps",
-        "allow_tf32",
-        # data at scale: where the files are cached and how many processes check them
-        "cache_dir",
-        "num_proc",
-    )
-)
-
-
 class ConfigError(ValueError):
     """A bad key or value; its message is the one line the user sees."""
 
@@ -607,54 +609,52 @@ def check_heads(cfg):
         require(not bad, key, f"a divisor of every attention block's channels {sorted(set(chans))}", heads)
 
 
+def range_text(key):
+    """What a numeric key's declaration allows, in words (its ``allowed``, else from its bounds)."""
+    m = META[key]
+    if m["allowed"]:
+        return m["allowed"]
+    low, high = m["low"], m["high"]
+    if TYPES[key] is int:
+        return f"an integer >= {low} and < 2^31" if high == INT_LIMIT else f"an integer in [{low}, {high})"
+    if high is None:
+        return f"a finite number {'>' if m['open_low'] else '>='} {low:g}"
+    return f"a number in {'(' if m['open_low'] else '['}{low:g}, {high:g})"
+
+
+def in_range(key, v):
+    """``v`` within ``key``'s declared bounds (a float also finite)."""
+    m = META[key]
+    return (math.isfinite(v) and (v > m["low"] if m["open_low"] else v >= m["low"])
+            and (m["high"] is None or v < m["high"]))
+
+
 def check_numbers(cfg):
-    """Ranges of the numeric keys: finite floats, bounded ints, seeds numpy accepts."""
-    for key in POSITIVE_INTS:
-        require(1 <= getattr(cfg, key) < INT_LIMIT, key, "an integer >= 1 and < 2^31", getattr(cfg, key))
-    for key in NON_NEGATIVE_INTS:
-        require(0 <= getattr(cfg, key) < INT_LIMIT, key, "an integer >= 0 and < 2^31", getattr(cfg, key))
-    require(-1 <= cfg.sample_every < INT_LIMIT, "sample_every", "-1 (never), 0 (at the end) or a step interval",
-            cfg.sample_every)
-    require(0 <= cfg.seed < SEED_LIMIT, "seed", "an integer in [0, 2^32)", cfg.seed)
-    require(-1 <= cfg.data_seed < SEED_LIMIT, "data_seed", "-1 (same as seed) or an integer in [0, 2^32)",
-            cfg.data_seed)
-    require(math.isfinite(cfg.lr) and cfg.lr > 0, "lr", "a finite number > 0", cfg.lr)
-    for key in NON_NEGATIVE_FLOATS:
-        v = getattr(cfg, key)
-        require(math.isfinite(v) and v >= 0, key, "a finite number >= 0", v)
-    require(cfg.dropout < 1, "dropout", "a number in [0, 1)", cfg.dropout)
-    require(0 <= cfg.eval_fraction < 1, "eval_fraction", "a number in [0, 1)", cfg.eval_fraction)
+    """Every numeric key within its declared range, then the lists: EMA rates in (0, 1)."""
+    for key, m in META.items():
+        if m["low"] is not None:
+            require(in_range(key, getattr(cfg, key)), key, range_text(key), getattr(cfg, key))
     require(len(cfg.ema_rates) >= 1 and all(0 < r < 1 for r in cfg.ema_rates), "ema_rates",
             "one or more rates in (0, 1), e.g. 0.9999,0.999", cfg.ema_rates)
-    require(0 <= cfg.class_dropout_prob < 1, "class_dropout_prob", "a number in [0, 1)", cfg.class_dropout_prob)
     check_optimizer(cfg)
 
 
 def check_optimizer(cfg):
-    """Adam's betas in [0, 1) and eps > 0 (torch's own ranges), the schedule's shape, and
-    post-hoc EMA profiles that have an exponent (``unet.train.phema``: sigma_rel < 12^-1/2)."""
-    for key in ("adam_beta1", "adam_beta2"):
-        v = getattr(cfg, key)
-        require(math.isfinite(v) and 0 <= v < 1, key, "a number in [0, 1)", v)
-    require(math.isfinite(cfg.adam_eps) and cfg.adam_eps > 0, "adam_eps", "a finite number > 0", cfg.adam_eps)
-    require(1 <= cfg.lr_cycles < INT_LIMIT, "lr_cycles", "an integer >= 1", cfg.lr_cycles)
-    require(math.isfinite(cfg.lr_power) and cfg.lr_power > 0, "lr_power", "a finite number > 0", cfg.lr_power)
+    """Post-hoc EMA profiles that have an exponent (``unet.train.phema``: sigma_rel < 12^-1/2);
+    Adam's own ranges are declared with its keys."""
     sig = cfg.phema_sigma_rels
     require(len(sig) >= 1 and len(set(sig)) == len(sig) and all(0 < s < 12 ** -0.5 for s in sig),
             "phema_sigma_rels", "one or more distinct numbers in (0, 0.2887), e.g. 0.05,0.10", sig)
 
 
 def check_diffusion(cfg):
-    """Enough steps to diffuse and to sample, and a respacing of them that exists."""
-    require(2 <= cfg.diffusion_steps < INT_LIMIT, "diffusion_steps", "an integer >= 2", cfg.diffusion_steps)
+    """Enough steps for the linear schedule, and a respacing of them that exists."""
     # improved-diffusion's linear betas end at 0.02 * 1000 / T: 1 or more (every loss NaN) for T <= 20.
     require(cfg.noise_schedule != "linear" or cfg.diffusion_steps > 20, "diffusion_steps",
             "an integer > 20 with the linear noise_schedule (its last beta, 20 / diffusion_steps, must be < 1)",
             cfg.diffusion_steps)
     why = respacing_error(cfg.timestep_respacing, cfg.diffusion_steps)
     require(why is None, "timestep_respacing", why, cfg.timestep_respacing)
-    require(2 <= cfg.sample_steps < INT_LIMIT, "sample_steps", "an integer >= 2 (respaced sampling steps)",
-            cfg.sample_steps)
 
 
 def check_model(cfg):
@@ -684,16 +684,11 @@ def check_model(cfg):
 
 
 def check_fid(cfg):
-    """Sample-quality keys: enough samples for a covariance and for KID's subsets, the judge
+    """Sample-quality keys: enough samples for KID's subsets, the judge
     only for 1-channel images. (The reference itself is read, and
     checked against the image shape, when the run starts: ``unet.train.quality``.)"""
-    require(0 <= cfg.fid_every < INT_LIMIT, "fid_every", "an integer >= 0 (0 = off)", cfg.fid_every)
-    require(2 <= cfg.kid_subset_size < INT_LIMIT, "kid_subset_size", "an integer >= 2", cfg.kid_subset_size)
     require(cfg.kid_subset_size <= cfg.fid_num_samples < INT_LIMIT, "fid_num_samples",
             f"an integer >= 2 and >= kid_subset_size ({cfg.kid_subset_size})", cfg.fid_num_samples)
-    require(1 <= cfg.fid_batch_size < INT_LIMIT, "fid_batch_size", "an integer >= 1", cfg.fid_batch_size)
-    require(1 <= cfg.fid_steps < INT_LIMIT, "fid_steps", "an integer >= 1 (at most diffusion_steps are taken)",
-            cfg.fid_steps)
     require(cfg.fid_features != "judge" or cfg.channels == 1, "fid_features",
             "auto or inception for RGB images (the digit judge reads 1-channel digits)", cfg.fid_features)
 
