@@ -81,12 +81,17 @@ def load_reference(cfg, extractor):
 
 def sample_quality(ref, extractor, digits, images, labels, kid_subset_size, seed=0):
     """
-    ``metrics.quality`` of ``images`` (NHWC uint8) in ``extractor``'s features against ``ref``,
-    and with the digit judge (``digits``, a ``DigitReference``, or None) its Frechet distance,
+    ``metrics.quality`` of ``images`` (NHWC uint8) in ``extractor``'s features against ``ref``
+    (with the Inception Score when the extractor also gives class logits, as ``InceptionFeatures``
+    does), and with the digit judge (``digits``, a ``DigitReference``, or None) its Frechet distance,
     real-vs-real floor and accuracy on ``labels`` as ``judge_fd``, ``judge_fd_floor``,
     ``judge_accuracy``: what training logs and ``evaluate.py fid`` prints.
     """
-    m = quality(ref, extractor.features(images), kid_subset_size, seed=seed)
+    if hasattr(extractor, "features_and_logits"):
+        features, logits = extractor.features_and_logits(images)
+    else:
+        features, logits = extractor.features(images), None
+    m = quality(ref, features, kid_subset_size, seed=seed, logits=logits)
     if digits is not None:
         judged = digit_quality(images, labels, seed=seed, reference=digits)
         m.update({f"judge_{k}": judged[k] for k in ("accuracy", "fd", "fd_floor") if k in judged})
