@@ -131,3 +131,29 @@ def test_two_processes_give_the_fid_of_one(fid_run, tmp_path, capsys):
         assert two[key] == pytest.approx(one[key], rel=1e-9, abs=1e-12), key
     assert two["n"] == one["n"] == 30
     assert "between 2 and" in refused(evaluate_main, [*args[:-1], "--kid_subset_size", "31"], capsys)
+
+
+def test_an_inception_download_that_fails_is_one_line_and_training_goes_on(tmp_path, monkeypatch, capsys):
+    """``fid_download_inception`` with no network: the real download (to a closed local port, as an
+    offline machine refuses it) fails once, in one line; the run trains without measuring."""
+    import functools
+
+    import torch
+
+    monkeypatch.setattr(torch.hub, "_hub_dir", str(tmp_path / "hub"))  # an empty cache
+    real = quality.ensure_inception_weights
+    monkeypatch.setattr(quality, "ensure_inception_weights",
+                        functools.partial(real, url="http://127.0.0.1:9/pt_inception.pth", timeout=5))
+    cfg = TrainConfig(output_dir=str(tmp_path / "run"), max_steps=2, batch_size=8, num_res_blocks=1,
+                      diffusion_steps=20, report_to="none", progress=False, eval_every=0, sample_every=-1,
+                      diagnostics_every=0, fid_every=1, fid_features="inception", fid_download_inception=True)
+    summary = train(cfg)
+    assert summary["steps"] == 2 and summary["stop_reason"] == "max_steps"
+    out = capsys.readouterr().out
+    tried = [line for line in out.splitlines() if line.startswith("downloading the Inception weights")]
+    failed = [line for line in out.splitlines() if "Inception" in line and "could not" in line.lower()]
+    assert len(tried) == 1 and len(failed) == 1, out
+    from unet.evaluation.fid import INCEPTION_FILE
+
+    assert not (tmp_path / "hub" / "checkpoints" / INCEPTION_FILE).exists()  # no partial file left
+    assert "this run logs no eval/fid" in out

@@ -106,7 +106,9 @@ def features_args(p):
                    help="feature space: the digit judge (1-channel digits) or Inception (torch-fidelity); auto: the "
                    "judge for digits / 1-channel images, else Inception")
     p.add_argument("--inception_weights", default=None, help="Inception weights file (default: torch-fidelity's "
-                   "cache path; nothing is downloaded)")
+                   "cache path)")
+    p.add_argument("--download_inception", action="store_true", help="download Inception's weights into the "
+                   "cache when missing (without it nothing is downloaded)")
 
 
 def ref_args(p):
@@ -199,7 +201,8 @@ def run_ref(args):
         cfg = TrainConfig.load(args.data)
         images, _ = split_uint8(cfg, args.split)
     space = resolve_space(args.features, images.shape[1:], cfg)
-    extractor, _ = extractor_for(space, tuple(images.shape[1:]), args.inception_weights, cfg=cfg)
+    extractor, _ = extractor_for(space, tuple(images.shape[1:]), args.inception_weights, cfg=cfg,
+                                 download=args.download_inception)
     ref = Reference(extractor.name, tuple(images.shape[1:]), extractor.features(images))
     save_reference(args.out, ref)
     print(f"wrote {args.out}: {len(images)} images of {'x'.join(map(str, images.shape[1:]))}, features "
@@ -227,7 +230,8 @@ def run_fid(args):
     shape = (loaded.image_size, loaded.image_size, loaded.model.in_channels) if loaded else tuple(images.shape[1:])
     accelerator = device_accelerator() if loaded else None
     extractor, digits = extractor_for(resolve_space(args.features, shape, cfg), shape, args.inception_weights,
-                                      accelerator.device if accelerator else "cpu", cfg)
+                                      accelerator.device if accelerator else "cpu", cfg,
+                                      download=args.download_inception)
     ref, line = reference_from(args.ref, extractor)  # before sampling: a bad reference costs nothing
     n = args.num_samples if loaded else len(images)
     subset = args.kid_subset_size or min(1000, n, len(ref.features))

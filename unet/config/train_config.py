@@ -150,6 +150,9 @@ class TrainConfig:
     keep_best_fid: bool = key(False, "copy the checkpoint with the lowest FID to output_dir/best", resume=True)
     fid_inception_weights: str = key("", "Inception weights file; \"\" = torch-fidelity's cache path",
                                      resume=True)
+    fid_download_inception: bool = key(False, "download Inception's weights into the cache when missing (the "
+                                       "network is used only then; offline: one line, training goes on)",
+                                       resume=True)
     # --- data ---
     dataset: str = key("digits", "digits | fashion_mnist | idx (data_dir) | imagefolder (data_dir) | webdataset "
                        "| parquet | a hub name", aliases=("dataset_name",))

@@ -30,17 +30,18 @@ def inception_weights_path(weights=None):
     return weights or os.path.join(torch.hub.get_dir(), "checkpoints", INCEPTION_FILE)
 
 
-def fid_unavailable_reason(weights=None):
-    """None when torch-fidelity and its Inception weights are present, else why not (one line)."""
+def fid_unavailable_reason(weights: "str | None" = None, download: bool = False, log=print) -> "str | None":
+    """None when torch-fidelity and its Inception weights are present (fetched first if ``download``
+    and missing: ``ensure_inception_weights``), else why not (one line)."""
     try:
         import torch_fidelity  # noqa: F401
     except ImportError:
         return ("Inception FID unavailable: torch-fidelity is not installed (pip install -e '.[fid]'; it needs "
                 "torchvision); digit samples are measured in the digit judge's features instead (--features judge)")
-    path = inception_weights_path(weights)
-    if not os.path.isfile(path):
-        return (f"Inception FID unavailable: its weights are not at {path} and nothing is downloaded here; copy "
-                f"{INCEPTION_FILE} there or give its path (--inception_weights / fid_inception_weights)")
+    _, why = ensure_inception_weights(weights, download, log)
+    if why:
+        return (f"Inception FID unavailable: {why} (--download_inception / fid_download_inception; "
+                "--inception_weights / fid_inception_weights)")
     return None
 
 
@@ -108,8 +109,8 @@ class InceptionFeatures:
     :param image_shape: (H, W, C) of the images it will be given (Inception resizes them itself).
     """
 
-    def __init__(self, image_shape, weights=None, device="cpu", batch_size=100):
-        reason = fid_unavailable_reason(weights)
+    def __init__(self, image_shape, weights=None, device="cpu", batch_size=100, download=False):
+        reason = fid_unavailable_reason(weights, download)
         if reason:
             raise ReferenceError(reason)
         from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3

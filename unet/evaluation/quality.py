@@ -56,18 +56,19 @@ def feature_space(cfg):
     return "judge" if cfg.dataset in JUDGED and cfg.channels == 1 else "inception"
 
 
-def extractor_for(space, image_shape, weights=None, device="cpu", cfg=None, log=print):
+def extractor_for(space, image_shape, weights=None, device="cpu", cfg=None, log=print, download=False):
     """(feature extractor, ``DigitReference`` or None) for feature space "judge" or "inception"
     and images of ``image_shape`` (H, W, C); a missing Inception or judge is a ``ReferenceError``.
 
-    :param cfg: the training config whose data the judge knows (None: the digits)."""
+    :param cfg: the training config whose data the judge knows (None: the digits).
+    :param download: Inception's weights may be downloaded into the cache when missing."""
     if space == "judge":
         if image_shape[-1] != 1:
             raise ReferenceError(f"the judges read 1-channel images, these have {image_shape[-1]} "
                                  "channels: use --features inception")
         digits = digit_reference(int(image_shape[0])) if cfg is None else judge_reference(cfg, log)
         return digits.judge, digits
-    return InceptionFeatures(image_shape, weights, device), None
+    return InceptionFeatures(image_shape, weights, device, download=download), None
 
 
 def load_reference(cfg, extractor):

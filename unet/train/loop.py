@@ -360,6 +360,7 @@ def train(cfg: TrainConfig, hooks: Iterable[Callable] = (), stop_signals: bool =
         log = print if accelerator.is_main_process else (lambda *a, **k: None)
         # The FID reference is read and checked before any training work (its saved history
         # is restored with the rest of the run's parts).
+        quality.fetch_inception(cfg, accelerator, log)  # once per machine, before any process looks for it
         measures = quality.prepare(cfg, accelerator.device, log)
         if accelerator.is_main_process:
             tidy(cfg.output_dir, stale, log)

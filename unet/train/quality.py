@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 import torch
 
 from unet.config import ConfigError
-from unet.evaluation.fid import fid_unavailable_reason
+from unet.evaluation.fid import ensure_inception_weights, fid_unavailable_reason
 from unet.evaluation.metrics import Reference, ReferenceError
 from unet.evaluation.quality import extractor_for, feature_space, load_reference, sample_quality
 from unet.sample.sampling import generate, null_class_label
@@ -57,6 +57,19 @@ class Quality:
         self.history = list(state.get("history", []))
         self.best_fid = math.inf if state.get("best_fid") is None else state["best_fid"]
         self.best_step = state.get("best_step")
+
+
+def fetch_inception(cfg, accelerator, log) -> None:
+    """With ``fid_download_inception``, Inception's weights downloaded into the cache if missing, by
+    one process per machine while the others wait, so that every process then finds the same file
+    (or none: ``prepare`` then turns measuring off on every process alike). A failed download is one
+    line; training goes on."""
+    wanted = cfg.fid_download_inception and cfg.fid_every and feature_space(cfg) == "inception"
+    if wanted and accelerator.is_local_main_process:
+        _, why = ensure_inception_weights(cfg.fid_inception_weights or None, download=True, log=log)
+        if why:
+            log(why)
+    accelerator.wait_for_everyone()
 
 
 def prepare(cfg, device, log, saved=None):
@@ -102,7 +115,8 @@ def measure(run):
                               min(cfg.fid_steps, cfg.diffusion_steps), cfg.fid_batch_size, seed=run.data_seed,
                               accelerator=run.accelerator, progress=False, null_label=null_class_label(cfg))
     m = sample_quality(q.reference, q.extractor, q.digits, images, labels, cfg.kid_subset_size)
-    keys = ("fid", "kid", "kid_std", "precision", "recall", "judge_fd", "judge_fd_floor", "judge_accuracy")
+    keys = ("fid", "kid", "kid_std", "precision", "recall", "inception_score", "inception_score_std", "judge_fd",
+            "judge_fd_floor", "judge_accuracy")
     return {f"eval/{k}": m[k] for k in keys if k in m}
 
 
