@@ -92,7 +92,7 @@ def check_judge_args(args):
         raise ValueError("--judge_samples must be at least 2 (the Frechet distance fits a covariance) "
                          "and --judge_batch at least 1")
     if args.json:
-        from evaluate import check_output_file
+        from unet.cli.evaluate import check_output_file
 
         check_output_file(args.json, "--json")
 

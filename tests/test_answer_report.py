@@ -123,7 +123,7 @@ def test_the_shipped_grid_is_the_preregistered_design():
 
 @pytest.mark.skipif(not os.path.isfile(SHIPPED), reason="the fashion grid's report is not committed yet")
 def test_the_shipped_report_rebuilds_byte_identical_from_its_runs(tmp_path):
-    from ablation import main
+    from unet.cli.ablation import main
 
     with gzip.open(FASHION, "rt") as f:
         runs = json.load(f)["runs"]

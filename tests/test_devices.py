@@ -24,7 +24,7 @@ def test_commands_use_any_accelerator_torch_has_not_only_cuda(monkeypatch):
 
 def test_sample_and_evaluate_pick_the_device_through_the_one_rule():
     for script in ("sample.py", "evaluate.py"):
-        with open(script) as f:
+        with open(f"unet/cli/{script}") as f:
             text = f.read()
         assert "device_accelerator()" in text and "cuda.is_available" not in text, script
 

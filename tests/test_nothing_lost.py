@@ -99,7 +99,7 @@ def test_an_emptied_config_yaml_is_one_line_for_sample_export_and_resume(phema_r
     open(os.path.join(latest, "config.yaml"), "w").close()
     line = refused(sample_script.main, ["--checkpoint", run, "--out", str(tmp_path / "s")], capsys)
     assert "config.yaml is 0 bytes, its manifest says" in line
-    import export as export_script
+    from unet.cli import export as export_script
     line = refused(export_script.main, [run, str(tmp_path / "e")], capsys)
     assert "config.yaml is 0 bytes" in line
     cfg = tiny(run, max_steps=6, phema_every=1, resume="auto")
@@ -309,7 +309,7 @@ def test_push_uploads_only_the_export_and_the_card_has_no_local_paths(small_chec
     from huggingface_hub import HfApi
     from huggingface_hub.utils import filter_repo_objects
 
-    import export as export_script
+    from unet.cli import export as export_script
 
     uploaded = []
 
@@ -425,7 +425,7 @@ def test_a_bad_config_yaml_for_sample_is_one_line(tmp_path, capsys):
 
 
 def test_a_truncated_samples_npz_is_one_line(tmp_path, capsys):
-    import evaluate as evaluate_script
+    from unet.cli import evaluate as evaluate_script
 
     np.savez(tmp_path / "samples.npz", arr_0=np.zeros((4, 8, 8, 1), np.uint8))
     data = (tmp_path / "samples.npz").read_bytes()

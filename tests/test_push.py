@@ -98,3 +98,71 @@ def test_bad_hub_flags_are_one_line_exit_2_before_work(run_dir, hub, tmp_path, c
     out = tmp_path / "never"
     assert words in refused(main, [run_dir, str(out), *argv], capsys)
     assert not out.exists() and hub == []
+
+
+# --- pushing while training (push_to_hub, hub_model_id) ------------------------------------
+
+def _tiny_run(tmp_path, **keys):
+    return TrainConfig(output_dir=str(tmp_path / "run"), max_steps=4, checkpoint_every=2, batch_size=8,
+                       num_res_blocks=1, diffusion_steps=20, report_to="none", progress=False, eval_every=0,
+                       sample_every=-1, fid_every=0, diagnostics_every=0, **keys)
+
+
+def test_training_pushes_every_checkpoint(tmp_path, hub, capsys):
+    from unet.train.loop import train
+
+    summary = train(_tiny_run(tmp_path, push_to_hub=True, hub_model_id="someone/digits-live", hub_private=True))
+    assert summary["steps"] == 4
+    repo = "someone/digits-live"
+    assert [c[:2] for c in hub] == [("create_repo", repo), ("upload_folder", repo)] * 2
+    assert hub[0][2]["private"] is True
+    pipe = tmp_path / "run" / "pipeline"
+    assert hub[1][2]["folder_path"] == str(pipe) and "unet/diffusion_pytorch_model.safetensors" in hub[1][2]["files"]
+    assert "someone/digits-live" in (pipe / "README.md").read_text()  # the card loads it from the hub
+    out = capsys.readouterr().out
+    assert "pushed checkpoint_00000002 to https://huggingface.co/someone/digits-live" in out
+    assert "pushed checkpoint_00000004" in out
+
+
+def test_offline_training_says_so_once_and_trains(tmp_path, monkeypatch, capsys):
+    from huggingface_hub import constants
+
+    from unet.train.loop import train
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setenv("HF_TOKEN", "hf_test_token_not_sent")
+    summary = train(_tiny_run(tmp_path, push_to_hub=True, hub_model_id="someone/digits-live"))
+    assert summary["steps"] == 4 and summary["stop_reason"] == "max_steps"
+    lines = [line for line in capsys.readouterr().out.splitlines() if "push_to_hub" in line]
+    assert lines == ["push_to_hub: the Hugging Face hub is in offline mode (HF_HUB_OFFLINE); checkpoints stay local, "
+                     "training goes on"]
+    assert not (tmp_path / "run" / "pipeline").exists()
+
+
+def test_a_push_that_fails_on_the_network_is_one_line_per_checkpoint(tmp_path, monkeypatch, capsys):
+    """A real connection refused (the hub endpoint pointed at a closed local port)."""
+    from huggingface_hub import constants
+
+    from unet.train.loop import train
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(constants, "ENDPOINT", "http://127.0.0.1:9")
+    monkeypatch.setenv("HF_TOKEN", "hf_test_token_not_sent")
+    summary = train(_tiny_run(tmp_path, push_to_hub=True, hub_model_id="someone/digits-live"))
+    assert summary["steps"] == 4 and summary["stop_reason"] == "max_steps"
+    failed = [line for line in capsys.readouterr().out.splitlines() if line.startswith("push_to_hub: ")]
+    assert len(failed) == 2 and all("push to someone/digits-live failed" in f and "training goes on" in f
+                                    for f in failed), failed
+    assert (tmp_path / "run" / "pipeline" / "model_index.json").is_file()  # the export is kept locally
+
+
+@pytest.mark.parametrize("keys,words", [
+    (dict(push_to_hub=True), "config key 'hub_model_id'"),
+    (dict(push_to_hub=True, hub_model_id="no-slash"), "config key 'hub_model_id'"),
+    (dict(hub_model_id="someone/x"), "config key 'push_to_hub'"),
+])
+def test_hub_keys_are_checked_before_anything_starts(keys, words):
+    from unet.config import ConfigError
+
+    with pytest.raises(ConfigError, match=words):
+        TrainConfig(**keys)

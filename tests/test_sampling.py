@@ -338,7 +338,7 @@ def no_sampling(*args, **kwargs):
 def test_sample_cli_refuses_an_out_it_cannot_write_before_sampling(run_dir, tmp_path, capsys, monkeypatch, below):
     (tmp_path / "file").write_text("x")
     out = tmp_path / "file" / below if below else tmp_path / "file"
-    monkeypatch.setattr("sample.generate", no_sampling)
+    monkeypatch.setattr("unet.cli.sample.generate", no_sampling)
     message = refused(main, ["--checkpoint", str(run_dir), "--out", str(out)], capsys)
     assert message.startswith(f"error: --out {out}: cannot create the output folder")
     assert (tmp_path / "file").read_text() == "x"
@@ -348,8 +348,8 @@ def test_sample_cli_refuses_a_read_only_out_before_sampling(run_dir, tmp_path, c
     """A folder this user may not write (simulated through os.access: root, who runs the CI
     here, may write anywhere)."""
     (tmp_path / "ro").mkdir()
-    monkeypatch.setattr("sample.generate", no_sampling)
-    monkeypatch.setattr("sample.os.access", lambda path, mode: os.path.abspath(path) != str(tmp_path / "ro"))
+    monkeypatch.setattr("unet.cli.sample.generate", no_sampling)
+    monkeypatch.setattr("unet.cli.sample.os.access", lambda path, mode: os.path.abspath(path) != str(tmp_path / "ro"))
     message = refused(main, ["--checkpoint", str(run_dir), "--out", str(tmp_path / "ro")], capsys)
     assert message == f"error: --out {tmp_path / 'ro'}: the output folder is not writable"
 

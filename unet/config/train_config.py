@@ -153,6 +153,11 @@ class TrainConfig:
     fid_download_inception: bool = key(False, "download Inception's weights into the cache when missing (the "
                                        "network is used only then; offline: one line, training goes on)",
                                        resume=True)
+    # --- the hub ---
+    push_to_hub: bool = key(False, "export each checkpoint as a diffusers pipeline and upload it to hub_model_id",
+                            resume=True)
+    hub_model_id: str = key("", "the hub repository pushed to, USER/NAME", resume=True)
+    hub_private: bool = key(False, "create the hub repository private", resume=True)
     # --- data ---
     dataset: str = key("digits", "digits | fashion_mnist | idx (data_dir) | imagefolder (data_dir) | webdataset "
                        "| parquet | a hub name", aliases=("dataset_name",))
@@ -716,6 +721,15 @@ def validate(cfg):
     require(not (cfg.streaming and cfg.dataset in IN_MEMORY), "streaming", f"false with dataset={cfg.dataset} "
             "(read into memory)", cfg.streaming)
     check_mnist_family(cfg)
+    check_hub(cfg)
+
+
+def check_hub(cfg):
+    """``push_to_hub`` needs a repository USER/NAME; the hub keys need ``push_to_hub``."""
+    require(not cfg.push_to_hub or re.fullmatch(r"[\w.-]+/[\w.-]+", cfg.hub_model_id), "hub_model_id",
+            "a hub repository USER/NAME with push_to_hub", cfg.hub_model_id)
+    require(cfg.push_to_hub or not (cfg.hub_model_id or cfg.hub_private), "push_to_hub",
+            "true when hub_model_id or hub_private is set", cfg.push_to_hub)
 
 
 IN_MEMORY = ("digits", "fashion_mnist", "idx")

@@ -39,7 +39,7 @@ from unet.sample.sampling import generate
 from unet.utils.devices import any_process
 from unet.utils.images import image_grid, save_png
 
-from . import diagnostics, phema, quality
+from . import diagnostics, hub, phema, quality
 from .checkpoint import RunLock, plan, restore, run_state, save_checkpoint, tidy
 from .factory import create_diffusion_from_config, create_model
 from .preemption import StopSignals
@@ -81,6 +81,7 @@ class Run:
     layout: str = "contiguous"  # the memory format it trains in (unet.core.model.resolve_layout)
     quality: "quality.Quality | None" = None  # sample quality every fid_every steps, or None
     phema: "phema.PowerEMA | None" = None  # post-hoc EMA's power EMAs (main process, phema_every > 0)
+    hub: "hub.HubPush | None" = None  # push_to_hub: each checkpoint exported and uploaded (main process)
 
 
 class TrainSummary(TypedDict):
@@ -253,6 +254,8 @@ def maybe_checkpoint(run, state, record, stop, log, force=False, last_good=False
     train_state = {**run_state(run, state), "step": done}
     state.last_checkpoint = save_checkpoint(run.accelerator, cfg.output_dir, done, cfg, run.model, run.emas,
                                             train_state, cfg.keep_checkpoints)
+    if run.hub:
+        run.hub.push(state.last_checkpoint)
 
 
 def maybe_log(run, state, bar):
@@ -295,7 +298,8 @@ def build_run(cfg, accelerator, log, resume_path=None):
     return Run(cfg=cfg, accelerator=accelerator, data=data, model=model, raw=raw, train_model=train_model,
                diffusion=diffusion, sampler=sampler, optimizer=optimizer, scheduler=scheduler, emas=emas,
                data_seed=cfg.seed if cfg.data_seed < 0 else cfg.data_seed, log=log, layout=layout,
-               phema=phema.make(cfg, raw.parameters(), accelerator.is_main_process))
+               phema=phema.make(cfg, raw.parameters(), accelerator.is_main_process),
+               hub=hub.make(cfg, accelerator.is_main_process, log))
 
 
 def make_ema(params, rate, warmup=True):
