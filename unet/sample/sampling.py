@@ -14,12 +14,22 @@ is replaced by ``guidance.guided_output`` of one batched pass over [cond; null l
 the same rule the exported pipeline applies.
 """
 
+import inspect
 import math
 
 import numpy as np
 import torch
 from accelerate.utils import gather_object
-from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
+from diffusers import (
+    DDIMScheduler,
+    DDPMScheduler,
+    DEISMultistepScheduler,
+    DPMSolverMultistepScheduler,
+    EulerAncestralDiscreteScheduler,
+    EulerDiscreteScheduler,
+    HeunDiscreteScheduler,
+    UniPCMultistepScheduler,
+)
 from diffusers.utils.torch_utils import randn_tensor
 from tqdm.auto import tqdm
 
@@ -29,7 +39,14 @@ from unet.utils.images import to_uint8
 
 from .guidance import guided_output, scheduler_input
 
-SCHEDULERS = ("ddpm", "ddim", "dpm-solver++")
+# improved-DDPM's ancestral sampler, then the diffusers schedulers that take this model's output as
+# it is (epsilon, or x_0 with predict_xstart; the learned-variance channels sliced off) and can clip
+# x_0: DDIM, the multistep solvers and the stochastic DPM-Solver++. diffusers' sigma samplers (Euler,
+# Euler ancestral, Heun) cannot clip, and from the cosine schedule's last sigma (about 2e4) they gave
+# noise on the digits model (docs/measurements/sampling.md), so they are not offered.
+SCHEDULERS = ("ddpm", "ddim", "dpm-solver++", "dpm-solver++-sde", "unipc", "deis", "euler", "euler-ancestral",
+              "heun")
+
 
 
 # --- schedulers ----------------------------------------------------------------------
@@ -76,16 +93,25 @@ def make_scheduler(name, diffusion_kwargs):
     if name == "ddim":
         # set_alpha_to_one: the last step lands on alpha-bar = 1, as the original's DDIM does.
         return DDIMScheduler(**common, clip_sample=True, set_alpha_to_one=True)
-    if name == "dpm-solver++":
-        # variance_type stays None: with it set, diffusers keeps channels [:, :3], wrong for
-        # 1- or 4-channel images; ``scheduler_input`` drops the variance channels instead.
-        # x_0 is clipped to [-1, 1] as in the other two (thresholding with a maximum of 1 is a
-        # plain clip); without it, our cosine-schedule digits model gives saturated noise at 20
-        # steps. diffusers asks for lambda_min_clipped with the cosine schedule.
+    # x_0 is clipped to [-1, 1] wherever the scheduler can (thresholding with a maximum of 1 is a
+    # plain clip); without it, our cosine-schedule digits model gives saturated noise with
+    # DPM-Solver++ at 20 steps. No variance_type: with it set, diffusers' DPM-Solver keeps
+    # channels [:, :3], wrong for 1- or 4-channel images; ``scheduler_input`` slices instead.
+    clip = dict(thresholding=True, sample_max_value=1.0)
+    if name in ("dpm-solver++", "dpm-solver++-sde"):
+        # diffusers asks for lambda_min_clipped with the cosine schedule.
         cosine = diffusion_kwargs.get("noise_schedule") == "cosine"
-        return DPMSolverMultistepScheduler(**common, algorithm_type="dpmsolver++", solver_order=2,
-                                           thresholding=True, sample_max_value=1.0,
+        algorithm = "dpmsolver++" if name == "dpm-solver++" else "sde-dpmsolver++"
+        return DPMSolverMultistepScheduler(**common, **clip, solver_order=2, algorithm_type=algorithm,
                                            lambda_min_clipped=-5.1 if cosine else -float("inf"))
+    if name == "unipc":
+        return UniPCMultistepScheduler(**common, **clip, solver_order=2)
+    if name == "deis":
+        return DEISMultistepScheduler(**common, **clip, solver_order=2)
+    sigma_schedulers = {"euler": EulerDiscreteScheduler, "euler-ancestral": EulerAncestralDiscreteScheduler,
+                        "heun": HeunDiscreteScheduler}
+    if name in sigma_schedulers:
+        return sigma_schedulers[name](**common)
     raise ValueError(f"unknown scheduler {name!r}; valid: {', '.join(SCHEDULERS)}")
 
 
@@ -104,7 +130,7 @@ def float64_schedule(scheduler, diffusion_kwargs):
 def model_timesteps(t, diffusion_kwargs, batch_size):
     """The timesteps the model is called with at scheduler step ``t`` (an original-process
     index): scaled to [0, 1000) when the model was trained with ``rescale_timesteps``."""
-    t = torch.full((batch_size,), int(t), dtype=torch.long)
+    t = torch.full((batch_size,), round(float(t)), dtype=torch.long)  # sigma schedulers' t is fractional
     return scale_timesteps(t, diffusion_kwargs.get("steps", 1000), diffusion_kwargs.get("rescale_timesteps", False))
 
 
@@ -224,14 +250,16 @@ def sample_batch(model, scheduler, diffusion_kwargs, steps, shape, generators, y
     """
     scheduler.set_timesteps(steps)  # its timesteps and sigmas stay on the CPU: indexing them syncs nothing
     gens = device_generators(generators, device)
-    x = randn_tensor(shape, generator=gens, device=torch.device(device))
+    x = randn_tensor(shape, generator=gens, device=torch.device(device)) * scheduler.init_noise_sigma
+    # the stochastic steps draw their noise from the per-sample generators (UniPC and DEIS take none)
+    noise = {"generator": gens} if "generator" in inspect.signature(scheduler.step).parameters else {}
     # What the model is given goes to the device once per batch; every step then runs there,
     # scheduler update and noise included, and the images come back once at the end.
     y = None if y is None else y.to(device)
     times = torch.stack([model_timesteps(t, diffusion_kwargs, shape[0]) for t in scheduler.timesteps]).to(device)
     for t, model_t in zip(scheduler.timesteps, times):
         out = model_output(model, scheduler.scale_model_input(x, t), model_t, y, null_label, guidance_scale)
-        x = scheduler.step(scheduler_input(out, shape[1], scheduler), t, x, generator=gens).prev_sample
+        x = scheduler.step(scheduler_input(out, shape[1], scheduler), t, x, **noise).prev_sample
         if progress is not None:
             progress.update(1)
     return x.cpu()
