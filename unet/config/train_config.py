@@ -38,8 +38,7 @@ LR_SCHEDULES = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_
 
 # unet.sample.sampling.SCHEDULERS, written here so that the config stays torch-free (a test
 # checks the two agree), and the feature spaces FID can be measured in.
-FID_SCHEDULERS = ("ddpm", "ddim", "dpm-solver++", "dpm-solver++-sde", "unipc", "deis", "euler", "euler-ancestral",
-                  "heun")
+FID_SCHEDULERS = ("ddpm", "ddim", "dpm-solver++", "dpm-solver++-sde", "unipc", "deis")
 FID_FEATURES = ("auto", "judge", "inception")
 
 

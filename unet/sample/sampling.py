@@ -25,9 +25,6 @@ from diffusers import (
     DDPMScheduler,
     DEISMultistepScheduler,
     DPMSolverMultistepScheduler,
-    EulerAncestralDiscreteScheduler,
-    EulerDiscreteScheduler,
-    HeunDiscreteScheduler,
     UniPCMultistepScheduler,
 )
 from diffusers.utils.torch_utils import randn_tensor
@@ -44,8 +41,7 @@ from .guidance import guided_output, scheduler_input
 # x_0: DDIM, the multistep solvers and the stochastic DPM-Solver++. diffusers' sigma samplers (Euler,
 # Euler ancestral, Heun) cannot clip, and from the cosine schedule's last sigma (about 2e4) they gave
 # noise on the digits model (docs/measurements/sampling.md), so they are not offered.
-SCHEDULERS = ("ddpm", "ddim", "dpm-solver++", "dpm-solver++-sde", "unipc", "deis", "euler", "euler-ancestral",
-              "heun")
+SCHEDULERS = ("ddpm", "ddim", "dpm-solver++", "dpm-solver++-sde", "unipc", "deis")
 
 
 
@@ -108,10 +104,6 @@ def make_scheduler(name, diffusion_kwargs):
         return UniPCMultistepScheduler(**common, **clip, solver_order=2)
     if name == "deis":
         return DEISMultistepScheduler(**common, **clip, solver_order=2)
-    sigma_schedulers = {"euler": EulerDiscreteScheduler, "euler-ancestral": EulerAncestralDiscreteScheduler,
-                        "heun": HeunDiscreteScheduler}
-    if name in sigma_schedulers:
-        return sigma_schedulers[name](**common)
     raise ValueError(f"unknown scheduler {name!r}; valid: {', '.join(SCHEDULERS)}")
 
 
@@ -130,7 +122,7 @@ def float64_schedule(scheduler, diffusion_kwargs):
 def model_timesteps(t, diffusion_kwargs, batch_size):
     """The timesteps the model is called with at scheduler step ``t`` (an original-process
     index): scaled to [0, 1000) when the model was trained with ``rescale_timesteps``."""
-    t = torch.full((batch_size,), round(float(t)), dtype=torch.long)  # sigma schedulers' t is fractional
+    t = torch.full((batch_size,), int(t), dtype=torch.long)
     return scale_timesteps(t, diffusion_kwargs.get("steps", 1000), diffusion_kwargs.get("rescale_timesteps", False))
 
 
@@ -250,7 +242,7 @@ def sample_batch(model, scheduler, diffusion_kwargs, steps, shape, generators, y
     """
     scheduler.set_timesteps(steps)  # its timesteps and sigmas stay on the CPU: indexing them syncs nothing
     gens = device_generators(generators, device)
-    x = randn_tensor(shape, generator=gens, device=torch.device(device)) * scheduler.init_noise_sigma
+    x = randn_tensor(shape, generator=gens, device=torch.device(device))
     # the stochastic steps draw their noise from the per-sample generators (UniPC and DEIS take none)
     noise = {"generator": gens} if "generator" in inspect.signature(scheduler.step).parameters else {}
     # What the model is given goes to the device once per batch; every step then runs there,
