@@ -41,7 +41,7 @@ from unet.evaluation.samplers import (
     parse_runs,
     read_rows,
 )
-from unet.sample.sampling import SCHEDULERS, check_seed, check_steps, generate
+from unet.sample.sampling import DEFAULT_SCHEDULER, DEFAULT_STEPS, SCHEDULERS, check_seed, check_steps, generate
 from unet.utils.devices import device_accelerator
 from unet.utils.jsonfile import write_json
 
@@ -126,8 +126,8 @@ def fid_args(p):
     p.add_argument("--ref", required=True, help="statistics from 'evaluate.py ref', a folder of images, or a "
                    "reference batch .npz (images in arr_0)")
     p.add_argument("--num_samples", type=int, default=2000)
-    p.add_argument("--scheduler", choices=SCHEDULERS, default="dpm-solver++")
-    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--scheduler", choices=SCHEDULERS, default=DEFAULT_SCHEDULER)
+    p.add_argument("--steps", type=int, default=DEFAULT_STEPS)
     p.add_argument("--batch_size", type=int, default=256)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--kid_subset_size", type=int, default=None,

@@ -19,10 +19,13 @@ import numpy as np
 from unet.checkpoint.load import ema_from_flags, load_checkpoint
 from unet.core.model import LAYOUTS, apply_layout
 from unet.sample.sampling import (
+    DEFAULT_SCHEDULER,
+    DEFAULT_STEPS,
     SCHEDULERS,
     check_guidance,
     check_seed,
     check_steps,
+    default_steps,
     generate,
     real_class_count,
 )
@@ -38,8 +41,10 @@ def build_parser():
     )
     p.add_argument("--num_samples", type=int, default=64)
     p.add_argument("--batch_size", type=int, default=64)
-    p.add_argument("--scheduler", choices=SCHEDULERS, default="ddpm")
-    p.add_argument("--steps", type=int, default=None, help="sampling steps (default: the training step count)")
+    p.add_argument("--scheduler", choices=SCHEDULERS, default=DEFAULT_SCHEDULER,
+                   help=f"the sampler (default {DEFAULT_SCHEDULER}: docs/sampling.md's table)")
+    p.add_argument("--steps", type=int, default=None,
+                   help=f"sampling steps (default {DEFAULT_STEPS}, or the training step count if fewer)")
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--class_labels", default=None, help="'3' or '0,1,2' (cycled); default: random")
@@ -125,8 +130,7 @@ def main(argv=None):
         if args.num_samples < 1 or args.batch_size < 1:
             raise ValueError("--num_samples and --batch_size must be at least 1")
         loaded = load_checkpoint(args.checkpoint, ema=ema_from_flags(args.raw, args.ema_rate), config=args.config)
-        trained_steps = loaded.diffusion_kwargs.get("steps", 1000)
-        steps = trained_steps if args.steps is None else args.steps
+        steps = default_steps(loaded.diffusion_kwargs) if args.steps is None else args.steps
         check_steps(steps, loaded.diffusion_kwargs)
         check_seed(args.seed)
         null_label = loaded.null_label

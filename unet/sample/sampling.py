@@ -42,6 +42,16 @@ from .guidance import guided_output, scheduler_input
 # Euler ancestral, Heun) cannot clip, and from the cosine schedule's last sigma (about 2e4) they gave
 # noise on the digits model (docs/measurements/sampling.md), so they are not offered.
 SCHEDULERS = ("ddpm", "ddim", "dpm-solver++", "dpm-solver++-sde", "unipc", "deis")
+# The default, from the samplers' table in docs/sampling.md: on the digits model at 2,000 samples,
+# DPM-Solver++ (SDE) at 20 steps drew the requested digit as often as ancestral DDPM at 1000 steps
+# (0.987 and 0.990 against 0.988 and 0.990, two seeds) at about 50 times its speed, where the
+# deterministic solvers gave 0.965-0.975.
+DEFAULT_SCHEDULER, DEFAULT_STEPS = "dpm-solver++-sde", 20
+
+
+def default_steps(diffusion_kwargs):
+    """``DEFAULT_STEPS``, or every training step when there are fewer."""
+    return min(DEFAULT_STEPS, diffusion_kwargs.get("steps", 1000))
 
 
 
@@ -307,7 +317,7 @@ def generate(model, diffusion_kwargs, image_size, num_samples, scheduler="ddpm",
     return images, labels
 
 
-def generate_from(loaded: Loaded, num_samples: int, scheduler: str = "dpm-solver++", steps: "int | None" = 20,
+def generate_from(loaded: Loaded, num_samples: int, scheduler: str = DEFAULT_SCHEDULER, steps: "int | None" = None,
                   seed: int = 0, class_labels: "list[int] | None" = None, guidance_scale: float = 1.0,
                   batch_size: int = 64, device: "str | None" = None,
                   progress: bool = True) -> "tuple[np.ndarray, np.ndarray | None]":
@@ -315,11 +325,12 @@ def generate_from(loaded: Loaded, num_samples: int, scheduler: str = "dpm-solver
     Sample a loaded checkpoint (``unet.load_checkpoint``) in this process: ``generate`` with the
     model's own diffusion, image size and null label. Exported as ``unet.generate``.
 
-    :param steps: sampling steps; None: every training step (slow with ``ddpm``).
+    :param steps: sampling steps; None: ``DEFAULT_STEPS`` (or every training step, if fewer).
     :param device: where to sample (default: the CPU); the model is moved there.
     :return: (NHWC uint8 images, [N] int64 labels or None).
     """
     model = loaded.model.to(device or "cpu")
+    steps = default_steps(loaded.diffusion_kwargs) if steps is None else steps
     return generate(model, loaded.diffusion_kwargs, loaded.image_size, num_samples, scheduler, steps, batch_size,
                     seed, class_labels, progress=progress, device=device, guidance_scale=guidance_scale,
                     null_label=loaded.null_label)
