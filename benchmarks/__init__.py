@@ -1,1 +1,1 @@
-"""Benchmarks: tools that measure the package, not part of it (``python benchmarks/bench.py --help``)."""
+"""Benchmarks: tools that measure the package, not part of it (``python -m benchmarks.bench --help``)."""

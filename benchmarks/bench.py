@@ -4,8 +4,8 @@ measured side by side in one process: full training steps (forward, hybrid loss,
 AdamW step) and sampling steps (one forward pass), the FLOPs of each, and how close the
 achieved FLOP/s come to the machine's own fp32 matmul peak.
 
-    python benchmarks/bench.py --preset cifar-small --json bench.json
-    python benchmarks/bench.py --preset cifar10 --device cuda --dtype bf16 --compile
+    python -m benchmarks.bench --preset cifar-small --json bench.json
+    python -m benchmarks.bench --preset cifar10 --device cuda --dtype bf16 --compile
 
 The two models alternate within every repeat (their order flips each repeat) after a warm-up,
 so a slow drift of the machine (thermal, another process) hits both alike; the medians over

@@ -1,7 +1,9 @@
 """What the checkpoint manifest (sha256 of every file) costs per save: a short training run with a
 checkpoint every step, each save's wall time split into writing the manifest and the rest.
 
-    python benchmarks/manifest_cost.py [--config configs/digits.yaml] [--steps 6] [--key value ...]
+    python -m benchmarks.manifest_cost [--config configs/digits.yaml] [--key value ...]
+
+(train.py's keys; six steps with a checkpoint after each unless --max_steps says otherwise.)
 
 Prints one JSON line: the checkpoint's size, the median save time and the median manifest time.
 """
@@ -54,4 +56,7 @@ def main(argv: list) -> dict:
 
 
 if __name__ == "__main__":
+    if {"-h", "--help"} & set(sys.argv[1:]):
+        print(__doc__.strip())
+        sys.exit(0)
     main(sys.argv[1:])

@@ -3,7 +3,7 @@ How many ATen operators one step of each model dispatches: our U-Net against dif
 ``UNet2DModel`` (built as ``benchmarks/bench.py`` builds them), for a training step's forward
 and backward (the optimizer left out) and for a sampling forward pass.
 
-    python benchmarks/op_count.py --preset cifar10 --dtype bf16
+    python -m benchmarks.op_count --preset cifar10 --dtype bf16
 
 Where a GPU waits on the host, as both models did in eager mode on an H200 at batch 128
 (docs/performance.md, GPU), a step costs about the same per operator whatever its size, so

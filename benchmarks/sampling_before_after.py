@@ -5,7 +5,7 @@ resolve to this tree's modules), the two alternate, the order swapped every repe
 row carries a checksum of the images so that a change of numbers shows. One JSON row per line.
 
     git worktree add /tmp/old 59af48e
-    python benchmarks/sampling_before_after.py --old_tree /tmp/old \
+    python -m benchmarks.sampling_before_after --old_tree /tmp/old \
         --checkpoint outputs/digits --repeats 3 > rows.jsonl
 """
 

@@ -4,11 +4,11 @@ at the end of its full run, judged by the digit judge (``unet.evaluation.judge``
 classifier's accuracy on the requested labels, and the Frechet distance in its features
 against the held-out digits, beside the real-vs-real floor).
 
-    python benchmarks/time_to_quality.py --budgets 2,4,8 --json ttq.json --output_dir outputs/ttq
-    python benchmarks/time_to_quality.py --budgets 2,4,8 --no_full --json ttq_lr1e-3.json \\
+    python -m benchmarks.time_to_quality --budgets 2,4,8 --json ttq.json --output_dir outputs/ttq
+    python -m benchmarks.time_to_quality --budgets 2,4,8 --no_full --json ttq_lr1e-3.json \\
         --output_dir outputs/ttq_lr1e-3 --lr 1e-3            # any training key, as train.py takes it
-    python benchmarks/time_to_quality.py plot ttq.json ttq_lr1e-3.json --out curve.png
-    python benchmarks/time_to_quality.py judge CKPT_A CKPT_B --judge_seeds 3,4,5,6 --json j.json   # judge again, paired
+    python -m benchmarks.time_to_quality plot ttq.json ttq_lr1e-3.json --out curve.png
+    python -m benchmarks.time_to_quality judge CKPT_A CKPT_B --judge_seeds 3,4,5,6 --json j.json   # judge again, paired
 
 How: one run, stopped at each budget by the ``max_minutes`` key and resumed from that stop's
 checkpoint with the next budget (``max_minutes`` counts the training loop's wall time over
@@ -201,7 +201,7 @@ def measure(argv):
     start = time.perf_counter()
     points = run_curve(args, cfg)
     out = dict(machine=machine(), torch=torch.__version__, threads=torch.get_num_threads(),
-               command="python benchmarks/time_to_quality.py " + " ".join(argv), config=cfg.to_dict(),
+               command="python -m benchmarks.time_to_quality " + " ".join(argv), config=cfg.to_dict(),
                budgets_minutes=args.budgets, full=not args.no_full,
                judge=judge_settings(args, cfg.ema_rates[0]),
                points=points, wall_seconds=time.perf_counter() - start)
@@ -226,7 +226,7 @@ def rejudge(argv):
     Judge kept checkpoints (again), e.g. with more sampling seeds than a curve had: each
     checkpoint's per-seed numbers, and each one's seed-paired difference from the first.
 
-        python benchmarks/time_to_quality.py judge CKPT_A CKPT_B --judge_seeds 0,1,2,3,4,5 --json F
+        python -m benchmarks.time_to_quality judge CKPT_A CKPT_B --judge_seeds 0,1,2,3,4,5 --json F
     """
     p = argparse.ArgumentParser(prog="time_to_quality.py judge")
     p.add_argument("checkpoints", nargs="+", help="checkpoint folders (or run output_dirs: their latest)")
@@ -256,7 +256,7 @@ def rejudge(argv):
               f"{a['mean']:+.4f} ± {a['half_width']:.4f}, Frechet distance {f['mean']:+.3f} ± {f['half_width']:.3f} "
               "(95% t half-widths)")
     out = dict(machine=machine(), torch=torch.__version__, threads=torch.get_num_threads(),
-               command="python benchmarks/time_to_quality.py judge " + " ".join(argv),
+               command="python -m benchmarks.time_to_quality judge " + " ".join(argv),
                judge=judge_settings(args, load_checkpoint(args.checkpoints[0]).config["ema_rates"][0]),
                checkpoints=judged,
                wall_seconds=time.perf_counter() - start)
