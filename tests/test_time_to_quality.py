@@ -159,7 +159,7 @@ def curve(tmp_path_factory):
 def test_benchmark_json_holds_the_curve_and_its_invariants(curve):
     d, stdout, _ = curve
     assert d["machine"]["cpu"] and d["machine"]["cores"] >= 1 and d["torch"] == torch.__version__
-    assert d["command"].startswith("python benchmarks/time_to_quality.py --budgets 0.02,0.01")
+    assert d["command"].startswith("python -m benchmarks.time_to_quality --budgets 0.02,0.01")
     assert d["budgets_minutes"] == [0.01, 0.02] and d["full"] is True  # sorted
     assert d["config"]["max_steps"] == 40 and d["config"]["lr"] == TrainConfig().lr
     assert d["judge"] == dict(samples=20, seeds=[0, 1], sampler=["ddpm", 5], labels="0-9 in turn",
@@ -209,7 +209,7 @@ def test_judge_again_pairs_checkpoints_by_seed(curve):
     assert r.returncode == 0, r.stderr[-3000:]
     with open(tmp / "judged.json") as fh:
         j = json.load(fh)
-    assert j["judge"]["seeds"] == [1, 2, 3] and j["command"].startswith("python benchmarks/time_to_quality.py judge ")
+    assert j["judge"]["seeds"] == [1, 2, 3] and j["command"].startswith("python -m benchmarks.time_to_quality judge ")
     a, b = j["checkpoints"]
     assert [s["seed"] for s in a["per_seed"]] == [1, 2, 3] and "minus_first" not in a
     for mine, theirs in ((a, first), (b, last)):  # seed 1 again: the same samples, the same judgement
