@@ -169,3 +169,25 @@ def test_every_documented_train_command_passes_the_config_checks(argv, tmp_path)
     argv = [a for a in argv if a not in ("&&",)]
     cfg = load_config([a.replace("path/to/images", str(tmp_path)) for a in argv])
     assert cfg.output_dir
+
+
+def boundary_functions():
+    """Functions of the package that another subpackage imports: the boundaries between layers."""
+    defs, used = {}, set()
+    for path in library_files():
+        mod = ".".join(path.relative_to(ROOT).with_suffix("").parts).removesuffix(".__init__")
+        tree = ast.parse(path.read_text())
+        defs.update({(mod, n.name): n for n in tree.body if isinstance(n, ast.FunctionDef)})
+        here = path.relative_to(ROOT / "unet").parts[0]
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and node.level == 0 and (node.module or "").startswith("unet."):
+                if node.module.split(".")[1] != here:
+                    used |= {(node.module, a.name) for a in node.names}
+    return {f"{m}.{name}": defs[(m, name)] for m, name in sorted(used) if (m, name) in defs}
+
+
+def test_functions_at_the_boundaries_between_subpackages_have_type_hints():
+    untyped = [name for name, fn in boundary_functions().items()
+               if fn.returns is None or any(a.annotation is None for a in fn.args.args + fn.args.kwonlyargs
+                                            if a.arg not in ("self", "cls"))]
+    assert not untyped, f"{len(untyped)} functions without type hints: {', '.join(untyped)}"

@@ -158,7 +158,7 @@ def _is_list_key(key):
     return typing.get_origin(TYPES[key]) in (list, list)
 
 
-def load_ablation(path, overrides=None):
+def load_ablation(path: str, overrides: "dict[str, object] | None" = None) -> Ablation:
     """
     Read an ablation YAML and apply command-line overrides.
 

@@ -24,7 +24,9 @@ import math
 import os
 import shutil
 import statistics
+import subprocess
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, replace
 
 import yaml
@@ -171,7 +173,7 @@ def _first_distinct(layers):
     return {n: next((s for s, v in enumerate(vals) if v > 0), None) for n, vals in layers.items()}
 
 
-def wandb_group(ab, out_dir):
+def wandb_group(ab: Ablation, out_dir: str) -> str:
     """The ablation's wandb group: the first invocation's when continuing, else name + time."""
     meta_path = os.path.join(out_dir, "ablation.yaml")
     saved = ""
@@ -265,7 +267,8 @@ def measurement_rules():
     return {"spikes": {"factor": spikes.factor, "window": spikes.window}, "failure": dict(FAILURE_KEYS)}
 
 
-def run_ablation(ab, out_dir, log=print, command=None, workers=(), stop_after=0.0):
+def run_ablation(ab: Ablation, out_dir: str, log: Callable[[str], object] = print, command: "str | None" = None,
+                 workers: "Sequence[subprocess.Popen]" = (), stop_after: float = 0.0) -> "dict | None":
     """
     Run (or finish) every run of the grid and the symmetry runs, then write ``results.json``,
     ``report.md`` and the plots into ``out_dir``; with ``stop_after`` (minutes), start no run
@@ -399,7 +402,7 @@ def report_command(out_dir, source=None):
                      "--output_dir", out_dir])
 
 
-def report_only(out_dir, source=None):
+def report_only(out_dir: str, source: "str | None" = None) -> None:
     """Rebuild ``report.md`` and the plots from ``out_dir/results.json``, or from ``source`` (a
     results.json, gzipped or not, such as ``docs/ablation/digits_results.json.gz``, or a
     never-censored grid's compact results, such as ``docs/ablation/fashion_runs.json.gz``). A
@@ -516,7 +519,7 @@ def _init_study_file(out_dir):
         return {"init_study": json.load(f)}
 
 
-def run_init_study(ab, out_dir, log=print):
+def run_init_study(ab: Ablation, out_dir: str, log: Callable[[str], object] = print) -> None:
     """The init-only scaling study and the init memory of the grid's first panel, into
     ``out_dir/init_study.json`` (the report picks it up)."""
     from .init_study import init_memory, scaling_study
@@ -544,7 +547,7 @@ def cfg_label(cfg):
     return f"norm={cfg.norm}, num_res_blocks={cfg.num_res_blocks}, init arms zero and standard"
 
 
-def combine(out_dir, sources):
+def combine(out_dir: str, sources: Sequence[str]) -> None:
     """
     One report over several finished ablations of the same grid run with different seeds (say
     ``--seeds 0,1,2,3,4`` and ``--seeds 5,6,7,8,9``): their runs pooled, so the seed-paired

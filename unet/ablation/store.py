@@ -66,7 +66,7 @@ def fresh_run_dir(cfg):
 CLAIMS_ENV = "UNET_ABLATION_CLAIMS"
 
 
-def spawn_workers(processes, cmd, out_dir):
+def spawn_workers(processes: int, cmd: list[str], out_dir: str) -> "list[subprocess.Popen]":
     """``processes - 1`` more processes running the command line ``cmd`` (ranks 1..;
     this one becomes rank 0), unless a launcher already started several. They take runs
     from one queue (``claim_run``), so cheap diverging runs do not unbalance the split.
@@ -92,7 +92,7 @@ def owns_run(index, run_id, rank, world):
     return True
 
 
-def drop_claims():
+def drop_claims() -> None:
     """Remove this invocation's claim files once every run is done."""
     claims = os.environ.pop(CLAIMS_ENV, None)
     if claims:

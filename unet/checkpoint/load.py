@@ -10,7 +10,7 @@ import yaml
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
-from unet.core.diffusion import create_diffusion
+from unet.core.diffusion import GaussianDiffusion, create_diffusion
 from unet.core.model import UNetModel
 from unet.utils.yamlfile import strict_load
 
@@ -44,7 +44,7 @@ class Loaded:
         return diffusion_from_kwargs(self.diffusion_kwargs, timestep_respacing)
 
 
-def diffusion_from_kwargs(diffusion_kwargs: dict, timestep_respacing: "str | None" = None):
+def diffusion_from_kwargs(diffusion_kwargs: dict, timestep_respacing: "str | None" = None) -> GaussianDiffusion:
     """The diffusion process of ``create_diffusion`` arguments (a checkpoint's record of them),
     with ``timestep_respacing`` overriding theirs when not None."""
     kwargs = dict(diffusion_kwargs)

@@ -10,8 +10,10 @@ import json
 import os
 import re
 import shutil
+from collections.abc import Collection
 
 import numpy as np
+import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
@@ -36,13 +38,13 @@ class PhemaError(ValueError):
 
 # --- the power function profile (Section 3.1, Appendix C.1-C.2) ----------------------------
 
-def sigma_rel_of_gamma(gamma):
+def sigma_rel_of_gamma(gamma: float) -> float:
     """The relative standard deviation of the power-function profile p(tau) ~ tau^gamma on
     [0, t]: its width over its time, ((gamma+1) / ((gamma+2)^2 (gamma+3)))^(1/2)."""
     return float(np.sqrt((gamma + 1) / ((gamma + 2) ** 2 * (gamma + 3))))
 
 
-def gamma_of_sigma_rel(sigma_rel):
+def gamma_of_sigma_rel(sigma_rel: float) -> float:
     """The exponent gamma with ``sigma_rel_of_gamma(gamma) == sigma_rel``: the largest real
     root of the cubic that equation squares into, gamma^3 + 7 gamma^2 + (16 - s^-2) gamma +
     (12 - s^-2) = 0 (positive exactly when s < 12^-1/2)."""
@@ -53,18 +55,18 @@ def gamma_of_sigma_rel(sigma_rel):
 
 # --- snapshots on disk --------------------------------------------------------------------
 
-def snapshots_dir(output_dir):
+def snapshots_dir(output_dir: str) -> str:
     return os.path.join(output_dir, "phema")
 
 
-def list_snapshots(output_dir):
+def list_snapshots(output_dir: str) -> dict[int, str]:
     """{step: path} of the run's snapshots, lowest step first."""
     folder = snapshots_dir(output_dir)
     names = sorted(n for n in os.listdir(folder) if SNAPSHOT_RE.match(n)) if os.path.isdir(folder) else []
     return {int(SNAPSHOT_RE.match(n).group(1)): os.path.join(folder, n) for n in names}
 
 
-def snapshot_profiles(output_dir, upto=None):
+def snapshot_profiles(output_dir: str, upto: "int | None" = None) -> list[tuple[int, float, float, str]]:
     """[(step, sigma_rel, gamma, path)] of every stored profile up to step ``upto``."""
     found = []
     for step, path in list_snapshots(output_dir).items():
@@ -112,7 +114,7 @@ def solve_weights(steps, gammas, target_step, target_gamma):
     return x, float(np.sqrt(residual / target))
 
 
-def check_sigma_rel(sigma_rel, stored):
+def check_sigma_rel(sigma_rel: float, stored: Collection[float]) -> None:
     """A ``sigma_rel`` between the smallest and largest stored profile: reconstruction
     interpolates between the stored widths and does not extrapolate beyond them."""
     lo, hi = min(stored), max(stored)
@@ -122,7 +124,7 @@ def check_sigma_rel(sigma_rel, stored):
                          f"[{lo:g}, {hi:g}]")
 
 
-def reconstruct(output_dir, sigma_rel, step=None):
+def reconstruct(output_dir: str, sigma_rel: float, step: "int | None" = None) -> "tuple[dict[str, torch.Tensor], dict]":
     """
     The EMA of length ``sigma_rel`` at the last snapshot up to ``step`` (default: the last
     snapshot) from the run's snapshots up to there.
@@ -152,7 +154,7 @@ def reconstruct(output_dir, sigma_rel, step=None):
 
 # --- the reconstructed checkpoint ---------------------------------------------------------
 
-def run_folder(path):
+def run_folder(path: str) -> "tuple[str, int | None]":
     """(the run's output_dir, the step a checkpoint folder ``path`` names or None): ``path``
     is a run's output_dir or one of its ``checkpoints/checkpoint_<step>`` folders."""
     m = re.match(r"^checkpoint_(\d{8})$", os.path.basename(os.path.normpath(path)))

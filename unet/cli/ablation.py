@@ -135,7 +135,7 @@ def _minutes(v):
     return minutes
 
 
-def main(argv=None):
+def main(argv: "list[str] | None" = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
         opts = parse_args(argv)

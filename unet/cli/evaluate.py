@@ -297,7 +297,7 @@ COMMANDS = dict(
 )
 
 
-def main(argv=None):
+def main(argv: "list[str] | None" = None) -> None:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:

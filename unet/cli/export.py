@@ -27,7 +27,7 @@ def read_quality(path):
     return summarize_seeds(rows) if len({r.get("seed") for r in rows}) > 1 else rows
 
 
-def main(argv=None):
+def main(argv: "list[str] | None" = None) -> None:
     p = argparse.ArgumentParser(
         description="Export a checkpoint as a diffusers pipeline that runs without this package."
     )

@@ -62,7 +62,7 @@ def sweep(run_dir, lengths, args, ckpt):
     print(f"best sigma_rel {best:g} (Frechet distance {scores[best]:.3f}): wrote {args.out}")
 
 
-def main(argv=None):
+def main(argv: "list[str] | None" = None) -> None:
     p = argparse.ArgumentParser(description="Reconstruct a post-hoc EMA of any length from a run's snapshots.")
     p.add_argument("--checkpoint", required=True, help="a run's output_dir (or one of its checkpoint folders)")
     p.add_argument("--sigma_rel", type=float, help="the EMA length to reconstruct (relative width of its profile)")

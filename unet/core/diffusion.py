@@ -9,6 +9,7 @@ constants (float64, cast to float32 after indexing, as the original does) and co
 
 import enum
 import math
+from collections.abc import Iterable
 
 import numpy as np
 import torch
@@ -54,21 +55,21 @@ def betas_for_alpha_bar(num_steps, alpha_bar, max_beta=0.999):
                      for i in range(num_steps)], dtype=np.float64)
 
 
-def linear_beta_range(num_steps):
+def linear_beta_range(num_steps: int) -> tuple[float, float]:
     """(beta_1, beta_T) of Ho et al.'s linear schedule, scaled by 1000/T so that any step
     count covers the same noise range (improved-DDPM's generalisation of it)."""
     scale = 1000 / num_steps
     return scale * 0.0001, scale * 0.02
 
 
-def scale_timesteps(t, num_steps, rescale):
+def scale_timesteps(t: torch.Tensor, num_steps: int, rescale: bool) -> torch.Tensor:
     """The timesteps the model sees for original-process steps ``t``: scaled to [0, 1000)
     when the model was trained with ``rescale_timesteps`` (so its embedding does not depend
     on T), else ``t`` itself."""
     return t.float() * (1000.0 / num_steps) if rescale else t
 
 
-def get_named_beta_schedule(name, num_steps):
+def get_named_beta_schedule(name: str, num_steps: int) -> np.ndarray:
     """
     :param name: "linear" (Ho et al., scaled so any step count covers the same range) or "cosine".
     :param num_steps: T.
@@ -82,7 +83,7 @@ def get_named_beta_schedule(name, num_steps):
 
 # --- respacing (the kept steps: unet.core.respace) -----------------------------------
 
-def respaced_betas(alphas_cumprod, use_timesteps):
+def respaced_betas(alphas_cumprod: np.ndarray, use_timesteps: Iterable[int]) -> np.ndarray:
     """Betas of the process that visits only ``use_timesteps``, with the same alpha-bar there."""
     betas, last = [], 1.0
     for i in use_timesteps:
@@ -360,16 +361,16 @@ class GaussianDiffusion:
 
 
 def create_diffusion(
-    steps=1000,
-    learn_sigma=False,
-    sigma_small=False,
-    noise_schedule="linear",
-    use_kl=False,
-    predict_xstart=False,
-    rescale_timesteps=False,
-    rescale_learned_sigmas=False,
-    timestep_respacing="",
-):
+    steps: int = 1000,
+    learn_sigma: bool = False,
+    sigma_small: bool = False,
+    noise_schedule: str = "linear",
+    use_kl: bool = False,
+    predict_xstart: bool = False,
+    rescale_timesteps: bool = False,
+    rescale_learned_sigmas: bool = False,
+    timestep_respacing: str = "",
+) -> GaussianDiffusion:
     """
     A diffusion process from the original ``create_gaussian_diffusion`` arguments.
 

@@ -41,7 +41,7 @@ NEAR_ZERO_SCALE = 1e-5
 # ``model.time_embed``.
 
 
-def zeroed_layers(model):
+def zeroed_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
     """The layers improved-DDPM wraps in ``zero_module``, as (name, module) pairs: the last
     layer of every residual branch (each ResBlock's ``out_layers[-1]``, each AttentionBlock's
     ``proj_out``), then the output conv."""

@@ -33,7 +33,7 @@ def resolve_layout(model, layout, train):
     return "channels_last" if wide and not train else "contiguous"
 
 
-def apply_layout(model, layout, train):
+def apply_layout(model: "UNetModel", layout: str, train: bool) -> str:
     """Put ``model`` in the memory format ``resolve_layout`` gives and return its name."""
     layout = resolve_layout(model, layout, train)
     model.set_channels_last(layout == "channels_last")

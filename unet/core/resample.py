@@ -4,6 +4,7 @@
 import torch
 
 from .choices import SCHEDULE_SAMPLERS  # noqa: F401 (read here by callers)
+from .diffusion import GaussianDiffusion
 
 
 class ScheduleSampler:
@@ -95,7 +96,7 @@ class LossSecondMomentResampler(ScheduleSampler):
 
 
 
-def create_named_schedule_sampler(name, diffusion):
+def create_named_schedule_sampler(name: str, diffusion: GaussianDiffusion) -> ScheduleSampler:
     """
     :param name: "uniform" or "loss-second-moment".
     :param diffusion: the process whose steps are sampled.

@@ -35,7 +35,7 @@ def space_timesteps(num_timesteps, section_counts):
     return sorted(set(steps))
 
 
-def respacing_error(respacing, steps):
+def respacing_error(respacing: str, steps: int) -> "str | None":
     """Why ``respacing`` (a ``timestep_respacing`` value) cannot respace a ``steps``-step
     process, as the allowed values (None if it can): ``space_timesteps``'s verdict, worded
     for a config key."""

@@ -10,12 +10,15 @@ import glob
 import io
 import math
 import os
+from collections.abc import Callable
 
 import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from unet.config import ConfigError, check_batch_split
+from unet.config import ConfigError, TrainConfig, check_batch_split
+from unet.core.diffusion import GaussianDiffusion
+from unet.core.resample import ScheduleSampler
 from unet.utils.devices import cpu_cores
 from unet.utils.images import to_uint8
 
@@ -229,7 +232,7 @@ def _load_raw(cfg):
     return ds
 
 
-def load_image_data(cfg, log=print):
+def load_image_data(cfg: TrainConfig, log: Callable[[str], object] = print) -> ImageData:
     """
     The train and held-out splits of cfg.dataset, decoded and resized on access.
 
@@ -304,14 +307,14 @@ def step_positions(step, global_batch, count, offset=0):
     return torch.arange(start, start + count)
 
 
-def seeded_generator(seed, index):
+def seeded_generator(seed: int, index: int) -> torch.Generator:
     """A CPU generator for one (seed, index) pair, e.g. (data seed, epoch) here or (data
     seed, step) for training's t and noise: the two mixed into one integer (a prime stride,
     so nearby seeds do not share streams), a pure function of both."""
     return torch.Generator().manual_seed(mixed_seed(seed, index))
 
 
-def mixed_seed(seed, index):
+def mixed_seed(seed: int, index: int) -> int:
     """One integer seed for the pair (seed, index), a prime stride apart so that nearby seeds
     do not share streams: the one mixing rule for step generators and per-process seeds."""
     return int(seed) * 1_000_003 + int(index)
@@ -329,7 +332,7 @@ def positions_to_indices(positions, n, seed):
     return out
 
 
-def batch_slice(micro, rank, global_batch, grad_accum, world_size):
+def batch_slice(micro: int, rank: int, global_batch: int, grad_accum: int, world_size: int) -> slice:
     """Which part of a step's global batch one process's micro-batch is: the batch split into
     ``grad_accum`` micro-batches, each split over ``world_size`` processes."""
     per = global_batch // (grad_accum * world_size)
@@ -379,7 +382,7 @@ def train_loader(data, cfg, start_step, rank, world_size, seed):
                                        collate_fn=_collate, generator=torch.Generator().manual_seed(seed))
 
 
-def fixed_batch(split, count):
+def fixed_batch(split: object, count: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The first ``count`` examples of a split (e.g. the held-out batch for eval loss)."""
     rows = [split[i] for i in range(min(count, len(split)))]
     return _collate(rows)
@@ -387,7 +390,8 @@ def fixed_batch(split, count):
 
 # --- what the model sees besides the examples -------------------------------------------
 
-def draw_step_inputs(sampler, gen, shape, random_flip, label_drop=0.0):
+def draw_step_inputs(sampler: ScheduleSampler, gen: torch.Generator, shape: tuple[int, ...], random_flip: bool,
+                     label_drop: float = 0.0) -> tuple[torch.Tensor, ...]:
     """t, importance weights, noise, flip mask and label-drop mask for a whole global batch
     of ``shape``, drawn in one go so that they do not depend on the number of processes or
     micro-batches (each takes the slice ``batch_slice`` gives it, as it does for the
@@ -402,7 +406,7 @@ def draw_step_inputs(sampler, gen, shape, random_flip, label_drop=0.0):
     return t, w, noise, flip, drop
 
 
-def eval_batch(data, diffusion, cfg, device):
+def eval_batch(data: ImageData, diffusion: GaussianDiffusion, cfg: TrainConfig, device: "torch.device | str") -> dict:
     """A fixed held-out batch with fixed t and noise (the same numbers for every run), and
     its first 32 noised images for the stability diagnostics."""
     x, y = fixed_batch(data.eval if data.eval is not None else data.train, cfg.eval_batch_size)
@@ -418,7 +422,7 @@ def eval_batch(data, diffusion, cfg, device):
 
 # --- the real images evaluation compares against ----------------------------------------
 
-def held_out_data(cfg):
+def held_out_data(cfg: TrainConfig) -> tuple[torch.Tensor, torch.Tensor]:
     """The held-out split the training loop made for ``cfg`` as (images [-1, 1], labels)."""
     data = load_image_data(cfg, log=lambda *_: None)
     if data.eval is None or len(data.eval) == 0:
@@ -426,13 +430,13 @@ def held_out_data(cfg):
     return fixed_batch(data.eval, len(data.eval))
 
 
-def split_uint8(cfg, split):
+def split_uint8(cfg: TrainConfig, split: str) -> tuple[np.ndarray, np.ndarray]:
     """One split of ``cfg``'s data as (NHWC uint8 images, labels), as the model sees it ("train",
     or "held_out": the split ``held_out_data`` gives)."""
     return splits_uint8(cfg, split)[0]
 
 
-def splits_uint8(cfg, *splits):
+def splits_uint8(cfg: TrainConfig, *splits: str) -> list[tuple[np.ndarray, np.ndarray]]:
     """``split_uint8`` of several splits from one read of the data."""
     data = load_image_data(cfg, log=lambda *_: None)
     out = []
@@ -445,7 +449,7 @@ def splits_uint8(cfg, *splits):
     return out
 
 
-def real_digits(image_size):
+def real_digits(image_size: int) -> tuple[tuple[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]:
     """scikit-learn's digits as the training loop sees them at ``image_size``, split as it
     splits them: ((train images, labels), (held-out images, labels)), images NHWC uint8."""
     from unet.config import TrainConfig

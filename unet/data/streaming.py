@@ -15,6 +15,8 @@ run's. t, noise and flips are drawn per step as for every source, so they are al
 
 import torch
 
+from unet.config import TrainConfig
+
 from . import dataset as data_mod
 from .dataset import DECODE_ERRORS, DataError, ImageData, _load_raw, columns, decode_image, load_args
 
@@ -69,7 +71,7 @@ def is_stream(cfg):
     return cfg.streaming or cfg.dataset == "webdataset"
 
 
-def check_source(cfg):
+def check_source(cfg: TrainConfig) -> None:
     """What can be checked of the data before any work (the webdataset shards exist): a
     one-line ``ConfigError``."""
     if cfg.dataset == "webdataset":

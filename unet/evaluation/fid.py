@@ -11,11 +11,14 @@ the papers' FIDs use, which FID then uses too).
 import contextlib
 import os
 import socket
+from collections.abc import Callable
 
 import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
+from .conv_judge import ConvJudge
+from .judge import DigitJudge
 from .metrics import Reference, ReferenceError, check_features, check_statistics, fmt_shape, load_reference_file
 
 INCEPTION_FILE = "weights-inception-2015-12-05-6726825d.pth"
@@ -30,7 +33,8 @@ def inception_weights_path(weights=None):
     return weights or os.path.join(torch.hub.get_dir(), "checkpoints", INCEPTION_FILE)
 
 
-def fid_unavailable_reason(weights: "str | None" = None, download: bool = False, log=print) -> "str | None":
+def fid_unavailable_reason(weights: "str | None" = None, download: bool = False,
+                           log: Callable[[str], object] = print) -> "str | None":
     """None when torch-fidelity and its Inception weights are present (fetched first if ``download``
     and missing: ``ensure_inception_weights``), else why not (one line)."""
     try:
@@ -65,7 +69,7 @@ def _check_inception_state(path):
         raise ValueError("the downloaded file is not Inception-v3's weights (no fc.weight of 1008 x 2048)")
 
 
-def ensure_inception_weights(weights: "str | None" = None, download: bool = False, log=print,
+def ensure_inception_weights(weights: "str | None" = None, download: bool = False, log: Callable[[str], object] = print,
                              url: str = INCEPTION_URL, timeout: float = DOWNLOAD_TIMEOUT_S) -> tuple:
     """
     The Inception weights file, fetched on first use only when opted in: the file given, else the
@@ -140,7 +144,7 @@ class InceptionFeatures:
         return self.features_and_logits(images)[0]
 
 
-def folder_images(folder, channels):
+def folder_images(folder: str, channels: int) -> np.ndarray:
     """Every image file under ``folder`` as NHWC uint8 with ``channels`` channels; all must share
     one size (a reference is not resized: its size is part of what it measures)."""
     files = sorted(os.path.join(d, f) for d, _, fs in os.walk(folder) for f in fs
@@ -204,7 +208,8 @@ def _batch_line(path, images, statistics, spatial):
             f"from the features of its images{sfid})")
 
 
-def reference_from(path: str, extractor, allow_statistics_only: bool = False) -> tuple:
+def reference_from(path: str, extractor: "InceptionFeatures | DigitJudge | ConvJudge",
+                   allow_statistics_only: bool = False) -> tuple[Reference, str]:
     """
     A ``Reference`` in ``extractor``'s features from a statistics file, a folder of images or
     a reference batch (images in ``arr_0``, and precomputed ``mu``/``sigma`` that FID then uses),

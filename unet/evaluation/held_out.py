@@ -5,18 +5,25 @@ made; and the paired report that compares checkpoints on the same images and noi
 ``unet.evaluation.evaluate``'s ``bpd`` and ``loss`` commands print them.
 """
 
+from collections.abc import Sequence
+
 import numpy as np
 import torch
+from accelerate import Accelerator
 from accelerate.utils import gather_object
 from scipy import stats
 from tqdm.auto import tqdm
 
+from unet.core.diffusion import GaussianDiffusion
+from unet.core.model import UNetModel
 from unet.sample.sampling import sample_generators
 from unet.utils.stats import t_interval
 
 
 @torch.no_grad()
-def bits_per_dim(model, diffusion, images, labels=None, batch_size=64, seed=0, accelerator=None, progress=True):
+def bits_per_dim(model: UNetModel, diffusion: GaussianDiffusion, images: torch.Tensor,
+                 labels: "torch.Tensor | None" = None, batch_size: int = 64, seed: int = 0,
+                 accelerator: "Accelerator | None" = None, progress: bool = True) -> np.ndarray:
     """
     The variational bound in bits/dim of each held-out image (``calc_bpd_loop``, all T
     terms), batched and split across processes; noise is drawn per image index, so the
@@ -52,7 +59,9 @@ def bits_per_dim(model, diffusion, images, labels=None, batch_size=64, seed=0, a
 
 
 @torch.no_grad()
-def held_out_losses(model, diffusion, images, labels=None, draws=16, seed=0, batch_size=256):
+def held_out_losses(model: UNetModel, diffusion: GaussianDiffusion, images: torch.Tensor,
+                    labels: "torch.Tensor | None" = None, draws: int = 16, seed: int = 0,
+                    batch_size: int = 256) -> dict[str, np.ndarray]:
     """
     The training objective on held-out images: ``draws`` passes over all of them, each with
     its own t and noise per image from one seeded generator, so that every model evaluated
@@ -82,7 +91,7 @@ def held_out_losses(model, diffusion, images, labels=None, draws=16, seed=0, bat
     return {k: np.array(v) for k, v in passes.items()}
 
 
-def paired_report(names, values, what, unit):
+def paired_report(names: Sequence[str], values: Sequence[np.ndarray], what: str, unit: str) -> list[str]:
     """Lines: each checkpoint's mean +- standard error, then each one's difference from the
     first, paired by ``unit`` (same images, t and noise), with its 95% t half-width."""
     lines = []

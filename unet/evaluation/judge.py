@@ -10,6 +10,7 @@ loads them); the distance is ``unet.evaluation.metrics.frechet_distance``, FID's
 
 import functools
 import hashlib
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -83,13 +84,14 @@ def fit_digit_reference(train, held, seed=0):
     return DigitReference(DigitJudge(*train, seed=seed), train, held)
 
 
-def check_sample_count(n):
+def check_sample_count(n: int) -> None:
     """The Frechet distance fits a covariance: it needs at least two samples."""
     if n < 2:
         raise ValueError(f"digit quality needs at least 2 samples (the Frechet distance fits a covariance), got {n}")
 
 
-def digit_quality(images, labels=None, seed=0, reference=None):
+def digit_quality(images: np.ndarray, labels: "np.ndarray | Sequence[int] | None" = None, seed: int = 0,
+                  reference: "DigitReference | None" = None) -> dict:
     """
     Quality of digit samples (NHWC uint8, 1 channel, the training image size).
 
@@ -121,7 +123,7 @@ def digit_quality(images, labels=None, seed=0, reference=None):
     return out
 
 
-def format_quality(q):
+def format_quality(q: dict) -> str:
     """One line per measure, for people."""
     lines = [f"samples: {q['n']}",
              f"Frechet distance (classifier features) vs held-out real digits: {q['fd']:.3f} "

@@ -97,7 +97,7 @@ def fmt_shape(shape):
     return "x".join(str(int(s)) for s in shape)
 
 
-def save_reference(path, ref):
+def save_reference(path: str, ref: Reference) -> None:
     """Write ``ref`` as an ``.npz``: features, their mean and covariance, the extractor's key."""
     tmp = f"{path}.tmp.npz"
     np.savez(tmp, format=REFERENCE_FORMAT, extractor=ref.extractor, image_shape=np.asarray(ref.image_shape),

@@ -9,17 +9,22 @@ precision/recall with the judge's figures (``sample_quality``). The training loo
 """
 
 import functools
+from collections.abc import Callable
 
+import numpy as np
+import torch
+
+from unet.config import TrainConfig
 from unet.data.dataset import real_digits, split_uint8, splits_uint8
 
-from .conv_judge import fit_conv_judge
+from .conv_judge import ConvJudge, fit_conv_judge
 from .fid import InceptionFeatures, reference_from
-from .judge import DigitReference, digit_quality, fit_digit_reference
+from .judge import DigitJudge, DigitReference, digit_quality, fit_digit_reference
 from .metrics import Reference, ReferenceError, quality
 
 
 @functools.lru_cache(maxsize=4)
-def digit_reference(image_size, seed=0):
+def digit_reference(image_size: int, seed: int = 0) -> DigitReference:
     """The digit judge fitted on the real training digits at ``image_size``, with the real
     digits (a ``DigitReference``); fitted once per process."""
     return fit_digit_reference(*real_digits(image_size), seed=seed)
@@ -29,7 +34,7 @@ def digit_reference(image_size, seed=0):
 JUDGED = ("digits", "fashion_mnist", "idx")
 
 
-def judge_reference(cfg, log=print):
+def judge_reference(cfg: TrainConfig, log: Callable[[str], object] = print) -> DigitReference:
     """The judge of ``cfg``'s data (a ``DigitReference``: judge, train and held-out images):
     the digit judge for digits, else the MNIST family's ``ConvJudge`` (cached on disk, and
     kept once per process)."""
@@ -49,14 +54,17 @@ def judge_reference(cfg, log=print):
 _CONV_REFERENCES = {}
 
 
-def feature_space(cfg):
+def feature_space(cfg: TrainConfig) -> str:
     """``fid_features`` resolved: "judge" for data sets that have one (auto), else "inception"."""
     if cfg.fid_features != "auto":
         return cfg.fid_features
     return "judge" if cfg.dataset in JUDGED and cfg.channels == 1 else "inception"
 
 
-def extractor_for(space, image_shape, weights=None, device="cpu", cfg=None, log=print, download=False):
+def extractor_for(space: str, image_shape: tuple[int, ...], weights: "str | None" = None,
+                  device: "str | torch.device" = "cpu", cfg: "TrainConfig | None" = None,
+                  log: Callable[[str], object] = print,
+                  download: bool = False) -> "tuple[InceptionFeatures | DigitJudge | ConvJudge, DigitReference | None]":
     """(feature extractor, ``DigitReference`` or None) for feature space "judge" or "inception"
     and images of ``image_shape`` (H, W, C); a missing Inception or judge is a ``ReferenceError``.
 
@@ -71,7 +79,7 @@ def extractor_for(space, image_shape, weights=None, device="cpu", cfg=None, log=
     return InceptionFeatures(image_shape, weights, device, download=download), None
 
 
-def load_reference(cfg, extractor):
+def load_reference(cfg: TrainConfig, extractor: "InceptionFeatures | DigitJudge | ConvJudge") -> tuple[Reference, str]:
     """(``Reference``, one line saying what it is) for ``cfg.fid_ref``, or the held-out split."""
     if cfg.fid_ref:
         return reference_from(cfg.fid_ref, extractor)
@@ -80,7 +88,9 @@ def load_reference(cfg, extractor):
     return ref, f"reference: the {ref.source} of '{cfg.dataset}', {len(images)} images"
 
 
-def sample_quality(ref, extractor, digits, images, labels, kid_subset_size, seed=0):
+def sample_quality(ref: Reference, extractor: "InceptionFeatures | DigitJudge | ConvJudge",
+                   digits: "DigitReference | None", images: np.ndarray, labels: "np.ndarray | None",
+                   kid_subset_size: int, seed: int = 0) -> dict:
     """
     ``metrics.quality`` of ``images`` (NHWC uint8) in ``extractor``'s features against ``ref``
     (with the Inception Score when the extractor also gives class logits, as ``InceptionFeatures``

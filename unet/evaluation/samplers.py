@@ -6,20 +6,22 @@ and the JSON rows that ``evaluate.py benchmark --json`` writes and the export's 
 
 import json
 import time
+from collections.abc import Iterable, Sequence
 
 import numpy as np
 
+from unet.checkpoint.load import Loaded
 from unet.sample.sampling import SCHEDULERS, check_guidance, check_steps, generate
 from unet.utils.stats import finite, paired_differences, t_interval
 
-from .judge import digit_quality
+from .judge import DigitReference, digit_quality
 
 ROW_KEYS = frozenset(("scheduler", "steps", "fd", "fd_floor", "images_per_s"))
 
 DEFAULT_RUNS = "ddpm:full,ddpm:100,ddim:50,dpm-solver++:20,dpm-solver++:10"
 
 
-def parse_runs(spec, total_steps):
+def parse_runs(spec: str, total_steps: int) -> list[tuple[str, int]]:
     """``"ddpm:full,ddim:50"`` -> [("ddpm", T), ("ddim", 50)]."""
     runs = []
     for item in spec.split(","):
@@ -34,7 +36,7 @@ def parse_runs(spec, total_steps):
     return runs
 
 
-def parse_guidance(spec, loaded):
+def parse_guidance(spec: str, loaded: Loaded) -> list[float]:
     """``"0,1,2"`` -> [0.0, 1.0, 2.0], each checked against the model (``sampling.check_guidance``)."""
     try:
         scales = [float(s) for s in spec.split(",") if s.strip()]
@@ -47,7 +49,9 @@ def parse_guidance(spec, loaded):
     return scales
 
 
-def benchmark(loaded, runs, num_samples, batch_size=256, seeds=(0,), guidance_scales=(1.0,), reference=None):
+def benchmark(loaded: Loaded, runs: Sequence[tuple[str, int]], num_samples: int, batch_size: int = 256,
+              seeds: Sequence[int] = (0,), guidance_scales: Sequence[float] = (1.0,),
+              reference: "DigitReference | None" = None) -> list[dict]:
     """Images/s and digit quality (against ``reference``, a ``judge.DigitReference``) of each
     (scheduler, steps) at each guidance scale and seed;
     within a seed every row has the same labels and initial noise. A seed also draws the real
@@ -79,7 +83,7 @@ def benchmark(loaded, runs, num_samples, batch_size=256, seeds=(0,), guidance_sc
 SEED_MEASURES = ("fd", "fd_floor", "accuracy", "confidence")
 
 
-def summarize_seeds(rows):
+def summarize_seeds(rows: Iterable[dict]) -> list[dict]:
     """
     One row per (scheduler, steps, guidance) over the seeds in ``rows``: the median images/s,
     and for each quality measure its mean over seeds and the half-width of its 95% t-interval
@@ -135,7 +139,7 @@ def format_differences(diffs):
     return "\n".join(lines)
 
 
-def format_table(rows):
+def format_table(rows: Iterable[dict]) -> str:
     """Markdown table of benchmark rows, or of ``summarize_seeds`` rows (mean +- 95% interval)."""
     def cell(r, key, digits):
         half = r.get(f"{key}_ci", float("nan"))
@@ -148,14 +152,14 @@ def format_table(rows):
     return "\n".join([head, *body])
 
 
-def format_seed_summary(rows):
+def format_seed_summary(rows: Sequence[dict]) -> str:
     """The mean-over-seeds table and, when the rows have W = 1 and other scales, the paired
     differences from W = 1."""
     diffs = guidance_differences(rows)
     return format_table(summarize_seeds(rows)) + (f"\n\n{format_differences(diffs)}" if diffs else "")
 
 
-def read_rows(path):
+def read_rows(path: str) -> list[dict]:
     """Rows of ``benchmark --json``, or a one-line error."""
     try:
         with open(path) as fh:

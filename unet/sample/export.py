@@ -211,7 +211,7 @@ def max_output_difference(loaded, unet, batch=2, seed=0):
     return (ours - theirs).abs().max().item()
 
 
-def check_out_dir(out_dir):
+def check_out_dir(out_dir: str) -> None:
     """Refuse, before any work, an output path that is a file or a folder that cannot be written."""
     if os.path.exists(out_dir) and not os.path.isdir(out_dir):
         raise ExportError(f"the output {out_dir} is a file; give a folder (it is created if missing)")

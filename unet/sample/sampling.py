@@ -16,9 +16,11 @@ the same rule the exported pipeline applies.
 
 import inspect
 import math
+from collections.abc import Iterable, Sequence
 
 import numpy as np
 import torch
+from accelerate import Accelerator
 from accelerate.utils import gather_object
 from diffusers import (
     DDIMScheduler,
@@ -31,7 +33,9 @@ from diffusers.utils.torch_utils import randn_tensor
 from tqdm.auto import tqdm
 
 from unet.checkpoint.load import Loaded
+from unet.config import TrainConfig
 from unet.core.diffusion import get_named_beta_schedule, linear_beta_range, scale_timesteps
+from unet.core.model import UNetModel
 from unet.utils.images import to_uint8
 
 from .guidance import guided_output, scheduler_input
@@ -49,7 +53,7 @@ SCHEDULERS = ("ddpm", "ddim", "dpm-solver++", "dpm-solver++-sde", "unipc", "deis
 DEFAULT_SCHEDULER, DEFAULT_STEPS = "dpm-solver++-sde", 20
 
 
-def default_steps(diffusion_kwargs):
+def default_steps(diffusion_kwargs: dict) -> int:
     """``DEFAULT_STEPS``, or every training step when there are fewer."""
     return min(DEFAULT_STEPS, diffusion_kwargs.get("steps", 1000))
 
@@ -136,7 +140,7 @@ def model_timesteps(t, diffusion_kwargs, batch_size):
     return scale_timesteps(t, diffusion_kwargs.get("steps", 1000), diffusion_kwargs.get("rescale_timesteps", False))
 
 
-def check_steps(steps, diffusion_kwargs):
+def check_steps(steps: int, diffusion_kwargs: dict) -> None:
     """Reject a step count the scheduler cannot take, in one line."""
     total = diffusion_kwargs.get("steps", 1000)
     if not 1 <= steps <= total:
@@ -144,7 +148,7 @@ def check_steps(steps, diffusion_kwargs):
                          f"(give 1 to {total})")
 
 
-def check_seed(seed):
+def check_seed(seed: int) -> None:
     """Seeds are non-negative integers (numpy's SeedSequence takes no negative entropy)."""
     if not 0 <= seed < 2 ** 63:
         raise ValueError(f"--seed {seed} is out of range: give an integer from 0 to 2**63 - 1")
@@ -152,7 +156,7 @@ def check_seed(seed):
 
 # --- classifier-free guidance --------------------------------------------------------
 
-def null_class_label(cfg):
+def null_class_label(cfg: "TrainConfig | None") -> "int | None":
     """The label meaning "no label" of a model trained with label dropout (``class_dropout_prob``
     > 0: the extra, last embedding, index ``num_classes``); None for any other model."""
     if cfg is None or not cfg.class_cond or not cfg.class_dropout_prob > 0:
@@ -160,12 +164,12 @@ def null_class_label(cfg):
     return cfg.num_classes
 
 
-def real_class_count(model, null_label):
+def real_class_count(model: UNetModel, null_label: "int | None") -> "int | None":
     """How many classes labels are drawn from: the model's embeddings but the null one."""
     return model.num_classes if null_label is None else null_label
 
 
-def check_guidance(guidance_scale, num_classes, null_label):
+def check_guidance(guidance_scale: float, num_classes: "int | None", null_label: "int | None") -> None:
     """
     Refuse a guidance scale the model cannot follow, in one line: a negative or non-finite
     one, or any scale but 1 for a model without an unconditional prediction (unconditional,
@@ -201,7 +205,7 @@ def model_output(model, x, t, y=None, null_label=None, guidance_scale=1.0):
 
 # --- randomness per sample -----------------------------------------------------------
 
-def sample_generators(seed, indices):
+def sample_generators(seed: int, indices: Iterable[int]) -> list[torch.Generator]:
     """One generator per sample index, so that sample i's labels and noise depend only on
     (seed, i), not on how samples are batched or split across processes."""
     gens = []
@@ -267,9 +271,11 @@ def sample_batch(model, scheduler, diffusion_kwargs, steps, shape, generators, y
     return x.cpu()
 
 
-def generate(model, diffusion_kwargs, image_size, num_samples, scheduler="ddpm", steps=None, batch_size=64,
-             seed=0, class_labels=None, accelerator=None, progress=True, device=None, guidance_scale=1.0,
-             null_label=None):
+def generate(model: UNetModel, diffusion_kwargs: dict, image_size: int, num_samples: int, scheduler: str = "ddpm",
+             steps: "int | None" = None, batch_size: int = 64, seed: int = 0,
+             class_labels: "Sequence[int] | None" = None, accelerator: "Accelerator | None" = None,
+             progress: bool = True, device: "torch.device | str | None" = None, guidance_scale: float = 1.0,
+             null_label: "int | None" = None) -> "tuple[np.ndarray, np.ndarray | None]":
     """
     Sample ``num_samples`` images, each process its share, gathered on every process.
 

@@ -11,6 +11,7 @@ from collections import deque
 import torch
 
 from unet.core.init import zeroed_layers
+from unet.core.model import UNetModel
 
 
 def rms(x):
@@ -40,7 +41,7 @@ def update_to_weight_ratio(before, model):
 
 
 @torch.no_grad()
-def block_stats(model, x, t, y=None):
+def block_stats(model: UNetModel, x: torch.Tensor, t: torch.Tensor, y: "torch.Tensor | None" = None) -> list[dict]:
     """
     One forward pass recording, for every ResBlock in forward order, the RMS of its output
     and the ratio RMS(residual branch) / RMS(skip path). At ``zero`` init the ratio is 0 (each
@@ -101,7 +102,7 @@ def attention_stats(model, x, t, y=None):
 LAYER_GROUPS = ("branch_ends", "attention", "embeddings", "other")
 
 
-def layer_groups(model):
+def layer_groups(model: UNetModel) -> dict[str, list[str]]:
     """{group: [parameter names]}: ``branch_ends`` (the layers improved-DDPM zero-initialises:
     residual branches' last layers and the output conv), ``attention`` (the rest of the
     attention blocks), ``embeddings`` (timestep and label embeddings, and each ResBlock's
@@ -261,7 +262,7 @@ def _finite(x):
     return x is not None and math.isfinite(x)
 
 
-def zero_predictor_loss(noise):
+def zero_predictor_loss(noise: torch.Tensor) -> float:
     """L_simple of predicting zero noise on a batch whose true noise is ``noise``: the mean of
     noise^2 (~1 for unit-variance noise; computed, so the rule holds for any batch)."""
     return noise.double().pow(2).mean().item()

@@ -18,15 +18,16 @@ from unet.checkpoint.load import (  # noqa: F401 (improved-diffusion's flags: th
     parse_flag_string,
 )
 from unet.config import TrainConfig
+from unet.core.diffusion import GaussianDiffusion
 from unet.core.model import UNetModel
 
 
-def create_model(cfg):
+def create_model(cfg: TrainConfig) -> UNetModel:
     """The ``UNetModel`` a ``TrainConfig`` describes (initialised by ``cfg.init``)."""
     return UNetModel(**cfg.model_kwargs())
 
 
-def create_diffusion_from_config(cfg, timestep_respacing=None):
+def create_diffusion_from_config(cfg: TrainConfig, timestep_respacing: "str | None" = None) -> GaussianDiffusion:
     """
     The diffusion process a ``TrainConfig`` describes.
 

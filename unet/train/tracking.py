@@ -57,7 +57,7 @@ def wandb_mode():
             wandb.teardown()  # drop the settings read here: WANDB_MODE set after this must still count
 
 
-def wandb_offline_setup():
+def wandb_offline_setup() -> tuple[str, str]:
     """Before an ``Accelerator(log_with="wandb")`` whose ``init_trackers`` gets no mode: wandb
     offline (``wandb sync DIR`` uploads the run later) when ``wandb_mode`` says so rather than a
     login prompt, and quietly. Returns ``wandb_mode()``."""

@@ -15,7 +15,7 @@ def uses_cpu():
     return not torch.accelerator.is_available()
 
 
-def device_accelerator(**kwargs):
+def device_accelerator(**kwargs) -> Accelerator:
     """An ``Accelerator`` on this machine's accelerator, else on the CPU (``uses_cpu``).
 
     :param kwargs: further ``Accelerator`` arguments (mixed precision, trackers, ...).
@@ -23,7 +23,7 @@ def device_accelerator(**kwargs):
     return Accelerator(cpu=uses_cpu(), **kwargs)
 
 
-def any_process(accelerator, flag):
+def any_process(accelerator: Accelerator, flag: "bool | torch.Tensor") -> bool:
     """True on every process if ``flag`` (a bool or a one-element bool tensor) is true on any:
     every process must take the same branch (skip a step, stop, give up a save), or the next
     collective operation would hang."""
@@ -33,6 +33,6 @@ def any_process(accelerator, flag):
     return bool(flag.item() > 0)
 
 
-def cpu_cores():
+def cpu_cores() -> int:
     """The CPU cores this process may run on (its affinity mask where the OS has one)."""
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1

@@ -51,7 +51,7 @@ def parse_idx(data, name="<bytes>"):
     return np.frombuffer(data, dtype, offset=header).reshape(shape).astype(dtype.newbyteorder("="))
 
 
-def read_idx(path):
+def read_idx(path: str) -> np.ndarray:
     """The array in an IDX file (``.gz`` or plain); a bad file is one ``IdxError`` naming it."""
     return parse_idx(_raw_bytes(path), path)
 
@@ -82,7 +82,7 @@ STEMS = {
 }
 
 
-def find_idx_files(folder):
+def find_idx_files(folder: str) -> dict[tuple[str, str], str]:
     """{(split, kind): path} of the MNIST-layout files in ``folder`` (missing ones left out)."""
     found = {}
     for key, stem in STEMS.items():

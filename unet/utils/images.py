@@ -14,13 +14,13 @@ from PIL import Image
 GREY = 128  # 0.0 in [-1, 1]: a gap that shows between digits drawn on black
 
 
-def to_uint8(x):
+def to_uint8(x: torch.Tensor) -> np.ndarray:
     """[N, C, H, W] floats in [-1, 1] -> [N, H, W, C] uint8 numpy (rounded, clamped), the
     layout of the original's ``samples.npz``."""
     return ((x + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
 
 
-def image_grid(images, nrow, pad=1, pad_value=GREY):
+def image_grid(images: "np.ndarray | torch.Tensor", nrow: int, pad: int = 1, pad_value: int = GREY) -> np.ndarray:
     """
     Lay images out in rows of ``nrow``: one [rows*(H+pad), nrow*(W+pad), C] uint8 array.
 
@@ -43,7 +43,7 @@ def to_pil(array):
     return Image.fromarray(array[..., 0] if array.ndim == 3 and array.shape[-1] == 1 else array)
 
 
-def save_png(array, path, min_size=512):
+def save_png(array: np.ndarray, path: str, min_size: int = 512) -> None:
     """
     Write an [H, W] or [H, W, C] uint8 image as PNG, upscaled by nearest neighbour by the
     largest whole factor that keeps the long side at most ``min_size`` (never below 1x;

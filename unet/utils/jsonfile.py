@@ -5,9 +5,10 @@ run's driver uses it too)."""
 import json
 import math
 import os
+from typing import Any
 
 
-def clean_json(obj):
+def clean_json(obj: Any) -> Any:
     """``obj`` with every NaN/inf float replaced by None (``json`` would write them, but they
     are not JSON)."""
     if isinstance(obj, float):
@@ -19,7 +20,7 @@ def clean_json(obj):
     return obj
 
 
-def write_json(path, obj, clean=False, **dump_kwargs):
+def write_json(path: str, obj: object, clean: bool = False, **dump_kwargs) -> None:
     """
     Replace ``path`` with ``obj`` as JSON in one step (``path + ".tmp"``, then ``os.replace``).
 

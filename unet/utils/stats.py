@@ -5,6 +5,8 @@ plain numbers out; nothing here imports torch.
 """
 
 import math
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 from scipy import stats
@@ -12,12 +14,12 @@ from scipy import stats
 LEVEL = 0.95
 
 
-def finite(values):
+def finite(values: "Iterable[float | None]") -> list[float]:
     """The finite numbers among ``values`` (None, booleans, NaN and inf dropped), as floats."""
     return [float(v) for v in values if v is not None and not isinstance(v, bool) and math.isfinite(v)]
 
 
-def t_interval(values, level=LEVEL):
+def t_interval(values: "Sequence[float] | np.ndarray", level: float = LEVEL) -> tuple[float, float]:
     """
     Mean and half-width of the t confidence interval, mean +- t_{(1+level)/2, n-1} s / sqrt(n)
     (s the sample standard deviation).
@@ -45,18 +47,18 @@ def paired_ratio_ci(ratios, level=LEVEL):
     return math.exp(mean), math.exp(mean - half), math.exp(mean + half)
 
 
-def paired_differences(a, b):
+def paired_differences(a: "Mapping[Any, float | None]", b: "Mapping[Any, float | None]") -> list[float]:
     """a[key] - b[key] for the keys (seeds) where both values are finite, in key order:
     the pairs that saw the same data, t and noise."""
     return [a[k] - b[k] for k in sorted(a) if k in b and len(finite([a[k], b[k]])) == 2]
 
 
-def fisher_p(k_a, n_a, k_b, n_b):
+def fisher_p(k_a: int, n_a: int, k_b: int, n_b: int) -> float:
     """Two-sided Fisher exact p-value for k_a of n_a events against k_b of n_b."""
     return float(stats.fisher_exact([[k_a, n_a - k_a], [k_b, n_b - k_b]])[1])
 
 
-def running_mean(values, window):
+def running_mean(values: "Iterable[float | None]", window: int) -> np.ndarray:
     """Trailing mean over the last ``window`` values (fewer at the start), None and NaN ignored;
     NaN where a window holds no finite value."""
     x = np.asarray([np.nan if v is None else v for v in values], dtype=float)
@@ -69,7 +71,7 @@ def running_mean(values, window):
     return out
 
 
-def column_band(rows, level=LEVEL):
+def column_band(rows: np.ndarray, level: float = LEVEL) -> "tuple[np.ndarray, np.ndarray, np.ndarray]":
     """
     Per column of a 2-D array (runs x steps): the mean of the finite entries and its t-band.
 

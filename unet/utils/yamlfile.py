@@ -5,6 +5,7 @@ arrived as False and was reported as "got 'False'". A key that wants a boolean s
 those words (the config's ``parse_bool``)."""
 
 import re
+from typing import IO
 
 import yaml
 
@@ -35,6 +36,6 @@ def _mapping(loader: StrictLoader, node: yaml.MappingNode, deep: bool = False) -
 StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _mapping)
 
 
-def strict_load(stream) -> object:
+def strict_load(stream: "str | IO[str]") -> object:
     """Parse one YAML document safely; a repeated key is a ``yaml.YAMLError`` naming it."""
     return yaml.load(stream, Loader=StrictLoader)  # noqa: S506 (a SafeLoader subclass)
