@@ -12,10 +12,14 @@ import functools
 import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from .metrics import frechet_distance
+
+if TYPE_CHECKING:
+    from .conv_judge import ConvJudge
 
 
 def flat_pixels(images):
@@ -64,7 +68,7 @@ class DigitReference:
     """A fitted judge with the real digits it judges against: (images NHWC uint8, labels) of
     the training split (its fit, and the floor) and of the held-out split (the reference)."""
 
-    judge: DigitJudge
+    judge: "DigitJudge | ConvJudge"  # the digits' MLP, or the MNIST family's conv net (conv_judge)
     train: tuple
     held: tuple
 
@@ -90,8 +94,8 @@ def check_sample_count(n: int) -> None:
         raise ValueError(f"digit quality needs at least 2 samples (the Frechet distance fits a covariance), got {n}")
 
 
-def digit_quality(images: np.ndarray, labels: "np.ndarray | Sequence[int] | None" = None, seed: int = 0,
-                  reference: "DigitReference | None" = None) -> dict:
+def digit_quality(images: np.ndarray, labels: "np.ndarray | Sequence[int] | None" = None, seed: int = 0, *,
+                  reference: "DigitReference") -> dict:
     """
     Quality of digit samples (NHWC uint8, 1 channel, the training image size).
 

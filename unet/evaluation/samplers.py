@@ -50,8 +50,8 @@ def parse_guidance(spec: str, loaded: Loaded) -> list[float]:
 
 
 def benchmark(loaded: Loaded, runs: Sequence[tuple[str, int]], num_samples: int, batch_size: int = 256,
-              seeds: Sequence[int] = (0,), guidance_scales: Sequence[float] = (1.0,),
-              reference: "DigitReference | None" = None) -> list[dict]:
+              seeds: Sequence[int] = (0,), guidance_scales: Sequence[float] = (1.0,), *,
+              reference: "DigitReference") -> list[dict]:
     """Images/s and digit quality (against ``reference``, a ``judge.DigitReference``) of each
     (scheduler, steps) at each guidance scale and seed;
     within a seed every row has the same labels and initial noise. A seed also draws the real
