@@ -169,3 +169,42 @@ def test_bad_data_sources_are_one_line(tmp_path, capsys, argv, code, words):
     assert len(err) == 1 and words in err[0], err
     if code == 2:
         assert not (out / "checkpoints").exists()
+
+
+def write_int_labels(folder, labels, dtype="int64"):
+    """A parquet folder whose label column is plain numbers, not a ClassLabel."""
+    import datasets
+
+    features = datasets.Features({"img": datasets.Image(), "digit": datasets.Value(dtype)})
+    ds = datasets.Dataset.from_dict({"img": [ident(k) for k in range(len(labels))], "digit": labels},
+                                    features=features)
+    os.makedirs(folder, exist_ok=True)
+    ds.to_parquet(os.path.join(folder, "train-00000.parquet"))
+    return folder
+
+
+def test_a_plain_integer_label_column_trains_class_conditionally(tmp_path):
+    folder = write_int_labels(tmp_path / "pq", [k % 10 for k in range(24)])
+    cfg = tiny(tmp_path / "run", dataset="parquet", data_dir=str(folder), label_column="digit", class_cond=True,
+               eval_fraction=0.25, batch_size=4)
+    data = load_image_data(cfg, log=lambda *a: None)
+    assert data.num_classes == 10
+    ids = example_ids([data.train[i]["image"] for i in range(len(data.train))])
+    assert [data.train[i]["label"] for i in range(len(ids))] == [k % 10 for k in ids]
+    assert train(cfg.replace(max_steps=2))["steps"] == 2
+
+
+@pytest.mark.parametrize("labels,dtype,words", [
+    ([k % 10 for k in range(23)] + [12], "int64", "label 12 in column 'digit' is outside num_classes=10"),
+    ([-1] + [k % 10 for k in range(23)], "int64", "label -1 in column 'digit' is outside num_classes=10"),
+    ([0.5] * 24, "float32", "label column 'digit' holds float32 values, not integer classes"),
+])
+def test_an_integer_label_column_out_of_range_is_one_line(tmp_path, labels, dtype, words):
+    from unet.data.splits import DataError
+
+    folder = write_int_labels(tmp_path / "pq", labels, dtype)
+    cfg = tiny(tmp_path / "run", dataset="parquet", data_dir=str(folder), label_column="digit", class_cond=True,
+               eval_fraction=0.25, batch_size=4)
+    with pytest.raises(DataError) as e:
+        load_image_data(cfg, log=lambda *a: None)
+    assert str(e.value) == words

@@ -264,10 +264,9 @@ def load_image_data(cfg: TrainConfig, log: Callable[[str], object] = print) -> I
     if "eval" in splits and len(splits["eval"]) == 0:
         raise DataError(f"the held-out split of dataset '{cfg.dataset}' has no readable images")
 
-    num_classes = ds.features[label_col].num_classes if label_col and hasattr(ds.features[label_col],
-                                                                            "num_classes") else 0
     if cfg.class_cond and not label_col:
         raise DataError(f"class_cond is true but dataset '{cfg.dataset}' has no class labels; set --class_cond false")
+    num_classes = label_classes(splits, label_col, cfg)
     if cfg.class_cond and num_classes != cfg.num_classes:
         raise DataError(f"config key 'num_classes' is {cfg.num_classes} but dataset '{cfg.dataset}' "
                         f"has {num_classes} classes")
@@ -283,6 +282,28 @@ def load_image_data(cfg: TrainConfig, log: Callable[[str], object] = print) -> I
     lazy = cfg.dataset != "digits" and mode == "lazy"
     decoded = {k: _decoded(v, image_col, label_col, cfg, lazy, log) for k, v in splits.items()}
     return ImageData(decoded["train"], decoded.get("eval"), num_classes, skipped)
+
+
+def label_classes(splits: dict, label_col: "str | None", cfg: TrainConfig) -> int:
+    """The classes of the label column: a ``ClassLabel``'s count; for a plain integer column of a
+    class-conditional run, ``num_classes``, once every label of every split lies in [0, num_classes)
+    (as a stream's labels are read); 0 without labels."""
+    if not label_col:
+        return 0
+    feature = splits["train"].features[label_col]
+    if hasattr(feature, "num_classes"):
+        return feature.num_classes
+    if not cfg.class_cond:
+        return 0
+    dtype = str(getattr(feature, "dtype", type(feature).__name__))
+    if not dtype.startswith(("int", "uint")):
+        raise DataError(f"label column '{label_col}' holds {dtype} values, not integer classes")
+    for part in splits.values():
+        labels = np.asarray(part[label_col])
+        bad = labels[(labels < 0) | (labels >= cfg.num_classes)]
+        if len(bad):
+            raise DataError(f"label {int(bad[0])} in column '{label_col}' is outside num_classes={cfg.num_classes}")
+    return cfg.num_classes
 
 
 def _decoded(part, image_col, label_col, cfg, lazy, log):
