@@ -313,6 +313,16 @@ class PushError(RuntimeError):
     """A push to the hub that failed (no token, no network, refused); the message is one line."""
 
 
+NO_TOKEN = "no Hugging Face token (run `hf auth login` or set HF_TOKEN)"
+
+
+def missing_token() -> bool:
+    """No Hugging Face token is found (``huggingface_hub.get_token``): a push cannot happen."""
+    from huggingface_hub import get_token
+
+    return not get_token()
+
+
 def push_to_hub(out_dir: str, repo_id: str, files: list, private: bool = False) -> str:
     """
     Upload the files an export wrote into ``out_dir`` to the hub repository ``repo_id`` (created
@@ -324,11 +334,10 @@ def push_to_hub(out_dir: str, repo_id: str, files: list, private: bool = False) 
     :param private: create the repository private (an existing one keeps its visibility).
     :return: the repository's URL.
     """
-    from huggingface_hub import HfApi, get_token
+    from huggingface_hub import HfApi
 
-    if not get_token():
-        raise PushError(f"no Hugging Face token (run `hf auth login` or set HF_TOKEN): the export is in {out_dir}, "
-                        "not pushed")
+    if missing_token():
+        raise PushError(f"{NO_TOKEN}: the export is in {out_dir}, not pushed")
     api = HfApi()
     try:
         url = api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")

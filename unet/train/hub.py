@@ -8,27 +8,25 @@ checkpoint tries again."""
 import os
 
 from unet.checkpoint.load import load_checkpoint
-from unet.sample.export import ExportError, PushError, export_pipeline, push_to_hub
+from unet.sample.export import NO_TOKEN, ExportError, PushError, export_pipeline, missing_token, push_to_hub
 
 PIPELINE_DIR = "pipeline"
 
 
 def unavailable_reason() -> "str | None":
     """Why no push can happen in this process (no token, offline mode), or None."""
-    from huggingface_hub import constants, get_token
+    from huggingface_hub import constants
 
     if constants.HF_HUB_OFFLINE:
         return "the Hugging Face hub is in offline mode (HF_HUB_OFFLINE)"
-    if not get_token():
-        return "there is no Hugging Face token (run `hf auth login` or set HF_TOKEN)"
-    return None
+    return NO_TOKEN if missing_token() else None
 
 
 class HubPush:
     """The main process's pushes of a run's checkpoints (``push(checkpoint)``)."""
 
     def __init__(self, cfg, log):
-        self.cfg, self.log, self.pushed = cfg, log, 0
+        self.cfg, self.log = cfg, log
         self.off = unavailable_reason()
         if self.off:
             log(f"push_to_hub: {self.off}; checkpoints stay local, training goes on")
@@ -45,7 +43,6 @@ class HubPush:
         except (PushError, ExportError) as e:
             self.log(f"push_to_hub: {e}; training goes on")
             return
-        self.pushed += 1
         self.log(f"pushed {os.path.basename(checkpoint)} to {url}")
 
 
