@@ -9,7 +9,7 @@ import pytest
 import torch
 from checkpoint_files import write_checkpoint
 from cli_errors import refused
-from huggingface_hub import HfApi, ModelCard
+from huggingface_hub import HfApi, ModelCard, constants
 
 from unet.cli.export import main
 from unet.config import TrainConfig
@@ -43,6 +43,8 @@ def hub(monkeypatch):
     monkeypatch.setattr(HfApi, "create_repo", create_repo)
     monkeypatch.setattr(HfApi, "upload_folder", upload_folder)
     monkeypatch.setenv("HF_TOKEN", "hf_test_token_not_sent")
+    # CI exports HF_HUB_OFFLINE=1; these tests stand for a machine that is online
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
     return calls
 
 
@@ -125,8 +127,6 @@ def test_training_pushes_every_checkpoint(tmp_path, hub, capsys):
 
 
 def test_offline_training_says_so_once_and_trains(tmp_path, monkeypatch, capsys):
-    from huggingface_hub import constants
-
     from unet.train.loop import train
 
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
@@ -141,7 +141,6 @@ def test_offline_training_says_so_once_and_trains(tmp_path, monkeypatch, capsys)
 
 def test_a_push_that_fails_on_the_network_is_one_line_per_checkpoint(tmp_path, monkeypatch, capsys):
     """A real connection refused (the hub endpoint pointed at a closed local port)."""
-    from huggingface_hub import constants
 
     from unet.train.loop import train
 
