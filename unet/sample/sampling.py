@@ -58,7 +58,6 @@ def default_steps(diffusion_kwargs: dict) -> int:
     return min(DEFAULT_STEPS, diffusion_kwargs.get("steps", 1000))
 
 
-
 # --- schedulers ----------------------------------------------------------------------
 
 def beta_schedule_kwargs(noise_schedule, steps):
